@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build from local disk on the dev machines; GPU users: make setup TORCH_SPEC='torch==2.x.y'
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.veridraft-setup
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/veridraft generate "Explain in three sentences why the sky is blue." --model smollm2-135m --max-new-tokens 96 --stats
+
+test: setup
+	$(VENV)/bin/veridraft models pull smollm2-135m
+	$(VENV)/bin/veridraft models pull gemma3-270m
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: setup
+	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info
