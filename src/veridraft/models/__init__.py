@@ -1,0 +1,96 @@
+"""Native PyTorch decoders loaded from HF folders (config.json + safetensors).
+
+model = from_folder(path)                 # precision="fp32"
+cache = model.new_cache(max_len)
+logits = model(tokens, cache, skip=None, view=None, capture=None, num_logits=None)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from ..errors import VeridraftError
+from .base import PRECISIONS, Capture, ModelConfig, Skip, Transformer, read_json
+from .gemma3 import Gemma3
+from .llama import Llama
+
+__all__ = [
+    "Capture",
+    "ModelConfig",
+    "Skip",
+    "Transformer",
+    "from_folder",
+    "from_hf_config_and_state_dict",
+]
+
+_ARCHS: dict[str, type[Transformer]] = {"llama": Llama, "gemma3": Gemma3}
+
+
+def from_hf_config_and_state_dict(
+    config: dict[str, Any] | ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    precision: str = "fp32",
+    source: str = "the state dict",
+) -> Transformer:
+    """Build a native model from an HF config (dict or ModelConfig) and HF-named tensors."""
+    if precision not in PRECISIONS:
+        raise VeridraftError(f"unknown precision {precision!r}; supported: {', '.join(PRECISIONS)}")
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config)
+    with torch.device("meta"):  # no random init: every weight is assigned from the checkpoint
+        model = _ARCHS[cfg.arch](cfg, precision)
+    model.load_hf(state_dict, source)
+    return model
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(read_json(index).get("weight_map", {}).values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise VeridraftError(
+                f"{folder / missing[0]} is missing (listed in {index.name}); re-pull the model"
+            )
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise VeridraftError(f"no *.safetensors in {folder}; re-pull or re-convert the model")
+    return files
+
+
+def _load(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors raises several types for truncated / corrupt files
+        msg = " ".join(str(e).split())
+        raise VeridraftError(
+            f"cannot read {file} ({msg}); the file is truncated or corrupt: re-pull or re-convert the model"
+        ) from e
+
+
+def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
+    """Load an HF model folder: config.json + model.safetensors (or shards with an index)."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise VeridraftError(f"{folder} is not a model folder (no config.json)")
+    if precision not in PRECISIONS:
+        raise VeridraftError(f"unknown precision {precision!r}; supported: {', '.join(PRECISIONS)}")
+    cfg = ModelConfig.from_hf(read_json(folder / "config.json"))
+    gen = folder / "generation_config.json"
+    if gen.is_file():  # generate() stops on these too (e.g. chat end-of-turn tokens)
+        eos = read_json(gen).get("eos_token_id")
+        for e in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+            if int(e) not in cfg.eos_token_ids:
+                cfg.eos_token_ids.append(int(e))
+    files = _weight_files(folder)
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(_load(f))
+    source = str(files[0]) if len(files) == 1 else f"the shards in {folder}"
+    return from_hf_config_and_state_dict(cfg, sd, precision, source)

@@ -1,0 +1,516 @@
+"""What every native architecture shares: the config, the forward driver, attention, RoPE, loading.
+
+An architecture file (llama.py, gemma3.py) only defines its Block and how HF tensor names map
+onto it; `Transformer.forward` here runs the contract (positions from the cache, skip, view,
+capture, last-n logits) the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cache import KVCache
+from ..errors import VeridraftError
+
+PRECISIONS = ("fp32",)
+FULL, SLIDING = "full_attention", "sliding_attention"
+SUPPORTED_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gemma3_text": "gemma3",
+}
+
+
+@dataclass
+class ModelConfig:
+    arch: str  # "llama" | "gemma3": which native implementation runs it
+    model_type: str  # the HF model_type it came from
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    max_position_embeddings: int
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    tie_embeddings: bool = False
+    hidden_act: str = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    layer_types: list[str] = field(default_factory=list)  # FULL or SLIDING per layer
+    # HF rope parameters per layer type: {"rope_type", "rope_theta", scaling keys...}
+    rope: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+
+    @property
+    def layer_windows(self) -> list[int | None]:
+        """Per layer: how many positions (itself included) a query sees, None = all."""
+        return [self.sliding_window if t == SLIDING else None for t in self.layer_types]
+
+    @property
+    def rope_theta(self) -> float:
+        return float(self.rope[FULL]["rope_theta"])
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Read an HF config.json dict (transformers 4 or 5 layout)."""
+        mt = cfg.get("model_type")
+        if mt == "gemma3" and isinstance(cfg.get("text_config"), dict):
+            # the multimodal wrapper: run its language model only
+            top = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
+            cfg = {**cfg["text_config"], **top, "model_type": "gemma3_text"}
+            mt = "gemma3_text"
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise VeridraftError(
+                f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        gemma = mt == "gemma3_text"
+        try:
+            dim, n_layers = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
+            n_heads = int(cfg["num_attention_heads"])
+            n_kv_heads = int(cfg.get("num_key_value_heads") or n_heads)
+            head_dim = int(cfg.get("head_dim") or dim // n_heads)
+            vocab_size, inter = int(cfg["vocab_size"]), int(cfg["intermediate_size"])
+        except KeyError as e:
+            raise VeridraftError(f"config.json lacks {e.args[0]!r}; re-convert the model") from e
+        if cfg.get("use_bidirectional_attention"):
+            raise VeridraftError("bidirectional Gemma 3 (embedding models) is not supported")
+
+        window = cfg.get("sliding_window")
+        if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+            window = None
+        types = cfg.get("layer_types")
+        if gemma and not types:
+            pattern = int(cfg.get("sliding_window_pattern", 6))
+            types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+        elif mt in ("qwen2", "qwen3") and window and not types:
+            mwl = int(cfg.get("max_window_layers", n_layers))
+            types = [SLIDING if i >= mwl else FULL for i in range(n_layers)]
+        elif mt == "mistral":
+            types = [SLIDING if window else FULL] * n_layers
+        if not window or not types:
+            window, types = None, [FULL] * n_layers
+        if len(types) != n_layers or set(types) - {FULL, SLIDING}:
+            raise VeridraftError(f"config.json layer_types not understood: {types}")
+
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+        if act not in ("silu", "gelu_pytorch_tanh"):
+            raise VeridraftError(f"unsupported activation {act!r} (silu, gelu_pytorch_tanh)")
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+        return cls(
+            arch=SUPPORTED_MODEL_TYPES[mt],
+            model_type=mt,
+            vocab_size=vocab_size,
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            intermediate_size=inter,
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=cfg.get("pad_token_id"),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
+            hidden_act=act,
+            qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
+            o_bias=mt != "qwen2" and bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=mt in ("qwen3", "gemma3_text"),
+            sliding_window=int(window) if window else None,
+            layer_types=list(types),
+            rope=_rope_params(cfg, gemma),
+            attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None,
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
+            final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        )
+
+
+def _rope_params(cfg: dict[str, Any], gemma: bool) -> dict[str, dict[str, Any]]:
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict) and (FULL in rp or SLIDING in rp):  # transformers 5, per layer type
+        out = {FULL: dict(rp.get(FULL) or {}), SLIDING: dict(rp.get(SLIDING) or {})}
+    elif isinstance(rp, dict):  # transformers 5, one set for all layers
+        out = {FULL: dict(rp), SLIDING: dict(rp)}
+    else:  # transformers 4: rope_theta (+ rope_local_base_freq) and rope_scaling
+        scaling = dict(cfg.get("rope_scaling") or {})
+        full = {**scaling, "rope_theta": cfg.get("rope_theta", 1e6 if gemma else 1e4)}
+        local = {"rope_theta": cfg.get("rope_local_base_freq", 1e4)} if gemma else full
+        out = {FULL: full, SLIDING: dict(local)}
+    for p in out.values():
+        p.setdefault("rope_theta", 1e4)
+        p["rope_type"] = p.get("rope_type") or p.get("type") or "default"
+        if p["rope_type"] not in ("default", "linear", "llama3"):
+            raise VeridraftError(
+                f"unsupported rope_type {p['rope_type']!r} (default, linear, llama3)"
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Sub-layers to bypass: the residual passes through, a skipped attention writes no KV."""
+
+    attn: frozenset[int] = frozenset()
+    mlp: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attn", frozenset(self.attn))
+        object.__setattr__(self, "mlp", frozenset(self.mlp))
+
+
+@dataclass
+class Capture:
+    """Ask a forward for hidden states: layer i -> output of block i; -1 or n_layers -> final
+    normed hidden. Filled in place: `hidden[layer]` is [T, dim]."""
+
+    hidden_layers: tuple[int, ...] = ()
+    hidden: dict[int, Tensor] = field(default_factory=dict)
+
+
+# ---- numerics shared by the architectures ----
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight. Gemma's (1 + w) is folded into `weight` at load, so one class serves."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def make_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
+    """The one place linear layers are made, so a precision can later swap in packed weights."""
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def _inv_freq(p: dict[str, Any], head_dim: int) -> Tensor:
+    # same expression as transformers so the tables match it bit for bit
+    exps = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv = 1.0 / (float(p["rope_theta"]) ** exps)
+    if p["rope_type"] == "linear":
+        inv = inv / p["factor"]
+    elif p["rope_type"] == "llama3":
+        factor, lo_f, hi_f = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old = p["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo_f, inv / factor, inv)
+        smooth = (old / wavelen - lo_f) / (hi_f - lo_f)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi_f) * ~(wavelen > old / lo_f)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class RopeTables:
+    """cos/sin per position for each distinct rope setting, grown on demand (a 262k-position
+    table for every Gemma theta would cost hundreds of MB that short contexts never touch)."""
+
+    def __init__(self, params: list[dict[str, Any]], head_dim: int) -> None:
+        with torch.device("cpu"):  # real tensors even when the model is built on "meta"
+            self.inv_freq = [_inv_freq(p, head_dim) for p in params]
+            self.cos: list[Tensor] = [torch.empty(0, 1, head_dim) for _ in params]
+            self.sin: list[Tensor] = [torch.empty(0, 1, head_dim) for _ in params]
+
+    def ensure(self, n: int) -> None:
+        if n <= self.cos[0].shape[0]:
+            return
+        n = max(n, 2 * self.cos[0].shape[0], 256)
+        pos = torch.arange(n, dtype=torch.int64).float()
+        for j, inv in enumerate(self.inv_freq):
+            freqs = pos[:, None] * inv[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+            self.cos[j], self.sin[j] = emb.cos(), emb.sin()
+
+    def get(self, j: int, start: int, t: int) -> tuple[Tensor, Tensor]:
+        self.ensure(start + t)
+        return self.cos[j][start : start + t], self.sin[j][start : start + t]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, heads, hd] in the HF half-split layout (q and k rotated in one call)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@dataclass
+class Span:
+    """Which keys one layer's queries read in this forward."""
+
+    lo: int  # first cached position read (contiguous case)
+    index: Tensor | None  # explicit cached positions (a view) instead of [lo, start)
+    mask: Tensor | None  # [T, L] bool, True = may attend; None = every key allowed
+
+
+def make_span(start: int, t: int, window: int | None, view: Tensor | None) -> Span:
+    qpos = torch.arange(start, start + t)
+    if view is None:
+        lo = 0 if window is None else max(0, start - window + 1)
+        if t == 1:
+            return Span(lo, None, None)
+        kpos = torch.arange(lo, start + t)
+    else:
+        view = view.to(torch.long).flatten()
+        lo, kpos = 0, torch.cat((view, qpos))
+    allowed = kpos[None, :] <= qpos[:, None]
+    if window is not None:
+        allowed &= kpos[None, :] > qpos[:, None] - window
+    return Span(lo, view, None if bool(allowed.all()) else allowed)
+
+
+@dataclass
+class Step:
+    """Per-forward state handed to every block."""
+
+    cache: KVCache
+    start: int
+    t: int
+    rope: list[tuple[Tensor, Tensor]]  # per rope setting: cos, sin [T, 1, hd]
+    spans: list[Span | None]  # per layer
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    step: Step,
+    layer: int,
+    scale: float,
+    softcap: float | None = None,
+) -> Tensor:
+    """Write k, v [1, n_kv, T, hd] into the cache, attend q [1, n_h, T, hd]; return [T, n_h*hd]."""
+    cache, start, t = step.cache, step.start, step.t
+    span = step.spans[layer]
+    cache.write(layer, start, k, v)
+    if span.index is None:
+        keys = cache.k[layer][:, :, span.lo : start + t]
+        vals = cache.v[layer][:, :, span.lo : start + t]
+    else:
+        keys = torch.cat((cache.k[layer].index_select(2, span.index), k), dim=2)
+        vals = torch.cat((cache.v[layer].index_select(2, span.index), v), dim=2)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(
+            q, keys, vals, attn_mask=span.mask, scale=scale, enable_gqa=True
+        )
+    else:  # SDPA cannot softcap the scores
+        groups = q.shape[1] // keys.shape[1]
+        keys, vals = keys.repeat_interleave(groups, 1), vals.repeat_interleave(groups, 1)
+        scores = torch.tanh(q @ keys.transpose(-1, -2) * scale / softcap) * softcap
+        if span.mask is not None:
+            scores = scores.masked_fill(~span.mask, float("-inf"))
+        out = scores.softmax(-1) @ vals
+    return out[0].transpose(0, 1).reshape(t, -1)
+
+
+class Attention(nn.Module):
+    """q/k/v from one fused matmul; optional per-head q/k RMSNorm (Qwen3, Gemma 3); RoPE on q and
+    k together; then `attend`."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, rope_index: int) -> None:
+        super().__init__()
+        self.layer, self.rope_index = layer, rope_index
+        self.n_h, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wqkv = make_linear(cfg.dim, (self.n_h + 2 * self.n_kv) * self.hd, cfg.qkv_bias)
+        self.wo = make_linear(self.n_h * self.hd, cfg.dim, cfg.o_bias)
+        # q_norm's weight repeated per q head, then k_norm's per kv head: one norm call for both
+        self.qk_weight = (
+            nn.Parameter(torch.empty(self.n_h + self.n_kv, self.hd)) if cfg.qk_norm else None
+        )
+        self.eps = cfg.norm_eps
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.hd**-0.5
+        self.softcap = cfg.attn_logit_softcapping
+
+    def forward(self, x: Tensor, step: Step) -> Tensor:
+        t, nq = x.shape[0], self.n_h + self.n_kv
+        qkv = self.wqkv(x).view(t, -1, self.hd)
+        qk = qkv[:, :nq]
+        if self.qk_weight is not None:
+            qk = F.rms_norm(qk, (self.hd,), eps=self.eps) * self.qk_weight
+        qk = apply_rope(qk, *step.rope[self.rope_index]).transpose(0, 1).unsqueeze(0)
+        v = qkv[:, nq:].transpose(0, 1).unsqueeze(0)
+        out = attend(
+            qk[:, : self.n_h], qk[:, self.n_h :], v, step, self.layer, self.scale, self.softcap
+        )
+        return self.wo(out)
+
+
+class Transformer(nn.Module):
+    """Embedding -> blocks -> final norm -> head. Subclasses set `blocks`, `embed` and convert()."""
+
+    def __init__(self, config: ModelConfig, precision: str = "fp32") -> None:
+        super().__init__()
+        self.config = config
+        self.precision = precision
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = make_linear(config.dim, config.vocab_size)
+        self.windows = config.layer_windows
+        settings = [config.rope[FULL]]
+        if config.rope[SLIDING] != config.rope[FULL]:
+            settings.append(config.rope[SLIDING])
+        self.rope_of_layer = [len(settings) - 1 if t == SLIDING else 0 for t in config.layer_types]
+        self.rope = RopeTables(settings, config.head_dim)
+
+    layers: nn.ModuleList
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.tok_embeddings.weight)
+
+    def new_cache(self, max_len: int) -> KVCache:
+        c = self.config
+        self.rope.ensure(max_len)
+        return KVCache(
+            c.n_layers, c.n_kv_heads, c.head_dim, max_len, self.tok_embeddings.weight.dtype
+        )
+
+    @torch.no_grad()
+    def forward(
+        self,
+        tokens: Tensor,
+        cache: KVCache,
+        *,
+        skip: Skip | None = None,
+        view: Tensor | dict[int, Tensor] | None = None,
+        capture: Capture | None = None,
+        num_logits: int | None = None,
+    ) -> Tensor:
+        """Run tokens [T] at positions cache.length.. ; return float32 logits [n, vocab] of the
+        last n = num_logits (default T) positions."""
+        if not isinstance(tokens, Tensor):
+            tokens = torch.tensor(tokens, dtype=torch.long)
+        tokens = tokens.reshape(-1)
+        t = tokens.shape[0]
+        start = cache.reserve(t)
+        skip_attn = skip.attn if skip is not None else frozenset()
+        skip_mlp = skip.mlp if skip is not None else frozenset()
+
+        spans: list[Span | None] = []
+        shared: dict[int | None, Span] = {}  # layers with the same window share one mask
+        for i, w in enumerate(self.windows):
+            v = view.get(i) if isinstance(view, dict) else view
+            if i in skip_attn:
+                spans.append(None)
+            elif v is not None:
+                spans.append(make_span(start, t, w, v))
+            else:
+                if w not in shared:
+                    shared[w] = make_span(start, t, w, None)
+                spans.append(shared[w])
+        rope = [self.rope.get(j, start, t) for j in range(len(self.rope.inv_freq))]
+        step = Step(cache, start, t, rope, spans)
+
+        want = set(capture.hidden_layers) if capture is not None else ()
+        n_layers = self.config.n_layers
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, step, i not in skip_attn, i not in skip_mlp)
+            if i in want:
+                capture.hidden[i] = x
+        cache.advance(t)
+
+        n = t if num_logits is None else min(num_logits, t)
+        if -1 in want or n_layers in want:
+            x = self.norm(x)
+            for key in (-1, n_layers):
+                if key in want:
+                    capture.hidden[key] = x
+            x = x[t - n :]
+        else:
+            x = self.norm(x[t - n :])
+        logits = self.output(x)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    # -- loading --
+
+    def convert(self, take: Any) -> dict[str, Tensor]:
+        """Map HF tensors (fetched by name through `take`) to this module's state dict."""
+        raise NotImplementedError
+
+    def load_hf(self, sd: dict[str, Tensor], source: str) -> None:
+        def take(name: str) -> Tensor:
+            for key in (name, name.replace("model.", "model.language_model.", 1)):
+                if key in sd:
+                    return sd[key].float() if sd[key].dtype != torch.float32 else sd[key]
+            raise VeridraftError(f"{source} lacks tensor {name!r}; re-pull or re-convert the model")
+
+        native = self.convert(take)
+        if self.config.tie_embeddings:
+            native["output.weight"] = native["tok_embeddings.weight"]
+        else:
+            native["output.weight"] = take("lm_head.weight")
+        self.load_state_dict(native, strict=True, assign=True)
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.requires_grad_(False)
+        self.eval()
+
+
+def fuse(*ts: Tensor) -> Tensor:
+    return torch.cat(ts, dim=0)
+
+
+def attention_tensors(
+    take: Any, cfg: ModelConfig, i: int, p: str, norm_offset: float = 0.0
+) -> dict[str, Tensor]:
+    """q/k/v fused into one weight (one matmul, one read of x), plus o and the q/k norms."""
+    a = f"model.layers.{i}.self_attn."
+    out = {
+        f"{p}wqkv.weight": fuse(*(take(f"{a}{n}_proj.weight") for n in "qkv")),
+        f"{p}wo.weight": take(f"{a}o_proj.weight"),
+    }
+    if cfg.qkv_bias:
+        out[f"{p}wqkv.bias"] = fuse(*(take(f"{a}{n}_proj.bias") for n in "qkv"))
+    if cfg.o_bias:
+        out[f"{p}wo.bias"] = take(f"{a}o_proj.bias")
+    if cfg.qk_norm:
+        q = take(f"{a}q_norm.weight") + norm_offset
+        k = take(f"{a}k_norm.weight") + norm_offset
+        out[f"{p}qk_weight"] = fuse(q.expand(cfg.n_heads, -1), k.expand(cfg.n_kv_heads, -1))
+    return out
+
+
+def mlp_tensors(take: Any, cfg: ModelConfig, i: int, p: str) -> dict[str, Tensor]:
+    m = f"model.layers.{i}.mlp."
+    out = {
+        f"{p}w13.weight": fuse(take(f"{m}gate_proj.weight"), take(f"{m}up_proj.weight")),
+        f"{p}w2.weight": take(f"{m}down_proj.weight"),
+    }
+    if cfg.mlp_bias:
+        out[f"{p}w13.bias"] = fuse(take(f"{m}gate_proj.bias"), take(f"{m}up_proj.bias"))
+        out[f"{p}w2.bias"] = take(f"{m}down_proj.bias")
+    return out
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise VeridraftError(f"cannot read {path}: {e}; re-pull or re-convert the model") from e
