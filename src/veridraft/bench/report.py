@@ -1,0 +1,399 @@
+"""Benchmark outputs: results.json, report.md, speedup.png, and `compare` of two runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..errors import VeridraftError
+from .questions import OVERALL
+
+HOW_TO_READ = (
+    "**How to read this.** Every method ran on the same questions with the same prompt ids, "
+    "batch size 1, interleaved per question (all methods back to back, order rotated), after "
+    "warm-up, in one process. *tok/s (mean)* is the Spec-Bench figure: per question, generated "
+    "tokens / generation time (turns summed), averaged over questions; *tok/s (total)* is all "
+    "tokens / all time, which weighs long answers more. *Speedup* is the mean rate divided by "
+    "the mean rate of the method's own plain decoding (`ar` for veridraft, `hf:ar` for "
+    "transformers, `llamacpp:ar` for llama.cpp); *vs ar* divides by veridraft's `ar` instead, so "
+    "peers' absolute speed sits next to ours. *τ* is tokens committed per target forward with "
+    "the bonus token counted (plain decoding = 1.00; for transformers: generated tokens per "
+    "generation step, prefill step included); *α* is accepted / drafted tokens. *Exact match* "
+    "is the share of questions (all turns) whose generated ids equal veridraft `ar`'s: a "
+    "lossless method must be at 100% under greedy decoding; peers use their own numerics, so "
+    "for them it shows whether they reproduce our float32 greedy output. Lossy methods are "
+    "marked **lossy**; their exact match is an agreement rate. Times are wall-clock on a shared "
+    "CPU: compare ratios within this run rather than absolute figures across machines."
+)
+
+
+# --------------------------------------------------------------------------------------------
+# formatting
+
+
+def _f(x, digits=2, std=None, pct=False) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    if pct:
+        s = f"{100 * x:.0f}%"
+    else:
+        s = f"{x:.{digits}f}"
+    if std is not None:
+        s += f" ± {100 * std:.0f}%" if pct else f" ± {std:.{digits}f}"
+    return s
+
+
+def _em(e: dict, name: str, reference: str) -> str:
+    if name == reference:
+        return "ref"
+    if e.get("exact_compared"):
+        return f"{e['exact_matched']}/{e['exact_compared']} ({_f(e['exact_match'], pct=True)})"
+    return "–"
+
+
+def _lossless(e: dict) -> str:
+    return "yes" if e.get("lossless", True) else "**lossy**"
+
+
+def _table(summary: dict, group: str) -> list[str]:
+    ref = summary.get("reference", "ar")
+    rows = [
+        "| method | lossless | tok/s (mean) | tok/s (total) | speedup vs own AR | vs ar | τ | α "
+        "| exact match vs ar | prefill ms | decode s |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name in summary["methods"]:
+        e = summary["table"][group].get(name, {})
+        if e.get("skipped"):
+            rows.append(f"| {name} | | skipped | | | | | | | | |")
+            continue
+        if not e.get("questions"):
+            continue
+        pre = e.get("prefill_s")
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{name}`",
+                    _lossless(e),
+                    _f(e.get("tok_s_mean"), 1, e.get("tok_s_mean_std")),
+                    _f(e.get("tok_s_total"), 1, e.get("tok_s_total_std")),
+                    _f(e.get("speedup"), 2, e.get("speedup_std"))
+                    + ("×" if e.get("speedup") else ""),
+                    _f(e.get("vs_ar"), 2, e.get("vs_ar_std")) + ("×" if e.get("vs_ar") else ""),
+                    _f(e.get("tau"), 2),
+                    _f(e.get("alpha"), 2),
+                    _em(e, name, ref),
+                    _f(None if pre is None else 1000 * pre, 0),
+                    _f(e.get("decode_s"), 2),
+                ]
+            )
+            + " |"
+        )
+    return rows
+
+
+def _methods_table(results: dict) -> list[str]:
+    summary = results["summary"]
+    overall = summary["table"][OVERALL]
+    rows = [
+        "| method | engine | lossless | speedup measured against | peak RSS MB | acceptance per "
+        "draft position (first 8) | first mismatch vs ar | errors |",
+        "|---|---|---|---|--:|---|---|--:|",
+    ]
+    for name, info in results["methods"].items():
+        e = overall.get(name, {})
+        if info.get("skipped"):
+            rows.append(f"| `{name}` | {info['engine']} | | | | | skipped: {info['skipped']} | |")
+            continue
+        acc = e.get("acceptance_per_pos")
+        acc_s = " ".join(f"{a:.2f}" for a in acc[:8]) if acc else "–"
+        fm = e.get("first_mismatch")
+        fm_s = (
+            f"question {fm['question_id']} ({fm['category']}), turn {fm['turn'] + 1}, "
+            f"token {fm['token_index']}"
+            if fm
+            else ("ref" if name == summary.get("reference") else "none")
+        )
+        rows.append(
+            f"| `{name}` | {info['engine']} | {_lossless(e)} | `{info['baseline']}` | "
+            f"{_f(e.get('peak_rss_mb'), 0)} | {acc_s} | {fm_s} | {e.get('errors', 0)} |"
+        )
+    return rows
+
+
+def report_markdown(results: dict) -> str:
+    s = results["settings"]
+    env = results["environment"]
+    summary = results["summary"]
+    model = results["model"]["name"]
+    lines = [
+        f"# veridraft bench: {model}, {s['questions']} questions",
+        "",
+        "```",
+        env.get("command", ""),
+        "```",
+        "",
+        f"{s['questions']} questions from `{Path(s['questions_file']).name}`"
+        + (f" ({s['limit']} per task group, picked evenly)" if s.get("limit") else "")
+        + f", max {s['max_new_tokens']} new tokens, "
+        + ("greedy" if not s["temperature"] else f"temperature {s['temperature']}")
+        + f", {s['repeats']} repeat(s)"
+        + (" (mean ± std over repeats)" if s["repeats"] > 1 else "")
+        + f", {s['warmup']} warm-up run(s), {s['threads']} threads, batch size 1; "
+        f"run took {s['elapsed_s'] / 60:.1f} min. Generated {env['date']}.",
+        "",
+        HOW_TO_READ,
+        "",
+        "## Overall",
+        "",
+        *_table(summary, OVERALL),
+        "",
+        "## Per task group",
+        "",
+    ]
+    for g in summary["groups"]:
+        if g == OVERALL:
+            continue
+        n = next(
+            (e.get("questions") for e in summary["table"][g].values() if e.get("questions")), 0
+        )
+        lines += [f"### {g} ({n} questions)", "", *_table(summary, g), ""]
+    lines += [
+        "## Methods",
+        "",
+        *_methods_table(results),
+        "",
+        "Peak RSS is process-wide (every loaded model counts), measured per generation as "
+        "the kernel's high-water mark since the previous generation.",
+        "",
+    ]
+    b = results.get("bandwidth_bound")
+    if b:
+        ar = summary["table"][OVERALL].get("ar", {}).get("tok_s_mean")
+        lines += [
+            "## Memory-bandwidth bound",
+            "",
+            f"Plain decoding reads every weight once per token: "
+            f"{b['weight_bytes_per_token'] / 1e6:.0f} MB of weights + "
+            f"{b['kv_bytes_per_token'] / 1e6:.1f} MB of KV cache (at the mean context of "
+            f"{b['mean_context_tokens']:.0f} tokens). With the measured copy bandwidth of "
+            f"{b['copy_bandwidth_GBps']:.1f} GB/s (256 MB tensor copy, best of 7), plain decoding "
+            f"cannot exceed **{b['bound_tokens_per_s']:.1f} tok/s**"
+            + (
+                f"; veridraft `ar` reaches {ar:.1f} tok/s = {100 * ar / b['bound_tokens_per_s']:.0f}% "
+                "of it."
+                if ar
+                else "."
+            ),
+            "",
+        ]
+    lines += ["## Environment", "", "| | |", "|---|---|"]
+    for k in (
+        "date",
+        "cpu",
+        "cpu_count",
+        "threads",
+        "torch_threads",
+        "load_average_start",
+        "load_average",
+        "veridraft",
+        "torch",
+        "transformers",
+        "llama_cpp_python",
+        "python",
+        "platform",
+    ):
+        lines.append(f"| {k} | {env.get(k) if env.get(k) is not None else '–'} |")
+    lines += [f"| model | {model} ({results['model'].get('precision') or '?'}) |", ""]
+    return "\n".join(lines)
+
+
+def overview_text(results: dict) -> str:
+    """A short plain-text table of the overall figures for the terminal."""
+    summary = results["summary"]
+    t = summary["table"][OVERALL]
+    ref = summary.get("reference", "ar")
+    out = [
+        f"{'method':<28} {'tok/s':>8} {'speedup':>8} {'vs ar':>7} {'tau':>6} {'alpha':>6} "
+        f"{'exact':>9}"
+    ]
+    for name in summary["methods"]:
+        e = t.get(name, {})
+        if e.get("skipped"):
+            out.append(f"{name:<28} skipped: {e['skipped']}")
+            continue
+        em = _em(e, name, ref).split(" ")[0]
+        out.append(
+            f"{name:<28} {_f(e.get('tok_s_mean'), 1):>8} {_f(e.get('speedup')):>8} "
+            f"{_f(e.get('vs_ar')):>7} {_f(e.get('tau')):>6} {_f(e.get('alpha')):>6} {em:>9}"
+        )
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# plot
+
+
+def plot_speedup(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = results["summary"]
+    groups = summary["groups"]
+    info = results["methods"]
+    names = [n for n in summary["methods"] if not info[n].get("skipped")]
+    drafted = [n for n in names if info[n]["baseline"] != n]
+    colors = plt.get_cmap("tab10")
+    color = {n: colors(i % 10) for i, n in enumerate(names)}
+
+    fig, axes = plt.subplots(
+        1,
+        2,
+        figsize=(max(11, 1.3 * len(groups) * 2 + 4), 4.8),
+        gridspec_kw={"width_ratios": [1, 1]},
+    )
+
+    def bars(ax, methods, key, ylabel, title):
+        w = 0.8 / max(1, len(methods))
+        for i, n in enumerate(methods):
+            vals = [summary["table"][g].get(n, {}).get(key) for g in groups]
+            errs = [summary["table"][g].get(n, {}).get(key + "_std") for g in groups]
+            xs = [j + (i - (len(methods) - 1) / 2) * w for j in range(len(groups))]
+            label = n + ("" if info[n].get("lossless", True) else " (lossy)")
+            ax.bar(
+                xs,
+                [v or 0 for v in vals],
+                w,
+                label=label,
+                color=color[n],
+                yerr=[e or 0 for e in errs] if any(errs) else None,
+                capsize=2,
+            )
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, rotation=30, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+
+    if drafted:
+        bars(
+            axes[0],
+            drafted,
+            "speedup",
+            "speedup (× own plain decoding)",
+            "Speedup vs the engine's own plain decoding (mean of rates)",
+        )
+    else:
+        axes[0].text(0.5, 0.5, "no drafting method", ha="center", va="center")
+        axes[0].set_xticks([])
+    axes[0].axhline(1.0, color="black", lw=1, ls="--")
+    bars(
+        axes[1],
+        names,
+        "tok_s_mean",
+        "tokens/s (mean of per-question rates)",
+        "Absolute speed, all methods",
+    )
+    date = results["environment"]["date"][:10]
+    s = results["settings"]
+    fig.suptitle(
+        f"{results['model']['name']}: {s['questions']} questions, {s['max_new_tokens']} new "
+        f"tokens, {s['threads']} threads ({date})",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def write_all(results: dict, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "results": str(out / "results.json"),
+        "report": str(out / "report.md"),
+        "plot": str(out / "speedup.png"),
+    }
+    results = {**results, "files": files}
+    Path(files["results"]).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    Path(files["report"]).write_text(report_markdown(results))
+    plot_speedup(results, Path(files["plot"]))
+    return files
+
+
+def load_results(path: str | Path) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise VeridraftError(f"no such results file: {p}") from None
+    except json.JSONDecodeError as e:
+        raise VeridraftError(f"{p} is not a JSON results file ({e.msg}, line {e.lineno})") from None
+    if not isinstance(data, dict) or "records" not in data or "methods" not in data:
+        raise VeridraftError(f"{p} is not a veridraft bench results.json")
+    if "summary" not in data:
+        from .harness import summarize
+
+        data["summary"] = summarize(data["records"], data["methods"])
+    return data
+
+
+def compare(a: dict, b: dict, group: str | None = None, names=("A", "B")) -> str:
+    """Per-method change in tok/s (mean of rates), speedup and τ between two runs."""
+    sa, sb = a["summary"], b["summary"]
+    groups = [group] if group else [OVERALL] + [g for g in sa["groups"] if g != OVERALL]
+    methods = list(sa["methods"]) + [m for m in sb["methods"] if m not in sa["methods"]]
+    lines = []
+    diffs = []
+    for k in ("questions", "max_new_tokens", "temperature", "threads", "repeats"):
+        va, vb = a["settings"].get(k), b["settings"].get(k)
+        if va != vb:
+            diffs.append(f"{k} {va} -> {vb}")
+    if a["environment"].get("cpu") != b["environment"].get("cpu"):
+        diffs.append(f"cpu {a['environment'].get('cpu')} -> {b['environment'].get('cpu')}")
+    if a["model"]["name"] != b["model"]["name"]:
+        diffs.append(f"model {a['model']['name']} -> {b['model']['name']}")
+    lines.append(f"{names[0]}: {a['model']['name']}, {a['environment'].get('date')}")
+    lines.append(f"{names[1]}: {b['model']['name']}, {b['environment'].get('date')}")
+    if diffs:
+        lines.append("note: the runs differ in " + "; ".join(diffs))
+    for g in groups:
+        if g not in sa["table"] and g not in sb["table"]:
+            raise VeridraftError(f"task group {g!r} is in neither run")
+        lines.append("")
+        lines.append(f"[{g}]")
+        lines.append(
+            f"{'method':<28} {'tok/s A -> B':>22} {'speedup A -> B':>18} {'tau A -> B':>16}"
+        )
+        for m in methods:
+            ea = sa["table"].get(g, {}).get(m, {})
+            eb = sb["table"].get(g, {}).get(m, {})
+            if not ea.get("questions") and not eb.get("questions"):
+                continue
+
+            def ch(key, d=1, ea=ea, eb=eb):
+                x, y = ea.get(key), eb.get(key)
+                s = f"{_f(x, d)} -> {_f(y, d)}"
+                if x and y is not None:
+                    s += f" ({100 * (y / x - 1):+.0f}%)"
+                return s
+
+            lines.append(
+                f"{m:<28} {ch('tok_s_mean'):>22} {ch('speedup', 2):>18} {ch('tau', 2):>16}"
+            )
+    return "\n".join(lines)
+
+
+def compare_files(a: str | Path, b: str | Path, group: str | None = None) -> str:
+    return compare(load_results(a), load_results(b), group, names=(str(a), str(b)))
