@@ -923,4 +923,3 @@ def main(argv: list[str] | None = None) -> int:
     except VeridraftError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
