@@ -140,8 +140,8 @@ def test_cli_generate_streams_and_prints_stats(capsys, tiny):
     rc = main(["generate", "Hello", "--model", str(tiny.path), "-n", "8", "--stats"])
     out, err = capsys.readouterr()
     assert rc == 0
-    assert out.strip()
-    assert "tokens/s" in err
+    assert len(out) > 1  # streamed text (a random tiny model may only emit whitespace)
+    assert "8 tokens" in err and "tokens/s" in err
 
 
 def test_cli_bad_sampling_value(capsys, tiny):
