@@ -107,11 +107,10 @@ def _hub_folder(repo_id: str) -> Path:
             allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer.model"],
         )
     except Exception as e:
-        why = " ".join(str(e).split())[:120] or type(e).__name__
         raise VeridraftError(
-            f"cannot fetch '{repo_id}' from the Hugging Face hub ({why}): the hub is unreachable "
-            f"from here or the id is wrong; use a catalog model ({known}), a GGUF file or an "
-            "HF folder"
+            f"cannot fetch '{repo_id}' from the Hugging Face hub ({type(e).__name__}): the hub "
+            f"is unreachable from here or the id is wrong; use a catalog model ({known}), "
+            "a GGUF file or an HF folder"
         ) from e
     return Path(path)
 

@@ -158,6 +158,20 @@ def _mb(n: int) -> str:
 # atomic folder creation (shared with the loader's GGUF-file route)
 
 
+def _remove_stale_tmp(final: Path, max_age_s: float = 3600.0) -> None:
+    """Remove `.tmp-<name>-*` folders left by a killed process (SIGKILL skips our cleanup).
+
+    Only old ones: a pull takes minutes, so an hour-old temporary folder has no owner.
+    """
+    now = time.time()
+    for p in final.parent.glob(f".tmp-{final.name}-*"):
+        try:
+            if now - p.stat().st_mtime > max_age_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
 @contextlib.contextmanager
 def staging_dir(final: Path, *, replace: bool = False):
     """Yield a fresh temporary folder next to `final`; on success it is renamed to `final`.
@@ -167,6 +181,7 @@ def staging_dir(final: Path, *, replace: bool = False):
     unless `replace` is set.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(final)
     tmp = final.parent / f".tmp-{final.name}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
