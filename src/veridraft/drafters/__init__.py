@@ -1,0 +1,157 @@
+"""Drafters and the spec strings that name them.
+
+    make_drafter("ngram", model)                              # prompt lookup, defaults
+    make_drafter("ngram:num_tokens=8,max_ngram=4", model)
+    make_drafter("layerskip", model)                          # the model's default skip set
+    make_drafter("layerskip:attn=8-20;mlp=10-14", model)      # any skip set (0-based layers)
+    make_drafter("model:smollm2-135m-l8", model)              # a separate draft model
+    make_drafter("model:NAME:k=4,mode=fixed", model)
+    make_drafter(my_drafter, model)                           # a Drafter instance: itself
+    make_drafter(None, model)                                 # plain decoding: None
+
+Spec grammar: ``METHOD[:ARG][:KEY=VALUE[,KEY=VALUE...]]``. Parameters are separated by "," or
+";"; a piece without "=" continues the previous value, so layer lists read naturally:
+``layerskip:attn=1-3,5,mlp=4-6`` gives attn="1-3,5", mlp="4-6". Keyword options passed to
+`generate()` (e.g. ``num_tokens=8``) override the spec's parameters. Unknown methods and
+parameters, and bad values, raise a one-line VeridraftError that lists the valid choices.
+
+New drafters register a class in DRAFTERS; the class provides `name`, `takes_arg`, `params`
+(accepted parameter names), `aliases` (other names -> canonical) and
+`from_spec(model, arg, params) -> Drafter`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..errors import VeridraftError
+from .base import DecodeContext, Draft, Drafter
+from .layerskip import LayerSkipDrafter
+from .model import ModelDrafter
+from .ngram import NgramDrafter
+
+__all__ = [
+    "DRAFTERS",
+    "DecodeContext",
+    "Draft",
+    "Drafter",
+    "LayerSkipDrafter",
+    "ModelDrafter",
+    "NgramDrafter",
+    "make_drafter",
+    "parse_spec",
+]
+
+DRAFTERS: dict[str, type] = {
+    "ngram": NgramDrafter,
+    "layerskip": LayerSkipDrafter,
+    "model": ModelDrafter,
+}
+
+_KEY = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$", re.S)
+
+
+def parse_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
+    """ "model:NAME:k=4,mode=fixed" -> ("model", "NAME", {"k": "4", "mode": "fixed"}).
+
+    The method name is lower-cased; values stay strings (each drafter converts and checks its
+    own). The last ":"-separated part is the parameter list when it starts with KEY=.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise VeridraftError(f"empty draft spec; valid methods: {', '.join(sorted(DRAFTERS))}")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower()
+    if not name:
+        raise VeridraftError(f"draft spec {spec!r} has no method name before ':'")
+    arg: str | None = None
+    params: dict[str, str] = {}
+    if rest:
+        head, sep, tail = rest.rpartition(":")
+        if _KEY.match(tail):
+            params = _parse_params(spec, tail)
+            arg = head if sep else None
+        else:
+            arg = rest
+        if arg is not None:
+            arg = arg.strip()
+            if not arg:
+                raise VeridraftError(f"draft spec {spec!r} has an empty argument between ':'s")
+    return name, arg, params
+
+
+def _parse_params(spec: str, text: str) -> dict[str, str]:
+    params: dict[str, str] = {}
+    key = None
+    for piece in re.split(r"[,;]", text):
+        m = _KEY.match(piece)
+        if m:
+            key = m.group(1).lower()
+            if key in params:
+                raise VeridraftError(f"draft spec {spec!r} sets {key!r} twice")
+            params[key] = m.group(2).strip()
+        elif key is not None:
+            if piece.strip():
+                params[key] = f"{params[key]},{piece.strip()}" if params[key] else piece.strip()
+        elif piece.strip():
+            raise VeridraftError(f"draft spec {spec!r}: expected KEY=VALUE, got {piece!r}")
+    return params
+
+
+def _is_drafter(obj: Any) -> bool:
+    return all(callable(getattr(obj, m, None)) for m in ("prefill", "propose", "update"))
+
+
+def _canonical(cls: type, params: dict[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        k = cls.aliases.get(key, key)
+        if k not in cls.params:
+            raise VeridraftError(
+                f"{cls.name}: unknown parameter {key!r}{where}; valid: {', '.join(cls.params)}"
+            )
+        out[k] = value
+    return out
+
+
+def make_drafter(spec, model, **options) -> Drafter | None:
+    """None -> None (plain decoding); a Drafter -> itself; a spec string -> a new drafter.
+
+    `model` is the target (a LoadedModel, or a native network for tests); `options` override the
+    spec's parameters.
+    """
+    if spec is None:
+        if options:
+            raise VeridraftError(
+                f"draft options {', '.join(sorted(options))} given without a draft method; "
+                f"pass draft= one of {', '.join(sorted(DRAFTERS))}"
+            )
+        return None
+    if not isinstance(spec, str):
+        if _is_drafter(spec):
+            if options:
+                raise VeridraftError(
+                    f"draft options {', '.join(sorted(options))} cannot be applied to a "
+                    "Drafter instance; configure the instance instead"
+                )
+            return spec
+        raise VeridraftError(
+            f"draft must be None, a method spec string or a Drafter instance, got "
+            f"{type(spec).__name__}"
+        )
+    name, arg, params = parse_spec(spec)
+    cls = DRAFTERS.get(name)
+    if cls is None:
+        raise VeridraftError(
+            f"unknown draft method {name!r} in {spec!r}; valid: {', '.join(sorted(DRAFTERS))}"
+        )
+    if cls.takes_arg and arg is None:
+        raise VeridraftError(f"{name} needs an argument: {cls.usage}")
+    if not cls.takes_arg and arg is not None:
+        raise VeridraftError(
+            f"{name} takes no argument, got {arg!r}; parameters go as {name}:KEY=VALUE,... "
+            f"(valid: {', '.join(cls.params)})"
+        )
+    merged = _canonical(cls, params, f" in {spec!r}")
+    merged.update(_canonical(cls, options, ""))
+    return cls.from_spec(model, arg, merged)

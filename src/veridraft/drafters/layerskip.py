@@ -1,0 +1,217 @@
+"""Self-speculative decoding (Draft & Verify, Zhang et al., ACL 2024, arXiv 2309.08168).
+
+The target drafts for itself with some attention and MLP sub-layers bypassed (`Skip`), reading
+the target's own verified KV cache. The draft steps write their keys/values (for the layers that
+run) into the same cache past the verified length; `propose` moves `cache.length` back to where
+it found it, and the verification forward overwrites those positions.
+
+Adaptive draft-exiting, the paper's Algorithm 2 (and its code's `auto_parameters`): drafting stops
+after a token whose draft probability (softmax of the raw draft logits) is below gamma, or after
+`num_tokens` (K = 12) steps. After each verification, with AR_e = accepted / drafted:
+
+    AR <- beta1 * AR + (1 - beta1) * AR_e
+    gamma~ = gamma + eps            if AR < alpha
+           = gamma                  elif drafted == K
+           = gamma - eps            otherwise
+    gamma <- beta2 * gamma + (1 - beta2) * gamma~
+
+with gamma0 = 0.6, eps = 0.01, alpha = 0.90, beta1 = 0.5, beta2 = 0.9. AR starts at 0 for each
+generation (`prefill`); gamma is carried across generations by one drafter instance, as the
+paper's code carries `th_stop_draft` across prompts.
+
+Sampling: with `draft_sampling=True` (default) draft tokens are sampled from `probs()` of the
+skip-model's logits under the generation's sampling settings, and that q is returned; with
+`draft_sampling=False` (or greedy decoding) tokens are the skip-model's argmax, verified as
+point masses.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..errors import VeridraftError
+from ..models.base import Skip
+from ..sampling import probs, sample
+from .base import DecodeContext, Draft
+from .params import as_bool, as_float, as_int, as_layers, format_layers
+
+# Hand-picked skip sets (0-based layer indices), measured with scripts in veridraft.bench
+# (greedy, fp32, 2 CPU threads; see the module docstring of bench/spec_quick.py for the
+# procedure). Keyed by catalog name.
+DEFAULT_SKIPS: dict[str, Skip] = {
+    "smollm2-135m": Skip(attn=frozenset(range(10, 26)), mlp=frozenset(range(12, 24))),
+    "gemma3-270m": Skip(attn=frozenset(range(6, 15)), mlp=frozenset(range(8, 14))),
+}
+
+
+def heuristic_skip(n_layers: int) -> Skip:
+    """For models without a measured set: bypass attention and MLP of every other layer in the
+    middle half (layers L/4 .. 3L/4), about a quarter of the network. A starting point only."""
+    mid = range(n_layers // 4, (3 * n_layers) // 4, 2)
+    return Skip(attn=frozenset(mid), mlp=frozenset(mid))
+
+
+def _net_of(model):
+    return getattr(model, "net", model)
+
+
+class LayerSkipDrafter:
+    """Draft with the target itself, some sub-layers skipped, on the target's own KV cache."""
+
+    name = "layerskip"
+    takes_arg = False
+    params = (
+        "attn",
+        "mlp",
+        "skip",
+        "exit",
+        "num_tokens",
+        "gamma",
+        "adaptive",
+        "draft_sampling",
+        "alpha",
+        "epsilon",
+        "beta1",
+        "beta2",
+    )
+    aliases = {
+        "k": "num_tokens",
+        "max_step_draft": "num_tokens",
+        "th_stop_draft": "gamma",
+        "attn_skip": "attn",
+        "mlp_skip": "mlp",
+        "skip_attn": "attn",
+        "skip_mlp": "mlp",
+        "eps": "epsilon",
+    }
+
+    def __init__(
+        self,
+        skip: Skip,
+        *,
+        num_tokens: int = 12,
+        gamma: float = 0.6,
+        adaptive: bool = True,
+        draft_sampling: bool = True,
+        alpha: float = 0.90,
+        epsilon: float = 0.01,
+        beta1: float = 0.5,
+        beta2: float = 0.9,
+        note: str | None = None,
+    ) -> None:
+        m = "layerskip"
+        self.skip = skip
+        self.num_tokens = as_int(m, "num_tokens", num_tokens, lo=1)
+        self.gamma = as_float(m, "gamma", gamma, lo=0.0, hi=1.0)
+        self.adaptive = as_bool(m, "adaptive", adaptive)
+        self.draft_sampling = as_bool(m, "draft_sampling", draft_sampling)
+        self.alpha = as_float(m, "alpha", alpha, lo=0.0, hi=1.0)
+        self.epsilon = as_float(m, "epsilon", epsilon, lo=0.0, hi=1.0)
+        self.beta1 = as_float(m, "beta1", beta1, lo=0.0, hi=1.0)
+        self.beta2 = as_float(m, "beta2", beta2, lo=0.0, hi=1.0)
+        self.note = note
+        self.ar = 0.0  # smoothed acceptance rate (the paper's "matchness")
+        self._drafted = 0
+
+    @classmethod
+    def from_spec(cls, model, arg: str | None, params: dict) -> LayerSkipDrafter:
+        net = _net_of(model)
+        n_layers = net.config.n_layers
+        name = getattr(model, "name", None)
+        p = dict(params)
+        explicit = {k: p.pop(k) for k in ("attn", "mlp", "skip", "exit") if k in p}
+        note = None
+        if explicit:
+            attn: set[int] = set()
+            mlp: set[int] = set()
+            if "skip" in explicit:
+                both = as_layers("layerskip", "skip", explicit["skip"], n_layers)
+                attn |= both
+                mlp |= both
+            if "exit" in explicit:
+                e = as_int("layerskip", "exit", explicit["exit"], lo=1, hi=n_layers)
+                attn |= set(range(e, n_layers))
+                mlp |= set(range(e, n_layers))
+            if "attn" in explicit:
+                attn |= as_layers("layerskip", "attn", explicit["attn"], n_layers)
+            if "mlp" in explicit:
+                mlp |= as_layers("layerskip", "mlp", explicit["mlp"], n_layers)
+            skip = Skip(attn=frozenset(attn), mlp=frozenset(mlp))
+        elif name in DEFAULT_SKIPS:
+            skip = DEFAULT_SKIPS[name]
+        else:
+            skip = heuristic_skip(n_layers)
+            note = (
+                f"layerskip: no measured skip set for {name or 'this model'}; using every other "
+                f"middle layer ({describe(skip)}), pass attn=/mlp= to choose one"
+            )
+            warnings.warn(note, stacklevel=3)
+        if any(i >= n_layers for i in skip.attn | skip.mlp):
+            raise VeridraftError(
+                f"layerskip: skip set {describe(skip)} names layers beyond the model's {n_layers}"
+            )
+        if len(skip.attn) == n_layers and len(skip.mlp) == n_layers:
+            raise VeridraftError("layerskip: the skip set bypasses every layer; keep some")
+        return cls(skip, note=note, **p)
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerSkipDrafter({describe(self.skip)}, num_tokens={self.num_tokens}, "
+            f"gamma={self.gamma:.3f}, adaptive={self.adaptive})"
+        )
+
+    # -- drafter protocol --
+
+    def prefill(self, ctx: DecodeContext) -> None:
+        self.ar = 0.0  # per generation, as in the paper's code; gamma carries over
+        self._drafted = 0
+
+    @torch.inference_mode()
+    def propose(self, ctx: DecodeContext, max_tokens: int) -> Draft:
+        k = min(self.num_tokens, max_tokens)
+        self._drafted = 0
+        if k <= 0:
+            return Draft(tokens=[])
+        net, cache = ctx.target, ctx.cache
+        start = cache.length
+        sampled = self.draft_sampling and not ctx.sampling.greedy
+        tokens: list[int] = []
+        qs: list[torch.Tensor] = []
+        x = ctx.ids[-1]
+        try:
+            for _ in range(k):
+                logits = net(torch.tensor([x], dtype=torch.long), cache, skip=self.skip)[-1]
+                if sampled:
+                    q = probs(logits, ctx.sampling)
+                    x = sample(q, ctx.generator)
+                    qs.append(q)
+                else:
+                    x = int(logits.argmax())
+                tokens.append(x)
+                # draft confidence: softmax of the raw draft logits at the drafted token
+                conf = float(torch.exp(logits[x] - torch.logsumexp(logits, -1)))
+                if conf < self.gamma:
+                    break
+        finally:
+            cache.truncate(start)
+        self._drafted = len(tokens)
+        return Draft(tokens=tokens, q=torch.stack(qs) if sampled else None)
+
+    def update(self, n_accepted: int, next_token: int) -> None:
+        drafted, self._drafted = self._drafted, 0
+        if not self.adaptive or drafted == 0:
+            return
+        self.ar = self.beta1 * self.ar + (1 - self.beta1) * (n_accepted / drafted)
+        if self.ar < self.alpha:
+            target = self.gamma + self.epsilon
+        elif drafted == self.num_tokens:
+            target = self.gamma
+        else:
+            target = self.gamma - self.epsilon
+        self.gamma = self.beta2 * self.gamma + (1 - self.beta2) * target
+
+
+def describe(skip: Skip) -> str:
+    return f"attn={format_layers(skip.attn)};mlp={format_layers(skip.mlp)}"

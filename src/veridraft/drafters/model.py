@@ -1,0 +1,329 @@
+"""A separate draft model with the target's vocabulary (classic speculative decoding).
+
+The draft model keeps its own KV cache. Invariant: after `update`, the draft cache holds the
+keys/values of a prefix of the committed ids; `propose` runs the ids it has not seen yet (the last
+committed token, plus the last accepted draft token when every draft token was accepted), then
+drafts one token per forward. Rejected draft positions are dropped with an O(1) `truncate`.
+
+Drafting is greedy (q = None, verified as a point mass) under greedy decoding or with
+`draft_sampling=False`; otherwise tokens are sampled from `probs(draft_logits, sampling)` and
+that q is returned, so speculative sampling stays exact.
+
+Draft length, `mode`:
+- "dynamic" (default): HF assisted generation's default behaviour (`num_assistant_tokens_schedule=
+  "constant"` with `assistant_confidence_threshold`): draft up to `num_tokens`, stop after a
+  token whose draft probability is below `threshold` (0.4 initially, HF's default; the token is
+  kept, as HF's ConfidenceCriteria stops after appending). After each verification the threshold
+  is re-fitted as HF does: over the history of (draft probability, accepted?) pairs - every
+  accepted draft token and the first rejected one per round - pick the ROC threshold minimising
+  FPR + 3 FNR (HF uses sklearn's roc_curve; this is the same minimiser computed with numpy),
+  once there are more than 5 pairs of both kinds.
+- "heuristic": HF's `num_assistant_tokens_schedule="heuristic"`: the draft length grows by 2 after
+  a round where every draft token was accepted, else shrinks by 1 (minimum 1); no threshold.
+- "fixed": always `num_tokens` tokens (the budget permitting).
+
+The draft probability used for the threshold is HF's: softmax of the draft scores at the drafted
+token - the raw logits when drafting greedily, the processed distribution q when sampling.
+
+`model:NAME-lN` drafts with NAME's first N layers plus its final norm and head (sharing the
+weights, no copy); with NAME the target itself this is the same-vocabulary real pair used in the
+tests and benchmarks (e.g. `model:smollm2-135m-l8`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import VeridraftError
+from ..sampling import probs, sample
+from .base import DecodeContext, Draft
+from .params import as_bool, as_choice, as_float, as_int
+
+MODES = ("dynamic", "heuristic", "fixed")
+_LAYERS_SUFFIX = re.compile(r"^(.+)-l(\d+)$")
+_MAX_HISTORY = 8192
+_LOADED: dict[str, object] = {}  # draft models loaded by name, reused across generate() calls
+
+
+def truncate_layers(net: nn.Module, n: int) -> nn.Module:
+    """A model made of net's embedding, its first n blocks, its final norm and head.
+
+    Shares every weight with `net` (no copy); the result has its own config (n_layers = n), so
+    its caches hold n layers. Works for any native Transformer (models/base.py).
+    """
+    cfg = net.config
+    if not 1 <= n <= cfg.n_layers:
+        raise VeridraftError(f"model: cannot keep {n} layers of a {cfg.n_layers}-layer model")
+    import dataclasses
+
+    small = dataclasses.replace(
+        cfg,
+        n_layers=n,
+        layer_types=list(cfg.layer_types[:n]),
+        eos_token_ids=list(cfg.eos_token_ids),
+    )
+    with torch.device("meta"):
+        new = type(net)(small, getattr(net, "precision", "fp32"))
+    new.tok_embeddings = net.tok_embeddings
+    new.norm = net.norm
+    new.output = net.output
+    new.layers = nn.ModuleList(list(net.layers)[:n])
+    for name, t in list(new.named_parameters()) + list(new.named_buffers()):
+        if t.device.type == "meta":
+            raise VeridraftError(
+                f"model: truncate_layers does not know how to share {name!r} of "
+                f"{type(net).__name__}; the architecture gained a module"
+            )
+    new.requires_grad_(False)
+    new.eval()
+    return new
+
+
+def _net_of(model):
+    return getattr(model, "net", model)
+
+
+def _vocab_of(tokenizer) -> dict | None:
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None or not hasattr(backend, "get_vocab"):
+        return None
+    return backend.get_vocab(with_added_tokens=True)
+
+
+def check_same_vocab(target, draft, draft_name: str) -> None:
+    """Refuse a draft model whose tokenizer differs from the target's."""
+    t_net, d_net = _net_of(target), _net_of(draft)
+    t_tok, d_tok = getattr(target, "tokenizer", None), getattr(draft, "tokenizer", None)
+    t_v, d_v = t_net.config.vocab_size, d_net.config.vocab_size
+    same = None
+    if t_tok is not None and d_tok is not None and t_tok is not d_tok:
+        a, b = _vocab_of(t_tok), _vocab_of(d_tok)
+        if a is not None and b is not None:
+            same = a == b
+    if same is None:
+        same = t_v == d_v
+    if not same:
+        t_name = getattr(target, "name", "the target")
+        raise VeridraftError(
+            f"model: draft model {draft_name!r} (vocabulary {d_v:,}) does not share the "
+            f"tokenizer of {t_name!r} (vocabulary {t_v:,}); a separate draft model must use the "
+            f"target's vocabulary - for different tokenizers use universal drafting "
+            f"(draft='universal:{draft_name}')"
+        )
+
+
+def resolve_draft(name: str, target):
+    """Load the draft model named `name` for `target`: (model-like with .net, label)."""
+    from ..loader import load
+    from ..models import catalog
+
+    t_name = getattr(target, "name", None)
+    if name == t_name:
+        return target, name
+    direct = name in catalog.CATALOG or Path(name).expanduser().exists()
+    m = _LAYERS_SUFFIX.match(name)
+    if not direct and m:
+        base, n = m.group(1), int(m.group(2))
+        if base == t_name:
+            base_model = target
+        else:
+            base_model = _LOADED.get(base) or load(base)
+            _LOADED[base] = base_model
+        net = truncate_layers(_net_of(base_model), n)
+        return _Truncated(net, getattr(base_model, "tokenizer", None), name), name
+    if name not in _LOADED:
+        _LOADED[name] = load(name)
+    return _LOADED[name], name
+
+
+class _Truncated:
+    def __init__(self, net, tokenizer, name) -> None:
+        self.net, self.tokenizer, self.name = net, tokenizer, name
+
+
+def roc_threshold(probs_hist: list[float], matches: list[int]) -> float | None:
+    """The threshold minimising FPR + 3 FNR over (score, label) pairs, as HF picks it from
+    sklearn's roc_curve (positive iff score >= threshold); None without both labels."""
+    y = np.asarray(matches, dtype=np.int64)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    s = np.asarray(probs_hist, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last_of_value = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tps = np.cumsum(y)[last_of_value]
+    fps = np.cumsum(1 - y)[last_of_value]
+    cost = fps / n_neg + 3.0 * (1.0 - tps / n_pos)
+    return float(s[last_of_value[int(np.argmin(cost))]])
+
+
+class ModelDrafter:
+    """Draft with a separate same-vocabulary model that keeps its own KV cache."""
+
+    name = "model"
+    takes_arg = True
+    usage = (
+        "model:NAME (a catalog name, an HF folder or GGUF path, or NAME-lN for NAME's first N "
+        "layers), e.g. model:smollm2-135m-l8 or model:NAME:k=4,mode=fixed"
+    )
+    params = ("num_tokens", "mode", "threshold", "draft_sampling")
+    aliases = {
+        "k": "num_tokens",
+        "num_assistant_tokens": "num_tokens",
+        "assistant_confidence_threshold": "threshold",
+    }
+
+    def __init__(
+        self,
+        draft_net: nn.Module,
+        *,
+        num_tokens: int | None = None,
+        mode: str = "dynamic",
+        threshold: float = 0.4,
+        draft_sampling: bool = True,
+        label: str = "model",
+        target_vocab: int | None = None,
+    ) -> None:
+        m = "model"
+        self.net = draft_net
+        self.mode = as_choice(m, "mode", mode, MODES)
+        if num_tokens is None:
+            num_tokens = {"dynamic": 16, "heuristic": 5, "fixed": 4}[self.mode]
+        self.num_tokens = as_int(m, "num_tokens", num_tokens, lo=1)
+        self.threshold = as_float(m, "threshold", threshold, lo=0.0, hi=1.0)
+        self.draft_sampling = as_bool(m, "draft_sampling", draft_sampling)
+        self.name = label if label.startswith("model") else f"model:{label}"
+        self.target_vocab = target_vocab
+        self._k = self.num_tokens  # current length (heuristic mode)
+        self._hist_p: list[float] = []
+        self._hist_m: list[int] = []
+        self._round_conf: list[float] = []
+        self._drafted: list[int] = []
+        self.cache = None
+        self._cached_ids: list[int] = []
+
+    @classmethod
+    def from_spec(cls, model, arg: str | None, params: dict) -> ModelDrafter:
+        draft, label = resolve_draft(arg, model)
+        check_same_vocab(model, draft, label)
+        return cls(
+            _net_of(draft),
+            label=f"model:{label}",
+            target_vocab=_net_of(model).config.vocab_size,
+            **params,
+        )
+
+    def __repr__(self) -> str:
+        return f"ModelDrafter({self.name!r}, mode={self.mode!r}, num_tokens={self.num_tokens})"
+
+    # -- helpers --
+
+    def _logits(self, tokens: list[int]) -> torch.Tensor:
+        out = self.net(torch.tensor(tokens, dtype=torch.long), self.cache, num_logits=1)[-1]
+        v = self.target_vocab
+        if v is not None and out.shape[-1] != v:  # same tokenizer, padded embeddings
+            if out.shape[-1] > v:
+                out = out[:v]
+            else:
+                out = torch.cat((out, out.new_full((v - out.shape[-1],), float("-inf"))))
+        return out
+
+    # -- drafter protocol --
+
+    def prefill(self, ctx: DecodeContext) -> None:
+        need = len(ctx.ids) + max(ctx.max_new_tokens, 1) + self.num_tokens + 2
+        if self.cache is None or self.cache.max_len < need:
+            self.cache = self.net.new_cache(need)
+        self.cache.truncate(0)
+        self._cached_ids = []
+        self._round_conf, self._drafted = [], []
+        prompt = ctx.ids[:-1]
+        if prompt:
+            self.net(torch.tensor(prompt, dtype=torch.long), self.cache, num_logits=1)
+            self._cached_ids = list(prompt)
+
+    @torch.inference_mode()
+    def propose(self, ctx: DecodeContext, max_tokens: int) -> Draft:
+        if self.cache is None:
+            self.prefill(ctx)
+        if self.mode == "heuristic":
+            k = min(self._k, max_tokens)
+        else:
+            k = min(self.num_tokens, max_tokens)
+        self._round_conf, self._drafted = [], []
+        if k <= 0:
+            return Draft(tokens=[])
+        ids = ctx.ids
+        n = self.cache.length
+        if n >= len(ids) or (n and self._cached_ids[n - 1] != ids[n - 1]):
+            n = _common_prefix(self._cached_ids, ids, min(n, len(ids) - 1))
+            self.cache.truncate(n)
+            del self._cached_ids[n:]
+        self.cache.reserve(len(ids) - n + k)  # clear error if the cache is too small
+        sampled = self.draft_sampling and not ctx.sampling.greedy
+        dynamic = self.mode == "dynamic"
+        feed = ids[n:]
+        tokens: list[int] = []
+        qs: list[torch.Tensor] = []
+        for step in range(k):
+            logits = self._logits(feed)
+            self._cached_ids.extend(feed)
+            if sampled:
+                q = probs(logits, ctx.sampling)
+                x = sample(q, ctx.generator)
+                qs.append(q)
+                conf = float(q[x])
+            else:
+                x = int(logits.argmax())
+                conf = float(torch.exp(logits[x] - torch.logsumexp(logits, -1))) if dynamic else 1.0
+            tokens.append(x)
+            self._round_conf.append(conf)
+            if dynamic and conf < self.threshold:
+                break
+            if step + 1 < k:
+                feed = [x]
+        self._drafted = tokens
+        return Draft(tokens=tokens, q=torch.stack(qs) if sampled else None)
+
+    def update(self, n_accepted: int, next_token: int) -> None:
+        drafted = self._drafted
+        if not drafted:
+            return
+        # The draft cache holds ..., d1 .. d_{k-1}: keep the accepted ones.
+        fed_drafts = len(drafted) - 1
+        keep = self.cache.length - fed_drafts + min(n_accepted, fed_drafts)
+        self.cache.truncate(keep)
+        del self._cached_ids[keep:]
+        if self.mode == "heuristic":
+            if n_accepted == len(drafted):
+                self._k = min(self._k + 2, 64)
+            else:
+                self._k = max(1, self._k - 1)
+        elif self.mode == "dynamic":
+            conf = self._round_conf
+            matches = [1] * n_accepted + ([0] if n_accepted < len(conf) else [])
+            self._hist_p.extend(conf[: len(matches)])
+            self._hist_m.extend(matches)
+            if len(self._hist_p) > _MAX_HISTORY:  # bound the per-round cost (HF keeps all)
+                del self._hist_p[:-_MAX_HISTORY], self._hist_m[:-_MAX_HISTORY]
+            if len(self._hist_p) > 5:
+                t = roc_threshold(self._hist_p, self._hist_m)
+                if t is not None:
+                    self.threshold = t
+        self._drafted = []
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a[:limit], b[:limit]):
+        if x != y:
+            break
+        n += 1
+    return n

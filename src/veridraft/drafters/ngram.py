@@ -1,0 +1,115 @@
+"""Prompt lookup (n-gram) drafting: copy what followed the last time the current suffix appeared.
+
+Over prompt + generated ids, find the longest suffix n-gram (n from `max_ngram` down to
+`min_ngram`) that occurred earlier, and propose the up to `num_tokens` ids that followed it.
+Proposals are deterministic, so they are verified as point masses (q = None): lossless under
+greedy decoding and under sampling.
+
+Cost: an incremental hash index (n-gram -> position after it) is extended by the new ids of each
+round, so a round costs O(new ids x n-gram sizes), independent of the prompt length; the prompt
+is indexed once in `prefill`.
+
+Defaults: `max_ngram=3`, `min_ngram=1`, `num_tokens=10`. HF's prompt lookup uses
+`max_matching_ngram_size=2` and users typically pass `prompt_lookup_num_tokens=10`; vLLM's
+`prompt_lookup_max` is commonly 3-5. A 3-gram match is more specific than a 2-gram one (fewer
+wrong continuations on long prompts), and falling back to 1-grams keeps proposals coming; a
+wrong proposal only costs the extra positions of one verification forward. `match="last"`
+(default) takes the most recent earlier occurrence of the suffix, which follows the text being
+copied right now (the same passage of a document, the same loop of code); `match="first"` is
+HF's choice (the leftmost occurrence).
+"""
+
+from __future__ import annotations
+
+from ..errors import VeridraftError
+from .base import DecodeContext, Draft
+from .params import as_choice, as_int
+
+
+class NgramDrafter:
+    """Point-mass proposals from the longest earlier match of the current suffix."""
+
+    name = "ngram"
+    takes_arg = False
+    params = ("num_tokens", "max_ngram", "min_ngram", "match")
+    aliases = {
+        "k": "num_tokens",
+        "prompt_lookup_num_tokens": "num_tokens",
+        "max_matching_ngram_size": "max_ngram",
+        "prompt_lookup_max": "max_ngram",
+        "prompt_lookup_min": "min_ngram",
+    }
+
+    def __init__(
+        self, num_tokens: int = 10, max_ngram: int = 3, min_ngram: int = 1, match: str = "last"
+    ) -> None:
+        self.num_tokens = as_int("ngram", "num_tokens", num_tokens, lo=1)
+        self.max_ngram = as_int("ngram", "max_ngram", max_ngram, lo=1)
+        self.min_ngram = as_int("ngram", "min_ngram", min_ngram, lo=1)
+        self.match = as_choice("ngram", "match", match, ("last", "first"))
+        if self.min_ngram > self.max_ngram:
+            raise VeridraftError(
+                f"ngram: min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})"
+            )
+        self._reset()
+
+    @classmethod
+    def from_spec(cls, model, arg: str | None, params: dict) -> NgramDrafter:
+        return cls(**params)
+
+    def __repr__(self) -> str:
+        return (
+            f"NgramDrafter(num_tokens={self.num_tokens}, max_ngram={self.max_ngram}, "
+            f"min_ngram={self.min_ngram}, match={self.match!r})"
+        )
+
+    # -- index --
+
+    def _reset(self) -> None:
+        sizes = range(self.min_ngram, self.max_ngram + 1)
+        # n -> {n-gram: index of the id that followed it}
+        self._index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in sizes}
+        self._ids: list[int] | None = None
+        self._done = 0  # continuation positions < _done are indexed
+
+    def _extend(self, ids: list[int]) -> None:
+        """Index every n-gram that has a following id (those ending before ids[-1])."""
+        if ids is not self._ids or len(ids) < self._done:
+            self._reset()
+            self._ids = ids
+        last = self.match == "last"
+        end = len(ids)  # continuation positions j < end; j = end would have nothing after it
+        for n, table in self._index.items():
+            for j in range(max(self._done, n), end):
+                key = tuple(ids[j - n : j])
+                if last or key not in table:
+                    table[key] = j
+        self._done = max(self._done, end)
+
+    # -- drafter protocol --
+
+    def prefill(self, ctx: DecodeContext) -> None:
+        self._reset()
+        self._ids = ctx.ids
+        self._extend(ctx.ids)
+
+    def propose(self, ctx: DecodeContext, max_tokens: int) -> Draft:
+        ids = ctx.ids
+        limit = min(self.num_tokens, max_tokens)
+        if limit <= 0 or len(ids) < 2:
+            return Draft(tokens=[])
+        self._extend(ids)  # the suffix itself has no continuation, so it never matches itself
+        for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
+            j = self._index[n].get(tuple(ids[-n:]))
+            if j is not None:
+                tokens = ids[j : j + limit]
+                # A match close to the end runs out of ids: keep copying from the proposal
+                # itself (a periodic text continues with its period).
+                end = len(ids)
+                while len(tokens) < limit:
+                    tokens.append(tokens[j + len(tokens) - end])
+                return Draft(tokens=tokens)
+        return Draft(tokens=[])
+
+    def update(self, n_accepted: int, next_token: int) -> None:
+        pass  # the index catches up with ctx.ids on the next propose
