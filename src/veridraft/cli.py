@@ -38,6 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
         chat=chat,
     )
     sys.stdout.write("\n")
+    sys.stdout.flush()
     print(gen.stats.details() if args.stats else gen.stats.summary(), file=sys.stderr)
     return 0
 
