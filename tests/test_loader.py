@@ -116,13 +116,11 @@ def test_load_catalog_model(real_model):
 
 def test_load_folder_and_second_load_time(real_model_dir):
     folder = real_model_dir("smollm2-135m")
-    load("smollm2-135m")  # warm the page cache and imports
-    for spec in ("smollm2-135m", folder, "gemma3-270m"):
+    for spec in ("smollm2-135m", folder):  # the page cache is warm after the first
         t = time.perf_counter()
         m = load(spec)
         print(f"\nload({str(spec)!r}): {time.perf_counter() - t:.2f} s")  # printed, not asserted
-        assert (m.path / "config.json").is_file()
-    assert load(folder).name == "smollm2-135m"
+        assert m.name == "smollm2-135m" and (m.path / "config.json").is_file()
 
 
 def test_list_models_rows():
