@@ -44,6 +44,23 @@ def _f(x, digits=2, std=None, pct=False) -> str:
     return s
 
 
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}" + ("" if k == 1 else "s")
+
+
+def _mb(nbytes: float) -> str:
+    mb = nbytes / 1e6
+    return f"{mb:.0f} MB" if mb >= 100 else f"{mb:.1f} MB" if mb >= 1 else f"{mb:.3f} MB"
+
+
+def _duration(secs: float) -> str:
+    if secs < 90:
+        return f"{secs:.0f} s"
+    if secs < 5400:
+        return f"{secs / 60:.1f} min"
+    return f"{secs / 3600:.1f} h"
+
+
 def _em(e: dict, name: str, reference: str) -> str:
     if name == reference:
         return "ref"
@@ -66,7 +83,8 @@ def _table(summary: dict, group: str) -> list[str]:
     for name in summary["methods"]:
         e = summary["table"][group].get(name, {})
         if e.get("skipped"):
-            rows.append(f"| {name} | | skipped | | | | | | | | |")
+            if group == OVERALL:
+                rows.append(f"| `{name}` | | skipped (see Methods) | | | | | | | | |")
             continue
         if not e.get("questions"):
             continue
@@ -129,20 +147,20 @@ def report_markdown(results: dict) -> str:
     summary = results["summary"]
     model = results["model"]["name"]
     lines = [
-        f"# veridraft bench: {model}, {s['questions']} questions",
+        f"# veridraft bench: {model}, {_n(s['questions'], 'question')}",
         "",
         "```",
         env.get("command", ""),
         "```",
         "",
-        f"{s['questions']} questions from `{Path(s['questions_file']).name}`"
+        f"{_n(s['questions'], 'question')} from `{Path(s['questions_file']).name}`"
         + (f" ({s['limit']} per task group, picked evenly)" if s.get("limit") else "")
         + f", max {s['max_new_tokens']} new tokens, "
         + ("greedy" if not s["temperature"] else f"temperature {s['temperature']}")
-        + f", {s['repeats']} repeat(s)"
+        + f", {_n(s['repeats'], 'repeat')}"
         + (" (mean ± std over repeats)" if s["repeats"] > 1 else "")
-        + f", {s['warmup']} warm-up run(s), {s['threads']} threads, batch size 1; "
-        f"run took {s['elapsed_s'] / 60:.1f} min. Generated {env['date']}.",
+        + f", {_n(s['warmup'], 'warm-up run')} per method, {_n(s['threads'], 'thread')}, "
+        f"batch size 1; the run took {_duration(s['elapsed_s'])}. Generated {env['date']}.",
         "",
         HOW_TO_READ,
         "",
@@ -159,7 +177,7 @@ def report_markdown(results: dict) -> str:
         n = next(
             (e.get("questions") for e in summary["table"][g].values() if e.get("questions")), 0
         )
-        lines += [f"### {g} ({n} questions)", "", *_table(summary, g), ""]
+        lines += [f"### {g} ({_n(n, 'question')})", "", *_table(summary, g), ""]
     lines += [
         "## Methods",
         "",
@@ -176,8 +194,8 @@ def report_markdown(results: dict) -> str:
             "## Memory-bandwidth bound",
             "",
             f"Plain decoding reads every weight once per token: "
-            f"{b['weight_bytes_per_token'] / 1e6:.0f} MB of weights + "
-            f"{b['kv_bytes_per_token'] / 1e6:.1f} MB of KV cache (at the mean context of "
+            f"{_mb(b['weight_bytes_per_token'])} of weights + "
+            f"{_mb(b['kv_bytes_per_token'])} of KV cache (at the mean context of "
             f"{b['mean_context_tokens']:.0f} tokens). With the measured copy bandwidth of "
             f"{b['copy_bandwidth_GBps']:.1f} GB/s (256 MB tensor copy, best of 7), plain decoding "
             f"cannot exceed **{b['bound_tokens_per_s']:.1f} tok/s**"
@@ -237,6 +255,8 @@ def overview_text(results: dict) -> str:
 
 
 def plot_speedup(results: dict, path: Path) -> Path:
+    """Grouped bars, methods x task groups: speedup vs own plain decoding (left, with a 1.0
+    line) and absolute tokens/s (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,22 +269,17 @@ def plot_speedup(results: dict, path: Path) -> Path:
     drafted = [n for n in names if info[n]["baseline"] != n]
     colors = plt.get_cmap("tab10")
     color = {n: colors(i % 10) for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, 2, figsize=(max(12, 1.6 * len(groups) * 2 + 2), 5.2))
 
-    fig, axes = plt.subplots(
-        1,
-        2,
-        figsize=(max(11, 1.3 * len(groups) * 2 + 4), 4.8),
-        gridspec_kw={"width_ratios": [1, 1]},
-    )
-
-    def bars(ax, methods, key, ylabel, title):
+    def bars(ax, methods, key, ylabel, title, digits):
         w = 0.8 / max(1, len(methods))
+        labels = len(methods) * len(groups) <= 32
         for i, n in enumerate(methods):
             vals = [summary["table"][g].get(n, {}).get(key) for g in groups]
             errs = [summary["table"][g].get(n, {}).get(key + "_std") for g in groups]
             xs = [j + (i - (len(methods) - 1) / 2) * w for j in range(len(groups))]
             label = n + ("" if info[n].get("lossless", True) else " (lossy)")
-            ax.bar(
+            bc = ax.bar(
                 xs,
                 [v or 0 for v in vals],
                 w,
@@ -273,12 +288,21 @@ def plot_speedup(results: dict, path: Path) -> Path:
                 yerr=[e or 0 for e in errs] if any(errs) else None,
                 capsize=2,
             )
+            if labels:
+                ax.bar_label(
+                    bc,
+                    labels=[_f(v, digits) for v in vals],
+                    fontsize=6.5,
+                    padding=1,
+                    rotation=90 if len(methods) > 3 else 0,
+                )
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels(groups, rotation=30, ha="right")
+        ax.set_xticklabels(groups, rotation=20, ha="right")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.margins(y=0.15)
+        ax.legend(fontsize=8, loc="upper left", ncol=2)
 
     if drafted:
         bars(
@@ -287,6 +311,7 @@ def plot_speedup(results: dict, path: Path) -> Path:
             "speedup",
             "speedup (× own plain decoding)",
             "Speedup vs the engine's own plain decoding (mean of rates)",
+            2,
         )
     else:
         axes[0].text(0.5, 0.5, "no drafting method", ha="center", va="center")
@@ -298,12 +323,15 @@ def plot_speedup(results: dict, path: Path) -> Path:
         "tok_s_mean",
         "tokens/s (mean of per-question rates)",
         "Absolute speed, all methods",
+        0,
     )
     date = results["environment"]["date"][:10]
     s = results["settings"]
     fig.suptitle(
-        f"{results['model']['name']}: {s['questions']} questions, {s['max_new_tokens']} new "
-        f"tokens, {s['threads']} threads ({date})",
+        f"{results['model']['name']}: {_n(s['questions'], 'question')}, max "
+        f"{s['max_new_tokens']} new tokens, "
+        + ("greedy" if not s.get("temperature") else f"T={s['temperature']}")
+        + f", batch 1, {_n(s['threads'], 'thread')} ({date})",
         fontsize=11,
     )
     fig.tight_layout()
