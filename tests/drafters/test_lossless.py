@@ -1,0 +1,228 @@
+"""Losslessness of every drafter, both ways (DESIGN.md "Lossless").
+
+Sampling, on a tiny random Llama (vocab 16): the joint distribution of the first 3 generated
+tokens with each drafter fits the exact distribution computed exhaustively from the model (the
+same test passes for plain decoding, and catches a drafter that reports a q it did not sample
+from). Greedy, on both catalog models: output ids equal plain decoding's on Spec-Bench prompts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from drafting_helpers import (
+    chi2_pvalue,
+    dev_questions,
+    exact_joint,
+    prompt_ids,
+    sample_first,
+    tiny_llama,
+)
+
+from veridraft.decode import decode
+from veridraft.drafters import LayerSkipDrafter, ModelDrafter, NgramDrafter, make_drafter
+from veridraft.drafters.base import Draft
+from veridraft.drafters.model import truncate_layers
+from veridraft.models.base import Skip
+from veridraft.sampling import SamplingParams
+
+SAMPLING = SamplingParams(temperature=1.0)
+N_TOKENS = 3
+PROMPT = [3, 7, 1, 9, 12, 4, 3, 7, 1, 0, 2, 5, 6, 8, 10, 11, 13, 14, 15]  # every id occurs
+ACCEPT_P = 1e-3
+REJECT_P = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards: thread wake-ups would dominate
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    net = tiny_llama(tmp_path_factory.mktemp("tiny-target"), seed=0)
+    joint = exact_joint(net, PROMPT, N_TOKENS, SAMPLING)
+    return net, joint
+
+
+class FixedDistDrafter:
+    """Proposes k i.i.d. tokens from softmax(sample_logits) and reports softmax(report_logits)
+    as q. Honest when both are the same; otherwise it lies about q."""
+
+    name = "fixed-dist"
+
+    def __init__(self, sample_logits: torch.Tensor, report_logits: torch.Tensor, k: int = 3):
+        self.q_true = torch.softmax(sample_logits, -1)
+        self.q_reported = torch.softmax(report_logits, -1)
+        self.k = k
+
+    def prefill(self, ctx) -> None:
+        pass
+
+    def propose(self, ctx, max_tokens: int) -> Draft:
+        k = min(self.k, max_tokens)
+        toks = torch.multinomial(self.q_true, k, replacement=True, generator=ctx.generator)
+        return Draft(toks.tolist(), self.q_reported.expand(k, -1).clone())
+
+    def update(self, n_accepted: int, next_token: int) -> None:
+        pass
+
+
+class LyingDrafter(FixedDistDrafter):
+    """Samples from a sharpened distribution (temperature 0.5) but reports the unsharpened one."""
+
+    name = "lying"
+
+    def __init__(self, logits: torch.Tensor, k: int = 3):
+        super().__init__(logits / 0.5, logits, k)
+
+
+def _logits16(seed: int = 5) -> torch.Tensor:
+    return torch.randn(16, generator=torch.Generator().manual_seed(seed)) * 1.5
+
+
+def _drafters(net):
+    return {
+        "ngram": lambda: NgramDrafter(num_tokens=4, max_ngram=2),
+        "layerskip-q": lambda: LayerSkipDrafter(Skip(attn={1, 2}, mlp={2}), gamma=0.0),
+        "layerskip-pointmass": lambda: LayerSkipDrafter(
+            Skip(attn={1, 2}, mlp={2}), gamma=0.0, draft_sampling=False
+        ),
+        "layerskip-default": lambda: make_drafter("layerskip", net),
+        "model-dynamic": lambda: ModelDrafter(truncate_layers(net, 2), mode="dynamic"),
+        "model-fixed-greedy-draft": lambda: ModelDrafter(
+            truncate_layers(net, 1), mode="fixed", num_tokens=3, draft_sampling=False
+        ),
+        "honest-fixed-dist": lambda: FixedDistDrafter(_logits16(), _logits16()),
+    }
+
+
+N_SAMPLES = {"model-dynamic": 1500, "model-fixed-greedy-draft": 1500}
+
+
+@pytest.mark.filterwarnings("ignore:layerskip")
+@pytest.mark.parametrize(
+    "which",
+    [
+        "plain",
+        "ngram",
+        "layerskip-q",
+        "layerskip-pointmass",
+        "model-dynamic",
+        "model-fixed-greedy-draft",
+        "honest-fixed-dist",
+    ],
+)
+def test_sampling_distribution_matches_exact(tiny, which):
+    net, joint = tiny
+    drafter = None if which == "plain" else _drafters(net)[which]()
+    n = N_SAMPLES.get(which, 2000)
+    counts = sample_first(net, PROMPT, drafter, n, N_TOKENS, SAMPLING, seed=1)
+    assert chi2_pvalue(counts, joint) > ACCEPT_P
+
+
+def test_drafters_do_propose_on_the_tiny_model(tiny):
+    """The sampling tests above must exercise acceptance and rejection, not empty drafts."""
+    net, _ = tiny
+    for which, make in _drafters(net).items():
+        drafter = make()
+        _, stats = decode(
+            net,
+            PROMPT,
+            max_new_tokens=40,
+            sampling=SAMPLING,
+            generator=torch.Generator().manual_seed(0),
+            drafter=drafter,
+        )
+        assert stats.drafted > 0, which
+        assert 0 < stats.accepted < stats.drafted, which
+
+
+def test_lying_drafter_is_caught(tiny):
+    """A drafter that reports a q it did not sample from breaks losslessness, and the same
+    statistic as above detects it."""
+    net, joint = tiny
+    counts = sample_first(net, PROMPT, LyingDrafter(_logits16()), 2000, N_TOKENS, SAMPLING, seed=1)
+    assert chi2_pvalue(counts, joint) < REJECT_P
+
+
+@pytest.mark.filterwarnings("ignore:layerskip")
+def test_greedy_equals_plain_on_tiny(tiny):
+    net, _ = tiny
+    greedy = SamplingParams()
+    ref, _ = decode(net, PROMPT, max_new_tokens=40, sampling=greedy, generator=torch.Generator())
+    for which, make in _drafters(net).items():
+        if which == "honest-fixed-dist":
+            continue  # a sampling-only drafter (its tokens ignore the context)
+        out, stats = decode(
+            net,
+            PROMPT,
+            max_new_tokens=40,
+            sampling=greedy,
+            generator=torch.Generator(),
+            drafter=make(),
+        )
+        assert out == ref, which
+        assert stats.new_tokens == 40
+
+
+# ------------------------------------------------------------------ real models, greedy
+
+REAL_MODELS = ["smollm2-135m", "gemma3-270m"]
+QUESTIONS = dev_questions(
+    {
+        "summarization": 1,
+        "rag": 1,
+        "translation": 1,
+        "qa": 1,
+        "math_reasoning": 1,
+        "writing": 1,
+    }
+)
+NEW_TOKENS = 128
+DRAFTS = {
+    "ngram": "ngram",
+    "layerskip": "layerskip",
+    "model": "model:{name}-l8",
+}
+
+_reference: dict[tuple[str, int], list[int]] = {}
+
+
+def _plain(model, prompt, key):
+    if key not in _reference:
+        _reference[key], _ = decode(
+            model.net,
+            prompt,
+            max_new_tokens=NEW_TOKENS,
+            sampling=SamplingParams(),
+            generator=torch.Generator(),
+        )
+    return _reference[key]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("draft", list(DRAFTS))
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_greedy_equals_plain_on_real_models(real_model, name, draft):
+    model = real_model(name)
+    drafter = make_drafter(DRAFTS[draft].format(name=name), model)
+    drafted = accepted = 0
+    for q in QUESTIONS:
+        prompt = prompt_ids(model, q)
+        ref = _plain(model, prompt, (name, q["question_id"]))
+        out, stats = decode(
+            model.net,
+            prompt,
+            max_new_tokens=NEW_TOKENS,
+            sampling=SamplingParams(),
+            generator=torch.Generator(),
+            drafter=drafter,
+        )
+        assert out == ref, f"{draft} on {name}, question {q['question_id']} ({q['category']})"
+        drafted += stats.drafted
+        accepted += stats.accepted
+    assert drafted > 0 and accepted > 0
