@@ -70,14 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text, streaming it to the terminal")
     g.add_argument("prompt", help="the prompt text ('-' reads standard input)")
-    g.add_argument("--model", "-m", default="smollm2-135m", help="catalog name, GGUF file or HF folder")
+    g.add_argument(
+        "--model", "-m", default="smollm2-135m", help="catalog name, GGUF file or HF folder"
+    )
     g.add_argument("--max-new-tokens", "-n", type=int, default=256)
     g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--draft", default=None, help="ngram | layerskip | model:NAME | ... (default: none)")
+    g.add_argument(
+        "--draft", default=None, help="ngram | layerskip | model:NAME | ... (default: none)"
+    )
     g.add_argument("--precision", default="fp32")
     g.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")

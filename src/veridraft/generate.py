@@ -144,9 +144,7 @@ class _TextStream:
         hit = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
         if hit < 0:
             return None
-        stop_end = min(
-            text.find(s) + len(s) for s in self.stops if text.find(s) == hit
-        )
+        stop_end = min(text.find(s) + len(s) for s in self.stops if text.find(s) == hit)
         # Fewest ids whose text already contains the stop string.
         for n in range(1, len(new) + 1):
             if len(self._text(new[:n])) >= stop_end:

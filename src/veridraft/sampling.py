@@ -21,9 +21,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature != self.temperature:
-            raise VeridraftError(
-                f"temperature must be >= 0 (0 = greedy), got {self.temperature}"
-            )
+            raise VeridraftError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if int(self.top_k) != self.top_k or self.top_k < 0:
             raise VeridraftError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
