@@ -97,6 +97,7 @@ def test_short_run_writes_all_three_files(tiny_folder, tmp_path):
     )
     assert {p.name for p in out.iterdir()} >= {"results.json", "report.md", "speedup.png"}
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "records.partial.jsonl").exists()  # removed once results.json is written
     data = json.loads((out / "results.json").read_text())
     recs = data["records"]
     # 4 generations per method (MT-Bench question: 2 turns); llama.cpp is skipped, not run

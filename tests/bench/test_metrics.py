@@ -9,6 +9,7 @@ from veridraft.bench.harness import (
     acceptance_per_pos_of,
     alpha_of,
     basic_metrics,
+    command_line,
     exact_match,
     rotated,
     run_protocol,
@@ -192,6 +193,15 @@ def test_split_methods_keeps_parameters_together():
         split_methods("ar,ar")
     with pytest.raises(VeridraftError, match="empty"):
         split_methods(" , ")
+
+
+def test_command_line_is_what_a_user_types():
+    assert command_line(["/x/.venv/bin/veridraft", "bench", "--limit", "2"]) == (
+        "veridraft bench --limit 2"
+    )
+    assert command_line(["/x/src/veridraft/bench/__main__.py", "--methods", "a b"]) == (
+        "python -m veridraft.bench --methods 'a b'"
+    )
 
 
 def test_rotated():

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import re
 import shlex
 import statistics
@@ -243,6 +245,7 @@ class Protocol:
     seed: int = 0
     progress: bool = True
     log: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr))
+    on_record: Callable[[dict], None] | None = None  # e.g. append to a partial-results file
 
 
 def run_protocol(
@@ -311,6 +314,8 @@ def run_protocol(
                             m, q, messages, r, qi, turn, pos, encode, decode_text, p, reset_ok
                         )
                         records.append(rec)
+                        if p.on_record is not None:
+                            p.on_record(rec)
                         if bar is not None:
                             bar.update(1)
                         if rec.get("error"):
@@ -636,11 +641,10 @@ def environment(threads: int, command: str | None = None) -> dict:
         lv = getattr(llama_cpp, "__version__", "?")
     except ImportError:
         lv = None
-    import os
 
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": command if command is not None else shlex.join(sys.argv),
+        "command": command if command is not None else command_line(),
         "veridraft": vv,
         "torch": torch.__version__,
         "transformers": tv,
@@ -655,10 +659,22 @@ def environment(threads: int, command: str | None = None) -> dict:
     }
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as a user would type it: `veridraft bench ...` or `python -m ...`."""
+    argv = list(sys.argv if argv is None else argv)
+    prog = Path(argv[0]).name if argv else ""
+    if prog == "veridraft":
+        head = ["veridraft"]
+    elif prog == "__main__.py":
+        mod = Path(argv[0]).parent.name
+        head = ["python", "-m", "veridraft.bench" if mod == "bench" else f"veridraft.{mod}"]
+    else:
+        head = [prog] if prog else []
+    return shlex.join(head + argv[1:])
+
+
 def _loadavg() -> list[float] | None:
     """1/5/15-minute load averages: other processes competing for the cores skew timings."""
-    import os
-
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
@@ -741,6 +757,25 @@ def run_bench(
         f"{threads} threads"
     )
     load_start = _loadavg()
+    ncpu = os.cpu_count() or 1
+    if load_start and load_start[0] > max(1.0, ncpu - threads + 0.5):
+        log(
+            f"warning: load average {load_start[0]:.1f} on {ncpu} CPUs: other processes are "
+            "competing for the cores, so absolute timings will be slow and noisy (interleaving "
+            "keeps the ratios comparable, but a quiet machine gives better figures)"
+        )
+    partial = None
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        partial = Path(out) / "records.partial.jsonl"
+        partial.write_text("")
+        log(f"records are appended to {partial} as they come")
+
+        def save(rec: dict, path=partial) -> None:
+            with open(path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+        prot.on_record = save
     t_start = time.perf_counter()
     records = run_protocol(
         chosen,
@@ -793,6 +828,8 @@ def run_bench(
         from .report import write_all
 
         results["files"] = write_all(results, Path(out))
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     return results
 
 
@@ -812,6 +849,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     add_bench_arguments(p)
+    p.set_defaults(func=run_bench_cli)
     sub = p.add_subparsers(dest="bench_cmd", metavar="{compare}")
     c = sub.add_parser("compare", help="per-method change between two results.json files")
     c.add_argument("a", metavar="A.json", help="results.json of the first (old) run, or its dir")

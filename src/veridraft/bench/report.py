@@ -61,6 +61,22 @@ def _duration(secs: float) -> str:
     return f"{secs / 3600:.1f} h"
 
 
+def _load_warning(env: dict, s: dict) -> list[str]:
+    """A note when other processes were competing for the CPU during the run."""
+    la = [x for x in (env.get("load_average_start"), env.get("load_average")) if x]
+    ncpu = env.get("cpu_count") or 1
+    worst = max((x[0] for x in la), default=0.0)
+    if worst <= max(1.0, ncpu - s.get("threads", 1) + 0.5):
+        return []
+    return [
+        f"> **Note:** the 1-minute load average was up to {worst:.1f} on {ncpu} CPUs during this "
+        "run: other processes competed for the cores, so absolute tokens/s are lower and "
+        "noisier than on a quiet machine. Methods were interleaved per question, so ratios "
+        "are less affected than absolute figures.",
+        "",
+    ]
+
+
 def _em(e: dict, name: str, reference: str) -> str:
     if name == reference:
         return "ref"
@@ -162,6 +178,7 @@ def report_markdown(results: dict) -> str:
         + f", {_n(s['warmup'], 'warm-up run')} per method, {_n(s['threads'], 'thread')}, "
         f"batch size 1; the run took {_duration(s['elapsed_s'])}. Generated {env['date']}.",
         "",
+        *_load_warning(env, s),
         HOW_TO_READ,
         "",
         "## Overall",
