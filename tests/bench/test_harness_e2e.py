@@ -32,9 +32,9 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
+def make_tiny(folder, vocab_size=320, seed=0):
+    """A tiny random Llama with a small byte-level BPE tokenizer and a chat template."""
+    folder.mkdir(parents=True, exist_ok=True)
     corpus = [t for q in QUESTIONS for t in q["turns"]] * 20 + [
         "the quick brown fox jumps over the lazy dog",
         "summarize write note sea cat mat",
@@ -44,7 +44,9 @@ def tiny_folder(tmp_path_factory):
     tok.decoder = decoders.ByteLevel()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus, trainer)
     tok.save(str(folder / "tokenizer.json"))
@@ -73,8 +75,14 @@ def tiny_folder(tmp_path_factory):
         eos_token_id=2,
         pad_token_id=2,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     transformers.LlamaForCausalLM(cfg).float().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = make_tiny(tmp_path_factory.mktemp("tiny-llama"))
     qfile = folder / "questions.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     return folder
@@ -187,3 +195,24 @@ def test_bad_questions_file_is_a_clear_error(tiny_folder, tmp_path):
     bad.write_text('{"question_id": 1, "category": "qa", "turns": ["x"]}\n{"question": 2}\n')
     with pytest.raises(VeridraftError, match=r"bad.jsonl, line 2: missing field"):
         run_bench(str(tiny_folder), "ar", bad, out=None, progress=False, log=lambda s: None)
+
+
+@pytest.mark.parametrize("other_tokenizer", [False, True])
+def test_hf_assisted_peer(tiny_folder, tmp_path, other_tokenizer):
+    """hf:assisted:DRAFT runs transformers assisted generation, in universal (different
+    tokenizer) mode when the draft's vocabulary differs; greedy output equals hf:ar's."""
+    import veridraft
+    from veridraft.bench.peers import make_peer
+
+    draft = make_tiny(tmp_path / "draft", vocab_size=300 if other_tokenizer else 320, seed=1)
+    model = veridraft.load(str(tiny_folder))
+    ar, assisted = make_peer("hf:ar", model), make_peer(f"hf:assisted:{draft}", model)
+    ar.prepare()
+    assisted.prepare()
+    assert assisted.universal is other_tokenizer and assisted.baseline == "hf:ar"
+    ids = model.tokenizer.encode("Write a short note about the sea.")
+    a = ar.run(ids, max_new_tokens=12, temperature=0.0, seed=0)
+    b = assisted.run(ids, max_new_tokens=12, temperature=0.0, seed=0)
+    assert b.ids == a.ids and b.steps >= 1 and b.stats is None
+    with pytest.raises(VeridraftError, match="hf:ar, hf:pld or hf:assisted"):
+        make_peer("hf:nope", model)
