@@ -183,6 +183,9 @@ def test_view_of_all_positions_equals_no_view(pair):
     model(seq[:PROMPT], d)
     sparse = model(seq[PROMPT:], d, view=torch.arange(0, PROMPT, 3))
     assert d.length == PROMPT + 3 and not torch.allclose(sparse, plain)
+    with pytest.raises(VeridraftError, match="view positions"):
+        model(seq[PROMPT:], d, view=torch.tensor([0, PROMPT + 3]))  # not cached yet
+    assert d.length == PROMPT + 3
 
 
 def test_capture_hidden_states(pair):

@@ -276,6 +276,8 @@ def make_span(start: int, t: int, window: int | None, view: Tensor | None) -> Sp
         kpos = torch.arange(lo, start + t)
     else:
         view = view.to(torch.long).flatten()
+        if view.numel() and not 0 <= int(view.min()) <= int(view.max()) < start:
+            raise VeridraftError(f"view positions must lie in [0, {start}) (the cached ones)")
         lo, kpos = 0, torch.cat((view, qpos))
     allowed = kpos[None, :] <= qpos[:, None]
     if window is not None:
@@ -360,7 +362,7 @@ class Attention(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Embedding -> blocks -> final norm -> head. Subclasses set `blocks`, `embed` and convert()."""
+    """Embedding -> blocks -> final norm -> head. Subclasses set `layers` and `convert()`, and may override `embed()`."""
 
     def __init__(self, config: ModelConfig, precision: str = "fp32") -> None:
         super().__init__()
