@@ -276,6 +276,11 @@ def run_protocol(
         raise VeridraftError("no questions selected")
 
     first_ids = encode([{"role": "user", "content": questions[0].turns[0]}])
+    if p.warmup:
+        p.log(
+            f"warm-up: {p.warmup} run(s) of each method on question {questions[0].question_id} "
+            f"({len(first_ids)} prompt tokens)"
+        )
     for w in range(p.warmup):
         for m in rotated(active, w):
             m.run(
@@ -307,7 +312,7 @@ def run_protocol(
                             bar.set_description(
                                 f"rep {r + 1}/{p.repeats} q {qi + 1}/{len(questions)} "
                                 f"(id {q.question_id}) {m.name}",
-                                refresh=False,
+                                refresh=True,
                             )
                         messages.append({"role": "user", "content": content})
                         rec = _one_run(
