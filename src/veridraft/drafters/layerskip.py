@@ -75,6 +75,7 @@ class LayerSkipDrafter:
         "epsilon",
         "beta1",
         "beta2",
+        "profile",
     )
     aliases = {
         "k": "num_tokens",
@@ -123,7 +124,18 @@ class LayerSkipDrafter:
         p = dict(params)
         explicit = {k: p.pop(k) for k in ("attn", "mlp", "skip", "exit") if k in p}
         note = None
-        if explicit:
+        prof = None
+        if not explicit:  # a tuned profile (veridraft.profiles); profile=none / profile=PATH
+            from ..profiles import profile_for
+
+            prof = profile_for(model, p.pop("profile", None))
+        p.pop("profile", None)
+        if prof is not None:
+            skip = prof.skip
+            for k, v in prof.drafter_params().items():
+                p.setdefault(k, v)
+            note = prof.describe()
+        elif explicit:
             attn: set[int] = set()
             mlp: set[int] = set()
             if "skip" in explicit:
