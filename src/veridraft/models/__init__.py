@@ -17,6 +17,7 @@ from ..errors import VeridraftError
 from .base import PRECISIONS, Capture, ModelConfig, Skip, Transformer, read_json
 from .gemma3 import Gemma3
 from .llama import Llama
+from .precision import apply_precision
 
 __all__ = [
     "Capture",
@@ -43,7 +44,7 @@ def from_hf_config_and_state_dict(
     with torch.device("meta"):  # no random init: every weight is assigned from the checkpoint
         model = _ARCHS[cfg.arch](cfg, precision)
     model.load_hf(state_dict, source)
-    return model
+    return apply_precision(model, precision)
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from ..cache import KVCache
 from ..errors import VeridraftError
+from .precision import PRECISIONS  # noqa: F401  (re-exported)
 
-PRECISIONS = ("fp32",)
 FULL, SLIDING = "full_attention", "sliding_attention"
 SUPPORTED_MODEL_TYPES = {
     "llama": "llama",
@@ -245,17 +245,23 @@ class RopeTables:
         for j, inv in enumerate(self.inv_freq):
             freqs = pos[:, None] * inv[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-            self.cos[j], self.sin[j] = emb.cos(), emb.sin()
+            # sin with rotate_half's sign folded in: rotate_half(x) * sin == roll(x) * sin'
+            sin = emb.sin()
+            half = sin.shape[-1] // 2
+            sin[..., :half].neg_()
+            self.cos[j], self.sin[j] = emb.cos(), sin
 
     def get(self, j: int, start: int, t: int) -> tuple[Tensor, Tensor]:
+        """cos, signed sin [T, 1, hd] for positions start..start+t (see apply_rope)."""
         self.ensure(start + t)
         return self.cos[j][start : start + t], self.sin[j][start : start + t]
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T, heads, hd] in the HF half-split layout (q and k rotated in one call)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """x [T, heads, hd] in the HF half-split layout (q and k rotated in one call):
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) = roll(x) * (-1, 1); the
+    sign lives in the table, so this is three kernels instead of seven."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
 @dataclass
@@ -268,11 +274,12 @@ class Span:
 
 
 def make_span(start: int, t: int, window: int | None, view: Tensor | None) -> Span:
-    qpos = torch.arange(start, start + t)
     if view is None:
         lo = 0 if window is None else max(0, start - window + 1)
         if t == 1:
             return Span(lo, None, None)
+    qpos = torch.arange(start, start + t)
+    if view is None:
         kpos = torch.arange(lo, start + t)
     else:
         view = view.to(torch.long).flatten()
@@ -381,14 +388,13 @@ class Transformer(nn.Module):
     layers: nn.ModuleList
 
     def embed(self, tokens: Tensor) -> Tensor:
-        return F.embedding(tokens, self.tok_embeddings.weight)
+        # packed precisions keep a 16-bit table: rows are widened at lookup
+        return F.embedding(tokens, self.tok_embeddings.weight).float()
 
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config
         self.rope.ensure(max_len)
-        return KVCache(
-            c.n_layers, c.n_kv_heads, c.head_dim, max_len, self.tok_embeddings.weight.dtype
-        )
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, torch.float32)
 
     @torch.no_grad()
     def forward(

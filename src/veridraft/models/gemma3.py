@@ -65,10 +65,11 @@ class Gemma3(Transformer):
 
     def embed(self, tokens: Tensor) -> Tensor:
         w = self.tok_embeddings.weight
-        if self.embed_scale is None or self.embed_scale.dtype != w.dtype:
-            # HF rounds sqrt(dim) to the embedding dtype before multiplying; so do we
-            self.embed_scale = torch.tensor(self.config.dim**0.5, device="cpu").to(w.dtype)
-        return F.embedding(tokens, w) * self.embed_scale
+        if self.embed_scale is None:
+            # HF rounds sqrt(dim) to the embedding dtype (float32 here) before multiplying; a
+            # packed precision's 16-bit table is widened first, the scale stays float32
+            self.embed_scale = torch.tensor(self.config.dim**0.5, device="cpu")
+        return F.embedding(tokens, w).float() * self.embed_scale
 
     def convert(self, take: Any) -> dict[str, Tensor]:
         cfg = self.config

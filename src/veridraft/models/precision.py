@@ -1,0 +1,218 @@
+"""Precision modes: how the weights of a native model are stored and multiplied.
+
+Chosen at load (`veridraft.load(name, precision=...)`, `from_folder(..., precision=...)`,
+`--precision`). The model is always built and loaded in float32; `apply_precision` then swaps
+every `nn.Linear` (and the tied output head) for a `PackedLinear` and, for the packed modes, the
+embedding table for a half-size copy (looked up, then widened to float32). Norms, RoPE,
+attention, the residual stream and the KV cache stay float32 in every mode.
+
+| mode    | weights                         | activations into the matmul | accumulation |
+|---------|---------------------------------|-----------------------------|--------------|
+| `fp32`  | float32                         | float32                     | float32      |
+| `fp16w` | float16, fbgemm-packed          | float32                     | float32      |
+| `bf16`  | bfloat16                        | bfloat16 (output bfloat16)  | float32      |
+
+Every kernel here is *batch-invariant*: row i of `linear(x)` is bitwise the same whatever the
+other rows of x are (checked for M = 1..16 on the catalog shapes by
+`python -m veridraft.models.precision`, and by tests/models/test_precision.py). That is what
+keeps speculative decoding exactly equal to plain decoding *in the same mode*: the verification
+forward over k+1 rows computes the same numbers as k+1 one-row forwards. (float32 MKL is not
+strictly batch-invariant - rows move by ~3e-6 between M=1 and M=16 - which only matters at exact
+argmax ties.) Dynamic int8 with a per-tensor activation scale is batch-variant by construction
+and is not offered.
+
+`python -m veridraft.models.precision` is the micro-benchmark the modes were chosen from: each
+kernel on the real shapes at M = 1, 2, 4, 8, 16, plus its batch-invariance check.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PRECISIONS = ("fp32", "fp16w", "bf16")
+DEFAULT_PRECISION = "fp32"
+
+# fbgemm's fp16 entry points warn "deprecated" on every call; the kernels are what we want.
+warnings.filterwarnings("ignore", message=r"fbgemm_.*is deprecated")
+
+_HALF = {"fp16w": torch.float16, "bf16": torch.bfloat16}
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T + b with W stored per `precision`; x and y are float32 [M, in] / [M, out]."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, precision: str) -> None:
+        super().__init__()
+        if precision not in _HALF:
+            raise ValueError(f"PackedLinear: unknown precision {precision!r}")
+        self.precision = precision
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach().float().contiguous()
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
+        self.packed = None
+        if precision == "fp16w":
+            # opaque fbgemm blob (not a tensor of the weights): kept as a plain attribute
+            self.packed = torch.fbgemm_pack_gemm_matrix_fp16(w)
+            self.weight = None
+        else:
+            self.register_buffer("weight", w.to(_HALF[precision]))
+        self.bias_half = None if bias is None else self.bias.to(_HALF[precision])
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of weights one forward reads (the packed fp16 blob hides its size)."""
+        return self.out_features * self.in_features * 2 + (
+            0 if self.bias is None else 4 * self.out_features
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.packed is not None:
+            return torch.fbgemm_linear_fp16_weight_fp32_activation(x, self.packed, self.bias)
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias_half).float()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, precision={self.precision}"
+        )
+
+
+def apply_precision(model: nn.Module, precision: str) -> nn.Module:
+    """Swap model's linears (in place) for `precision`'s kernels; fp32 leaves it as it is.
+
+    A tied head is packed from the embedding table, and the table itself is replaced by a
+    half-size copy in the mode's 16-bit type (rows widened to float32 at lookup), so a packed
+    model never holds the float32 table.
+    """
+    if precision == "fp32":
+        return model
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; supported: {', '.join(PRECISIONS)}")
+    emb = getattr(model, "tok_embeddings", None)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, PackedLinear(child.weight, child.bias, precision))
+    if isinstance(emb, nn.Embedding):
+        emb.weight = nn.Parameter(emb.weight.detach().to(_HALF[precision]), requires_grad=False)
+    model.precision = precision
+    return model
+
+
+def weight_nbytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one plain-decoding step reads: every linear's weights (packed sizes for
+    PackedLinear), norms and other parameters, one embedding row; tied tensors once."""
+    seen: dict[int, int] = {}
+    total = 0
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            total += m.weight_nbytes
+    skip = set()
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            skip.update(id(t) for t in (m.weight, m.bias) if t is not None)
+    linear_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Linear)}
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and m.weight.data_ptr() not in linear_ptrs:
+            skip.add(id(m.weight))
+            total += m.weight.shape[-1] * m.weight.element_size()
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in skip or not t.is_floating_point() or t.numel() == 0:
+            continue
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return total + sum(seen.values())
+
+
+# ---- micro-benchmark: python -m veridraft.models.precision ----
+
+SHAPES = {
+    "smollm2-135m": [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)],
+    "gemma3-270m": [(1536, 640), (640, 1024), (4096, 640), (640, 2048), (262144, 640)],
+}
+
+
+def _kernels(w: Tensor) -> dict[str, object]:
+    out: dict[str, object] = {"fp32": lambda x: F.linear(x, w)}
+    for p in ("fp16w", "bf16"):
+        out[p] = PackedLinear(w, None, p)
+    s = w.abs().amax(1) / 127
+    wq = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+    sb = s.to(torch.bfloat16)
+    out["int8w (bf16 act)"] = lambda x: torch._weight_int8pack_mm(
+        x.to(torch.bfloat16), wq, sb
+    ).float()
+    wqt = wq.t().contiguous()
+
+    def a8w8(x: Tensor) -> Tensor:  # per-token activation scale: integer accumulation
+        xs = x.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
+        return torch._int_mm(torch.round(x / xs).to(torch.int8), wqt).float() * xs * s
+
+    out["int8 dyn (per-token)"] = a8w8
+    return out
+
+
+def micro_benchmark(models=("smollm2-135m",), ms=(1, 2, 4, 8, 16), repeats=9, threads=1):
+    """Per kernel and shape: best-of-`repeats` CPU µs (thread time) at each M, kernels and M
+    interleaved, and the largest change of row 0 between M=1 and any M (0.0 = batch-invariant).
+
+    CPU time of one thread, best of N, estimates each kernel's own cost on a shared machine,
+    where wall-clock medians pick up other processes' time slices."""
+    import time
+
+    torch.set_num_threads(threads)
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for model in models:
+        for n, k in SHAPES[model]:
+            w = torch.randn(n, k, generator=gen) * 0.05
+            x = torch.randn(max(ms), k, generator=gen)
+            kernels = _kernels(w)
+            best = {(name, m): float("inf") for name in kernels for m in ms}
+            drift = {}
+            with torch.inference_mode():
+                for name, fn in kernels.items():
+                    ref = fn(x[:1])
+                    drift[name] = max(float((fn(x[:m])[:1] - ref).abs().max()) for m in ms)
+                for _ in range(repeats if n * k < 3e7 else max(3, repeats // 3)):
+                    for m in ms:
+                        xm = x[:m].contiguous()
+                        for name, fn in kernels.items():
+                            t = clock()
+                            fn(xm)
+                            best[name, m] = min(best[name, m], clock() - t)
+            for name in kernels:
+                times = [best[name, m] * 1e6 for m in ms]
+                rows.append(
+                    {
+                        "model": model,
+                        "shape": f"{n}x{k}",
+                        "kernel": name,
+                        "us": times,
+                        "row_drift": drift[name],
+                    }
+                )
+                print(
+                    f"| {model} | {n}x{k} | {name} | "
+                    + " | ".join(f"{t:,.0f}" for t in times)
+                    + f" | {drift[name]:.1e} |",
+                    flush=True,
+                )
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="precision kernels on the catalog shapes")
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    print("| model | W (out x in) | kernel | M=1 | M=2 | M=4 | M=8 | M=16 | row drift |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    micro_benchmark(a.models, repeats=a.repeats, threads=a.threads)
