@@ -6,6 +6,7 @@
     make_drafter("layerskip:attn=8-20;mlp=10-14", model)      # any skip set (0-based layers)
     make_drafter("model:smollm2-135m-l8", model)              # a separate draft model
     make_drafter("model:NAME:k=4,mode=fixed", model)
+    make_drafter("universal:smollm2-135m:align=lcd", model)   # a draft with another tokenizer
     make_drafter(my_drafter, model)                           # a Drafter instance: itself
     make_drafter(None, model)                                 # plain decoding: None
 
@@ -30,6 +31,7 @@ from .base import DecodeContext, Draft, Drafter
 from .layerskip import LayerSkipDrafter
 from .model import ModelDrafter
 from .ngram import NgramDrafter
+from .universal import UniversalDrafter
 
 __all__ = [
     "DRAFTERS",
@@ -39,6 +41,7 @@ __all__ = [
     "LayerSkipDrafter",
     "ModelDrafter",
     "NgramDrafter",
+    "UniversalDrafter",
     "make_drafter",
     "parse_spec",
 ]
@@ -47,6 +50,7 @@ DRAFTERS: dict[str, type] = {
     "ngram": NgramDrafter,
     "layerskip": LayerSkipDrafter,
     "model": ModelDrafter,
+    "universal": UniversalDrafter,
 }
 
 _KEY = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$", re.S)
