@@ -363,6 +363,9 @@ def _one_run(m, q, messages, r, qi, turn, pos, encode, decode_text, p, reset_ok)
         rec["error"] = f"{type(e).__name__}: {e}"
         return rec
     rec["peak_rss_mb"] = _peak_rss_mb(reset_ok)
+    rec["time"] = round(time.time(), 3)  # when it ended (unix time)
+    load = _loadavg()
+    rec["load_1min"] = load[0] if load else None  # CPU contention around this run
     n = len(out.ids)
     rec.update(
         ids=list(out.ids),
