@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_parser = None
     if add_bench_parser is not None:
         add_bench_parser(sub)
+    from .profile import add_profile_parser
+
+    add_profile_parser(sub)
     from .tune import add_tune_parser
 
     add_tune_parser(sub)

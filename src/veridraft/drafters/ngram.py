@@ -25,6 +25,9 @@ from ..errors import VeridraftError
 from .base import DecodeContext, Draft
 from .params import as_choice, as_int
 
+# Acceptance assumed when the cost model (veridraft profile) picks the default draft length.
+NGRAM_PRIOR_ALPHA = 0.6
+
 
 class NgramDrafter:
     """Point-mass proposals from the longest earlier match of the current suffix."""
@@ -55,6 +58,13 @@ class NgramDrafter:
 
     @classmethod
     def from_spec(cls, model, arg: str | None, params: dict) -> NgramDrafter:
+        if "num_tokens" not in params:  # no draft length given: the measured best, if any
+            from ..costmodel import load_cost
+
+            cost = load_cost(model) if hasattr(model, "path") else None
+            if cost is not None:
+                k = cost.best_k(NGRAM_PRIOR_ALPHA, cost.draft_cost("ngram") or 0.0)
+                params = {**params, "num_tokens": max(1, k)}
         return cls(**params)
 
     def __repr__(self) -> str:

@@ -36,8 +36,24 @@ from torch import Tensor, nn
 PRECISIONS = ("fp32", "fp16w", "bf16")
 DEFAULT_PRECISION = "fp32"
 
-# fbgemm's fp16 entry points warn "deprecated" on every call; the kernels are what we want.
+# fbgemm's fp16 entry points warn "deprecated" (once per process, from C++); the kernels are what
+# we want, so the first pack and the first call run under a filter (see _quiet_fbgemm).
 warnings.filterwarnings("ignore", message=r"fbgemm_.*is deprecated")
+_fbgemm_warned = False
+
+
+def _quiet_fbgemm() -> None:
+    """Trigger fbgemm's one-time deprecation warnings with them filtered, so that they do not
+    reach users (pytest, for one, resets the module-level filter above)."""
+    global _fbgemm_warned
+    if _fbgemm_warned:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = torch.fbgemm_pack_gemm_matrix_fp16(torch.zeros(8, 8))
+        torch.fbgemm_linear_fp16_weight_fp32_activation(torch.zeros(1, 8), p, None)
+    _fbgemm_warned = True
+
 
 _HALF = {"fp16w": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,6 +72,7 @@ class PackedLinear(nn.Module):
         self.packed = None
         if precision == "fp16w":
             # opaque fbgemm blob (not a tensor of the weights): kept as a plain attribute
+            _quiet_fbgemm()
             self.packed = torch.fbgemm_pack_gemm_matrix_fp16(w)
             self.weight = None
         else:
@@ -125,6 +142,28 @@ def weight_nbytes_per_token(model: nn.Module) -> int:
             continue
         seen[t.data_ptr()] = t.numel() * t.element_size()
     return total + sum(seen.values())
+
+
+def agreement(reference: nn.Module, model: nn.Module, sequences, starts) -> dict[str, float]:
+    """How closely `model` (some precision) follows `reference` (fp32) on given token sequences,
+    teacher-forced: over positions start-1 .. len-2 of each sequence (the predictions of its
+    continuation), the share of positions where both argmaxes agree and the largest absolute
+    logit difference (float32 logits)."""
+    agree = total = 0
+    max_diff = 0.0
+    with torch.inference_mode():
+        for seq, start in zip(sequences, starts):
+            ids = torch.as_tensor(seq, dtype=torch.long)
+            n = len(ids) - start + 1  # predictions of ids[start:] plus the next token
+            outs = []
+            for net in (reference, model):
+                cache = net.new_cache(len(ids))
+                outs.append(net(ids, cache, num_logits=n))
+            a, b = outs
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += n
+            max_diff = max(max_diff, float((a - b).abs().max()))
+    return {"argmax_agreement": agree / total, "positions": total, "max_logit_diff": max_diff}
 
 
 # ---- micro-benchmark: python -m veridraft.models.precision ----
