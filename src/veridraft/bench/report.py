@@ -61,18 +61,20 @@ def _duration(secs: float) -> str:
     return f"{secs / 3600:.1f} h"
 
 
-def _load_warning(env: dict, s: dict) -> list[str]:
+def _load_warning(env: dict, s: dict, records: list[dict]) -> list[str]:
     """A note when other processes were competing for the CPU during the run."""
-    la = [x for x in (env.get("load_average_start"), env.get("load_average")) if x]
+    loads = [r["load_1min"] for r in records if r.get("load_1min") is not None]
+    loads += [x[0] for x in (env.get("load_average_start"), env.get("load_average")) if x]
     ncpu = env.get("cpu_count") or 1
-    worst = max((x[0] for x in la), default=0.0)
+    worst = max(loads, default=0.0)
     if worst <= max(1.0, ncpu - s.get("threads", 1) + 0.5):
         return []
+    mean = sum(loads) / len(loads)
     return [
-        f"> **Note:** the 1-minute load average was up to {worst:.1f} on {ncpu} CPUs during this "
-        "run: other processes competed for the cores, so absolute tokens/s are lower and "
-        "noisier than on a quiet machine. Methods were interleaved per question, so ratios "
-        "are less affected than absolute figures.",
+        f"> **Note:** the 1-minute load average was {mean:.1f} on average (up to {worst:.1f}) on "
+        f"{ncpu} CPUs during this run: other processes competed for the cores, so absolute "
+        "tokens/s are lower and noisier than on a quiet machine. Methods were interleaved per "
+        "question, so ratios are less affected than absolute figures.",
         "",
     ]
 
@@ -178,7 +180,7 @@ def report_markdown(results: dict) -> str:
         + f", {_n(s['warmup'], 'warm-up run')} per method, {_n(s['threads'], 'thread')}, "
         f"batch size 1; the run took {_duration(s['elapsed_s'])}. Generated {env['date']}.",
         "",
-        *_load_warning(env, s),
+        *_load_warning(env, s, results.get("records", [])),
         HOW_TO_READ,
         "",
         "## Overall",
