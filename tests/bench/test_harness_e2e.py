@@ -188,6 +188,12 @@ def test_cli_parser_and_compare(tiny_folder, tmp_path, capsys):
     )
     assert run_bench_cli(args) == 0
     assert "[qa]" in capsys.readouterr().out
+    args = parser.parse_args(
+        ["bench", "report", str(tmp_path / "run"), "--out", str(tmp_path / "again")]
+    )
+    assert run_bench_cli(args) == 0
+    assert (tmp_path / "again" / "report.md").read_text().startswith("# veridraft bench")
+    assert (tmp_path / "again" / "speedup.png").is_file()
 
 
 def test_bad_questions_file_is_a_clear_error(tiny_folder, tmp_path):

@@ -858,13 +858,18 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_bench_arguments(p)
     p.set_defaults(func=run_bench_cli)
-    sub = p.add_subparsers(dest="bench_cmd", metavar="{compare}")
+    sub = p.add_subparsers(dest="bench_cmd", metavar="{compare,report}")
     c = sub.add_parser("compare", help="per-method change between two results.json files")
     c.add_argument("a", metavar="A.json", help="results.json of the first (old) run, or its dir")
     c.add_argument("b", metavar="B.json", help="results.json of the second (new) run, or its dir")
     c.add_argument(
         "--group", default=None, help="task group to compare (default: every group, overall first)"
     )
+    r = sub.add_parser(
+        "report", help="rewrite report.md and speedup.png from a results.json (no new runs)"
+    )
+    r.add_argument("results", metavar="RESULTS.json", help="results.json, or its directory")
+    r.add_argument("--out", default=None, metavar="DIR", help="default: next to results.json")
     return p
 
 
@@ -933,6 +938,12 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         from .report import compare_files
 
         print(compare_files(args.a, args.b, group=args.group))
+        return 0
+    if getattr(args, "bench_cmd", None) == "report":
+        from .report import rewrite_report
+
+        for kind, path in rewrite_report(args.results, args.out).items():
+            print(f"{kind}: {path}")
         return 0
     out = Path(args.out) if args.out else default_out_dir(args.model)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None

@@ -444,3 +444,18 @@ def compare(a: dict, b: dict, group: str | None = None, names=("A", "B")) -> str
 
 def compare_files(a: str | Path, b: str | Path, group: str | None = None) -> str:
     return compare(load_results(a), load_results(b), group, names=(str(a), str(b)))
+
+
+def rewrite_report(path: str | Path, out: str | Path | None = None) -> dict:
+    """Write report.md and speedup.png again from a results.json (metrics recomputed)."""
+    from .harness import summarize
+
+    data = load_results(path)
+    data["summary"] = summarize(data["records"], data["methods"])
+    src = Path(path)
+    folder = Path(out) if out else (src if src.is_dir() else src.parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"report": str(folder / "report.md"), "plot": str(folder / "speedup.png")}
+    (folder / "report.md").write_text(report_markdown(data))
+    plot_speedup(data, folder / "speedup.png")
+    return files
