@@ -95,17 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("name")
     m.set_defaults(func=_models)
 
-    try:
-        from .bench.harness import add_bench_parser
-    except ImportError:
-        add_bench_parser = None
-    if add_bench_parser is not None:
-        add_bench_parser(sub)
+    from .bench.harness import add_bench_parser
     from .profile import add_profile_parser
-
-    add_profile_parser(sub)
     from .tune import add_tune_parser
 
+    add_bench_parser(sub)
+    add_profile_parser(sub)
     add_tune_parser(sub)
     return p
 

@@ -105,6 +105,10 @@ def generate(
         on_tokens=text_out.push if stream else None,
         tokenizer=tok,
     )
+    if drafter is not None:
+        from .costmodel import explain, load_cost
+
+        stats.notes.extend(explain(stats, load_cost(model)))
     text, reason = text_out.final(new)
     if stream:
         text_out.flush(text)
