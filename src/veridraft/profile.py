@@ -30,30 +30,50 @@ def _median_ms(times: list[float]) -> float:
     return statistics.median(times) * 1e3
 
 
+class ForwardTimer:
+    """Prefilled caches at each context; `round()` times one forward per T (in alternating
+    order) and rolls the cache back. Several timers can be interleaved round by round."""
+
+    def __init__(self, net, ts=TS, contexts=CONTEXTS, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        vocab = net.config.vocab_size
+        limit = int(net.config.max_position_embeddings) - max(ts) - 1
+        self.net, self.ts = net, tuple(ts)
+        self.caches = {}
+        with torch.inference_mode():
+            for ctx in contexts:
+                ctx = max(1, min(ctx, limit))
+                cache = net.new_cache(ctx + max(ts) + 1)
+                net(torch.randint(0, vocab, (ctx,), generator=gen), cache, num_logits=1)
+                self.caches[ctx] = cache
+        self.toks = {t: torch.randint(0, vocab, (t,), generator=gen) for t in ts}
+        self.times = {c: {t: [] for t in ts} for c in self.caches}
+        self.rounds = 0
+
+    def round(self, record: bool = True) -> None:
+        order = self.ts if self.rounds % 2 == 0 else tuple(reversed(self.ts))
+        self.rounds += 1
+        with torch.inference_mode():
+            for ctx, cache in self.caches.items():
+                for t in order:
+                    s = time.perf_counter()
+                    self.net(self.toks[t], cache)
+                    dt = time.perf_counter() - s
+                    cache.truncate(ctx)
+                    if record:
+                        self.times[ctx][t].append(dt)
+
+    def medians_ms(self) -> dict[int, dict[int, float]]:
+        return {c: {t: _median_ms(v) for t, v in row.items()} for c, row in self.times.items()}
+
+
 def forward_costs(net, ts=TS, contexts=CONTEXTS, repeats: int = 7, warmup: int = 2, seed: int = 0):
     """{context: {T: median ms}} for target forwards over T new tokens after `context` cached
     positions. Contexts longer than the model's window are clipped."""
-    gen = torch.Generator().manual_seed(seed)
-    vocab = net.config.vocab_size
-    limit = int(net.config.max_position_embeddings) - max(ts) - 1
-    out: dict[int, dict[int, float]] = {}
-    with torch.inference_mode():
-        for ctx in contexts:
-            ctx = max(1, min(ctx, limit))
-            cache = net.new_cache(ctx + max(ts) + 1)
-            net(torch.randint(0, vocab, (ctx,), generator=gen), cache, num_logits=1)
-            toks = {t: torch.randint(0, vocab, (t,), generator=gen) for t in ts}
-            times: dict[int, list[float]] = {t: [] for t in ts}
-            for r in range(warmup + repeats):
-                for t in ts if r % 2 == 0 else reversed(ts):
-                    s = time.perf_counter()
-                    net(toks[t], cache)
-                    dt = time.perf_counter() - s
-                    cache.truncate(ctx)
-                    if r >= warmup:
-                        times[t].append(dt)
-            out[ctx] = {t: _median_ms(v) for t, v in times.items()}
-    return out
+    timer = ForwardTimer(net, ts, contexts, seed)
+    for r in range(warmup + repeats):
+        timer.round(record=r >= warmup)
+    return timer.medians_ms()
 
 
 def draft_costs(model, context: int = 100, repeats: int = 7, warmup: int = 2) -> dict[str, float]:
@@ -231,3 +251,112 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true", help="print the stored profile, measure nothing")
     p.set_defaults(func=_run)
     return p
+
+
+# ---- docs/performance.md: python -m veridraft.profile [--models ...] [--precisions ...] ----
+
+
+def performance_table(
+    models=("smollm2-135m", "gemma3-270m"),
+    precisions=("fp32", "fp16w"),
+    repeats: int = 7,
+    prompts: int = 4,
+    new_tokens: int = 64,
+) -> str:
+    """Markdown: per model and precision, ms per forward over T at contexts 100 and 1000 (the
+    precisions interleaved round by round; medians), plain-decoding tokens/s (precisions
+    interleaved per prompt; median over prompts) and the memory-bandwidth bound."""
+    from .bench.ar_speed import SAMPLE_PROMPTS, copy_bandwidth, kv_bytes_per_position
+    from .decode import decode
+    from .generate import prompt_ids_for
+    from .loader import load
+    from .models.precision import weight_nbytes_per_token
+    from .sampling import SamplingParams
+
+    out = []
+    bw = copy_bandwidth()
+    for name in models:
+        loaded = {p: load(name, precision=p) for p in precisions}
+        timers = {p: ForwardTimer(m.net) for p, m in loaded.items()}
+        for i in range(2 + repeats):
+            for p in precisions if i % 2 == 0 else tuple(reversed(precisions)):
+                timers[p].round(record=i >= 2)
+        first = loaded[precisions[0]]
+        ids_list = [
+            prompt_ids_for(first, [{"role": "user", "content": SAMPLE_PROMPTS[j]}])
+            for j in range(prompts)
+        ]
+        rates: dict[str, list[float]] = {p: [] for p in precisions}
+        ctx_seen: list[float] = []
+        for j, ids in enumerate([ids_list[0], *ids_list]):  # the first run is a warm-up
+            for p in precisions if j % 2 == 0 else tuple(reversed(precisions)):
+                t = time.perf_counter()
+                new, _ = decode(
+                    loaded[p].net,
+                    ids,
+                    max_new_tokens=new_tokens,
+                    sampling=SamplingParams(),
+                    generator=torch.Generator(),
+                    eos_ids=loaded[p].tokenizer.eos_ids,
+                )
+                if j:
+                    rates[p].append(len(new) / (time.perf_counter() - t))
+                    ctx_seen.append(len(ids) + len(new) / 2)
+        mean_ctx = statistics.mean(ctx_seen)
+        out.append(f"### {name}\n")
+        out.append("| precision | context | " + " | ".join(f"T={t}" for t in TS) + " | T=8 / T=1 |")
+        out.append("|---|---|" + "---|" * len(TS) + "---|")
+        for p in precisions:
+            for c, row in timers[p].medians_ms().items():
+                out.append(
+                    f"| {p} | {c} | "
+                    + " | ".join(f"{row[t]:.1f}" for t in TS)
+                    + f" | {row[8] / row[1]:.2f} |"
+                )
+        out.append("")
+        out.append(
+            "| precision | plain decoding tok/s (median) | weights read per token | "
+            "bandwidth bound tok/s | share of bound |"
+        )
+        out.append("|---|---|---|---|---|")
+        for p in precisions:
+            net = loaded[p].net
+            per_tok = weight_nbytes_per_token(net) + kv_bytes_per_position(net) * mean_ctx
+            bound = bw / per_tok
+            med = statistics.median(rates[p])
+            out.append(
+                f"| {p} | {med:.1f} | {weight_nbytes_per_token(net) / 1e6:.0f} MB | "
+                f"{bound:.1f} | {100 * med / bound:.0f}% |"
+            )
+        out.append(
+            f"\n(copy bandwidth {bw / 1e9:.1f} GB/s, STREAM convention; mean context "
+            f"{mean_ctx:.0f} tokens; {prompts} prompts x {new_tokens} new tokens; "
+            f"{torch.get_num_threads()} threads)\n"
+        )
+        print("\n".join(out[-(2 * len(precisions) + 12) :]), file=sys.stderr, flush=True)
+        del loaded, timers
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m veridraft.profile",
+        description="the performance table of docs/performance.md",
+    )
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16w"])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    print(
+        performance_table(a.models, a.precisions, a.repeats, a.prompts, a.new_tokens),
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,7 +10,12 @@ attention, the residual stream and the KV cache stay float32 in every mode.
 |---------|---------------------------------|-----------------------------|--------------|
 | `fp32`  | float32                         | float32                     | float32      |
 | `fp16w` | float16, fbgemm-packed          | float32                     | float32      |
-| `bf16`  | bfloat16                        | bfloat16 (output bfloat16)  | float32      |
+
+Measured but not shipped (docs/precision.md has the numbers): `bf16` (bf16 weights and
+activations through oneDNN: flat in M but 1.2-2x slower than fp16w at M <= 8, and less
+accurate), weight-only int8 (`torch._weight_int8pack_mm`, bf16 activations: ~20% faster than
+fp16w at M=1, slower from M=4 on) and dynamic int8 with per-token activation scales
+(`torch._int_mm`: batch-invariant and flat in M, but slower than fp16w up to M=8).
 
 Every kernel here is *batch-invariant*: row i of `linear(x)` is bitwise the same whatever the
 other rows of x are (checked for M = 1..16 on the catalog shapes by
@@ -33,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PRECISIONS = ("fp32", "fp16w", "bf16")
+PRECISIONS = ("fp32", "fp16w")  # bf16 is a measured candidate (micro-benchmark), not shipped
 DEFAULT_PRECISION = "fp32"
 
 # fbgemm's fp16 entry points warn "deprecated" (once per process, from C++); the kernels are what
