@@ -15,15 +15,17 @@ on the model and the machine. Following the paper's search:
   on calibration prompts (default 8 dev-set prompts, half of them summarization, 32 new tokens).
 
 Measuring (why a speedup and not raw tokens/s): the machine is shared and its speed drifts by
-tens of percent within minutes, far more than the differences between neighbouring skip sets.
-Each trial therefore re-measures plain decoding (`ar`) on a few of the prompts (rotating,
-interleaved with the draft runs) and scales the per-prompt `ar` reference times by the drift it
-sees; the objective is est. ar time / self-speculative time on the same prompts in the same
-minute. Prefill is done once per prompt before the search and reused (the KV cache of the prompt
-is kept, the first forward returns the stored logits): the draft never runs during prefill, so it
-would only add cost and noise. At the end, the top few configurations and the hand-picked
-default are re-measured, interleaved per prompt against `ar`, and the best re-measured speedup
-wins (the hand-picked default when nothing beats it).
+tens of percent within minutes (several-fold when other jobs start), far more than the
+differences between neighbouring skip sets. Each trial therefore runs plain decoding (`ar`) back
+to back with the self-speculative run on every calibration prompt (which of the two goes first
+alternates) and scores est. ar time / self-speculative time, measured in the same minute. With
+`baseline_prompts` B < N, ar runs on B prompts only (rotating) and stored per-prompt ar times
+are scaled by the drift seen on them: cheaper, but noisy on a busy machine. Prefill is done once
+per prompt before the search and reused (the KV cache of the prompt is kept, the first forward
+returns the stored logits): the draft never runs during prefill, so it would only add cost and
+noise. At the end, the top few configurations and the hand-picked default are re-measured,
+interleaved per prompt against `ar`, and the best re-measured speedup wins (the hand-picked
+default when nothing beats it).
 
 Every trial is appended to a JSONL file next to the output profile; running the same command
 again resumes: past trials are re-registered with the optimiser and the search goes on to
@@ -161,8 +163,12 @@ def hand_picked(model) -> Config:
     return config_of(skip)
 
 
-def probe_configs(model, existing: Profile | None = None) -> list[Config]:
-    """Hand-picked starting points, scaled to the model's depth; the default set first."""
+def probe_configs(
+    model, existing: Profile | None = None, search_exit: bool = False
+) -> list[Config]:
+    """Hand-picked starting points, scaled to the model's depth; the default set first (at the
+    drafter's default gamma0 / K). When searching exits, the other sets start at a stricter
+    exit (gamma0 0.8, K 8): on small models the cheap drafts are too unsure to run 12 steps."""
     n = model.net.config.n_layers
     from .drafters.layerskip import heuristic_skip
     from .models.base import Skip
@@ -180,6 +186,8 @@ def probe_configs(model, existing: Profile | None = None) -> list[Config]:
     ):
         out.append(config_of(Skip(attn=frozenset(attn), mlp=frozenset(mlp))))
     out.append(config_of(heuristic_skip(n)))
+    if search_exit:
+        out = out[:1] + [Config(c.attn, c.mlp, 0.8, 8) for c in out[1:]]
     seen, uniq = set(), []
     for c in out:
         if (c.attn or c.mlp) and c.key() not in seen and not (len(c.attn) == len(c.mlp) == n):
@@ -333,7 +341,7 @@ def _drafter(c: Config):
     return LayerSkipDrafter(c.skip, gamma=c.gamma, num_tokens=c.num_tokens)
 
 
-def measure(cal: Calibration, c: Config, baseline: list[int]) -> dict:
+def measure(cal: Calibration, c: Config, baseline: list[int], salt: int = 0) -> dict:
     """One trial: self-speculative decoding of every prompt (one drafter instance, so gamma
     adapts across prompts as in the paper), plain decoding re-measured on `baseline` prompts
     interleaved; the speedup uses the ar references scaled by the drift seen now."""
@@ -342,11 +350,14 @@ def measure(cal: Calibration, c: Config, baseline: list[int]) -> dict:
     fw = em = dr = ac = tokens = 0
     exact = True
     for i in range(len(cal.prompts)):
+        ar_first = (i + salt) % 2 == 0  # alternate which of the pair runs first
         if i in baseline:
-            ref = cal.ar_ref(i)
-            ar_now += cal.run_ar(i)
-            ar_then += ref
+            ar_then += cal.ar_ref(i)
+            if ar_first:
+                ar_now += cal.run_ar(i)
         r = cal.run(i, d)
+        if i in baseline and not ar_first:
+            ar_now += cal.run_ar(i)
         ls_s += r.seconds
         fw, em, dr, ac = fw + r.forwards, em + r.emitted, dr + r.drafted, ac + r.accepted
         tokens += len(r.ids)
@@ -455,7 +466,7 @@ def tune_layerskip(
     precision: str = "fp32",
     threads: int | None = None,
     seed: int = 1,
-    baseline_prompts: int = 2,
+    baseline_prompts: int | None = None,
     final_top: int = 3,
     final_rounds: int = 2,
     progress: bool = True,
@@ -504,6 +515,10 @@ def tune_layerskip(
         f"{torch.get_num_threads()} threads"
     )
     cal = Calibration(model, ids, max_new_tokens)
+    if baseline_prompts is None:
+        baseline_prompts = len(ids)
+    if not 1 <= baseline_prompts <= len(ids):
+        raise VeridraftError(f"--baseline-prompts must be between 1 and {len(ids)}")
     space = Space(n_layers, search_exit)
     header = {
         "kind": "header",
@@ -565,7 +580,7 @@ def tune_layerskip(
             key=lambda p: -p[0],
         )
 
-    probes = [c for c in probe_configs(model, existing) if c.key() not in scores]
+    probes = [c for c in probe_configs(model, existing, search_exit) if c.key() not in scores]
     per_trial = ar_total * (1 + baseline_prompts / len(ids))  # rough, refined as we go
     final_cost = final_rounds * (final_top + 2) * ar_total
 
@@ -611,7 +626,7 @@ def tune_layerskip(
             base = [
                 (len(trials) * baseline_prompts + j) % len(ids) for j in range(baseline_prompts)
             ]
-            m = measure(cal, c, base)
+            m = measure(cal, c, base, salt=len(trials))
             per_trial = 0.7 * per_trial + 0.3 * (time.perf_counter() - t0)
             row = {
                 "kind": "trial",
@@ -859,10 +874,11 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument(
         "--baseline-prompts",
         type=int,
-        default=2,
+        default=None,
         metavar="B",
-        help="prompts on which each trial re-measures plain decoding (2; = --prompts for a fully "
-        "interleaved baseline)",
+        help="prompts on which each trial re-measures plain decoding, back to back with the "
+        "draft run (default: all, a fully interleaved baseline; fewer is cheaper but scales "
+        "stored ar times by the drift seen on B prompts, which is noisy on a busy machine)",
     )
     t.add_argument("--final-top", type=int, default=3, metavar="N", help="re-measured at the end")
     t.add_argument("--final-rounds", type=int, default=2, metavar="R")
@@ -872,7 +888,7 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _tune_cli(args: argparse.Namespace) -> int:
-    if not 1 <= args.baseline_prompts <= args.prompts:
+    if args.baseline_prompts is not None and not 1 <= args.baseline_prompts <= args.prompts:
         raise VeridraftError(f"--baseline-prompts must be between 1 and --prompts ({args.prompts})")
     argv = sys.argv[1:]
     command = "veridraft " + shlex.join(argv) if argv else "veridraft tune layerskip"
