@@ -81,6 +81,8 @@ class Profile:
         where = f" ({self.path})" if self.path else ""
         sp = self.figures.get("speedup")
         fig = f", measured {sp:.2f}x over ar" if isinstance(sp, int | float) else ""
+        if isinstance(sp, int | float) and sp < 1.0:
+            fig += " (slower than plain decoding where it was tuned: prefer draft=None)"
         return (
             f"layerskip profile for {self.model} [{self.precision}]{where}: "
             f"{len(self.skip.attn)} attn + {len(self.skip.mlp)} mlp sub-layers skipped, "

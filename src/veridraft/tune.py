@@ -755,6 +755,11 @@ def tune_layerskip(
         f"  hand-picked default: {hand['speedup']:.3f}x (tau {hand['tau']:.2f}); "
         f"tuned: {win['speedup']:.3f}x (tau {win['tau']:.2f})"
     )
+    if win["speedup"] < 1.0:
+        log(
+            "  WARNING: no configuration tried beats plain decoding on this machine; the draft "
+            "costs nearly a full forward here (see docs/tuning.md)"
+        )
     return TuneResult(prof, path, trials_path, trials, final)
 
 
