@@ -195,13 +195,17 @@ def test_split_methods_keeps_parameters_together():
         split_methods(" , ")
 
 
-def test_command_line_is_what_a_user_types():
+def test_command_line_is_what_a_user_types(monkeypatch):
+    for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(k, raising=False)
     assert command_line(["/x/.venv/bin/veridraft", "bench", "--limit", "2"]) == (
         "veridraft bench --limit 2"
     )
     assert command_line(["/x/src/veridraft/bench/__main__.py", "--methods", "a b"]) == (
         "python -m veridraft.bench --methods 'a b'"
     )
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert command_line(["veridraft", "bench"]) == "OMP_WAIT_POLICY=PASSIVE veridraft bench"
 
 
 def test_rotated():

@@ -42,6 +42,8 @@ from .questions import (
 )
 
 DEFAULT_METHODS = "ar,ngram,layerskip,hf:ar,hf:pld"
+# Environment variables that change CPU threading, recorded with every run.
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
 
 
 # --------------------------------------------------------------------------------------------
@@ -664,6 +666,7 @@ def environment(threads: int, command: str | None = None) -> dict:
         "threads": threads,
         "torch_threads": torch.get_num_threads(),
         "load_average": _loadavg(),
+        "env_vars": {k: os.environ[k] for k in THREAD_ENV_VARS if k in os.environ},
     }
 
 
@@ -678,7 +681,8 @@ def command_line(argv: list[str] | None = None) -> str:
         head = ["python", "-m", "veridraft.bench" if mod == "bench" else f"veridraft.{mod}"]
     else:
         head = [prog] if prog else []
-    return shlex.join(head + argv[1:])
+    env = [f"{k}={os.environ[k]}" for k in THREAD_ENV_VARS if k in os.environ]
+    return shlex.join(env + head + argv[1:])
 
 
 def _loadavg() -> list[float] | None:

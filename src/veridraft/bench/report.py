@@ -235,6 +235,7 @@ def report_markdown(results: dict) -> str:
         "torch_threads",
         "load_average_start",
         "load_average",
+        "env_vars",
         "veridraft",
         "torch",
         "transformers",
