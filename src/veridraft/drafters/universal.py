@@ -37,6 +37,16 @@ text), because the drafter only has the target's ids - the conversation is not r
 messages - and because the draft's job is to predict this exact text; a draft with its own chat
 template would be conditioned on a different string than the one the target continues.
 
+Draft precision, `precision=fp16w` (default; `fp32`, `bf16`): the draft is loaded on its own in
+that precision (models/precision.py). It changes which tokens are proposed, never what is
+accepted - verification is the target's alone - and fp16 weights cut the draft's per-token cost
+(the draft/target cost ratio is what bounds the speedup on a CPU).
+
+Parameters: `num_tokens` (alias `k`: draft tokens per round, default 4 fixed / 12 dynamic),
+`mode` (fixed | dynamic), `threshold` (dynamic start, 0.4), `align` (dtw | lcd), `window`
+(alias `band`, the DTW band, 8), `lookbehind` (draft tokens re-encoded each round, 8), `text`,
+`precision`.
+
 Same vocabulary (draft and target tokenizers equal): the text round trip is skipped - the
 draft reads the target ids and proposes its own ids, as `model` does (`text=true` forces the
 text path, for tests).
@@ -52,7 +62,7 @@ from torch import nn
 from ..align import dtw_path, kept_by_path, lcd_path, norm_piece, token_bytes
 from ..errors import VeridraftError
 from .base import DecodeContext, Draft
-from .model import _common_prefix, _net_of, _vocab_of, resolve_draft, roc_threshold
+from .model import _LOADED, _common_prefix, _net_of, _vocab_of, resolve_draft, roc_threshold
 from .params import as_bool, as_choice, as_float, as_int
 
 ALIGNS = ("dtw", "lcd")
@@ -84,6 +94,35 @@ def _is_cont(b: bytes | bytearray, i: int) -> bool:
     return i < len(b) and (b[i] & 0xC0) == 0x80
 
 
+def _resolve(name: str, target, precision: str):
+    """The draft model: `model`'s resolve_draft, or loaded in another precision (draft
+    precision changes which tokens are proposed, never what is accepted)."""
+    from ..models.precision import PRECISIONS
+
+    precision = as_choice("universal", "precision", precision, PRECISIONS)
+    if precision == "fp32":
+        return resolve_draft(name, target)
+    if name == getattr(target, "name", None) or name not in _catalog_or_path(name):
+        raise VeridraftError(
+            f"universal: precision={precision} needs a draft loaded on its own (a catalog name "
+            f"or a path), not {name!r}"
+        )
+    key = f"{name}@{precision}"
+    if key not in _LOADED:
+        from ..loader import load
+
+        _LOADED[key] = load(name, precision=precision)
+    return _LOADED[key], f"{name}:precision={precision}"
+
+
+def _catalog_or_path(name: str) -> set[str]:
+    from pathlib import Path
+
+    from ..models import catalog
+
+    return {name} if name in catalog.CATALOG or Path(name).expanduser().exists() else set()
+
+
 class UniversalDrafter:
     """Draft with a model of any tokenizer; propose its text re-encoded in the target's."""
 
@@ -93,7 +132,16 @@ class UniversalDrafter:
         "universal:DRAFT (a catalog name, an HF folder or GGUF path), e.g. "
         "universal:smollm2-135m or universal:smollm2-135m:align=lcd,k=6"
     )
-    params = ("num_tokens", "mode", "threshold", "align", "window", "lookbehind", "text")
+    params = (
+        "num_tokens",
+        "mode",
+        "threshold",
+        "align",
+        "window",
+        "lookbehind",
+        "text",
+        "precision",
+    )
     aliases = {
         "k": "num_tokens",
         "band": "window",
@@ -159,7 +207,9 @@ class UniversalDrafter:
 
     @classmethod
     def from_spec(cls, model, arg: str | None, params: dict) -> UniversalDrafter:
-        draft, label = resolve_draft(arg, model)
+        params = dict(params)
+        precision = params.pop("precision", "fp16w")
+        draft, label = _resolve(arg, model, precision)
         ttok = getattr(model, "tokenizer", None)
         dtok = getattr(draft, "tokenizer", None)
         if ttok is None or dtok is None:
