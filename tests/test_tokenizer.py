@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 
+from veridraft.bench.questions import default_questions_path
 from veridraft.errors import VeridraftError
 from veridraft.tokenizer import Tokenizer
 
-DEV = Path("/work/shared/data/spec_bench_dev.jsonl")
+DEV = default_questions_path()
 MODELS = ["smollm2-135m", "gemma3-270m"]
 
 TEXTS = [

@@ -11,11 +11,12 @@ import torch
 import transformers
 from scipy import stats as sps
 
+from veridraft.bench.questions import default_questions_path
 from veridraft.decode import decode
 from veridraft.models import from_folder
 from veridraft.sampling import SamplingParams, probs
 
-DEV = Path("/work/shared/data/spec_bench_dev.jsonl")
+DEV = default_questions_path()
 TINY_VOCAB = 16
 
 

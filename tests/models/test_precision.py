@@ -8,11 +8,11 @@ same check with each drafter on smollm2-135m (and ngram on gemma3-270m).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from veridraft.bench.questions import default_questions_path
 from veridraft.decode import decode
 from veridraft.drafters import make_drafter
 from veridraft.errors import VeridraftError
@@ -20,8 +20,8 @@ from veridraft.models.precision import PRECISIONS, PackedLinear, agreement
 from veridraft.sampling import SamplingParams
 
 PACKED = [p for p in PRECISIONS if p != "fp32"]
-DEV = Path("/work/shared/data/spec_bench_dev.jsonl")
-NEW_TOKENS = 40
+DEV = default_questions_path()
+NEW_TOKENS = 32
 # Floors for agreement with fp32 (teacher-forced on fp32's greedy continuations of dev prompts).
 # Measured (docs/precision.md): smollm2-135m fp16w 100% argmax agreement, max |logit diff| ~0.1;
 # gemma3-270m fp16w ~99-100%, ~0.4. The floors leave room for other prompts and machines.
@@ -113,7 +113,7 @@ def test_unknown_precision_is_refused():
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("draft", ["ngram", "layerskip", "model:smollm2-135m-l8"])
+@pytest.mark.parametrize("draft", ["ngram", "layerskip", "model:smollm2-135m-l8:k=4,mode=fixed"])
 @pytest.mark.parametrize("precision", PACKED)
 @pytest.mark.filterwarnings("ignore:layerskip")
 def test_greedy_speculative_equals_plain_smollm2(loaded, precision, draft):

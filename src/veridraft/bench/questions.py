@@ -147,7 +147,7 @@ def select(
 
 def default_questions_path() -> Path:
     """`../shared/data/spec_bench_dev.jsonl`, looked up from the working directory and from the
-    package's repository; a clear error when neither has it."""
+    package's repository, else the copy shipped in the package."""
     rel = Path("shared") / "data" / "spec_bench_dev.jsonl"
     here = Path(__file__).resolve()
     bases = [Path.cwd(), *Path.cwd().parents[:2], *here.parents[2:6]]
@@ -157,6 +157,8 @@ def default_questions_path() -> Path:
             c = c.resolve()
             if c not in candidates:
                 candidates.append(c)
+    # The copy shipped in the package, when no checkout of shared/ is around.
+    candidates.append(here.parent / "data" / "spec_bench_dev.jsonl")
     for c in candidates:
         if c.is_file():
             return c
