@@ -74,7 +74,7 @@ def test_options_override_the_spec():
             "ngram:depth=3",
             {},
             "ngram: unknown parameter 'depth' in 'ngram:depth=3'; valid: "
-            "num_tokens, max_ngram, min_ngram, match",
+            "num_tokens, short_num_tokens, max_ngram, min_ngram, match",
         ),
         ("ngram", {"depth": 3}, "ngram: unknown parameter 'depth'; valid"),
         ("ngram:num_tokens=many", {}, "ngram: num_tokens must be an integer >= 1, got 'many'"),

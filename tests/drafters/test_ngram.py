@@ -24,6 +24,7 @@ def ctx_for(ids: list[int]) -> DecodeContext:
 
 
 def propose(ids, max_tokens=16, **kw) -> list[int]:
+    kw.setdefault("short_num_tokens", None)  # one length for every match unless a test says so
     d = NgramDrafter(**kw)
     ctx = ctx_for(list(ids))
     d.prefill(ctx)
@@ -66,12 +67,14 @@ def test_limits():
     assert propose(ids, num_tokens=10, max_tokens=0) == []
 
 
-def brute_force(ids, num_tokens, max_ngram, min_ngram, match):
+def brute_force(ids, num_tokens, max_ngram, min_ngram, match, short=None):
     """Reference: scan every earlier position for the longest suffix match."""
     for n in range(min(max_ngram, len(ids) - 1), min_ngram - 1, -1):
         suffix = ids[-n:]
         hits = [j for j in range(n, len(ids)) if ids[j - n : j] == suffix]
         if hits:
+            if n < max_ngram and short is not None:
+                num_tokens = min(num_tokens, short)
             j = hits[-1] if match == "last" else hits[0]
             seq = list(ids)
             out = []
@@ -88,20 +91,30 @@ def brute_force(ids, num_tokens, max_ngram, min_ngram, match):
 def test_incremental_index_equals_brute_force_while_ids_grow(match):
     rng = random.Random(0)
     ids = [rng.randrange(6) for _ in range(30)]
-    d = NgramDrafter(num_tokens=5, max_ngram=3, min_ngram=1, match=match)
+    d = NgramDrafter(num_tokens=5, max_ngram=3, min_ngram=1, match=match)  # short: 2
     ctx = ctx_for(ids)
     d.prefill(ctx)
     for _ in range(200):
         got = d.propose(ctx, 5).tokens
-        assert got == brute_force(ids, 5, 3, 1, match)
+        assert got == brute_force(ids, 5, 3, 1, match, short=2)
         n_acc = rng.randrange(len(got) + 1)
         committed = got[:n_acc] + [rng.randrange(6)]
         ids.extend(committed)  # ctx.ids grows in place, as in decode
         d.update(n_acc, committed[-1])
 
 
+def test_shorter_matches_propose_fewer_tokens():
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 9, 2, 3]  # 2-gram (2, 3) only
+    assert propose(ids, num_tokens=6, short_num_tokens=2) == [4, 5]
+    assert propose(ids, num_tokens=6, short_num_tokens=0) == []
+    assert propose(ids, num_tokens=6, short_num_tokens=None) == [4, 5, 6, 7, 8, 9]
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]  # full 3-gram match
+    assert propose(ids, num_tokens=6, short_num_tokens=2) == [4, 5, 6, 7, 8, 9]
+    assert NgramDrafter(num_tokens=1).short_num_tokens == 1  # never longer than num_tokens
+
+
 def test_prefill_resets_between_generations():
-    d = NgramDrafter(num_tokens=2)
+    d = NgramDrafter(num_tokens=2, max_ngram=2)
     a = ctx_for([1, 2, 3, 1, 2])
     d.prefill(a)
     assert d.propose(a, 4).tokens == [3, 1]
