@@ -177,7 +177,6 @@ QUESTIONS = dev_questions(
         "summarization": 1,
         "rag": 1,
         "translation": 1,
-        "qa": 1,
         "math_reasoning": 1,
         "writing": 1,
     }

@@ -74,13 +74,14 @@ def run(
     threads: int,
     questions_path: str | None = None,
     max_prompt_tokens: int | None = None,
+    precision: str = "fp32",
     log=print,
 ) -> dict:
     from ..drafters import make_drafter
     from ..loader import load
 
     torch.set_num_threads(threads)
-    model = load(model_name)
+    model = load(model_name, precision=precision)
     qs = select(load_questions(questions_path or default_questions_path()), limit=per_group)
     tok = model.tokenizer
     prompts = []
@@ -109,7 +110,10 @@ def run(
         )
         return new, stats, time.perf_counter() - t0
 
-    log(f"# {model_name}: {len(qs)} questions, {max_new_tokens} new tokens, {threads} threads")
+    log(
+        f"# {model_name} ({precision}): {len(qs)} questions, {max_new_tokens} new tokens, "
+        f"{threads} threads"
+    )
     log(f"load average before: {_loadavg()}")
     warm = prompts[0][:64]
     for m in methods:  # warm-up (also fills the rope tables and allocator pools)
@@ -146,7 +150,9 @@ def run(
         done = ", ".join(f"{m} {row[m][0].__len__() / row[m][2]:.1f}" for m in methods)
         log(f"  [{i + 1}/{len(qs)}] {q.group} q{q.question_id} ({len(ids)} tokens): {done} tok/s")
     log(f"load average after: {_loadavg()} ({time.perf_counter() - t_start:.0f} s)")
-    return summarize(records, methods, model_name, threads, max_new_tokens)
+    res = summarize(records, methods, model_name, threads, max_new_tokens)
+    res["precision"] = precision
+    return res
 
 
 def _agg(recs: list[dict], base: list[dict] | None) -> dict:
@@ -217,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-group", type=int, default=5, help="questions per task group")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="fp32", help="fp32 (default) or another mode")
     p.add_argument("--questions", default=None, help="Spec-Bench-format JSONL file")
     p.add_argument(
         "--max-prompt-tokens",
@@ -238,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             args.threads,
             args.questions,
             args.max_prompt_tokens,
+            args.precision,
         )
     except VeridraftError as e:
         print(f"error: {e}", file=sys.stderr)
