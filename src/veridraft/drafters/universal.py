@@ -324,7 +324,7 @@ class UniversalDrafter:
         t0 = time.perf_counter()
         ok = self._sync(ctx)
         self.prof["reencode_s"] += time.perf_counter() - t0
-        if not ok:
+        if not ok or not self._d_ids:
             return Draft(tokens=[])
         d_ids = self._d_ids
         n = _common_prefix(self._cached, d_ids, min(len(self._cached), len(d_ids) - 1))
