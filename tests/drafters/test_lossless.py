@@ -88,6 +88,9 @@ def _drafters(net):
     return {
         "ngram": lambda: NgramDrafter(num_tokens=4, max_ngram=2),
         "layerskip-q": lambda: LayerSkipDrafter(Skip(attn={1, 2}, mlp={2}), gamma=0.0),
+        "layerskip-q-subset-head": lambda: LayerSkipDrafter(
+            Skip(attn={1, 2}, mlp={2}), gamma=0.0, draft_vocab=6
+        ),
         "layerskip-pointmass": lambda: LayerSkipDrafter(
             Skip(attn={1, 2}, mlp={2}), gamma=0.0, draft_sampling=False
         ),
@@ -95,6 +98,9 @@ def _drafters(net):
         "model-dynamic": lambda: ModelDrafter(truncate_layers(net, 2), mode="dynamic"),
         "model-fixed-greedy-draft": lambda: ModelDrafter(
             truncate_layers(net, 1), mode="fixed", num_tokens=3, draft_sampling=False
+        ),
+        "model-subset-head": lambda: ModelDrafter(
+            truncate_layers(net, 2), mode="fixed", num_tokens=3, draft_vocab=5
         ),
         "honest-fixed-dist": lambda: FixedDistDrafter(_logits16(), _logits16()),
     }
@@ -110,6 +116,7 @@ N_SAMPLES = {"model-dynamic": 1500, "model-fixed-greedy-draft": 1500}
         "plain",
         "ngram",
         "layerskip-q",
+        "layerskip-q-subset-head",
         "layerskip-pointmass",
         "model-dynamic",
         "model-fixed-greedy-draft",

@@ -235,3 +235,26 @@ def test_real_first_layers_pair(real_model):
     d = make_drafter("model:smollm2-135m-l8", target)
     assert d.net.config.n_layers == 8
     assert d.net.tok_embeddings.weight.data_ptr() == target.net.tok_embeddings.weight.data_ptr()
+
+
+def test_subset_head_scores_equal_the_full_head_on_the_subset(net):
+    from veridraft.drafters.draft_head import SubsetHead
+    from veridraft.models.base import Capture
+
+    head = SubsetHead(net, 6)
+    ids = [1, 12, 3, 9, 12]
+    head.observe(ids)
+    assert head.extra_ids == [12, 9]
+    cache = net.new_cache(16)
+    cap = Capture(hidden_layers=(-1,))
+    full = net(torch.tensor(ids), net.new_cache(16))[-1]
+    none = net(torch.tensor(ids), cache, capture=cap, num_logits=0)
+    assert none.shape[0] == 0
+    sub = head.logits(cap.hidden[-1][-1])
+    want = torch.cat((full[:6], full[torch.tensor([12, 9])]))
+    assert torch.allclose(sub, want, atol=1e-5)
+    row = head.full(sub)
+    assert torch.isinf(row[6:9]).all() and row[12] == sub[6]
+    ids.append(15)  # ctx.ids grows in place
+    head.observe(ids)
+    assert head.extra_ids == [12, 9, 15]

@@ -23,6 +23,9 @@ Sampling: with `draft_sampling=True` (default) draft tokens are sampled from `pr
 skip-model's logits under the generation's sampling settings, and that q is returned; with
 `draft_sampling=False` (or greedy decoding) tokens are the skip-model's argmax, verified as
 point masses.
+
+`draft_vocab=N` (default 0: the full head) scores draft tokens over the first N ids plus the ids
+of the context only (drafters/draft_head.py): a cheaper draft step, same verification.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import torch
 
 from ..errors import VeridraftError
 from ..models.base import Skip
-from ..sampling import probs, sample
 from .base import DecodeContext, Draft
+from .draft_head import SubsetHead, draft_step
 from .params import as_bool, as_float, as_int, as_layers, format_layers
 
 # Hand-picked skip sets (0-based layer indices), measured with scripts in veridraft.bench
@@ -75,6 +78,7 @@ class LayerSkipDrafter:
         "epsilon",
         "beta1",
         "beta2",
+        "draft_vocab",
         "profile",
     )
     aliases = {
@@ -100,6 +104,7 @@ class LayerSkipDrafter:
         epsilon: float = 0.01,
         beta1: float = 0.5,
         beta2: float = 0.9,
+        draft_vocab: int = 0,
         note: str | None = None,
     ) -> None:
         m = "layerskip"
@@ -112,6 +117,9 @@ class LayerSkipDrafter:
         self.epsilon = as_float(m, "epsilon", epsilon, lo=0.0, hi=1.0)
         self.beta1 = as_float(m, "beta1", beta1, lo=0.0, hi=1.0)
         self.beta2 = as_float(m, "beta2", beta2, lo=0.0, hi=1.0)
+        self.draft_vocab = as_int(m, "draft_vocab", draft_vocab, lo=0)
+        self._head: SubsetHead | None = None
+        self._head_net = None
         self.note = note
         self.ar = 0.0  # smoothed acceptance rate (the paper's "matchness")
         self._drafted = 0
@@ -179,6 +187,12 @@ class LayerSkipDrafter:
     def prefill(self, ctx: DecodeContext) -> None:
         self.ar = 0.0  # per generation, as in the paper's code; gamma carries over
         self._drafted = 0
+        if self.draft_vocab:
+            if self._head_net is not ctx.target:
+                self._head = SubsetHead(ctx.target, self.draft_vocab)
+                self._head_net = ctx.target
+            self._head.reset()
+            self._head.observe(ctx.ids)
 
     @torch.inference_mode()
     def propose(self, ctx: DecodeContext, max_tokens: int) -> Draft:
@@ -189,21 +203,31 @@ class LayerSkipDrafter:
         net, cache = ctx.target, ctx.cache
         start = cache.length
         sampled = self.draft_sampling and not ctx.sampling.greedy
+        head = None
+        if self.draft_vocab:
+            if self._head_net is not net:
+                self.prefill(ctx)
+            head = self._head
+            head.observe(ctx.ids)
         tokens: list[int] = []
         qs: list[torch.Tensor] = []
         x = ctx.ids[-1]
         try:
             for _ in range(k):
-                logits = net(torch.tensor([x], dtype=torch.long), cache, skip=self.skip)[-1]
-                if sampled:
-                    q = probs(logits, ctx.sampling)
-                    x = sample(q, ctx.generator)
-                    qs.append(q)
-                else:
-                    x = int(logits.argmax())
+                x, conf, q = draft_step(
+                    net,
+                    [x],
+                    cache,
+                    skip=self.skip,
+                    head=head,
+                    sampling=ctx.sampling,
+                    sampled=sampled,
+                    generator=ctx.generator,
+                )
                 tokens.append(x)
+                if q is not None:
+                    qs.append(q)
                 # draft confidence: softmax of the raw draft logits at the drafted token
-                conf = float(torch.exp(logits[x] - torch.logsumexp(logits, -1)))
                 if conf < self.gamma:
                     break
         finally:

@@ -25,6 +25,9 @@ Draft length, `mode`:
 The draft probability used for the threshold is HF's: softmax of the draft scores at the drafted
 token - the raw logits when drafting greedily, the processed distribution q when sampling.
 
+`draft_vocab=N` (default 0: the full head) scores draft tokens over the first N ids plus the ids
+of the context only (drafters/draft_head.py): a cheaper draft step, same verification.
+
 `model:NAME-lN` drafts with NAME's first N layers plus its final norm and head (sharing the
 weights, no copy); with NAME the target itself this is the same-vocabulary real pair used in the
 tests and benchmarks (e.g. `model:smollm2-135m-l8`).
@@ -40,8 +43,8 @@ import torch
 from torch import nn
 
 from ..errors import VeridraftError
-from ..sampling import probs, sample
 from .base import DecodeContext, Draft
+from .draft_head import SubsetHead, draft_step
 from .params import as_bool, as_choice, as_float, as_int
 
 MODES = ("dynamic", "heuristic", "fixed")
@@ -173,7 +176,7 @@ class ModelDrafter:
         "model:NAME (a catalog name, an HF folder or GGUF path, or NAME-lN for NAME's first N "
         "layers), e.g. model:smollm2-135m-l8 or model:NAME:k=4,mode=fixed"
     )
-    params = ("num_tokens", "mode", "threshold", "draft_sampling")
+    params = ("num_tokens", "mode", "threshold", "draft_sampling", "draft_vocab")
     aliases = {
         "k": "num_tokens",
         "num_assistant_tokens": "num_tokens",
@@ -188,6 +191,7 @@ class ModelDrafter:
         mode: str = "dynamic",
         threshold: float = 0.4,
         draft_sampling: bool = True,
+        draft_vocab: int = 0,
         label: str = "model",
         target_vocab: int | None = None,
     ) -> None:
@@ -199,6 +203,10 @@ class ModelDrafter:
         self.num_tokens = as_int(m, "num_tokens", num_tokens, lo=1)
         self.threshold = as_float(m, "threshold", threshold, lo=0.0, hi=1.0)
         self.draft_sampling = as_bool(m, "draft_sampling", draft_sampling)
+        self.draft_vocab = as_int(m, "draft_vocab", draft_vocab, lo=0)
+        self._head = (
+            SubsetHead(draft_net, self.draft_vocab, target_vocab) if self.draft_vocab else None
+        )
         self.name = label if label.startswith("model") else f"model:{label}"
         self.target_vocab = target_vocab
         self._k = self.num_tokens  # current length (heuristic mode)
@@ -223,18 +231,6 @@ class ModelDrafter:
     def __repr__(self) -> str:
         return f"ModelDrafter({self.name!r}, mode={self.mode!r}, num_tokens={self.num_tokens})"
 
-    # -- helpers --
-
-    def _logits(self, tokens: list[int]) -> torch.Tensor:
-        out = self.net(torch.tensor(tokens, dtype=torch.long), self.cache, num_logits=1)[-1]
-        v = self.target_vocab
-        if v is not None and out.shape[-1] != v:  # same tokenizer, padded embeddings
-            if out.shape[-1] > v:
-                out = out[:v]
-            else:
-                out = torch.cat((out, out.new_full((v - out.shape[-1],), float("-inf"))))
-        return out
-
     # -- drafter protocol --
 
     def prefill(self, ctx: DecodeContext) -> None:
@@ -244,6 +240,9 @@ class ModelDrafter:
         self.cache.truncate(0)
         self._cached_ids = []
         self._round_conf, self._drafted = [], []
+        if self._head is not None:
+            self._head.reset()
+            self._head.observe(ctx.ids)
         prompt = ctx.ids[:-1]
         if prompt:
             self.net(torch.tensor(prompt, dtype=torch.long), self.cache, num_logits=1)
@@ -269,20 +268,26 @@ class ModelDrafter:
         self.cache.reserve(len(ids) - n + k)  # clear error if the cache is too small
         sampled = self.draft_sampling and not ctx.sampling.greedy
         dynamic = self.mode == "dynamic"
+        if self._head is not None:
+            self._head.observe(ids)
         feed = ids[n:]
         tokens: list[int] = []
         qs: list[torch.Tensor] = []
         for step in range(k):
-            logits = self._logits(feed)
+            x, conf, q = draft_step(
+                self.net,
+                feed,
+                self.cache,
+                head=self._head,
+                sampling=ctx.sampling,
+                sampled=sampled,
+                generator=ctx.generator,
+                target_vocab=self.target_vocab,
+            )
             self._cached_ids.extend(feed)
-            if sampled:
-                q = probs(logits, ctx.sampling)
-                x = sample(q, ctx.generator)
+            if q is not None:
                 qs.append(q)
-                conf = float(q[x])
-            else:
-                x = int(logits.argmax())
-                conf = float(torch.exp(logits[x] - torch.logsumexp(logits, -1))) if dynamic else 1.0
+                conf = float(q[x])  # HF: the processed distribution when sampling
             tokens.append(x)
             self._round_conf.append(conf)
             if dynamic and conf < self.threshold:

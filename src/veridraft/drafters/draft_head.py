@@ -1,0 +1,156 @@
+"""A cheaper head for drafting: logits over a subset of the vocabulary.
+
+On small models the output head is a large share of a forward (smollm2-135m: 28M of 134M
+weights; gemma3-270m: 168M of 268M), and a draft step pays for all of it. `SubsetHead` scores
+only the first `n` ids (BPE and SentencePiece vocabularies put frequent pieces first) plus every
+id already present in the context (the prompt and the generated text), so a draft step reads a
+fraction of the head.
+
+Still lossless: only the draft changes. Greedy drafts are the argmax over the subset (point
+masses); sampled drafts come from `probs()` of the subset logits (-inf elsewhere), and that q,
+zero outside the subset, is what the verifier receives.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import VeridraftError
+from ..models.base import Capture
+from ..sampling import SamplingParams, probs, sample
+
+
+def head_weight(net) -> Tensor | None:
+    """The [vocab, dim] output matrix when it is reachable as a tensor (fp32 heads; tied heads
+    through the embedding table in every precision)."""
+    w = getattr(getattr(net, "output", None), "weight", None)
+    if isinstance(w, Tensor) and w.dim() == 2:
+        return w
+    if getattr(net.config, "tie_embeddings", False):
+        return net.tok_embeddings.weight
+    return None
+
+
+class SubsetHead:
+    def __init__(self, net, n_first: int, target_vocab: int | None = None) -> None:
+        w = head_weight(net)
+        if w is None:
+            raise VeridraftError(
+                f"draft_vocab: the head of this model is not reachable in precision "
+                f"{getattr(net, 'precision', '?')} (untied and packed); use draft_vocab=0"
+            )
+        self.w = w
+        self.vocab = target_vocab or w.shape[0]
+        self.n = min(n_first, w.shape[0], self.vocab)
+        base = w[: self.n]
+        self.base = base if base.dtype == torch.float32 else base.float()
+        self.extra = torch.empty(256, w.shape[1])
+        self.extra_ids: list[int] = []
+        self._known: set[int] = set()
+        self.softcap = getattr(net.config, "final_logit_softcapping", None)
+        self._seen = 0
+        self._ids_obj = None
+
+    def reset(self) -> None:
+        self.extra_ids.clear()
+        self._known.clear()
+        self._seen = 0
+        self._ids_obj = None
+
+    def observe(self, ids: list[int]) -> None:
+        """Add the ids of the context not covered yet (call with the growing ctx.ids)."""
+        if ids is not self._ids_obj or len(ids) < self._seen:
+            self.reset()
+            self._ids_obj = ids
+        limit = min(self.vocab, self.w.shape[0])
+        for t in ids[self._seen :]:
+            if self.n <= t < limit and t not in self._known:
+                self._known.add(t)
+                e = len(self.extra_ids)
+                if e == self.extra.shape[0]:
+                    grown = torch.empty(2 * e, self.extra.shape[1])
+                    grown[:e] = self.extra
+                    self.extra = grown
+                self.extra[e] = self.w[t].float()
+                self.extra_ids.append(t)
+        self._seen = len(ids)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Subset logits for one hidden row h [dim]: [n + len(extra_ids)]."""
+        out = self.base @ h
+        if self.extra_ids:
+            out = torch.cat((out, self.extra[: len(self.extra_ids)] @ h))
+        if self.softcap is not None:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    def token(self, index: int) -> int:
+        return index if index < self.n else self.extra_ids[index - self.n]
+
+    def full(self, sub: Tensor) -> Tensor:
+        """Subset logits scattered into a [vocab] row, -inf elsewhere."""
+        row = torch.full((self.vocab,), float("-inf"))
+        row[: self.n] = sub[: self.n]
+        if self.extra_ids:
+            row[torch.tensor(self.extra_ids)] = sub[self.n :]
+        return row
+
+
+def draft_step(
+    net,
+    tokens: list[int],
+    cache,
+    *,
+    skip=None,
+    head: SubsetHead | None,
+    sampling: SamplingParams,
+    sampled: bool,
+    generator: torch.Generator | None,
+    target_vocab: int | None = None,
+) -> tuple[int, float, Tensor | None]:
+    """One draft forward of `tokens` (usually one id; more when a drafter catches up): (next
+    draft token, its draft probability, q or None).
+
+    The probability is the softmax of the raw draft logits at the chosen token (the confidence
+    that Draft & Verify and HF's assistant threshold compare); q is `probs()` of the draft logits
+    under `sampling` when `sampled`, else None (argmax, a point mass).
+    """
+    x = torch.tensor(tokens, dtype=torch.long)
+    if head is None:
+        logits = net(x, cache, skip=skip, num_logits=1)[-1]
+        if target_vocab is not None and logits.shape[-1] != target_vocab:
+            logits = _fit(logits, target_vocab)
+        if sampled:
+            q = probs(logits, sampling)
+            tok = sample(q, generator)
+        else:
+            q = None
+            tok = int(logits.argmax())
+        conf = float(torch.exp(logits[tok] - torch.logsumexp(logits, -1)))
+        return tok, conf, q
+    cap = Capture(hidden_layers=(-1,))
+    net(x, cache, skip=skip, capture=cap, num_logits=0)
+    sub = head.logits(cap.hidden[-1][-1])
+    if sampled:
+        q = probs(head.full(sub), sampling)
+        tok = sample(q, generator)
+        idx = None
+    else:
+        q = None
+        idx = int(sub.argmax())
+        tok = head.token(idx)
+    if idx is None:
+        row = head.full(sub)
+        conf = float(torch.exp(row[tok] - torch.logsumexp(sub, -1)))
+    else:
+        conf = float(torch.exp(sub[idx] - torch.logsumexp(sub, -1)))
+    return tok, conf, q
+
+
+def _fit(logits: Tensor, v: int) -> Tensor:
+    """Draft logits cut or padded (-inf) to the target's vocabulary size (same tokenizer,
+    padded embedding tables)."""
+    if logits.shape[-1] > v:
+        return logits[:v]
+    return torch.cat((logits, logits.new_full((v - logits.shape[-1],), float("-inf"))))
