@@ -180,7 +180,7 @@ def test_spec_skip_sets(net):
 
 def test_catalog_name_selects_the_hand_picked_set(net):
     fake = Named("smollm2-135m", type("N", (), {"config": type("C", (), {"n_layers": 30})})())
-    assert make_drafter("layerskip", fake).skip == DEFAULT_SKIPS["smollm2-135m"]
+    assert make_drafter("layerskip:profile=none", fake).skip == DEFAULT_SKIPS["smollm2-135m"]
 
 
 def test_unknown_model_gets_the_heuristic_with_a_warning(net):
