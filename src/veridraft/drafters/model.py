@@ -25,8 +25,9 @@ Draft length, `mode`:
 The draft probability used for the threshold is HF's: softmax of the draft scores at the drafted
 token - the raw logits when drafting greedily, the processed distribution q when sampling.
 
-`draft_vocab=N` (default 0: the full head) scores draft tokens over the first N ids plus the ids
-of the context only (drafters/draft_head.py): a cheaper draft step, same verification.
+`draft_vocab=N` scores draft tokens over the first N ids plus the ids of the context only
+(drafters/draft_head.py): a cheaper draft step, same verification. The default, "auto", uses
+16384 ids for vocabularies of 32768 ids or more (both catalog models), 0 (the full head) below.
 
 `model:NAME-lN` drafts with NAME's first N layers plus its final norm and head (sharing the
 weights, no copy); with NAME the target itself this is the same-vocabulary real pair used in the
@@ -44,7 +45,7 @@ from torch import nn
 
 from ..errors import VeridraftError
 from .base import DecodeContext, Draft
-from .draft_head import SubsetHead, draft_step
+from .draft_head import SubsetHead, draft_step, resolve_draft_vocab
 from .params import as_bool, as_choice, as_float, as_int
 
 MODES = ("dynamic", "heuristic", "fixed")
@@ -191,7 +192,7 @@ class ModelDrafter:
         mode: str = "dynamic",
         threshold: float = 0.4,
         draft_sampling: bool = True,
-        draft_vocab: int = 0,
+        draft_vocab: int | str = "auto",
         label: str = "model",
         target_vocab: int | None = None,
     ) -> None:
@@ -203,7 +204,7 @@ class ModelDrafter:
         self.num_tokens = as_int(m, "num_tokens", num_tokens, lo=1)
         self.threshold = as_float(m, "threshold", threshold, lo=0.0, hi=1.0)
         self.draft_sampling = as_bool(m, "draft_sampling", draft_sampling)
-        self.draft_vocab = as_int(m, "draft_vocab", draft_vocab, lo=0)
+        self.draft_vocab = resolve_draft_vocab(m, draft_vocab, draft_net)
         self._head = (
             SubsetHead(draft_net, self.draft_vocab, target_vocab) if self.draft_vocab else None
         )
