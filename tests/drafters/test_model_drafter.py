@@ -258,3 +258,16 @@ def test_subset_head_scores_equal_the_full_head_on_the_subset(net):
     ids.append(15)  # ctx.ids grows in place
     head.observe(ids)
     assert head.extra_ids == [12, 9, 15]
+
+
+def test_auto_draft_vocab(net):
+    from veridraft.drafters.draft_head import AUTO_DRAFT_VOCAB, resolve_draft_vocab
+
+    assert resolve_draft_vocab("model", "auto", net) == 0  # 16 ids: the full head
+    big = type("Net", (), {})()
+    big.config = type("C", (), {"vocab_size": 49152, "tie_embeddings": True})()
+    big.tok_embeddings = type("E", (), {"weight": torch.zeros(49152, 4)})()
+    assert resolve_draft_vocab("model", "auto", big) == AUTO_DRAFT_VOCAB
+    assert resolve_draft_vocab("model", "100", big) == 100
+    with pytest.raises(VeridraftError, match="draft_vocab must be an integer >= 0"):
+        resolve_draft_vocab("model", "lots", big)
