@@ -37,8 +37,9 @@ text), because the drafter only has the target's ids - the conversation is not r
 messages - and because the draft's job is to predict this exact text; a draft with its own chat
 template would be conditioned on a different string than the one the target continues.
 
-Draft precision, `precision=fp16w` (default; `fp32`, `bf16`): the draft is loaded on its own in
-that precision (models/precision.py). It changes which tokens are proposed, never what is
+Draft precision, `precision=fp16w` (default for a draft loaded on its own; `fp32`, `bf16`; a
+draft that is the target or a `NAME-lN` truncation of it shares the target's weights): the
+draft is loaded on its own in that precision (models/precision.py). It changes which tokens are proposed, never what is
 accepted - verification is the target's alone - and fp16 weights cut the draft's per-token cost
 (the draft/target cost ratio is what bounds the speedup on a CPU).
 
@@ -208,7 +209,12 @@ class UniversalDrafter:
     @classmethod
     def from_spec(cls, model, arg: str | None, params: dict) -> UniversalDrafter:
         params = dict(params)
-        precision = params.pop("precision", "fp16w")
+        precision = params.pop("precision", None)
+        if precision is None:
+            # fp16w by default, but a draft that is the target itself or a truncation of it
+            # (`NAME-lN`) shares the target's weights, so it keeps the target's precision.
+            own = arg != getattr(model, "name", None) and bool(_catalog_or_path(arg or ""))
+            precision = "fp16w" if own else "fp32"
         draft, label = _resolve(arg, model, precision)
         ttok = getattr(model, "tokenizer", None)
         dtok = getattr(draft, "tokenizer", None)
