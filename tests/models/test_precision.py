@@ -26,9 +26,14 @@ NEW_TOKENS = 32
 # Measured (docs/precision.md): fp16w 100% argmax agreement on both models, max |logit diff|
 # 0.026 (smollm2-135m) and 0.014 (gemma3-270m).
 # The floors leave room for other prompts, models and machines.
+# bf16 (activations rounded too): 97.5% on both (198 positions, 6 prompts), max |logit diff| 0.52
+# (smollm2-135m) and 0.27 (gemma3-270m).
 FLOORS = {
     "fp16w": {"argmax_agreement": 0.97, "max_logit_diff": 1.0},
+    "bf16": {"argmax_agreement": 0.93, "max_logit_diff": 2.0},
 }
+# Largest |packed - float32| of one linear on the kernel test's random inputs (|y| ~ 1).
+KERNEL_TOL = {"fp16w": 5e-3, "bf16": 5e-2}
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +95,20 @@ def _decode(net, ids, drafter=None):
 # ------------------------------------------------------------------ kernels
 
 
+@pytest.mark.parametrize("shape", [(960, 576), (256, 112)])  # 112: not a whole bf16 tile
 @pytest.mark.parametrize("precision", PACKED)
-def test_packed_rows_do_not_depend_on_the_other_rows(precision):
+def test_packed_rows_do_not_depend_on_the_other_rows(precision, shape):
     g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(960, 576, generator=g) * 0.05, torch.randn(960, generator=g)
+    n, k = shape
+    w, b = torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
     lin = PackedLinear(w, b, precision)
-    x = torch.randn(16, 576, generator=g)
+    x = torch.randn(16, k, generator=g)
     one = torch.cat([lin(x[i : i + 1]) for i in range(16)])
     for m in (2, 3, 5, 8, 16):
         assert torch.equal(lin(x[:m]), one[:m]), m
     assert torch.equal(lin(x.flip(0)), one.flip(0))  # position in the batch does not matter
-    assert (lin(x) - torch.nn.functional.linear(x, w, b)).abs().max() < 5e-3  # fp16 rounding
+    err = (lin(x) - torch.nn.functional.linear(x, w, b)).abs().max()
+    assert 0 < err < KERNEL_TOL[precision]  # 16-bit rounding: close, and not the fp32 kernel
 
 
 def test_unknown_precision_is_refused():

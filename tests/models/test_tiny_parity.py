@@ -278,3 +278,29 @@ def test_errors(pair, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(VeridraftError, match="unsupported model_type 'falcon'"):
         from_folder(bad)
+
+
+def test_bf16_rows_do_not_depend_on_the_number_of_rows(tmp_path):
+    """In bf16 a T-token forward gives, row for row, bitwise the logits of T one-token forwards:
+    this is what keeps speculative decoding exact in that mode. Needs row-wise attention (SDPA's
+    float32 noise, rounded to bf16, moved real-model logits) and K padded to oneDNN's tiles
+    (intermediate size 112 here: without the padding rows differ from M = 2 on)."""
+    cfg = transformers.Gemma3TextConfig(
+        **{**COMMON, "hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 3},
+        head_dim=64,
+        sliding_window=40,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).float().save_pretrained(tmp_path)
+    net = from_folder(tmp_path, precision="bf16")
+    prompt, n = 60, 12
+    tokens = ids(prompt + n, seed=3)
+    cache = net.new_cache(128)
+    net(tokens[:prompt], cache)
+    one = torch.cat([net(tokens[prompt + i : prompt + i + 1], cache) for i in range(n)])
+    same = []
+    for t in (2, 5, 12):
+        cache.truncate(prompt)
+        same.append(torch.equal(net(tokens[prompt : prompt + t], cache), one[:t]))
+    assert all(same), same

@@ -721,6 +721,7 @@ def run_bench(
     bandwidth: bool = True,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Benchmark `methods` on `model` (a catalog name, path, or a loaded model); write
     results.json, report.md and speedup.png into `out` (None: no files). Returns the results."""
@@ -747,7 +748,7 @@ def run_bench(
     if isinstance(model, str | Path):
         import veridraft
 
-        model = veridraft.load(str(model))
+        model = veridraft.load(str(model), precision=precision)
     meths = [make_method(n, model, threads=threads) for n in names]
 
     from ..generate import prompt_ids_for
@@ -932,6 +933,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="output directory (default out/bench-<model>-<timestamp>)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="veridraft's precision mode: fp32 (default), fp16w, bf16 (approximations of fp32; "
+        "peers always run their own float32)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -965,6 +972,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         threads=args.threads,
         seed=args.seed,
         progress=not args.no_progress,
+        precision=args.precision,
     )
     from .report import overview_text
 

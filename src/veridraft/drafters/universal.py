@@ -37,11 +37,11 @@ text), because the drafter only has the target's ids - the conversation is not r
 messages - and because the draft's job is to predict this exact text; a draft with its own chat
 template would be conditioned on a different string than the one the target continues.
 
-Draft precision, `precision=fp16w` (default for a draft loaded on its own; `fp32`, `bf16`; a
-draft that is the target or a `NAME-lN` truncation of it shares the target's weights): the
-draft is loaded on its own in that precision (models/precision.py). It changes which tokens are proposed, never what is
-accepted - verification is the target's alone - and fp16 weights cut the draft's per-token cost
-(the draft/target cost ratio is what bounds the speedup on a CPU).
+Draft precision, `precision=fp32|fp16w|bf16` (default: the target's; a draft that is the target
+or a `NAME-lN` truncation of it shares the target's weights): the draft is loaded on its own in
+that precision (models/precision.py). It changes which tokens are proposed, never what is
+accepted - verification is the target's alone. The draft/target cost ratio per token bounds the
+speedup on a CPU; which mode is cheapest per token depends on the machine (docs/precision.md).
 
 Parameters: `num_tokens` (alias `k`: draft tokens per round, default 4 fixed / 12 dynamic),
 `mode` (fixed | dynamic), `threshold` (dynamic start, 0.4), `align` (dtw | lcd), `window`
@@ -211,10 +211,10 @@ class UniversalDrafter:
         params = dict(params)
         precision = params.pop("precision", None)
         if precision is None:
-            # fp16w by default, but a draft that is the target itself or a truncation of it
-            # (`NAME-lN`) shares the target's weights, so it keeps the target's precision.
+            # the target's mode by default; a draft that is the target itself or a truncation
+            # of it (`NAME-lN`) shares the target's weights, so it is loaded as fp32 (= as is).
             own = arg != getattr(model, "name", None) and bool(_catalog_or_path(arg or ""))
-            precision = "fp16w" if own else "fp32"
+            precision = getattr(model, "precision", "fp32") if own else "fp32"
         draft, label = _resolve(arg, model, precision)
         ttok = getattr(model, "tokenizer", None)
         dtok = getattr(draft, "tokenizer", None)

@@ -271,13 +271,14 @@ class Span:
     lo: int  # first cached position read (contiguous case)
     index: Tensor | None  # explicit cached positions (a view) instead of [lo, start)
     mask: Tensor | None  # [T, L] bool, True = may attend; None = every key allowed
+    window: int | None = None  # sliding window of the layer (None = global)
 
 
 def make_span(start: int, t: int, window: int | None, view: Tensor | None) -> Span:
     if view is None:
         lo = 0 if window is None else max(0, start - window + 1)
         if t == 1:
-            return Span(lo, None, None)
+            return Span(lo, None, None, window)
     qpos = torch.arange(start, start + t)
     if view is None:
         kpos = torch.arange(lo, start + t)
@@ -289,7 +290,7 @@ def make_span(start: int, t: int, window: int | None, view: Tensor | None) -> Sp
     allowed = kpos[None, :] <= qpos[:, None]
     if window is not None:
         allowed &= kpos[None, :] > qpos[:, None] - window
-    return Span(lo, view, None if bool(allowed.all()) else allowed)
+    return Span(lo, view, None if bool(allowed.all()) else allowed, window)
 
 
 @dataclass
@@ -301,6 +302,7 @@ class Step:
     t: int
     rope: list[tuple[Tensor, Tensor]]  # per rope setting: cos, sin [T, 1, hd]
     spans: list[Span | None]  # per layer
+    rowwise: bool = False  # attend query row by row (see Transformer.rowwise_attention)
 
 
 def attend(
@@ -316,22 +318,47 @@ def attend(
     cache, start, t = step.cache, step.start, step.t
     span = step.spans[layer]
     cache.write(layer, start, k, v)
+    if step.rowwise and t > 1 and span.index is None:
+        # Row i reads exactly the keys, in the same call shape, as a one-token forward at
+        # position start+i would: bitwise the same output as plain decoding.
+        rows = []
+        for i in range(t):
+            pos = start + i
+            lo = 0 if span.window is None else max(0, pos - span.window + 1)
+            rows.append(
+                _attend(
+                    q[:, :, i : i + 1],
+                    cache.k[layer][:, :, lo : pos + 1],
+                    cache.v[layer][:, :, lo : pos + 1],
+                    None,
+                    scale,
+                    softcap,
+                )
+            )
+        return torch.cat(rows, 0)
     if span.index is None:
         keys = cache.k[layer][:, :, span.lo : start + t]
         vals = cache.v[layer][:, :, span.lo : start + t]
     else:
         keys = torch.cat((cache.k[layer].index_select(2, span.index), k), dim=2)
         vals = torch.cat((cache.v[layer].index_select(2, span.index), v), dim=2)
+    return _attend(q, keys, vals, span.mask, scale, softcap)
+
+
+def _attend(
+    q: Tensor, keys: Tensor, vals: Tensor, mask: Tensor | None, scale: float, softcap
+) -> Tensor:
+    t = q.shape[2]
     if softcap is None:
         out = F.scaled_dot_product_attention(
-            q, keys, vals, attn_mask=span.mask, scale=scale, enable_gqa=True
+            q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=True
         )
     else:  # SDPA cannot softcap the scores
         groups = q.shape[1] // keys.shape[1]
         keys, vals = keys.repeat_interleave(groups, 1), vals.repeat_interleave(groups, 1)
         scores = torch.tanh(q @ keys.transpose(-1, -2) * scale / softcap) * softcap
-        if span.mask is not None:
-            scores = scores.masked_fill(~span.mask, float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         out = scores.softmax(-1) @ vals
     return out[0].transpose(0, 1).reshape(t, -1)
 
@@ -384,6 +411,10 @@ class Transformer(nn.Module):
             settings.append(config.rope[SLIDING])
         self.rope_of_layer = [len(settings) - 1 if t == SLIDING else 0 for t in config.layer_types]
         self.rope = RopeTables(settings, config.head_dim)
+        # SDPA's row results move by ~3e-7 with the number of query rows: harmless where the
+        # activations stay float32 (fp32, fp16w), but bf16 rounds them, which turns such noise
+        # into different tokens between plain and speculative decoding. bf16 sets this.
+        self.rowwise_attention = False
 
     layers: nn.ModuleList
 
@@ -430,7 +461,7 @@ class Transformer(nn.Module):
                     shared[w] = make_span(start, t, w, None)
                 spans.append(shared[w])
         rope = [self.rope.get(j, start, t) for j in range(len(self.rope.inv_freq))]
-        step = Step(cache, start, t, rope, spans)
+        step = Step(cache, start, t, rope, spans, self.rowwise_attention)
 
         want = set(capture.hidden_layers) if capture is not None else ()
         n_layers = self.config.n_layers

@@ -10,10 +10,15 @@ attention, the residual stream and the KV cache stay float32 in every mode.
 |---------|---------------------------------|-----------------------------|--------------|
 | `fp32`  | float32                         | float32                     | float32      |
 | `fp16w` | float16, fbgemm-packed          | float32                     | float32      |
+| `bf16`  | bfloat16, oneDNN-prepacked      | bfloat16 (rounded)          | float32, output rounded to bfloat16 |
 
-Measured but not shipped (docs/precision.md has the numbers): `bf16` (bf16 weights and
-activations through oneDNN: flat in M but 1.2-2x slower than fp16w at M <= 8, and less
-accurate), weight-only int8 (`torch._weight_int8pack_mm`, bf16 activations: ~20% faster than
+`bf16` is the fast mode on CPUs with AMX or AVX-512 BF16: with the weights reordered once into
+oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, batch-size hint 16) a matmul
+over 1..16 rows costs about the same, and reads half the bytes of fp32. Without the prepack
+(plain `F.linear` on bf16 tensors) oneDNN reorders the weights on every call and one row takes a
+slow path: 1.5-2x slower. It is the least accurate mode (activations and outputs in bfloat16).
+
+Measured but not shipped (docs/precision.md has the numbers): weight-only int8 (`torch._weight_int8pack_mm`, bf16 activations: ~20% faster than
 fp16w at M=1, slower from M=4 on) and dynamic int8 with per-token activation scales
 (`torch._int_mm`: batch-invariant and flat in M, but slower than fp16w up to M=8).
 
@@ -38,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PRECISIONS = ("fp32", "fp16w")  # bf16 is a measured candidate (micro-benchmark), not shipped
+PRECISIONS = ("fp32", "fp16w", "bf16")
 RECOMMENDED_PRECISION = "fp16w"  # docs/precision.md; load() and the CLI still default to fp32
 
 # fbgemm's fp16 entry points warn "deprecated" (once per process, from C++); the kernels are what
@@ -75,13 +80,22 @@ class PackedLinear(nn.Module):
         w = weight.detach().float().contiguous()
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
         self.packed = None
+        self.onednn = None
+        self.pad = 0
         if precision == "fp16w":
             # opaque fbgemm blob (not a tensor of the weights): kept as a plain attribute
             _quiet_fbgemm()
             self.packed = torch.fbgemm_pack_gemm_matrix_fp16(w)
             self.weight = None
         else:
-            self.register_buffer("weight", w.to(_HALF[precision]))
+            # oneDNN's bf16 kernels give rows that depend on the number of rows when the inner
+            # dimension is not a multiple of its 32-wide tiles (seen with K = 112); zero columns
+            # change no sum and make every K a whole number of tiles.
+            self.pad = -self.in_features % 32
+            self.register_buffer("weight", F.pad(w, (0, self.pad)).to(_HALF[precision]))
+            self.onednn = _onednn_pack(self.weight)
+            if self.onednn is not None:
+                self.weight = None  # the blocked copy is the only one kept
         self.bias_half = None if bias is None else self.bias.to(_HALF[precision])
 
     @property
@@ -94,13 +108,33 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is not None:
             return torch.fbgemm_linear_fp16_weight_fp32_activation(x, self.packed, self.bias)
-        return F.linear(x.to(torch.bfloat16), self.weight, self.bias_half).float()
+        xb = x.to(torch.bfloat16)
+        if self.pad:
+            xb = F.pad(xb, (0, self.pad))
+        if self.onednn is not None:
+            y = torch.ops.mkldnn._linear_pointwise(xb, self.onednn, self.bias_half, "none", [], "")
+            return y.float()
+        return F.linear(xb, self.weight, self.bias_half).float()
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, precision={self.precision}"
         )
+
+
+def _onednn_pack(w: Tensor):
+    """w (bf16) reordered for oneDNN's small-batch kernels, or None where this torch build has
+    no oneDNN (then F.linear on the bf16 tensor is used: same numbers, slower)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        probe = torch.zeros(1, w.shape[1], dtype=torch.bfloat16)
+        torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+        return packed
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def apply_precision(model: nn.Module, precision: str) -> nn.Module:
@@ -122,6 +156,8 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
     if isinstance(emb, nn.Embedding):
         emb.weight = nn.Parameter(emb.weight.detach().to(_HALF[precision]), requires_grad=False)
     model.precision = precision
+    if precision == "bf16":
+        model.rowwise_attention = True  # see Transformer.rowwise_attention
     return model
 
 
