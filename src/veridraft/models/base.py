@@ -305,6 +305,11 @@ class Step:
     rowwise: bool = False  # attend query row by row (see Transformer.rowwise_attention)
 
 
+# Row-wise attention covers verification forwards (a draft plus one token); longer forwards are
+# prefills, which plain and speculative decoding run alike, so they keep the batched kernel.
+ROWWISE_MAX_T = 64
+
+
 def attend(
     q: Tensor,
     k: Tensor,
@@ -318,7 +323,7 @@ def attend(
     cache, start, t = step.cache, step.start, step.t
     span = step.spans[layer]
     cache.write(layer, start, k, v)
-    if step.rowwise and t > 1 and span.index is None:
+    if step.rowwise and 1 < t <= ROWWISE_MAX_T and span.index is None:
         # Row i reads exactly the keys, in the same call shape, as a one-token forward at
         # position start+i would: bitwise the same output as plain decoding.
         rows = []
