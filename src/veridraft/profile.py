@@ -244,7 +244,7 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", "-m", default="smollm2-135m", help="catalog name, GGUF or folder")
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16w (default fp32)")
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16w | bf16 (default fp32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per point (default 7)")
     p.add_argument("--no-save", action="store_true", help="print only, do not store the file")
@@ -258,7 +258,7 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
 
 def performance_table(
     models=("smollm2-135m", "gemma3-270m"),
-    precisions=("fp32", "fp16w"),
+    precisions=("fp32", "bf16"),
     repeats: int = 7,
     prompts: int = 4,
     new_tokens: int = 64,
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         description="the performance table of docs/performance.md",
     )
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16w"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)

@@ -873,7 +873,11 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument(
         "--search-exit", action="store_true", help="also search initial gamma and max draft steps"
     )
-    t.add_argument("--precision", default="fp32", help="precision to load and tune in (fp32)")
+    t.add_argument(
+        "--precision",
+        default="fp32",
+        help="precision to load and tune in: fp32 (default) | fp16w | bf16",
+    )
     t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     t.add_argument("--seed", type=int, default=1)
     t.add_argument(

@@ -45,20 +45,11 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
 
 
 def weight_bytes_per_token(net: torch.nn.Module) -> int:
-    """Bytes of weights one plain-decoding step reads: every parameter/buffer once (tied
-    tensors once), except an input embedding table that is not also the output head (a lookup
-    reads one row only)."""
-    seen: dict[int, int] = {}
-    for t in [*net.parameters(), *net.buffers()]:
-        if t.is_floating_point() and t.numel() > 0:
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-    total = sum(seen.values())
-    linear_ptrs = {m.weight.data_ptr() for m in net.modules() if isinstance(m, torch.nn.Linear)}
-    for m in net.modules():
-        if isinstance(m, torch.nn.Embedding) and m.weight.data_ptr() not in linear_ptrs:
-            w = m.weight
-            total -= w.numel() * w.element_size() - w.shape[-1] * w.element_size()
-    return total
+    """Bytes of weights one plain-decoding step reads (packed precisions counted at their
+    stored size; an input embedding table that is not the head costs one row)."""
+    from ..models.precision import weight_nbytes_per_token
+
+    return weight_nbytes_per_token(net)
 
 
 def kv_bytes_per_position(net) -> int:
@@ -137,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="veridraft's mode: fp32 (default), fp16w, bf16; transformers always runs float32",
+    )
     args = p.parse_args(argv)
     try:
         return _run(args)
@@ -151,7 +147,7 @@ def _run(args) -> int:
     from ..generate import prompt_ids_for
 
     torch.set_num_threads(args.threads)
-    model = veridraft.load(args.model)
+    model = veridraft.load(args.model, precision=args.precision)
     prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(args.prompts)]
     ids_list = [prompt_ids_for(model, [{"role": "user", "content": p}]) for p in prompts]
     eos = sorted(model.tokenizer.eos_ids)
@@ -187,7 +183,7 @@ def _run(args) -> int:
     bound = bandwidth_bound(model.net, statistics.mean(ctx))
     med_ours = statistics.median(ours)
     print(
-        f"model {model.name}, {args.threads} threads, {len(ids_list)} prompts, "
+        f"model {model.name} ({model.precision}), {args.threads} threads, {len(ids_list)} prompts, "
         f"{args.max_new_tokens} new tokens max, torch {torch.__version__}"
     )
     print(f"veridraft plain decoding:    {med_ours:7.1f} tok/s (median)")
