@@ -125,7 +125,8 @@ class PackedLinear(nn.Module):
 
 def _onednn_pack(w: Tensor):
     """w (bf16) reordered for oneDNN's small-batch kernels, or None where this torch build has
-    no oneDNN (then F.linear on the bf16 tensor is used: same numbers, slower)."""
+    no oneDNN (then F.linear on the bf16 tensor is used: slower, and its batch invariance is
+    only what tests/models/test_precision.py checks on that machine)."""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
