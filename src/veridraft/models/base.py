@@ -274,9 +274,14 @@ class Span:
     window: int | None = None  # sliding window of the layer (None = global)
 
 
+def first_key(pos: int, window: int | None) -> int:
+    """The first cached position a query at `pos` reads (sliding window or global)."""
+    return 0 if window is None else max(0, pos - window + 1)
+
+
 def make_span(start: int, t: int, window: int | None, view: Tensor | None) -> Span:
     if view is None:
-        lo = 0 if window is None else max(0, start - window + 1)
+        lo = first_key(start, window)
         if t == 1:
             return Span(lo, None, None, window)
     qpos = torch.arange(start, start + t)
@@ -329,7 +334,7 @@ def attend(
         rows = []
         for i in range(t):
             pos = start + i
-            lo = 0 if span.window is None else max(0, pos - span.window + 1)
+            lo = first_key(pos, span.window)
             rows.append(
                 _attend(
                     q[:, :, i : i + 1],
