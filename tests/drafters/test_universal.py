@@ -126,6 +126,7 @@ VARIANTS = {
     "lcd": {"align": "lcd"},
     "dtw-k6-band1": {"num_tokens": 6, "window": 1},
     "dynamic": {"mode": "dynamic", "num_tokens": 6},
+    "auto": {"mode": "auto", "num_tokens": 6},
 }
 
 
@@ -298,7 +299,12 @@ def test_real_pair_greedy_equals_plain_dtw(real_model):
 @pytest.mark.real
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "spec", ["universal:smollm2-135m:align=lcd", "universal:smollm2-135m:mode=dynamic"]
+    "spec",
+    [
+        "universal:smollm2-135m:align=lcd",
+        "universal:smollm2-135m:mode=dynamic",
+        "universal:smollm2-135m:mode=auto",
+    ],
 )
 def test_real_pair_greedy_equals_plain_variants(real_model, spec):
     gemma = real_model("gemma3-270m")

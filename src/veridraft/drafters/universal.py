@@ -3,6 +3,8 @@
     make_drafter("universal:smollm2-135m", gemma)                   # DTW, fixed k = 4
     make_drafter("universal:smollm2-135m:align=lcd,k=6", gemma)
     make_drafter("universal:NAME:mode=dynamic,k=12", model)         # confidence threshold
+    make_drafter("universal:smollm2-135m:mode=auto", gemma)         # cost-aware k, 0 when it
+                                                                     # cannot pay (autolength.py)
 
 One round:
 
@@ -43,8 +45,9 @@ that precision (models/precision.py). It changes which tokens are proposed, neve
 accepted - verification is the target's alone. The draft/target cost ratio per token bounds the
 speedup on a CPU; which mode is cheapest per token depends on the machine (docs/precision.md).
 
-Parameters: `num_tokens` (alias `k`: draft tokens per round, default 4 fixed / 12 dynamic),
-`mode` (fixed | dynamic), `threshold` (dynamic start, 0.4), `align` (dtw | lcd), `window`
+Parameters: `num_tokens` (alias `k`: draft tokens per round, default 4 fixed / 12 dynamic /
+at most 8 auto), `mode` (fixed | dynamic | auto: the k that maximises measured tokens per
+second, no draft at all when the acceptance cannot pay for the draft model), `threshold` (dynamic start, 0.4), `align` (dtw | lcd), `window`
 (alias `band`, the DTW band, 8), `lookbehind` (draft tokens re-encoded each round, 8), `text`,
 `precision`.
 
@@ -62,12 +65,13 @@ from torch import nn
 
 from ..align import dtw_path, kept_by_path, lcd_path, norm_piece, token_bytes
 from ..errors import VeridraftError
+from .autolength import AutoLength
 from .base import DecodeContext, Draft
 from .model import _LOADED, _common_prefix, _net_of, _vocab_of, resolve_draft, roc_threshold
 from .params import as_bool, as_choice, as_float, as_int
 
 ALIGNS = ("dtw", "lcd")
-MODES = ("fixed", "dynamic")
+MODES = ("fixed", "dynamic", "auto")
 _MAX_HISTORY = 8192
 _TAIL_TARGET_TOKENS = 4  # committed target tokens re-encoded with the draft text
 
@@ -172,8 +176,10 @@ class UniversalDrafter:
         self.dtok, self.ttok = draft_tokenizer, target_tokenizer
         self.mode = as_choice(m, "mode", mode, MODES)
         if num_tokens is None:
-            num_tokens = {"fixed": 4, "dynamic": 12}[self.mode]
+            num_tokens = {"fixed": 4, "dynamic": 12, "auto": 8}[self.mode]
         self.num_tokens = as_int(m, "num_tokens", num_tokens, lo=1)
+        self.auto = AutoLength(self.num_tokens) if self.mode == "auto" else None
+        self._proposed = 0
         self.threshold = as_float(m, "threshold", threshold, lo=0.0, hi=1.0)
         self.align = as_choice(m, "align", align, ALIGNS)
         self.window = as_int(m, "window", window, lo=0)
@@ -325,8 +331,17 @@ class UniversalDrafter:
         self._round = None
         self.prof["rounds"] += 1
         k = min(self.num_tokens, max_tokens)
-        if k <= 0:
-            return Draft(tokens=[])
+        if self.auto is not None:
+            k = self.auto.choose(k)
+        t0 = time.perf_counter()
+        n0 = self.prof["draft_tokens"]
+        draft = self._draft(ctx, k, max_tokens) if k > 0 else Draft(tokens=[])
+        self._proposed = len(draft.tokens)
+        if self.auto is not None:
+            self.auto.drafted(self.prof["draft_tokens"] - n0, time.perf_counter() - t0)
+        return draft
+
+    def _draft(self, ctx: DecodeContext, k: int, max_tokens: int) -> Draft:
         t0 = time.perf_counter()
         ok = self._sync(ctx)
         self.prof["reencode_s"] += time.perf_counter() - t0
@@ -405,6 +420,9 @@ class UniversalDrafter:
         return props, x_ends, p_ends[: len(props)], exact
 
     def update(self, n_accepted: int, next_token: int) -> None:
+        if self.auto is not None:
+            self.auto.verified(self._proposed, n_accepted)
+        self._proposed = 0
         rnd = self._round
         self._round = None
         if rnd is None:
