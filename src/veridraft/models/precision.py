@@ -66,6 +66,9 @@ def _quiet_fbgemm() -> None:
 
 
 _HALF = {"fp16w": torch.float16, "bf16": torch.bfloat16}
+VERIFY_ROWS = 17  # rows of the largest verification forward (decode's max_draft 16, + 1)
+# (out, in, bias), threads -> rows bf16 matmuls of that shape are padded to (PackedLinear)
+_ROW_FLOORS: dict[tuple, int] = {}
 
 
 class PackedLinear(nn.Module):
@@ -111,10 +114,55 @@ class PackedLinear(nn.Module):
         xb = x.to(torch.bfloat16)
         if self.pad:
             xb = F.pad(xb, (0, self.pad))
+        m = xb.shape[0]
+        if m <= VERIFY_ROWS:
+            floor = _ROW_FLOORS.get((self._shape, torch.get_num_threads()))
+            if floor is None:
+                floor = self._probe_row_floor()
+            if m < floor:
+                return self._mm(F.pad(xb, (0, 0, 0, floor - m)))[:m].float()
+        return self._mm(xb).float()
+
+    @property
+    def _shape(self) -> tuple:
+        return (self.out_features, self.in_features + self.pad, self.bias is not None)
+
+    def _mm(self, xb: Tensor) -> Tensor:
         if self.onednn is not None:
-            y = torch.ops.mkldnn._linear_pointwise(xb, self.onednn, self.bias_half, "none", [], "")
-            return y.float()
-        return F.linear(xb, self.weight, self.bias_half).float()
+            return torch.ops.mkldnn._linear_pointwise(
+                xb, self.onednn, self.bias_half, "none", [], ""
+            )
+        return F.linear(xb, self.weight, self.bias_half)
+
+    def _probe_row_floor(self) -> int:
+        """The fewest rows to run this shape's matmul with so that no row's result depends on
+        the other rows, for up to VERIFY_ROWS rows. oneDNN picks its kernel by the number of
+        rows: on an AVX512-BF16 CPU without AMX (AMD EPYC) a 576x1536 matmul switches kernels,
+        and its sums' order, at 7-8 rows, so a verification forward would not reproduce plain
+        decoding; padding the rows with zeros up to 8 keeps every call on one kernel. Measured
+        once per shape and thread count, on random rows."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(VERIFY_ROWS, self.in_features + self.pad, generator=g).to(torch.bfloat16)
+        floor = 1
+        for floor in (1, 8, 16, VERIFY_ROWS):
+
+            def run(rows: Tensor, floor: int = floor) -> Tensor:
+                n = rows.shape[0]
+                return self._mm(F.pad(rows, (0, 0, 0, max(0, floor - n))))[:n]
+
+            one = torch.cat([run(x[i : i + 1]) for i in range(VERIFY_ROWS)])
+            if all(torch.equal(run(x[:m]), one[:m]) for m in range(2, VERIFY_ROWS + 1)):
+                break
+        else:
+            warnings.warn(
+                f"bf16 matmul {self._shape[:2]} gives rows that depend on the number of rows on "
+                "this CPU: speculative decoding in bf16 may differ from plain bf16 decoding; "
+                "use precision='fp16w' or 'fp32' for exact match",
+                stacklevel=2,
+            )
+            floor = 1
+        _ROW_FLOORS[(self._shape, torch.get_num_threads())] = floor
+        return floor
 
     def extra_repr(self) -> str:
         return (
