@@ -102,14 +102,19 @@ def _decode(net, ids, drafter=None):
 def test_packed_rows_do_not_depend_on_the_other_rows(precision, shape):
     g = torch.Generator().manual_seed(0)
     n, k = shape
-    w, b = torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+
+    def wild(*size):  # magnitudes 2^-8..2^8: sums cancel, so their order shows in the output
+        return torch.randn(*size, generator=g) * torch.exp2(torch.randint(-8, 9, size, generator=g))
+
+    w, b = wild(n, k) * 0.05, torch.randn(n, generator=g)
     lin = PackedLinear(w, b, precision)
-    x = torch.randn(16, k, generator=g)
+    x = wild(16, k)
     one = torch.cat([lin(x[i : i + 1]) for i in range(16)])
     for m in (2, 3, 5, 7, 8, 12, 16):
         assert torch.equal(lin(x[:m]), one[:m]), m
     assert torch.equal(lin(x.flip(0)), one.flip(0))  # position in the batch does not matter
-    err = (lin(x) - torch.nn.functional.linear(x, w, b)).abs().max()
+    w, x = torch.randn(n, k, generator=g) * 0.05, torch.randn(16, k, generator=g)
+    err = (PackedLinear(w, b, precision)(x) - torch.nn.functional.linear(x, w, b)).abs().max()
     assert 0 < err < KERNEL_TOL[precision]  # 16-bit rounding: close, and not the fp32 kernel
 
 
@@ -121,6 +126,24 @@ def test_unknown_precision_is_refused():
 
 
 # ------------------------------------------------------------------ real models
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+@pytest.mark.parametrize("precision", PACKED)
+def test_a_forward_over_t_tokens_equals_t_one_token_forwards(loaded, precision, name):
+    """What makes speculative decoding exact in a packed mode: the logits of a verification
+    forward over T tokens are bitwise those of T one-token steps (T up to decode's 17)."""
+    net = loaded(name, precision).net
+    ids = torch.randint(100, 20000, (57,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cache = net.new_cache(80)
+        net(ids[:40], cache)
+        steps = torch.cat([net(ids[40 + i : 41 + i], cache) for i in range(17)])
+        for t in (2, 3, 5, 8, 12, 17):
+            cache.truncate(40)
+            out = net(ids[40 : 40 + t], cache)
+            assert torch.equal(out, steps[:t]), f"T={t}: {float((out - steps[:t]).abs().max())}"
 
 
 @pytest.mark.real

@@ -421,9 +421,11 @@ class Transformer(nn.Module):
             settings.append(config.rope[SLIDING])
         self.rope_of_layer = [len(settings) - 1 if t == SLIDING else 0 for t in config.layer_types]
         self.rope = RopeTables(settings, config.head_dim)
-        # SDPA's row results move by ~3e-7 with the number of query rows: harmless where the
-        # activations stay float32 (fp32, fp16w), but bf16 rounds them, which turns such noise
-        # into different tokens between plain and speculative decoding. bf16 sets this.
+        # SDPA's row results move by ~3e-7 with the number of query rows; bf16 rounds them into
+        # different tokens between plain and speculative decoding, and in fp16w they are the
+        # only thing between a verification forward and bitwise the logits of one-token steps.
+        # The packed modes set this (apply_precision); fp32's MKL matmuls are not row-exact
+        # anyway, so it keeps the batched kernel.
         self.rowwise_attention = False
 
     layers: nn.ModuleList

@@ -127,37 +127,50 @@ class PackedLinear(nn.Module):
     def _shape(self) -> tuple:
         return (self.out_features, self.in_features + self.pad, self.bias is not None)
 
-    def _mm(self, xb: Tensor) -> Tensor:
-        if self.onednn is not None:
-            return torch.ops.mkldnn._linear_pointwise(
-                xb, self.onednn, self.bias_half, "none", [], ""
-            )
-        return F.linear(xb, self.weight, self.bias_half)
+    def _mm(self, xb: Tensor, weight: Tensor | None = None, packed=None, bias=None) -> Tensor:
+        """xb @ W.T + b, or with a probe's weight and bias when given."""
+        if weight is None:
+            weight, packed, bias = self.weight, self.onednn, self.bias_half
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(xb, packed, bias, "none", [], "")
+        return F.linear(xb, weight, bias)
 
     def _probe_row_floor(self) -> int:
-        """The fewest rows to run this shape's matmul with so that no row's result depends on
-        the other rows, for up to VERIFY_ROWS rows. oneDNN picks its kernel by the number of
-        rows: on an AVX512-BF16 CPU without AMX (AMD EPYC) a 576x1536 matmul switches kernels,
-        and its sums' order, at 7-8 rows, so a verification forward would not reproduce plain
-        decoding; padding the rows with zeros up to 8 keeps every call on one kernel. Measured
-        once per shape and thread count, on random rows."""
+        """The fewest rows to run this shape's matmuls with so that no row's result depends on
+        the other rows, for up to VERIFY_ROWS rows.
+
+        oneDNN picks its kernel by the number of rows: on an AVX512-BF16 CPU without AMX (AMD
+        EPYC) one row of a 640x2048 or 576x1536 matmul takes another kernel, with another order
+        of its sums, than two or more, so a verification forward would not reproduce plain
+        decoding; padding with zero rows up to the floor keeps every call on one kernel. The
+        kernel depends on the shape, not on the numbers, so the probe packs a synthetic weight
+        of this shape whose entries span 2^-8..2^8: their sums cancel, and a different order of
+        summation shows in the bf16 output (with plain random data it mostly rounds away).
+        Measured once per shape and thread count."""
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(VERIFY_ROWS, self.in_features + self.pad, generator=g).to(torch.bfloat16)
-        floor = 1
-        for floor in (1, 8, 16, VERIFY_ROWS):
+        n, k = self.out_features, self.in_features + self.pad
+
+        def wild(*shape: int) -> Tensor:
+            scale = torch.exp2(torch.randint(-8, 9, shape, generator=g).float())
+            return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+
+        w, b = wild(n, k), (None if self.bias is None else wild(n))
+        packed = _onednn_pack(w) if self.onednn is not None else None
+        x = wild(VERIFY_ROWS, k)
+        for floor in (1, 2, 4, 8, 16, VERIFY_ROWS):
 
             def run(rows: Tensor, floor: int = floor) -> Tensor:
-                n = rows.shape[0]
-                return self._mm(F.pad(rows, (0, 0, 0, max(0, floor - n))))[:n]
+                m = rows.shape[0]
+                return self._mm(F.pad(rows, (0, 0, 0, max(0, floor - m))), w, packed, b)[:m]
 
             one = torch.cat([run(x[i : i + 1]) for i in range(VERIFY_ROWS)])
             if all(torch.equal(run(x[:m]), one[:m]) for m in range(2, VERIFY_ROWS + 1)):
                 break
         else:
             warnings.warn(
-                f"bf16 matmul {self._shape[:2]} gives rows that depend on the number of rows on "
-                "this CPU: speculative decoding in bf16 may differ from plain bf16 decoding; "
-                "use precision='fp16w' or 'fp32' for exact match",
+                f"bf16 matmul {n}x{k} gives rows that depend on the number of rows on this CPU: "
+                "speculative decoding in bf16 may differ from plain bf16 decoding; use "
+                "precision='fp16w' or 'fp32' for exact match",
                 stacklevel=2,
             )
             floor = 1
@@ -205,8 +218,7 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
     if isinstance(emb, nn.Embedding):
         emb.weight = nn.Parameter(emb.weight.detach().to(_HALF[precision]), requires_grad=False)
     model.precision = precision
-    if precision == "bf16":
-        model.rowwise_attention = True  # see Transformer.rowwise_attention
+    model.rowwise_attention = True  # see Transformer.rowwise_attention
     return model
 
 
