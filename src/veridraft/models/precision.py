@@ -23,7 +23,8 @@ fp16w at M=1, slower from M=4 on) and dynamic int8 with per-token activation sca
 (`torch._int_mm`: batch-invariant and flat in M, but slower than fp16w up to M=8).
 
 Every kernel here is *batch-invariant*: row i of `linear(x)` is bitwise the same whatever the
-other rows of x are (checked for M = 1..16 on the catalog shapes by
+other rows of x are (bf16 pads small calls where oneDNN would change kernels: _probe_row_floor;
+checked for M = 1..16 on the catalog shapes by
 `python -m veridraft.models.precision`, and by tests/models/test_precision.py). That is what
 keeps speculative decoding exactly equal to plain decoding *in the same mode*: the verification
 forward over k+1 rows computes the same numbers as k+1 one-row forwards. (float32 MKL is not
