@@ -122,8 +122,8 @@ def _universal(pair, **kw):
 
 
 VARIANTS = {
-    "dtw": {},
-    "lcd": {"align": "lcd"},
+    "dtw": {"mode": "fixed"},
+    "lcd": {"align": "lcd", "mode": "fixed"},
     "dtw-k6-band1": {"num_tokens": 6, "window": 1},
     "dynamic": {"mode": "dynamic", "num_tokens": 6},
     "auto": {"mode": "auto", "num_tokens": 6},
@@ -303,7 +303,7 @@ def test_real_pair_greedy_equals_plain_dtw(real_model):
     [
         "universal:smollm2-135m:align=lcd",
         "universal:smollm2-135m:mode=dynamic",
-        "universal:smollm2-135m:mode=auto",
+        "universal:smollm2-135m:mode=fixed",
     ],
 )
 def test_real_pair_greedy_equals_plain_variants(real_model, spec):
@@ -328,3 +328,9 @@ def test_real_same_vocabulary_is_identity(real_model):
     d = _check_greedy(smol, "universal:smollm2-135m:k=4", REAL_Q[:1], 32)
     assert d.identity
     assert d.name == "universal:smollm2-135m"
+
+
+def test_default_length_is_cost_aware_unless_k_is_given(pair):
+    assert _universal(pair).mode == "auto" and _universal(pair).auto is not None
+    d = _universal(pair, num_tokens=3)
+    assert (d.mode, d.num_tokens, d.auto) == ("fixed", 3, None)

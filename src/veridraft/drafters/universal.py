@@ -1,10 +1,9 @@
 """Universal drafting: a draft model with any tokenizer (TokenTiming / HF UAG), lossless.
 
-    make_drafter("universal:smollm2-135m", gemma)                   # DTW, fixed k = 4
-    make_drafter("universal:smollm2-135m:align=lcd,k=6", gemma)
+    make_drafter("universal:smollm2-135m", gemma)                   # DTW, cost-aware k
+    make_drafter("universal:smollm2-135m:align=lcd,k=6", gemma)     # fixed k = 6
     make_drafter("universal:NAME:mode=dynamic,k=12", model)         # confidence threshold
-    make_drafter("universal:smollm2-135m:mode=auto", gemma)         # cost-aware k, 0 when it
-                                                                     # cannot pay (autolength.py)
+    make_drafter("universal:smollm2-135m:mode=fixed", gemma)        # fixed k = 4
 
 One round:
 
@@ -15,8 +14,9 @@ One round:
    tokens (and whatever text came since) are re-encoded with the draft tokenizer, so token
    boundaries stay right; the draft's KV cache keeps its longest prefix that still matches
    and only the changed tail is recomputed.
-2. Draft k tokens greedily in the draft vocabulary (k fixed, or stopped by the adaptive
-   confidence threshold of the `model` drafter). A draft special token that the target does
+2. Draft k tokens greedily in the draft vocabulary (k chosen per round from the measured
+   costs and acceptance, fixed, or stopped by the adaptive confidence threshold of the
+   `model` drafter). A draft special token that the target does
    not know (SmolLM2's <|im_end|> for Gemma) ends the draft.
 3. The draft text D (their bytes; an incomplete trailing UTF-8 character cut) is re-encoded in
    the target vocabulary across the boundary with the committed text: tail + D, where tail is
@@ -46,8 +46,9 @@ accepted - verification is the target's alone. The draft/target cost ratio per t
 speedup on a CPU; which mode is cheapest per token depends on the machine (docs/precision.md).
 
 Parameters: `num_tokens` (alias `k`: draft tokens per round, default 4 fixed / 12 dynamic /
-at most 8 auto), `mode` (fixed | dynamic | auto: the k that maximises measured tokens per
-second, no draft at all when the acceptance cannot pay for the draft model), `threshold` (dynamic start, 0.4), `align` (dtw | lcd), `window`
+at most 8 auto), `mode` (auto, the default when no k is given: each round the k that
+maximises measured tokens per second, none at all when the acceptance cannot pay for the
+draft model - drafters/autolength.py; fixed, the default when k is given; dynamic), `threshold` (dynamic start, 0.4), `align` (dtw | lcd), `window`
 (alias `band`, the DTW band, 8), `lookbehind` (draft tokens re-encoded each round, 8), `text`,
 `precision`.
 
@@ -161,7 +162,7 @@ class UniversalDrafter:
         target_tokenizer,
         *,
         num_tokens: int | None = None,
-        mode: str = "fixed",
+        mode: str | None = None,
         threshold: float = 0.4,
         align: str = "dtw",
         window: int = 8,
@@ -174,6 +175,8 @@ class UniversalDrafter:
             raise VeridraftError("universal: both the draft and the target need a tokenizer")
         self.net = draft_net
         self.dtok, self.ttok = draft_tokenizer, target_tokenizer
+        if mode is None:  # no length asked for: the measured best (issue 7's contract)
+            mode = "fixed" if num_tokens is not None else "auto"
         self.mode = as_choice(m, "mode", mode, MODES)
         if num_tokens is None:
             num_tokens = {"fixed": 4, "dynamic": 12, "auto": 8}[self.mode]
