@@ -162,6 +162,7 @@ class CostModel:
         with os.fdopen(fd, "w") as f:
             json.dump(self.to_json(), f, indent=2)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # not mkstemp's 0600: the file may be shared
         os.replace(tmp, path)
         return path
 

@@ -231,6 +231,7 @@ def save_profile(profile: Profile, path: str | Path) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a shared or shipped profile unreadable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

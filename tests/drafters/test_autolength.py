@@ -44,13 +44,14 @@ def test_cheap_accurate_draft_keeps_drafting_long():
     assert auto.alpha > 0.8
 
 
-def test_expensive_poor_draft_stops_drafting_but_probes():
-    auto = AutoLength(max_k=8, probe_every=8)
-    ks = _run(auto, 200, d=0.006, v1=0.010, slope=0.003, alpha=0.3)
-    tail = ks[-80:]
-    assert tail.count(0) >= 60  # mostly plain rounds...
-    assert 1 in tail  # ...with a k = 1 probe now and then
-    assert max(tail) <= 1
+def test_expensive_poor_draft_stops_drafting_and_probes_less_and_less():
+    auto = AutoLength(max_k=8, probe_every=8, max_probe_every=64)
+    ks = _run(auto, 400, d=0.006, v1=0.010, slope=0.003, alpha=0.3)
+    probes = [i for i, k in enumerate(ks) if k > 0 and i > 20]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert max(ks[20:]) <= auto.probe_k  # only probes once drafting has stopped
+    assert len(probes) >= 4 and gaps == sorted(gaps) and gaps[-1] >= 64  # backing off
+    assert ks[-200:].count(0) >= 195
 
 
 def test_acceptance_change_is_followed():

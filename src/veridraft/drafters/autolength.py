@@ -24,7 +24,12 @@ from dataclasses import dataclass, field
 @dataclass
 class AutoLength:
     max_k: int
-    probe_every: int = 8  # rounds without drafting before one k = 1 round re-measures a
+    probe_every: int = 8  # rounds without drafting before one probe round re-measures a;
+    # doubled after each probe that does not restart drafting, up to max_probe_every: a probe
+    # makes the draft model catch up on all the text since its last round (the whole prompt
+    # the first time), which a draft that keeps losing should not pay often
+    max_probe_every: int = 64
+    probe_k: int = 4  # enough accepted tokens in one probe to move the acceptance estimate
     remeasure_every: int = 32  # rounds of drafting before one k = 0 round re-measures v(1)
     decay: float = 0.95  # per-round weight of the past in every estimate
     # acceptance: decayed accepted / decayed trials (prior a = 0.5 on 2 pseudo-trials)
@@ -35,6 +40,8 @@ class AutoLength:
     slope: float | None = None  # extra verify seconds per extra position
     rounds_idle: int = 0
     rounds_busy: int = 0
+    _interval: int = field(default=0, repr=False)
+    _probing: bool = field(default=False, repr=False)
     _t: float | None = field(default=None, repr=False)
     _k: int = field(default=0, repr=False)
 
@@ -67,11 +74,16 @@ class AutoLength:
         if self.draft_s is None:
             return min(limit, self.max_k)
         k = max(range(limit + 1), key=self.expected_rate)
+        if self._probing:  # the last round was a probe: did it make drafting pay again?
+            self._probing = False
+            interval = self._interval or self.probe_every
+            self._interval = self.probe_every if k else min(2 * interval, self.max_probe_every)
         if k == 0:
             self.rounds_idle += 1
-            if self.rounds_idle >= self.probe_every:
+            if self.rounds_idle >= (self._interval or self.probe_every):
                 self.rounds_idle = 0
-                return 1
+                self._probing = True
+                return min(self.probe_k, limit)
         else:
             self.rounds_idle = 0
             self.rounds_busy += 1

@@ -75,6 +75,7 @@ ALIGNS = ("dtw", "lcd")
 MODES = ("fixed", "dynamic", "auto")
 _MAX_HISTORY = 8192
 _TAIL_TARGET_TOKENS = 4  # committed target tokens re-encoded with the draft text
+_STEADY_FEED = 24  # a draft forward reading more new tokens than this is a catch-up
 
 
 def _complete_end(b: bytes | bytearray, start: int = 0) -> int:
@@ -206,6 +207,7 @@ class UniversalDrafter:
         self.prof = {
             "rounds": 0,
             "draft_forward_s": 0.0,
+            "catch_up_s": 0.0,  # forwards reading much new text (the prompt, text after idling)
             "draft_tokens": 0,
             "fed_tokens": 0,
             "reencode_s": 0.0,
@@ -288,9 +290,8 @@ class UniversalDrafter:
             self._d_ends = self.tb_d.ends(body)
             need = len(self._d_ids) + 4 * max(ctx.max_new_tokens, 1) + 2 * self.num_tokens + 16
             self._alloc(need)
-        feed = self._d_ids[:-1]
-        if feed:
-            self._forward(feed, logits=False)
+        # the draft reads the prompt in its first round, not here: a cost-aware draft that
+        # never drafts never pays for it
 
     def _forward(self, feed: list[int], logits: bool = True) -> torch.Tensor | None:
         if self.cache.length + len(feed) > self.cache.max_len:  # grow: refeed everything
@@ -300,8 +301,11 @@ class UniversalDrafter:
             feed = old + feed
         t = time.perf_counter()
         out = self.net(torch.tensor(feed, dtype=torch.long), self.cache, num_logits=1)
-        self.prof["draft_forward_s"] += time.perf_counter() - t
+        dt = time.perf_counter() - t
+        self.prof["draft_forward_s"] += dt
         self.prof["fed_tokens"] += len(feed)
+        if len(feed) > _STEADY_FEED:
+            self.prof["catch_up_s"] += dt
         self._cached.extend(feed)
         return out[-1] if logits else None
 
@@ -337,11 +341,14 @@ class UniversalDrafter:
         if self.auto is not None:
             k = self.auto.choose(k)
         t0 = time.perf_counter()
-        n0 = self.prof["draft_tokens"]
+        n0, c0 = self.prof["draft_tokens"], self.prof["catch_up_s"]
         draft = self._draft(ctx, k, max_tokens) if k > 0 else Draft(tokens=[])
         self._proposed = len(draft.tokens)
         if self.auto is not None:
-            self.auto.drafted(self.prof["draft_tokens"] - n0, time.perf_counter() - t0)
+            # the steady cost per draft token: catching up on long text is paid once, not per
+            # round of drafting, so it does not count against the next round's k
+            spent = time.perf_counter() - t0 - (self.prof["catch_up_s"] - c0)
+            self.auto.drafted(self.prof["draft_tokens"] - n0, spent)
         return draft
 
     def _draft(self, ctx: DecodeContext, k: int, max_tokens: int) -> Draft:
