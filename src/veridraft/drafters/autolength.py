@@ -43,7 +43,6 @@ class AutoLength:
     _interval: int = field(default=0, repr=False)
     _probing: bool = field(default=False, repr=False)
     _t: float | None = field(default=None, repr=False)
-    _k: int = field(default=0, repr=False)
 
     @property
     def alpha(self) -> float:
@@ -71,8 +70,8 @@ class AutoLength:
         if self.v1 is None or self.rounds_busy >= self.remeasure_every:
             self.rounds_busy = 0  # (re-)measure plain verification
             return 0
-        if self.draft_s is None:
-            return min(limit, self.max_k)
+        if self.draft_s is None:  # no draft cost known yet: try the longest draft
+            return limit
         k = max(range(limit + 1), key=self.expected_rate)
         if self._probing:  # the last round was a probe: did it make drafting pay again?
             self._probing = False
@@ -90,10 +89,9 @@ class AutoLength:
         return k
 
     def drafted(self, k: int, seconds: float) -> None:
-        """The drafter spent `seconds` on a round that asked for k tokens; verification starts."""
+        """The drafter spent `seconds` drafting k tokens this round; verification starts."""
         if k > 0:
             self.draft_s = self._ema(self.draft_s, seconds / k)
-        self._k = k
         self._t = time.perf_counter()
 
     def verified(self, proposed: int, accepted: int) -> None:

@@ -16,8 +16,8 @@ One round:
    and only the changed tail is recomputed.
 2. Draft k tokens greedily in the draft vocabulary (k chosen per round from the measured
    costs and acceptance, fixed, or stopped by the adaptive confidence threshold of the
-   `model` drafter). A draft special token that the target does
-   not know (SmolLM2's <|im_end|> for Gemma) ends the draft.
+   `model` drafter). A draft special token that the target does not know (SmolLM2's
+   <|im_end|> for Gemma) ends the draft.
 3. The draft text D (their bytes; an incomplete trailing UTF-8 character cut) is re-encoded in
    the target vocabulary across the boundary with the committed text: tail + D, where tail is
    the text of the last few committed target tokens, and the ids after those committed tokens
@@ -48,9 +48,9 @@ speedup on a CPU; which mode is cheapest per token depends on the machine (docs/
 Parameters: `num_tokens` (alias `k`: draft tokens per round, default 4 fixed / 12 dynamic /
 at most 8 auto), `mode` (auto, the default when no k is given: each round the k that
 maximises measured tokens per second, none at all when the acceptance cannot pay for the
-draft model - drafters/autolength.py; fixed, the default when k is given; dynamic), `threshold` (dynamic start, 0.4), `align` (dtw | lcd), `window`
-(alias `band`, the DTW band, 8), `lookbehind` (draft tokens re-encoded each round, 8), `text`,
-`precision`.
+draft model - drafters/autolength.py; fixed, the default when k is given; dynamic),
+`threshold` (dynamic start, 0.4), `align` (dtw | lcd), `window` (alias `band`, the DTW band,
+8), `lookbehind` (draft tokens re-encoded each round, 8), `text`, `precision`.
 
 Same vocabulary (draft and target tokenizers equal): the text round trip is skipped - the
 draft reads the target ids and proposes its own ids, as `model` does (`text=true` forces the
