@@ -65,7 +65,15 @@ class SubsetHead:
         self.vocab = target_vocab or w.shape[0]
         self.n = min(n_first, w.shape[0], self.vocab)
         base = w[: self.n]
-        self.base = base if base.dtype == torch.float32 else base.float()
+        precision = getattr(net, "precision", "fp32")
+        if precision in ("fp16w", "bf16"):
+            # the target's own kernel: a float32 copy of 16384 rows reads twice the bytes, and
+            # more than the packed full head of smollm2-135m does
+            from ..models.precision import PackedLinear
+
+            self.base = PackedLinear(base.float(), None, precision)
+        else:
+            self.base = base.float() if base.dtype != torch.float32 else base
         self.extra = torch.empty(256, w.shape[1])
         self.extra_ids: list[int] = []
         self._known: set[int] = set()
@@ -99,7 +107,10 @@ class SubsetHead:
 
     def logits(self, h: Tensor) -> Tensor:
         """Subset logits for one hidden row h [dim]: [n + len(extra_ids)]."""
-        out = self.base @ h
+        if isinstance(self.base, torch.Tensor):
+            out = self.base @ h
+        else:
+            out = self.base(h[None])[0]
         if self.extra_ids:
             out = torch.cat((out, self.extra[: len(self.extra_ids)] @ h))
         if self.softcap is not None:

@@ -493,6 +493,8 @@ class Transformer(nn.Module):
             x = x[t - n :]
         else:
             x = self.norm(x[t - n :])
+        if n == 0:  # hidden states only (a drafter's own head): the full head costs a step
+            return x.new_empty(0, self.config.vocab_size)
         logits = self.output(x)
         cap = self.config.final_logit_softcapping
         if cap is not None:

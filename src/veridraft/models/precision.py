@@ -86,6 +86,7 @@ class PackedLinear(nn.Module):
         self.packed = None
         self.onednn = None
         self.pad = 0
+        self._floor, self._floor_threads = 1, 0  # row floor, and the thread count it is for
         if precision == "fp16w":
             # opaque fbgemm blob (not a tensor of the weights): kept as a plain attribute
             _quiet_fbgemm()
@@ -110,6 +111,8 @@ class PackedLinear(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] == 0:  # padding zero rows up to the row floor would run the full matmul
+            return x.new_zeros(0, self.out_features)
         if self.packed is not None:
             return torch.fbgemm_linear_fp16_weight_fp32_activation(x, self.packed, self.bias)
         xb = x.to(torch.bfloat16)
@@ -117,9 +120,12 @@ class PackedLinear(nn.Module):
             xb = F.pad(xb, (0, self.pad))
         m = xb.shape[0]
         if m <= VERIFY_ROWS:
-            floor = _ROW_FLOORS.get((self._shape, torch.get_num_threads()))
-            if floor is None:
-                floor = self._probe_row_floor()
+            threads = torch.get_num_threads()
+            if self._floor_threads != threads:  # the kernel choice depends on the thread count
+                key = (self._shape, threads)
+                self._floor = _ROW_FLOORS[key] if key in _ROW_FLOORS else self._probe_row_floor()
+                self._floor_threads = threads
+            floor = self._floor
             if m < floor:
                 return self._mm(F.pad(xb, (0, 0, 0, floor - m)))[:m].float()
         return self._mm(xb).float()
