@@ -258,7 +258,7 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
 
 def performance_table(
     models=("smollm2-135m", "gemma3-270m"),
-    precisions=("fp32", "bf16"),
+    precisions=("fp32", "fp16w", "bf16"),
     repeats: int = 7,
     prompts: int = 4,
     new_tokens: int = 64,
@@ -333,9 +333,35 @@ def performance_table(
             f"{mean_ctx:.0f} tokens; {prompts} prompts x {new_tokens} new tokens; "
             f"{torch.get_num_threads()} threads)\n"
         )
-        print("\n".join(out[-(2 * len(precisions) + 12) :]), file=sys.stderr, flush=True)
+        if len(precisions) > 1:
+            short = {p: timers[p].medians_ms()[min(timers[p].caches)] for p in precisions}
+            out.append(
+                precision_advice({p: statistics.median(r) for p, r in rates.items()}, short) + "\n"
+            )
+        print("\n".join(out[-(2 * len(precisions) + 14) :]), file=sys.stderr, flush=True)
         del loaded, timers
     return "\n".join(out)
+
+
+def precision_advice(plain: dict[str, float], cost: dict[str, dict[int, float]], t: int = 4) -> str:
+    """Which precision this machine favours: the fastest plain decoding (tokens/s per mode), and
+    the mode whose forward over `t` tokens costs least relative to one (ms per T, per mode) - the
+    best CPU mode differs between machines (docs/precision.md)."""
+    fastest = max(plain, key=plain.get)
+    ratio = {p: c[t] / c[1] for p, c in cost.items()}
+    flattest = min(ratio, key=ratio.get)
+    rates = ", ".join(f"{p} {plain[p]:.1f}" for p in sorted(plain, key=plain.get, reverse=True))
+    flat = ", ".join(f"{p} {ratio[p]:.2f}x" for p in sorted(ratio, key=ratio.get))
+    line = (
+        f"On this machine {fastest} decodes fastest (tok/s: {rates}); a forward over {t} tokens "
+        f"costs least, relative to one, in {flattest} ({flat})."
+    )
+    if fastest != flattest:
+        line += (
+            f" Drafters gain the larger ratio in {flattest}, from a slower start: bench a "
+            "method in both (--precision) to see which gives more tokens/s."
+        )
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         description="the performance table of docs/performance.md",
     )
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16w", "bf16"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
