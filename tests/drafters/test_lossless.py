@@ -131,6 +131,7 @@ def test_sampling_distribution_matches_exact(tiny, which):
     assert chi2_pvalue(counts, joint) > ACCEPT_P
 
 
+@pytest.mark.filterwarnings("ignore:layerskip")  # the tiny model has no measured skip set
 def test_drafters_do_propose_on_the_tiny_model(tiny):
     """The sampling tests above must exercise acceptance and rejection, not empty drafts."""
     net, _ = tiny

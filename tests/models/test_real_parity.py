@@ -8,6 +8,7 @@ on its cache): a full-sequence forward differs from its own cached decoding by ~
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -69,10 +70,12 @@ def test_logits_match_over_chat_prompt_and_cached_decode(models):
     nxt = torch.cat([m[-1:].argmax(-1) for m in mine[:-1]])
 
     hf_cache = DynamicCache(config=hf.config)
+    # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns, then goes)
+    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     with torch.no_grad():
-        ref = [hf(ids[None], past_key_values=hf_cache, use_cache=True).logits[0]]
+        ref = [hf(ids[None], **{key: hf_cache}, use_cache=True).logits[0]]
         for t in nxt:
-            ref.append(hf(t.view(1, 1), past_key_values=hf_cache, use_cache=True).logits[0])
+            ref.append(hf(t.view(1, 1), **{key: hf_cache}, use_cache=True).logits[0])
     mine, ref = torch.cat(mine), torch.cat(ref).float()
     assert mine.shape == ref.shape == (len(ids) + DECODE, native.config.vocab_size)
     assert (mine - ref).abs().max().item() < ATOL
