@@ -20,8 +20,11 @@ DEV = default_questions_path()
 TINY_VOCAB = 16
 
 
-def tiny_llama(folder: Path, seed: int = 0, layers: int = 4, vocab: int = TINY_VOCAB):
-    """A random Llama with peaked-enough next-token distributions for statistical tests."""
+def tiny_llama(
+    folder: Path, seed: int = 0, layers: int = 4, vocab: int = TINY_VOCAB, tie: bool = False
+):
+    """A random Llama with peaked-enough next-token distributions for statistical tests
+    (`tie`: the head shares the embedding table, as in both catalog models)."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         vocab_size=vocab,
@@ -32,7 +35,7 @@ def tiny_llama(folder: Path, seed: int = 0, layers: int = 4, vocab: int = TINY_V
         num_key_value_heads=2,
         max_position_embeddings=128,
         initializer_range=0.25,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
     hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     hf.generation_config.eos_token_id = None

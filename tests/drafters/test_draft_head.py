@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from drafting_helpers import tiny_llama
 
 from veridraft.drafters.draft_head import SubsetHead, draft_step
 from veridraft.models.base import Capture
@@ -17,22 +18,8 @@ PROMPT = [1, 5, 2, 9, 4, 4, 7, 3, 0, 11]
 def folder(tmp_path_factory):
     """A tiny Llama with a tied head, as both catalog models have (the subset head reads the
     rows of the embedding table)."""
-    import transformers
-
     path = tmp_path_factory.mktemp("tiny-head")
-    torch.manual_seed(5)
-    cfg = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.25,
-        tie_word_embeddings=True,
-    )
-    transformers.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(path)
+    tiny_llama(path, seed=5, layers=2, vocab=40, tie=True)
     return path
 
 
