@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("name")
     m.set_defaults(func=_models)
 
-    from .bench.harness import add_bench_parser
+    from .bench.cli import add_bench_parser
     from .profile import add_profile_parser
-    from .tune import add_tune_parser
+    from .tune.cli import add_tune_parser
 
     add_bench_parser(sub)
     add_profile_parser(sub)
