@@ -110,12 +110,16 @@ def run_protocol(
         )
     for w in range(p.warmup):
         for m in rotated(active, w):
-            m.run(
-                first_ids,
-                max_new_tokens=p.max_new_tokens,
-                temperature=p.temperature,
-                seed=_run_seed(p.seed, -1, 0, w),
-            )
+            try:
+                m.run(
+                    first_ids,
+                    max_new_tokens=p.max_new_tokens,
+                    temperature=p.temperature,
+                    seed=_run_seed(p.seed, -1, 0, w),
+                )
+            except (VeridraftError, ValueError, RuntimeError) as e:
+                # the timed runs record the method's failures; the other methods go on
+                p.log(f"warm-up of {m.name} failed: {type(e).__name__}: {e}")
 
     # Everything loaded so far (models, transformers' module graph) is long-lived: freeze it so
     # the collection before each run only walks what the runs themselves allocate.
