@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,6 +49,7 @@ def test_worker_runs_reports_a_crash_and_restarts(fake_path):
         pid = m.proc.pid
         out = m.run([1, 2, 3], max_new_tokens=4, temperature=0.0, seed=7)
         assert out.ids == [7, 8, 9, 10] and out.wall_s == 0.01
+        assert 5 < out.peak_rss_mb < 200  # the worker's own peak, without torch in it
         assert m.proc.pid == pid  # one worker for every run while it lives
         with pytest.raises(WorkerDied, match=r"^fake worker died: signal SIGILL \(Illegal"):
             m.run([CRASH, 1], max_new_tokens=4, temperature=0.0, seed=0)
@@ -93,6 +96,15 @@ def test_a_crashing_peer_is_a_failed_row_and_the_run_goes_on(fake_path):
     assert any(SIGILL in line for line in logs)  # the warm-up on question 1 crashed too
     for key in [k for k in rows if k != ("fake:ar", "crash", 0)]:
         assert not rows[key].get("error") and rows[key]["new_tokens"] == 3
+
+
+def test_the_worker_process_does_not_import_torch():
+    code = (
+        "import sys, veridraft.bench.worker, veridraft.bench.peers; print('torch' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_llamacpp_peers_run_in_a_worker():

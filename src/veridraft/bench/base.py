@@ -20,6 +20,7 @@ class RunOutput:
     stats: dict | None = None  # veridraft Stats.to_dict(); None for peers
     steps: int | None = None  # peers: generation steps seen (target forwards incl. prefill)
     finish_reason: str | None = None
+    peak_rss_mb: float | None = None  # set by methods that run in another process
 
 
 class Method:

@@ -83,7 +83,3 @@ def loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
         return None
-
-
-# --------------------------------------------------------------------------------------------
-# the whole run

@@ -1,4 +1,4 @@
-"""Spec-Bench-protocol harness: methods interleaved per question, metrics per task group.
+"""The Spec-Bench protocol: methods interleaved per question, one record per generated turn.
 
 Protocol (DESIGN.md "Measuring", Spec-Bench):
 - batch size 1; warm-up runs first (every method, on the first question);
@@ -13,18 +13,17 @@ Protocol (DESIGN.md "Measuring", Spec-Bench):
 from __future__ import annotations
 
 import gc
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import psutil
 from tqdm import tqdm
 
 from ..errors import VeridraftError
 from .base import Method
 from .environment import loadavg
+from .memory import peak_rss_mb, peak_rss_reset
 from .questions import Question
 
 
@@ -34,29 +33,6 @@ def rotated(methods: Sequence, k: int) -> list:
         return []
     k %= len(methods)
     return list(methods[k:]) + list(methods[:k])
-
-
-def _peak_rss_reset() -> bool:
-    """Reset the kernel's peak-RSS counter (Linux); False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb(reset_ok: bool) -> float:
-    """Peak RSS since the last reset (Linux VmHWM), else the current RSS (psutil), in MB."""
-    if reset_ok:
-        try:
-            with open("/proc/self/status") as f:
-                m = re.search(r"VmHWM:\s+(\d+)\s+kB", f.read())
-            if m:
-                return int(m.group(1)) / 1024
-        except OSError:
-            pass
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def _run_seed(seed: int, repeat: int, qi: int, turn: int) -> int:
@@ -129,7 +105,7 @@ def run_protocol(
     bar = None
     if p.progress:
         bar = tqdm(total=total, file=sys.stderr, unit="gen", dynamic_ncols=True, leave=True)
-    reset_ok = _peak_rss_reset()
+    reset_ok = peak_rss_reset()
     records: list[dict] = []
     try:
         for r in range(p.repeats):
@@ -181,7 +157,7 @@ def _one_run(m, q, messages, r, qi, turn, pos, encode, decode_text, p, reset_ok)
         rec["prompt_tokens"] = len(ids)
         gc.collect()
         if reset_ok:
-            _peak_rss_reset()
+            peak_rss_reset()
         out = m.run(
             ids,
             max_new_tokens=p.max_new_tokens,
@@ -191,7 +167,8 @@ def _one_run(m, q, messages, r, qi, turn, pos, encode, decode_text, p, reset_ok)
     except (VeridraftError, ValueError, RuntimeError) as e:
         rec["error"] = f"{type(e).__name__}: {e}"
         return rec
-    rec["peak_rss_mb"] = _peak_rss_mb(reset_ok)
+    # a peer in a worker process reports the worker's own peak
+    rec["peak_rss_mb"] = out.peak_rss_mb if out.peak_rss_mb is not None else peak_rss_mb(reset_ok)
     rec["time"] = round(time.time(), 3)  # when it ended (unix time)
     load = loadavg()
     rec["load_1min"] = load[0] if load else None  # CPU contention around this run
@@ -209,7 +186,3 @@ def _one_run(m, q, messages, r, qi, turn, pos, encode, decode_text, p, reset_ok)
         stats=out.stats,
     )
     return rec
-
-
-# --------------------------------------------------------------------------------------------
-# metrics

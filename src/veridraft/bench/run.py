@@ -167,7 +167,3 @@ def run_bench(
         if partial is not None:
             partial.unlink(missing_ok=True)
     return results
-
-
-# --------------------------------------------------------------------------------------------
-# CLI

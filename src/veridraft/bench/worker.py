@@ -24,6 +24,7 @@ from typing import IO
 
 from ..errors import VeridraftError
 from .base import Method, RunOutput
+from .memory import peak_rss_mb, peak_rss_reset
 
 ENGINE_NAMES = {"llamacpp": "llama.cpp", "hf": "transformers"}
 
@@ -212,12 +213,14 @@ def serve(requests: IO[str], replies: IO[str]) -> None:
             elif op == "run":
                 if method is None:
                     raise VeridraftError("run before prepare")
+                reset_ok = peak_rss_reset()
                 out = method.run(
                     req["prompt_ids"],
                     max_new_tokens=req["max_new_tokens"],
                     temperature=req["temperature"],
                     seed=req["seed"],
                 )
+                out.peak_rss_mb = peak_rss_mb(reset_ok)
                 reply(out=asdict(out))
             elif op == "close":
                 return
