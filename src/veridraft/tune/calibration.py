@@ -190,9 +190,6 @@ def measure(cal: Calibration, c: Config, baseline: list[int], salt: int = 0) -> 
     }
 
 
-# ------------------------------------------------------------------------ trials file
-
-
 def remeasure(cal: Calibration, cands: list[Config], rounds: int, rng: random.Random) -> list[dict]:
     """Every candidate against ar, interleaved per prompt with a rotating order."""
     n = len(cal.prompts)
@@ -246,6 +243,3 @@ def remeasure(cal: Calibration, cands: list[Config], rounds: int, rng: random.Ra
             }
         )
     return out
-
-
-# ------------------------------------------------------------------------ CLI

@@ -134,6 +134,3 @@ def probe_configs(
             seen.add(c.key())
             uniq.append(c)
     return uniq
-
-
-# ------------------------------------------------------------------------ calibration

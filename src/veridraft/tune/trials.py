@@ -52,9 +52,6 @@ def append_row(path: Path, row: dict) -> None:
         f.flush()
 
 
-# ------------------------------------------------------------------------ the search
-
-
 def start_trials(path: Path, header: dict) -> None:
     """A new trials file holding only its header."""
     path.parent.mkdir(parents=True, exist_ok=True)
