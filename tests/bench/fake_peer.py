@@ -1,5 +1,6 @@
 """A peer for the worker tests: answers with fixed ids, or kills its own process with SIGILL
-(as a llama.cpp build for another CPU does) when the prompt starts with CRASH."""
+(as a llama.cpp build for another CPU does) when the prompt starts with CRASH; `fake:broken`
+fails to load."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ class FakePeer(Method):
         super().__init__(spec)
         self.model = model
         self.baseline = spec
+
+    def prepare(self) -> None:
+        if self.name == "fake:broken":
+            raise ValueError("cannot load the model")
 
     def run(self, prompt_ids, *, max_new_tokens, temperature, seed) -> RunOutput:
         if prompt_ids and prompt_ids[0] == CRASH:

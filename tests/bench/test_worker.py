@@ -61,6 +61,13 @@ def test_worker_runs_reports_a_crash_and_restarts(fake_path):
     assert m.proc is None
 
 
+def test_a_peer_that_cannot_load_is_skipped_with_the_reason(fake_path):
+    m = WorkerMethod("fake:broken", model(), "fake_peer:make")
+    m.prepare()
+    assert m.skip_reason == "fake:broken: ValueError: cannot load the model"
+    assert m.proc is None
+
+
 class Plain(Method):
     def run(self, prompt_ids, *, max_new_tokens, temperature, seed) -> RunOutput:
         return RunOutput(ids=[5] * max_new_tokens, wall_s=0.02, finish_reason="length")

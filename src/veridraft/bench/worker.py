@@ -143,8 +143,10 @@ class WorkerMethod(Method):
     def prepare(self) -> None:
         try:
             reply = self._start()
-        except WorkerDied as e:
+        except (WorkerDied, VeridraftError) as e:
+            # a peer that cannot start (a crash, a model it cannot load) is skipped, with why
             self.skip_reason = str(e)
+            self.close()
             return
         self.skip_reason = reply.get("skip")
         info = reply.get("info") or {}
