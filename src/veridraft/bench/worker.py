@@ -234,6 +234,8 @@ def serve(requests: IO[str], replies: IO[str]) -> None:
 
 
 def main() -> None:
+    # Ctrl-C reaches the whole process group: the parent ends its workers itself (close).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Replies go to a private copy of stdout; whatever the native library prints goes to stderr.
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
