@@ -1,7 +1,7 @@
 """veridraft: faster LLM generation without changing what the model would have said."""
 
 from .errors import VeridraftError
-from .generate import Generation, generate
+from .generate import Generation, generate, generate_ids
 from .loader import LoadedModel, load
 from .sampling import SamplingParams
 from .stats import Stats
@@ -13,6 +13,7 @@ __all__ = [
     "Stats",
     "VeridraftError",
     "generate",
+    "generate_ids",
     "load",
 ]
 __version__ = "0.1.0"
