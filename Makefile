@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.veridraft-setup
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup setup-llamacpp demo test lint format bench clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# llama-cpp-python for the llamacpp:* peers of `veridraft bench`. Not -march=native: that build
+# dies with "Illegal instruction" on Intel Xeons with AMX; this one runs on any AVX-512 CPU.
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON \
+	-DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+
+# --force-reinstall rebuilds a llama-cpp-python already built with other flags; --no-deps keeps
+# it from reinstalling numpy, whose other dependencies the second line adds.
+setup-llamacpp: setup
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PY) -m pip install --no-cache-dir --force-reinstall \
+		--no-deps 'llama-cpp-python>=0.2.90'
+	$(PY) -m pip install --quiet 'llama-cpp-python>=0.2.90'
+
 demo: setup
 	$(VENV)/bin/veridraft generate "Explain in three sentences why the sky is blue." --model smollm2-135m --max-new-tokens 96 --stats
 
@@ -25,9 +37,11 @@ test: setup
 	$(VENV)/bin/veridraft models pull gemma3-270m
 	$(PY) -m pytest -q
 
+# lint-imports checks the layering in pyproject.toml ([tool.importlinter]) of this checkout's src.
 lint: setup
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+	PYTHONPATH=src $(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff format src tests

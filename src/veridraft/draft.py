@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:  # annotations only: this module stays importable without torch
+    import torch
 
-from .cache import KVCache
-from .sampling import SamplingParams
+    from .cache import KVCache
+    from .sampling import SamplingParams
 
 
 @dataclass
@@ -113,3 +114,18 @@ class DraftEnv:
     knows: Callable[[str], bool] = _never
     profile: Callable[[Any, str | None], Any] | None = None
     cost: Callable[[Any], Any] | None = None
+
+
+_default_env: Callable[[Any], DraftEnv] | None = None
+
+
+def set_default_env(factory: Callable[[Any], DraftEnv] | None) -> None:
+    """Install the function that builds a DraftEnv for a target when none is passed (the
+    package installs one that reaches the loader and the stores)."""
+    global _default_env
+    _default_env = factory
+
+
+def default_env(model) -> DraftEnv:
+    """The DraftEnv for `model` from the installed factory; an empty one without a factory."""
+    return _default_env(model) if _default_env is not None else DraftEnv()

@@ -83,8 +83,6 @@ def draft_env(model) -> DraftEnv:
     return DraftEnv(load=load, knows=knows, profile=profile, cost=cost)
 
 
-drafters.set_default_env(draft_env)
-
 _WARNED: set[str] = set()
 
 

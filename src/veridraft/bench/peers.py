@@ -1,4 +1,4 @@
-"""Peer comparators, run as methods in the same benchmark process.
+"""Peer comparators: transformers in the benchmark process, llama.cpp in a worker process.
 
 - `hf:ar`     transformers `generate(do_sample=False)` on the same HF folder, float32
 - `hf:pld`    transformers prompt lookup (`prompt_lookup_num_tokens=10`)
@@ -10,6 +10,9 @@
               message when `llama_cpp` is not installed
 
 Every peer gets veridraft's prompt ids and returns generated ids; the harness times the call.
+llama.cpp runs in a worker process of its own (bench.worker): a native crash there is reported
+as that method's failure and the run goes on. transformers stays in the benchmark's process,
+where hf:ar, hf:pld and hf:assisted share one loaded model.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import time
 from pathlib import Path
 
 from ..errors import VeridraftError
-from .harness import Method, RunOutput
+from .base import Method, RunOutput
+from .worker import WorkerMethod
 
 HF_PLD_TOKENS = 10
 LLAMACPP_PLD_TOKENS = 10
@@ -28,6 +32,15 @@ _TOK_CACHE: dict[str, object] = {}
 
 
 def make_peer(spec: str, model, threads: int = 2) -> Method:
+    """The method for a peer spec; llama.cpp ones run in a worker process."""
+    method = local_peer(spec, model, threads=threads)  # checks the spec here, in the parent
+    if method.engine == "llamacpp":
+        return WorkerMethod(spec, model, f"{__name__}:local_peer", threads=threads)
+    return method
+
+
+def local_peer(spec: str, model, threads: int = 2) -> Method:
+    """The peer method for `spec`, run in the calling process."""
     engine, _, rest = spec.partition(":")
     if engine == "hf":
         if rest in ("ar", "pld"):
@@ -197,8 +210,7 @@ class LlamaCppMethod(Method):
             import llama_cpp
         except ImportError:
             self.skip_reason = (
-                "llama-cpp-python is not installed (optional extra: pip install "
-                "'veridraft[llamacpp]', it compiles for ~10 minutes)"
+                "llama-cpp-python is not installed (make setup-llamacpp builds it, ~10+ minutes)"
             )
             return
         gguf = getattr(self.model, "gguf_path", None)

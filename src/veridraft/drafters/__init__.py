@@ -28,10 +28,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
-from ..draft import DecodeContext, Draft, DraftEnv, Drafter
+from ..draft import DecodeContext, Draft, DraftEnv, Drafter, default_env, set_default_env
 from ..errors import VeridraftError
 
 __all__ = [
@@ -100,17 +100,6 @@ def __getattr__(name: str) -> Any:
     if name in _CLASSES:
         return DRAFTERS[_CLASSES[name]]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# The API layer (veridraft.generate) installs the factory that builds a DraftEnv for a target;
-# drafters themselves never import the loader or the stores.
-_default_env: Callable[[Any], DraftEnv] | None = None
-
-
-def set_default_env(factory: Callable[[Any], DraftEnv] | None) -> None:
-    """Install the function make_drafter uses to build a DraftEnv when none is passed."""
-    global _default_env
-    _default_env = factory
 
 
 _KEY = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$", re.S)
@@ -182,7 +171,7 @@ def make_drafter(spec, model, env: DraftEnv | None = None, **options) -> Drafter
     """None -> None (plain decoding); a Drafter -> itself; a spec string -> a new drafter.
 
     `model` is the target (a LoadedModel, or a native network for tests); `env` the resources
-    drafters may use (default: the installed factory's, see set_default_env); `options`
+    drafters may use (default: `veridraft.draft.default_env(model)`); `options`
     override the spec's parameters.
     """
     if spec is None:
@@ -222,5 +211,5 @@ def make_drafter(spec, model, env: DraftEnv | None = None, **options) -> Drafter
     if "env" not in inspect.signature(cls.from_spec).parameters:
         return cls.from_spec(model, arg, merged)
     if env is None:
-        env = _default_env(model) if _default_env is not None else DraftEnv()
+        env = default_env(model)
     return cls.from_spec(model, arg, merged, env=env)
