@@ -58,7 +58,9 @@ def prompt_ids_for(model, prompt: str | Messages, chat: bool | None = None) -> l
 
 
 def draft_env(model) -> DraftEnv:
-    """The resources drafters get for `model`: the loader, the tuned profiles, the cost model."""
+    """The resources drafters get for `model`: the loader, the tuned profiles, the cost model
+    (read once per DraftEnv: a caller that reuses one env does no file I/O per generation)."""
+    costs: dict[int, object] = {}
 
     def load(name: str, precision: str | None):
         from .loader import load
@@ -78,7 +80,9 @@ def draft_env(model) -> DraftEnv:
     def cost(target):
         from .costmodel import load_cost
 
-        return load_cost(target) if hasattr(target, "path") else None
+        if id(target) not in costs:
+            costs[id(target)] = load_cost(target) if hasattr(target, "path") else None
+        return costs[id(target)]
 
     return DraftEnv(load=load, knows=knows, profile=profile, cost=cost)
 

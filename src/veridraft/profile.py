@@ -227,11 +227,9 @@ def performance_table(
     precisions interleaved round by round; medians), plain-decoding tokens/s (precisions
     interleaved per prompt; median over prompts) and the memory-bandwidth bound."""
     from .bench.ar_speed import SAMPLE_PROMPTS, copy_bandwidth, kv_bytes_per_position
-    from .decode import decode
-    from .generate import prompt_ids_for
+    from .generate import generate_ids, prompt_ids_for
     from .loader import load
     from .models.precision import weight_nbytes_per_token
-    from .sampling import SamplingParams
 
     out = []
     bw = copy_bandwidth()
@@ -251,14 +249,7 @@ def performance_table(
         for j, ids in enumerate([ids_list[0], *ids_list]):  # the first run is a warm-up
             for p in precisions if j % 2 == 0 else tuple(reversed(precisions)):
                 t = time.perf_counter()
-                new, _ = decode(
-                    loaded[p].net,
-                    ids,
-                    max_new_tokens=new_tokens,
-                    sampling=SamplingParams(),
-                    generator=torch.Generator(),
-                    eos_ids=loaded[p].tokenizer.eos_ids,
-                )
+                new, _ = generate_ids(loaded[p], ids, max_new_tokens=new_tokens, seed=0)
                 if j:
                     rates[p].append(len(new) / (time.perf_counter() - t))
                     ctx_seen.append(len(ids) + len(new) / 2)
