@@ -173,3 +173,15 @@ def test_a_prefilled_prompt_is_reused_and_gives_the_same_ids(net):
         )
     with pytest.raises(VeridraftError, match="prefill with a larger max_len"):
         run(net, n=40, prefilled=pf)
+
+
+def test_the_loop_does_not_import_the_drafters():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, veridraft.decode, veridraft.verify; "
+        "print(sorted(m for m in sys.modules if m.startswith(('veridraft.drafters', 'rapidfuzz'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
