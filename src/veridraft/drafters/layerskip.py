@@ -148,6 +148,11 @@ class LayerSkipDrafter:
         if not explicit and env is not None and env.profile is not None:
             # a tuned profile (veridraft.profiles); profile=none / profile=PATH
             prof = env.profile(model, spec)
+        elif not explicit and spec is not None and str(spec).strip().lower() != "none":
+            raise VeridraftError(
+                f"layerskip: profile={spec} given, but no profile store was passed (DraftEnv."
+                "profile); use veridraft.generate/generate_ids, or pass attn=/mlp= instead"
+            )
         if prof is not None:
             skip = prof.skip
             for k, v in prof.drafter_params().items():
