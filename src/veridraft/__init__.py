@@ -7,10 +7,11 @@ import sys
 import types
 from typing import TYPE_CHECKING
 
+from . import draft as _draft
 from .errors import VeridraftError
 
 if TYPE_CHECKING:
-    from .generate import Generation, generate
+    from .generate import Generation, generate, generate_ids
     from .loader import LoadedModel, load
     from .sampling import SamplingParams
     from .stats import Stats
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "Generation": "generate",
     "generate": "generate",
+    "generate_ids": "generate",
     "LoadedModel": "loader",
     "load": "loader",
     "SamplingParams": "sampling",
@@ -33,9 +35,22 @@ __all__ = [
     "Stats",
     "VeridraftError",
     "generate",
+    "generate_ids",
     "load",
 ]
 __version__ = "0.1.0"
+
+
+def _draft_env(model):
+    from .generate import draft_env
+
+    return draft_env(model)
+
+
+# What a drafter made without an explicit DraftEnv (make_drafter(spec, model)) may use: the
+# loader, the tuned profiles and the cost model. Installed here, at the top, so that the drafters
+# never import those stores themselves.
+_draft.set_default_env(_draft_env)
 
 
 def __getattr__(name: str):

@@ -27,6 +27,9 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0
+        # lowest position written since the last mark(): lets the decode loop check in O(1)
+        # that a drafter wrote nothing below the committed length
+        self.low_water = max_len
 
     def __len__(self) -> int:
         return self.length
@@ -43,8 +46,14 @@ class KVCache:
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v of shape [1, n_kv, T, hd] at positions [start, start + T)."""
         t = k.shape[2]
+        if start < self.low_water:
+            self.low_water = start
         self.k[layer][:, :, start : start + t] = k
         self.v[layer][:, :, start : start + t] = v
+
+    def mark(self) -> None:
+        """Start watching writes afresh (see low_water)."""
+        self.low_water = self.max_len
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -226,17 +226,27 @@ def load_cost(model, precision: str | None = None) -> CostModel | None:
 # -- explaining a generation --
 
 
-def explain(stats, cost: CostModel | None) -> list[str]:
-    """Lines for Stats.notes: was drafting worth it on this machine, and why (not)."""
+def explain(stats, cost: CostModel | None, key: str | None = None) -> list[str]:
+    """Lines for Stats.notes: was drafting worth it on this machine, and why (not).
+
+    The draft-step cost is the profile's figure for exactly this drafter (`key`, the drafter's
+    `cost_key`: same method, skip set, draft head, draft model); without one, the draft time
+    this generation measured, and the first line says so."""
     if cost is None or not stats.drafted or not stats.target_forwards:
         return []
     k = stats.drafted / stats.target_forwards  # mean draft length per round
     alpha = stats.accepted / stats.drafted
     k_int = max(1, round(k))
-    draft = cost.draft_cost(_drafter_key(stats.method)) or 0.0
+    lines = []
+    draft = cost.draft_cost(key or _drafter_key(stats.method))
+    if draft is None:
+        draft = stats.draft_s / stats.drafted * 1e3 / cost.forward(1)
+        lines.append(
+            f"cost model: no profiled draft-step figure for {stats.method}; using this "
+            f"generation's measured draft time ({draft:.2f} of a target forward per draft token)"
+        )
     expect = cost.speedup(alpha, k_int, draft)
     need = cost.break_even_alpha(k_int, draft)
-    lines = []
     if need is None:
         lines.append(
             f"cost model: at k={k_int} a round costs more than {k_int + 1} plain steps on this "
@@ -262,6 +272,8 @@ def explain(stats, cost: CostModel | None) -> list[str]:
     return lines
 
 
-def _drafter_key(method: str) -> str:
+def _drafter_key(method: str) -> str | None:
+    """The stored figure a drafter without a `cost_key` may use: only ngram's, whose lookup
+    does not depend on settings; the others' figures hold for one skip set or draft model."""
     m = (method or "").split(":", 1)[0].lower()
-    return {"model": "model", "layerskip": "layerskip", "ngram": "ngram"}.get(m, m)
+    return "ngram" if m == "ngram" else None

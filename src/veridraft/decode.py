@@ -4,12 +4,16 @@ with no drafter: every round verifies an empty draft and emits one token.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .drafters.base import DecodeContext, Draft, Drafter
+from .cache import KVCache
+from .draft import DecodeContext, Draft, Drafter, Round
+from .errors import VeridraftError
 from .sampling import SamplingParams, probs, sample
 from .stats import Stats
 from .verify import verify
@@ -21,6 +25,43 @@ def first_token(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Gener
     if sampling.greedy:
         return int(logits.argmax())
     return sample(probs(logits, sampling), gen)
+
+
+@dataclass
+class Prefill:
+    """A prompt already run through the target: its cache and the logits of its last position.
+
+    Reusable: `decode` rolls the cache back to the prompt before each use (O(1)), so repeated
+    generations from one prompt (tuning, benchmarks) pay the prefill once.
+    """
+
+    ids: list[int]
+    cache: KVCache
+    logits: torch.Tensor  # [V] logits after the last prompt id
+
+
+@torch.inference_mode()
+def prefill(target, prompt_ids: Sequence[int], max_len: int) -> Prefill:
+    """Run prompt_ids through target into a new cache of max_len positions."""
+    ids = list(prompt_ids)
+    cache = target.new_cache(max_len)
+    logits = target(torch.tensor(ids, dtype=torch.long), cache, num_logits=1)
+    return Prefill(ids=ids, cache=cache, logits=logits[-1].clone())
+
+
+def _update_fn(drafter) -> Callable[[Round], None]:
+    """drafter.update for a Round; a drafter written for the older `update(n_accepted,
+    next_token)` signature gets those two values."""
+    fn = drafter.update
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return fn
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in params if p.kind in positional and p.default is p.empty]
+    if len(required) >= 2:
+        return lambda r: fn(r.n_accepted, r.next_token)
+    return fn
 
 
 @torch.inference_mode()
@@ -37,17 +78,33 @@ def decode(
     on_tokens: Callable[[list[int]], None] | None = None,
     tokenizer=None,
     max_draft: int = 16,
+    prefilled: Prefill | None = None,
 ) -> tuple[list[int], Stats]:
     """Generate up to max_new_tokens after prompt_ids; return (new ids, stats).
 
     should_stop(new_ids) returns the number of new ids to keep when a stop condition is met
     (e.g. a stop string completed), or None to go on. on_tokens receives committed ids.
+    prefilled: the prompt's cache and last logits from `prefill` (its ids must be prompt_ids).
     """
     stats = Stats(prompt_tokens=len(prompt_ids), method=getattr(drafter, "name", "ar"))
     t_start = time.perf_counter()
-    cache = target.new_cache(len(prompt_ids) + max_new_tokens + max_draft + 1)
-    logits = target(torch.tensor(list(prompt_ids), dtype=torch.long), cache, num_logits=1)
-    ids = list(prompt_ids) + [first_token(logits[-1], sampling, generator)]
+    need = len(prompt_ids) + max_new_tokens + max_draft + 1
+    if prefilled is None:
+        cache = target.new_cache(need)
+        logits = target(torch.tensor(list(prompt_ids), dtype=torch.long), cache, num_logits=1)
+        last = logits[-1]
+    else:
+        if prefilled.ids != list(prompt_ids):
+            raise VeridraftError("the prefilled prompt differs from prompt_ids; prefill this one")
+        if prefilled.cache.max_len < need:
+            raise VeridraftError(
+                f"the prefilled cache holds {prefilled.cache.max_len} positions, this generation "
+                f"needs {need}; prefill with a larger max_len"
+            )
+        cache = prefilled.cache
+        cache.truncate(len(prompt_ids))
+        last = prefilled.logits
+    ids = list(prompt_ids) + [first_token(last, sampling, generator)]
     stats.prefill_s = time.perf_counter() - t_start
     new = ids[len(prompt_ids) :]
     ctx = DecodeContext(
@@ -61,9 +118,16 @@ def decode(
         max_new_tokens=max_new_tokens,
     )
     keep = _finish_point(new, eos_ids, should_stop, max_new_tokens)
+    update = None
+    wants_scores = False
+    if drafter is not None:
+        update = _update_fn(drafter)
+        wants_scores = bool(getattr(drafter, "wants_scores", False))
     if drafter is not None and keep is None:
         t = time.perf_counter()
+        cache.mark()
         drafter.prefill(ctx)
+        _check_cache(cache, len(ids) - 1, stats.method, "prefill")
         stats.draft_s += time.perf_counter() - t
     if on_tokens:
         on_tokens(new[: keep if keep is not None else len(new)])
@@ -72,12 +136,14 @@ def decode(
         budget = max_new_tokens - len(new)
         t0 = time.perf_counter()
         draft = _EMPTY
+        start = cache.length
         if drafter is not None and budget > 1:
+            cache.mark()
             draft = drafter.propose(ctx, min(budget - 1, max_draft))
+            _check_cache(cache, start, stats.method, "propose")
             if len(draft.tokens) > min(budget - 1, max_draft):
                 raise ValueError(f"drafter {stats.method} proposed more tokens than allowed")
         t1 = time.perf_counter()
-        start = cache.length
         logits = target(torch.tensor([ids[-1], *draft.tokens], dtype=torch.long), cache)
         n_acc, nxt = verify(logits, draft, sampling, generator)
         cache.truncate(start + 1 + n_acc)
@@ -86,8 +152,18 @@ def decode(
         ids.extend(committed)
         new.extend(committed)
         stats.record_round(len(draft.tokens), n_acc)
-        if drafter is not None:
-            drafter.update(n_acc, nxt)
+        if update is not None:
+            update(
+                Round(
+                    n_accepted=n_acc,
+                    next_token=nxt,
+                    drafted=len(draft.tokens),
+                    ids=ids,
+                    draft_s=t1 - t0,
+                    verify_s=t2 - t1,
+                    scores=logits if wants_scores else None,
+                )
+            )
         keep = _finish_point(new, eos_ids, should_stop, max_new_tokens)
         if on_tokens:
             shown = len(new) - len(committed)
@@ -100,6 +176,21 @@ def decode(
     stats.new_tokens = len(new)
     stats.total_s = time.perf_counter() - t_start
     return new, stats
+
+
+def _check_cache(cache: KVCache, length: int, method: str, step: str) -> None:
+    """A drafter may write past the committed length but must leave the target cache as it
+    found it; anything else would corrupt verification silently."""
+    if cache.length != length or cache.low_water < length:
+        what = (
+            f"its length {length} -> {cache.length}"
+            if cache.length != length
+            else f"position {cache.low_water}, below the committed length {length}"
+        )
+        raise VeridraftError(
+            f"drafter {method} changed the target's KV cache in {step} ({what}); a drafter must "
+            "restore cache.length and write only past it"
+        )
 
 
 def _finish_point(new, eos_ids, should_stop, max_new_tokens) -> int | None:

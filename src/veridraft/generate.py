@@ -1,13 +1,21 @@
-"""`generate()`: the public entry point, HF-style keywords on top of `decode`."""
+"""`generate()` (text in, text out) and `generate_ids()` (ids in, ids out): the public entry
+points, HF-style keywords on top of `decode`. Every caller of the decode loop goes through
+`generate_ids`: it builds the sampling settings, the generator, the drafter (with the resources
+drafters may use, `draft_env`) and the stop rules in one place.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from .decode import decode
+from . import drafters
+from .decode import Prefill, decode, prefill
+from .draft import DraftEnv, Drafter
 from .errors import VeridraftError
 from .sampling import SamplingParams
 from .stats import Stats
@@ -49,6 +57,158 @@ def prompt_ids_for(model, prompt: str | Messages, chat: bool | None = None) -> l
     return tok.encode("\n\n".join(m["content"] for m in prompt))
 
 
+def draft_env(model) -> DraftEnv:
+    """The resources drafters get for `model`: the loader, the tuned profiles, the cost model
+    (read once per DraftEnv: a caller that reuses one env does no file I/O per generation)."""
+    costs: dict[int, object] = {}
+
+    def load(name: str, precision: str | None):
+        from .loader import load
+
+        return load(name, precision=precision or "fp32")
+
+    def knows(name: str) -> bool:
+        from .models import catalog
+
+        return name in catalog.CATALOG or Path(name).expanduser().exists()
+
+    def profile(target, spec: str | None):
+        from .profiles import profile_for
+
+        return profile_for(target, spec)
+
+    def cost(target):
+        from .costmodel import load_cost
+
+        if id(target) not in costs:
+            costs[id(target)] = load_cost(target) if hasattr(target, "path") else None
+        return costs[id(target)]
+
+    return DraftEnv(load=load, knows=knows, profile=profile, cost=cost)
+
+
+_WARNED: set[str] = set()
+
+
+def slowdown_warning(drafter, model, env: DraftEnv | None = None) -> str | None:
+    """Why `drafter` is expected to make generation slower than plain decoding on this machine
+    (its tuned profile measured a slowdown, or the cost model says no acceptance rate pays), or
+    None when nothing says so."""
+    if drafter is None:
+        return None
+    reason = getattr(drafter, "expected_slowdown", None)
+    if reason:
+        return reason
+    env = env or draft_env(model)
+    cost = env.cost(model) if env.cost is not None else None
+    key = getattr(drafter, "cost_key", None)
+    step = cost.draft_cost(key) if cost is not None and key else None
+    if step is not None and cost.speedup(1.0, 1, step) < 1.0:
+        # even a draft that is always right: one draft step + a 2-position verification costs
+        # more than two plain steps
+        return (
+            f"{drafter.name}: the cost model of this machine ({cost.precision}) says a draft step "
+            f"costs {step:.2f} of a target forward, more than any acceptance rate can repay; "
+            "plain decoding (no draft) is faster"
+        )
+    return None
+
+
+def prefill_prompt(model, prompt_ids: Sequence[int], max_new_tokens: int, max_draft: int = 16):
+    """Run a prompt through the target once; pass the result to `generate_ids(prefilled=...)`
+    to generate from it repeatedly without paying the prefill again."""
+    net = getattr(model, "net", model)
+    return prefill(net, prompt_ids, len(prompt_ids) + max_new_tokens + max_draft + 1)
+
+
+def generate_ids(
+    model,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    sampling: SamplingParams | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    draft: str | Drafter | None = None,
+    eos_ids: Sequence[int] | None = None,
+    should_stop: Callable[[list[int]], int | None] | None = None,
+    on_tokens: Callable[[list[int]], None] | None = None,
+    max_draft: int = 16,
+    prefilled: Prefill | None = None,
+    env: DraftEnv | None = None,
+    warn: bool = True,
+    **draft_options,
+) -> tuple[list[int], Stats]:
+    """Generate up to max_new_tokens ids after prompt_ids; return (new ids, stats).
+
+    model: a LoadedModel (see `veridraft.load`) or a native network. sampling: a SamplingParams
+    instead of temperature/top_k/top_p. seed or generator: the random source (neither: a fresh
+    seed). draft: None (plain decoding), a method spec or a Drafter instance; draft_options go to
+    the drafter. eos_ids: ids that end generation (default: the tokenizer's EOS ids; () for
+    none). should_stop(new_ids) -> ids to keep, or None to go on; on_tokens(ids) receives
+    committed ids as they come. prefilled: from `prefill_prompt` for these prompt_ids.
+    A drafter expected to be slower than plain decoding here is used as asked, but said so once
+    on stderr (warn=False: only in stats.warnings).
+    """
+    if sampling is None:
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    elif (temperature, top_k, top_p) != (0.0, 0, 1.0):
+        raise VeridraftError("pass either sampling= or temperature/top_k/top_p, not both")
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise VeridraftError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+    ids = [int(i) for i in prompt_ids]
+    if not ids:
+        raise VeridraftError("the prompt is empty")
+    net = getattr(model, "net", model)
+    tok = getattr(model, "tokenizer", None)
+    ctx_len = getattr(getattr(net, "config", None), "max_position_embeddings", None)
+    if ctx_len is not None and len(ids) + max_new_tokens > ctx_len:
+        raise VeridraftError(
+            f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"context length of {getattr(model, 'name', 'the model')} ({ctx_len}); shorten the "
+            "prompt or lower max_new_tokens"
+        )
+    if generator is not None and seed is not None:
+        raise VeridraftError("pass either seed= or generator=, not both")
+    if generator is None:
+        generator = torch.Generator().manual_seed(
+            seed if seed is not None else int(torch.seed() % 2**63)
+        )
+    if eos_ids is None:
+        eos_ids = getattr(tok, "eos_ids", None) or ()
+    env = env or draft_env(model)
+    drafter = drafters.make_drafter(draft, model, env=env, **draft_options)
+    reason = slowdown_warning(drafter, model, env)
+    if reason and warn and reason not in _WARNED:
+        _WARNED.add(reason)
+        print(f"veridraft: warning: {reason}", file=sys.stderr)
+    new, stats = decode(
+        net,
+        ids,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        generator=generator,
+        drafter=drafter,
+        eos_ids=frozenset(eos_ids),
+        should_stop=should_stop,
+        on_tokens=on_tokens,
+        tokenizer=tok,
+        max_draft=max_draft,
+        prefilled=prefilled,
+    )
+    if reason:
+        stats.warnings.append(reason)
+    if drafter is not None:
+        from .costmodel import explain
+
+        cost = env.cost(model) if env.cost is not None else None
+        stats.notes.extend(explain(stats, cost, getattr(drafter, "cost_key", None)))
+    return new, stats
+
+
 def generate(
     model,
     prompt: str | Messages,
@@ -69,46 +229,27 @@ def generate(
     "layerskip", "model:NAME", or a Drafter instance; draft_options go to the drafter.
     stream: called with each new piece of text as soon as it is final.
     """
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise VeridraftError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stops):
         raise VeridraftError("stop strings must be non-empty strings")
     ids = prompt_ids_for(model, prompt, chat)
-    if not ids:
-        raise VeridraftError("the prompt is empty")
-    ctx_len = model.context_length
-    if len(ids) + max_new_tokens > ctx_len:
-        raise VeridraftError(
-            f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"context length of {model.name} ({ctx_len}); shorten the prompt or lower "
-            "max_new_tokens"
-        )
-    from .drafters import make_drafter
-
-    drafter = make_drafter(draft, model, **draft_options)
-    generator = torch.Generator().manual_seed(
-        seed if seed is not None else int(torch.seed() % 2**63)
-    )
     tok = model.tokenizer
     text_out = _TextStream(tok, stops, stream)
-    new, stats = decode(
-        model.net,
+    new, stats = generate_ids(
+        model,
         ids,
         max_new_tokens=max_new_tokens,
-        sampling=sampling,
-        generator=generator,
-        drafter=drafter,
-        eos_ids=tok.eos_ids,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        draft=draft,
         should_stop=text_out.stop_point if stops else None,
         on_tokens=text_out.push if stream else None,
-        tokenizer=tok,
+        **draft_options,
     )
-    if drafter is not None:
-        from .costmodel import explain, load_cost
-
-        stats.notes.extend(explain(stats, load_cost(model)))
     text, reason = text_out.final(new)
     if stream:
         text_out.flush(text)

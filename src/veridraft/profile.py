@@ -3,8 +3,11 @@
     veridraft profile --model smollm2-135m [--precision fp16w] [--threads 2]
 
 Times a target forward over T = 1, 2, 4, 8, 16 new tokens at a short (100) and a long (1000)
-context (interleaved over T, after warm-up; medians), one step of each drafter (ngram lookup,
-layerskip draft forward, the model drafter's forward with the first layers), stores the result
+context (interleaved over T, after warm-up; medians), one step of each drafter - the drafter's own
+`propose` for one token, so its draft head (the subset head by default) and bookkeeping count:
+ngram lookup, the default layerskip drafter, a model drafter on the target's first layers.
+Universal drafting has no stored figure (its cost is its draft model's, unknown here):
+`--stats` then uses the draft time the generation measured. Stores the result
 next to the model (see costmodel.cost_paths) and prints it with the speedup speculative decoding
 would give at acceptance rates 0.5-0.9 and the best draft length.
 """
@@ -78,9 +81,9 @@ def forward_costs(net, ts=TS, contexts=CONTEXTS, repeats: int = 7, warmup: int =
 
 def draft_costs(model, context: int = 100, repeats: int = 7, warmup: int = 2) -> dict[str, float]:
     """Median ms of one step of each built-in drafter at `context` cached positions."""
+    from .draft import DecodeContext
     from .drafters import make_drafter
-    from .drafters.base import DecodeContext
-    from .drafters.model import truncate_layers
+    from .drafters.model import ModelDrafter, truncate_layers
     from .sampling import SamplingParams
 
     net = getattr(model, "net", model)
@@ -123,27 +126,22 @@ def draft_costs(model, context: int = 100, repeats: int = 7, warmup: int = 2) ->
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the heuristic skip set's note
-            skip = make_drafter("layerskip", model).skip
-        tok = torch.tensor([ids[-1]])
-
-        def layerskip_step() -> None:
-            start = cache.length
-            net(tok, cache, skip=skip)
-            cache.truncate(start)
-
-        out["layerskip"] = timed(layerskip_step)
+            # the default drafter (tuned profile or default skip set, default draft head); one
+            # propose of one token is one draft step, cache rolled back, as in decoding
+            layerskip = make_drafter("layerskip:num_tokens=1,adaptive=false", model)
+        layerskip.prefill(ctx)
+        out["layerskip"] = timed(lambda: layerskip.propose(ctx, 1))
+        out[layerskip.cost_key] = out["layerskip"]
 
         n = min(8, max(1, n_layers // 3))
-        small = truncate_layers(net, n)
-        dcache = small.new_cache(context + 32)
-        small(torch.tensor(ids[:-1]), dcache, num_logits=1)
-
-        def model_step() -> None:
-            start = dcache.length
-            small(tok, dcache)
-            dcache.truncate(start)
-
-        out["model"] = timed(model_step)
+        label = f"model:{getattr(model, 'name', None) or 'target'}-l{n}"
+        small = ModelDrafter(
+            truncate_layers(net, n), mode="fixed", num_tokens=1, label=label, target_vocab=vocab
+        )
+        small.prefill(ctx)
+        # each propose re-runs the last id and drafts one token: one draft-model step
+        out["model"] = timed(lambda: small.propose(ctx, 1))
+        out[small.cost_key] = out["model"]
         out["model_layers"] = float(n)
     return out
 
@@ -192,6 +190,7 @@ def report(cost: CostModel) -> str:
     for d in drafters:
         extra = f", first {int(cost.draft_ms['model_layers'])} layers" if d == "model" else ""
         lines.append(f"  {d:<10} {cost.draft_ms[d]:8.2f} ms  ({cost.draft_cost(d):.3f}{extra})")
+    lines.append("  universal  no figure (its draft model's; --stats uses the measured draft time)")
     lines += [
         "",
         "expected speedup over plain decoding at the best k (context "
@@ -228,11 +227,9 @@ def performance_table(
     precisions interleaved round by round; medians), plain-decoding tokens/s (precisions
     interleaved per prompt; median over prompts) and the memory-bandwidth bound."""
     from .bench.ar_speed import SAMPLE_PROMPTS, copy_bandwidth, kv_bytes_per_position
-    from .decode import decode
-    from .generate import prompt_ids_for
+    from .generate import generate_ids, prompt_ids_for
     from .loader import load
     from .models.precision import weight_nbytes_per_token
-    from .sampling import SamplingParams
 
     out = []
     bw = copy_bandwidth()
@@ -252,14 +249,7 @@ def performance_table(
         for j, ids in enumerate([ids_list[0], *ids_list]):  # the first run is a warm-up
             for p in precisions if j % 2 == 0 else tuple(reversed(precisions)):
                 t = time.perf_counter()
-                new, _ = decode(
-                    loaded[p].net,
-                    ids,
-                    max_new_tokens=new_tokens,
-                    sampling=SamplingParams(),
-                    generator=torch.Generator(),
-                    eos_ids=loaded[p].tokenizer.eos_ids,
-                )
+                new, _ = generate_ids(loaded[p], ids, max_new_tokens=new_tokens, seed=0)
                 if j:
                     rates[p].append(len(new) / (time.perf_counter() - t))
                     ctx_seen.append(len(ids) + len(new) / 2)

@@ -26,6 +26,8 @@ class Stats:
     total_s: float = 0.0
     method: str = "ar"
     notes: list[str] = field(default_factory=list)
+    # why this drafter is expected to be slower than plain decoding here (profile, cost model)
+    warnings: list[str] = field(default_factory=list)
 
     def record_round(self, n_drafted: int, n_accepted: int) -> None:
         self.target_forwards += 1
@@ -92,5 +94,6 @@ class Stats:
         if self.drafted_per_pos:
             per = " ".join(f"{a:.2f}" for a in self.acceptance_per_pos)
             lines.append(f"acceptance per draft position: {per}")
+        lines.extend(f"warning: {w}" for w in self.warnings)
         lines.extend(self.notes)
         return "\n".join(lines)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .drafters.base import Draft
+from .draft import Draft
 from .sampling import SamplingParams, probs, sample
 
 LOSSLESS_RULES = ("greedy", "speculative")

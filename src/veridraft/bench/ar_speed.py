@@ -101,19 +101,10 @@ def _hf_generate(
 
 
 def _ours_generate(model, ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
-    from ..decode import decode
-    from ..sampling import SamplingParams
+    from ..generate import generate_ids
 
     t = time.perf_counter()
-    new, _ = decode(
-        model.net,
-        ids,
-        max_new_tokens=max_new_tokens,
-        sampling=SamplingParams(temperature=0.0),
-        generator=torch.Generator().manual_seed(0),
-        eos_ids=model.tokenizer.eos_ids,
-        tokenizer=model.tokenizer,
-    )
+    new, _ = generate_ids(model, ids, max_new_tokens=max_new_tokens, seed=0)
     return new, time.perf_counter() - t
 
 

@@ -3,15 +3,13 @@ the `--methods` list."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 
-import torch
-
-from ..decode import decode
 from ..drafters import DRAFTERS, make_drafter
 from ..errors import VeridraftError
-from ..sampling import SamplingParams
+from ..generate import draft_env, generate_ids, slowdown_warning
 from .base import PEER_ENGINES, Method, RunOutput
 from .peers import make_peer
 
@@ -23,15 +21,24 @@ class VeridraftMethod(Method):
         super().__init__(spec)
         self.model = model
         self.draft = None if spec == "ar" else spec
+        # one lookup of profiles and cost model for every run: none inside the timed window
+        self.env = draft_env(model)
+        self.warning: str | None = None  # why this method is expected to lose here, if so
 
     def _drafter(self):
         if self.draft is None:
             return None
-        return make_drafter(self.draft, self.model)
+        return make_drafter(self.draft, self.model, env=self.env)
 
     def prepare(self) -> None:
         d = self._drafter()  # fails early on a bad spec
         self.lossless = not bool(getattr(d, "lossy", False))
+        self.warning = slowdown_warning(d, self.model, self.env)
+        if self.warning:
+            print(f"bench: warning: {self.name}: {self.warning}", file=sys.stderr)
+
+    def info(self) -> dict:
+        return {**super().info(), "warning": self.warning}
 
     def run(self, prompt_ids, *, max_new_tokens, temperature, seed) -> RunOutput:
         model = self.model
@@ -42,19 +49,17 @@ class VeridraftMethod(Method):
                 f"exceeds the context length ({ctx})"
             )
         drafter = self._drafter()  # like generate(): a fresh drafter per call, untimed
-        generator = torch.Generator().manual_seed(seed)
-        sampling = SamplingParams(temperature=temperature)
         tok = model.tokenizer
         t0 = time.perf_counter()
-        new, stats = decode(
-            model.net,
+        new, stats = generate_ids(
+            model,
             prompt_ids,
             max_new_tokens=max_new_tokens,
-            sampling=sampling,
-            generator=generator,
-            drafter=drafter,
-            eos_ids=tok.eos_ids,
-            tokenizer=tok,
+            temperature=temperature,
+            seed=seed,
+            draft=drafter,
+            env=self.env,
+            warn=False,  # said once in prepare()
         )
         wall = time.perf_counter() - t0
         reason = "eos" if new and new[-1] in tok.eos_ids else "length"

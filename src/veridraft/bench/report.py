@@ -157,6 +157,14 @@ def _methods_table(results: dict) -> list[str]:
             f"| `{name}` | {info['engine']} | {_lossless(e)} | `{info['baseline']}` | "
             f"{_f(e.get('peak_rss_mb'), 0)} | {acc_s} | {fm_s} | {e.get('errors', 0)} |"
         )
+    warned = [(n, i["warning"]) for n, i in results["methods"].items() if i.get("warning")]
+    if warned:
+        rows += [
+            "",
+            "Expected to be slower than plain decoding on this machine (run as asked):",
+            "",
+        ]
+        rows += [f"- `{name}`: {why}" for name, why in warned]
     return rows
 
 

@@ -31,9 +31,8 @@ import time
 
 import torch
 
-from ..decode import decode
 from ..errors import VeridraftError
-from ..generate import prompt_ids_for
+from ..generate import generate_ids, prompt_ids_for
 from ..sampling import SamplingParams
 from .questions import SPEC_BENCH_GROUPS, default_questions_path, load_questions, select
 
@@ -98,15 +97,8 @@ def run(
 
     def one(method: str, ids: list[int], n: int):
         t0 = time.perf_counter()
-        new, stats = decode(
-            model.net,
-            ids,
-            max_new_tokens=n,
-            sampling=greedy,
-            generator=torch.Generator(),
-            drafter=drafters[method],
-            eos_ids=tok.eos_ids,
-            tokenizer=tok,
+        new, stats = generate_ids(
+            model, ids, max_new_tokens=n, sampling=greedy, seed=0, draft=drafters[method]
         )
         return new, stats, time.perf_counter() - t0
 

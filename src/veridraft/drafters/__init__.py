@@ -16,27 +16,29 @@ Spec grammar: ``METHOD[:ARG][:KEY=VALUE[,KEY=VALUE...]]``. Parameters are separa
 `generate()` (e.g. ``num_tokens=8``) override the spec's parameters. Unknown methods and
 parameters, and bad values, raise a one-line VeridraftError that lists the valid choices.
 
-New drafters register a class in DRAFTERS; the class provides `name`, `takes_arg`, `params`
-(accepted parameter names), `aliases` (other names -> canonical) and
-`from_spec(model, arg, params) -> Drafter`.
+New drafters register a class in DRAFTERS (or a "module:Class" path, imported on first use);
+the class provides `name`, `takes_arg`, `params` (accepted parameter names), `aliases` (other names
+-> canonical) and `from_spec(model, arg, params[, env]) -> Drafter`, where `env` is the
+`veridraft.draft.DraftEnv` the API layer built (a model loader, the tuned profiles, the cost
+model). Drafter modules are imported only when their method is used.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
+from ..draft import DecodeContext, Draft, DraftEnv, Drafter, default_env, set_default_env
 from ..errors import VeridraftError
-from .base import DecodeContext, Draft, Drafter
-from .layerskip import LayerSkipDrafter
-from .model import ModelDrafter
-from .ngram import NgramDrafter
-from .universal import UniversalDrafter
 
 __all__ = [
     "DRAFTERS",
     "DecodeContext",
     "Draft",
+    "DraftEnv",
     "Drafter",
     "LayerSkipDrafter",
     "ModelDrafter",
@@ -44,14 +46,61 @@ __all__ = [
     "UniversalDrafter",
     "make_drafter",
     "parse_spec",
+    "set_default_env",
 ]
 
-DRAFTERS: dict[str, type] = {
-    "ngram": NgramDrafter,
-    "layerskip": LayerSkipDrafter,
-    "model": ModelDrafter,
-    "universal": UniversalDrafter,
+
+class _Registry(MutableMapping):
+    """name -> drafter class; entries given as "module:Class" are imported when first read."""
+
+    def __init__(self, entries: dict[str, type | str]) -> None:
+        self._entries = dict(entries)
+
+    def __getitem__(self, name: str) -> type:
+        entry = self._entries[name]
+        if isinstance(entry, str):
+            module, _, attr = entry.partition(":")
+            entry = getattr(importlib.import_module(module, __name__), attr)
+            self._entries[name] = entry
+        return entry
+
+    def __setitem__(self, name: str, cls: type | str) -> None:
+        self._entries[name] = cls
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"DRAFTERS({', '.join(self._entries)})"
+
+
+DRAFTERS: MutableMapping[str, type] = _Registry(
+    {
+        "ngram": ".ngram:NgramDrafter",
+        "layerskip": ".layerskip:LayerSkipDrafter",
+        "model": ".model:ModelDrafter",
+        "universal": ".universal:UniversalDrafter",
+    }
+)
+_CLASSES = {
+    "NgramDrafter": "ngram",
+    "LayerSkipDrafter": "layerskip",
+    "ModelDrafter": "model",
+    "UniversalDrafter": "universal",
 }
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLASSES:
+        return DRAFTERS[_CLASSES[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _KEY = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$", re.S)
 
@@ -118,11 +167,12 @@ def _canonical(cls: type, params: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def make_drafter(spec, model, **options) -> Drafter | None:
+def make_drafter(spec, model, env: DraftEnv | None = None, **options) -> Drafter | None:
     """None -> None (plain decoding); a Drafter -> itself; a spec string -> a new drafter.
 
-    `model` is the target (a LoadedModel, or a native network for tests); `options` override the
-    spec's parameters.
+    `model` is the target (a LoadedModel, or a native network for tests); `env` the resources
+    drafters may use (default: `veridraft.draft.default_env(model)`); `options`
+    override the spec's parameters.
     """
     if spec is None:
         if options:
@@ -158,4 +208,8 @@ def make_drafter(spec, model, **options) -> Drafter | None:
         )
     merged = _canonical(cls, params, f" in {spec!r}")
     merged.update(_canonical(cls, options, ""))
-    return cls.from_spec(model, arg, merged)
+    if "env" not in inspect.signature(cls.from_spec).parameters:
+        return cls.from_spec(model, arg, merged)
+    if env is None:
+        env = default_env(model)
+    return cls.from_spec(model, arg, merged, env=env)

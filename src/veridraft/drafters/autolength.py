@@ -3,8 +3,8 @@
 A drafter whose draft steps are not free (a separate model) should draft only as far as the
 acceptance pays for it, and not at all when it cannot - then a round is a plain decoding step
 and the loss against plain decoding is bounded by the occasional probe. Each round the drafter
-reports how long it drafted, how long the target took to verify (the time between `propose`
-returning and `update` being called) and how many proposed tokens were accepted; the next
+reports how long it drafted, how long the target took to verify (measured by the decode loop and
+passed to `update` in its `Round`) and how many proposed tokens were accepted; the next
 round's length is the k that maximises expected tokens per second,
 
     (1 + a + ... + a^k) / (k * d + v(k + 1))    against    1 / v(1)
@@ -42,6 +42,7 @@ class AutoLength:
     rounds_busy: int = 0
     _interval: int = field(default=0, repr=False)
     _probing: bool = field(default=False, repr=False)
+    # when `drafted` was called: the verification time of callers that do not pass one
     _t: float | None = field(default=None, repr=False)
 
     @property
@@ -94,12 +95,15 @@ class AutoLength:
             self.draft_s = self._ema(self.draft_s, seconds / k)
         self._t = time.perf_counter()
 
-    def verified(self, proposed: int, accepted: int) -> None:
-        """The target verified `proposed` tokens and accepted `accepted` of them."""
-        if self._t is None:
-            return
-        v = time.perf_counter() - self._t
-        self._t = None
+    def verified(self, proposed: int, accepted: int, seconds: float | None = None) -> None:
+        """The target took `seconds` to verify `proposed` tokens and accepted `accepted` of them.
+        Without `seconds`, the time since `drafted` stands in for it."""
+        t, self._t = self._t, None
+        if seconds is None:
+            if t is None:
+                return
+            seconds = time.perf_counter() - t
+        v = seconds
         if proposed == 0:
             self.v1 = self._ema(self.v1, v)
             return

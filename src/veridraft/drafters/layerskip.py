@@ -35,9 +35,9 @@ import warnings
 
 import torch
 
+from ..draft import DecodeContext, Draft, DraftEnv, Round, as_round
 from ..errors import VeridraftError
 from ..models.base import Skip
-from .base import DecodeContext, Draft
 from .draft_head import SubsetHead, draft_step, resolve_draft_vocab
 from .params import as_bool, as_float, as_int, as_layers, format_layers
 
@@ -129,11 +129,14 @@ class LayerSkipDrafter:
         self._head: SubsetHead | None = None
         self._head_net = None
         self.note = note
+        self.expected_slowdown: str | None = None  # why plain decoding may be faster here
         self.ar = 0.0  # smoothed acceptance rate (the paper's "matchness")
         self._drafted = 0
 
     @classmethod
-    def from_spec(cls, model, arg: str | None, params: dict) -> LayerSkipDrafter:
+    def from_spec(
+        cls, model, arg: str | None, params: dict, env: DraftEnv | None = None
+    ) -> LayerSkipDrafter:
         net = _net_of(model)
         n_layers = net.config.n_layers
         name = getattr(model, "name", None)
@@ -141,11 +144,15 @@ class LayerSkipDrafter:
         explicit = {k: p.pop(k) for k in ("attn", "mlp", "skip", "exit") if k in p}
         note = None
         prof = None
-        if not explicit:  # a tuned profile (veridraft.profiles); profile=none / profile=PATH
-            from ..profiles import profile_for
-
-            prof = profile_for(model, p.pop("profile", None))
-        p.pop("profile", None)
+        spec = p.pop("profile", None)
+        if not explicit and env is not None and env.profile is not None:
+            # a tuned profile (veridraft.profiles); profile=none / profile=PATH
+            prof = env.profile(model, spec)
+        elif not explicit and spec is not None and str(spec).strip().lower() != "none":
+            raise VeridraftError(
+                f"layerskip: profile={spec} given, but no profile store was passed (DraftEnv."
+                "profile); use veridraft.generate/generate_ids, or pass attn=/mlp= instead"
+            )
         if prof is not None:
             skip = prof.skip
             for k, v in prof.drafter_params().items():
@@ -182,7 +189,21 @@ class LayerSkipDrafter:
             )
         if len(skip.attn) == n_layers and len(skip.mlp) == n_layers:
             raise VeridraftError("layerskip: the skip set bypasses every layer; keep some")
-        return cls(skip, note=note, **p)
+        d = cls(skip, note=note, **p)
+        speedup = prof.figures.get("speedup") if prof is not None else None
+        if isinstance(speedup, int | float) and speedup < 1.0:
+            where = f" ({prof.path.name})" if prof.path is not None else ""
+            d.expected_slowdown = (
+                f"layerskip: the tuned profile for {prof.model} [{prof.precision}]{where} measured "
+                f"x{speedup:.2f} against plain decoding where it was tuned; plain decoding (no "
+                "draft) or draft='ngram' is likely faster"
+            )
+        return d
+
+    @property
+    def cost_key(self) -> str:
+        """The cost model's draft-step figure for exactly this drafter (skip set, draft head)."""
+        return f"layerskip:{describe(self.skip)}:draft_vocab={self.draft_vocab}"
 
     def __repr__(self) -> str:
         return (
@@ -245,7 +266,8 @@ class LayerSkipDrafter:
         self._drafted = len(tokens)
         return Draft(tokens=tokens, q=torch.stack(qs) if sampled else None)
 
-    def update(self, n_accepted: int, next_token: int) -> None:
+    def update(self, rnd: Round | int, next_token: int | None = None) -> None:
+        n_accepted = as_round(rnd, next_token).n_accepted
         drafted, self._drafted = self._drafted, 0
         if not self.adaptive or drafted == 0:
             return

@@ -37,14 +37,13 @@ tests and benchmarks (e.g. `model:smollm2-135m-l8`).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..draft import DecodeContext, Draft, DraftEnv, Round, as_round
 from ..errors import VeridraftError
-from .base import DecodeContext, Draft
 from .draft_head import SubsetHead, draft_step, resolve_draft_vocab
 from .params import as_bool, as_choice, as_float, as_int
 
@@ -121,28 +120,38 @@ def check_same_vocab(target, draft, draft_name: str) -> None:
         )
 
 
-def resolve_draft(name: str, target):
-    """Load the draft model named `name` for `target`: (model-like with .net, label)."""
-    from ..loader import load
-    from ..models import catalog
+def resolve_draft(name: str, target, env: DraftEnv | None = None):
+    """Load the draft model named `name` for `target`: (model-like with .net, label).
 
+    `env.knows`/`env.load` find and load models by name; NAME-lN of the target itself needs
+    neither."""
     t_name = getattr(target, "name", None)
     if name == t_name:
         return target, name
-    direct = name in catalog.CATALOG or Path(name).expanduser().exists()
+    env = env or DraftEnv()
+    direct = env.knows(name)
     m = _LAYERS_SUFFIX.match(name)
     if not direct and m:
         base, n = m.group(1), int(m.group(2))
         if base == t_name:
             base_model = target
         else:
-            base_model = _LOADED.get(base) or load(base)
+            base_model = _LOADED.get(base) or _load(env, base, None)
             _LOADED[base] = base_model
         net = truncate_layers(_net_of(base_model), n)
         return _Truncated(net, getattr(base_model, "tokenizer", None), name), name
     if name not in _LOADED:
-        _LOADED[name] = load(name)
+        _LOADED[name] = _load(env, name, None)
     return _LOADED[name], name
+
+
+def _load(env: DraftEnv, name: str, precision: str | None):
+    if env.load is None:
+        raise VeridraftError(
+            f"draft model {name!r}: no model loader given; load the target with veridraft.load "
+            "and pass the draft spec to generate(), or pass a Drafter instance"
+        )
+    return env.load(name, precision)
 
 
 class _Truncated:
@@ -219,8 +228,10 @@ class ModelDrafter:
         self._cached_ids: list[int] = []
 
     @classmethod
-    def from_spec(cls, model, arg: str | None, params: dict) -> ModelDrafter:
-        draft, label = resolve_draft(arg, model)
+    def from_spec(
+        cls, model, arg: str | None, params: dict, env: DraftEnv | None = None
+    ) -> ModelDrafter:
+        draft, label = resolve_draft(arg, model, env)
         check_same_vocab(model, draft, label)
         return cls(
             _net_of(draft),
@@ -228,6 +239,11 @@ class ModelDrafter:
             target_vocab=_net_of(model).config.vocab_size,
             **params,
         )
+
+    @property
+    def cost_key(self) -> str:
+        """The cost model's draft-step figure for exactly this drafter (draft model, head)."""
+        return f"{self.name}:draft_vocab={self.draft_vocab}"
 
     def __repr__(self) -> str:
         return f"ModelDrafter({self.name!r}, mode={self.mode!r}, num_tokens={self.num_tokens})"
@@ -298,7 +314,8 @@ class ModelDrafter:
         self._drafted = tokens
         return Draft(tokens=tokens, q=torch.stack(qs) if sampled else None)
 
-    def update(self, n_accepted: int, next_token: int) -> None:
+    def update(self, rnd: Round | int, next_token: int | None = None) -> None:
+        n_accepted = as_round(rnd, next_token).n_accepted
         drafted = self._drafted
         if not drafted:
             return

@@ -27,8 +27,8 @@ follows the text being copied right now; `match="first"` is HF's choice (the lef
 
 from __future__ import annotations
 
+from ..draft import DecodeContext, Draft, DraftEnv, Round
 from ..errors import VeridraftError
-from .base import DecodeContext, Draft
 from .params import as_choice, as_int
 
 # Acceptance assumed when the cost model (veridraft profile) picks the default draft length.
@@ -39,6 +39,7 @@ class NgramDrafter:
     """Point-mass proposals from the longest earlier match of the current suffix."""
 
     name = "ngram"
+    cost_key = "ngram"  # the cost model's draft-step figure (veridraft profile) for this code
     takes_arg = False
     params = ("num_tokens", "short_num_tokens", "max_ngram", "min_ngram", "match")
     aliases = {
@@ -71,18 +72,28 @@ class NgramDrafter:
             raise VeridraftError(
                 f"ngram: min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})"
             )
+        self.expected_slowdown: str | None = None  # why plain decoding may be faster here
         self._reset()
 
     @classmethod
-    def from_spec(cls, model, arg: str | None, params: dict) -> NgramDrafter:
-        if "num_tokens" not in params:  # no draft length given: the measured best, if any
-            from ..costmodel import load_cost
-
-            cost = load_cost(model) if hasattr(model, "path") else None
-            if cost is not None:
-                k = cost.best_k(NGRAM_PRIOR_ALPHA, cost.draft_cost("ngram") or 0.0)
+    def from_spec(
+        cls, model, arg: str | None, params: dict, env: DraftEnv | None = None
+    ) -> NgramDrafter:
+        cost = env.cost(model) if env is not None and env.cost is not None else None
+        slower = None
+        if cost is not None:
+            k = cost.best_k(NGRAM_PRIOR_ALPHA, cost.draft_cost("ngram") or 0.0)
+            if "num_tokens" not in params:  # no draft length given: the measured best
                 params = {**params, "num_tokens": max(1, k)}
-        return cls(**params)
+            if k == 0:
+                slower = (
+                    f"ngram: the cost model of this machine ({cost.precision}) predicts no gain "
+                    f"at a typical acceptance of {NGRAM_PRIOR_ALPHA}; plain decoding (no draft) "
+                    "may be faster"
+                )
+        d = cls(**params)
+        d.expected_slowdown = slower
+        return d
 
     def __repr__(self) -> str:
         return (
@@ -140,5 +151,5 @@ class NgramDrafter:
                 return Draft(tokens=tokens)
         return Draft(tokens=[])
 
-    def update(self, n_accepted: int, next_token: int) -> None:
+    def update(self, rnd: Round | int, next_token: int | None = None) -> None:
         pass  # the index catches up with ctx.ids on the next propose

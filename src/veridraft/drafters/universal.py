@@ -65,10 +65,18 @@ import torch
 from torch import nn
 
 from ..align import dtw_path, kept_by_path, lcd_path, norm_piece, token_bytes
+from ..draft import DecodeContext, Draft, DraftEnv, Round, as_round
 from ..errors import VeridraftError
 from .autolength import AutoLength
-from .base import DecodeContext, Draft
-from .model import _LOADED, _common_prefix, _net_of, _vocab_of, resolve_draft, roc_threshold
+from .model import (
+    _LOADED,
+    _common_prefix,
+    _load,
+    _net_of,
+    _vocab_of,
+    resolve_draft,
+    roc_threshold,
+)
 from .params import as_bool, as_choice, as_float, as_int
 
 ALIGNS = ("dtw", "lcd")
@@ -101,33 +109,23 @@ def _is_cont(b: bytes | bytearray, i: int) -> bool:
     return i < len(b) and (b[i] & 0xC0) == 0x80
 
 
-def _resolve(name: str, target, precision: str):
+def _resolve(name: str, target, precision: str, env: DraftEnv):
     """The draft model: `model`'s resolve_draft, or loaded in another precision (draft
     precision changes which tokens are proposed, never what is accepted)."""
     from ..models.precision import PRECISIONS
 
     precision = as_choice("universal", "precision", precision, PRECISIONS)
     if precision == "fp32":
-        return resolve_draft(name, target)
-    if name == getattr(target, "name", None) or name not in _catalog_or_path(name):
+        return resolve_draft(name, target, env)
+    if name == getattr(target, "name", None) or not env.knows(name):
         raise VeridraftError(
             f"universal: precision={precision} needs a draft loaded on its own (a catalog name "
             f"or a path), not {name!r}"
         )
     key = f"{name}@{precision}"
     if key not in _LOADED:
-        from ..loader import load
-
-        _LOADED[key] = load(name, precision=precision)
+        _LOADED[key] = _load(env, name, precision)
     return _LOADED[key], f"{name}:precision={precision}"
-
-
-def _catalog_or_path(name: str) -> set[str]:
-    from pathlib import Path
-
-    from ..models import catalog
-
-    return {name} if name in catalog.CATALOG or Path(name).expanduser().exists() else set()
 
 
 class UniversalDrafter:
@@ -176,7 +174,7 @@ class UniversalDrafter:
             raise VeridraftError("universal: both the draft and the target need a tokenizer")
         self.net = draft_net
         self.dtok, self.ttok = draft_tokenizer, target_tokenizer
-        if mode is None:  # no length asked for: the measured best (issue 7's contract)
+        if mode is None:  # no length asked for: the measured best (cost-aware length)
             mode = "fixed" if num_tokens is not None else "auto"
         self.mode = as_choice(m, "mode", mode, MODES)
         if num_tokens is None:
@@ -218,15 +216,18 @@ class UniversalDrafter:
         self._reset()
 
     @classmethod
-    def from_spec(cls, model, arg: str | None, params: dict) -> UniversalDrafter:
+    def from_spec(
+        cls, model, arg: str | None, params: dict, env: DraftEnv | None = None
+    ) -> UniversalDrafter:
+        env = env or DraftEnv()
         params = dict(params)
         precision = params.pop("precision", None)
         if precision is None:
             # the target's mode by default; a draft that is the target itself or a truncation
             # of it (`NAME-lN`) shares the target's weights, so it is loaded as fp32 (= as is).
-            own = arg != getattr(model, "name", None) and bool(_catalog_or_path(arg or ""))
+            own = arg != getattr(model, "name", None) and env.knows(arg or "")
             precision = getattr(model, "precision", "fp32") if own else "fp32"
-        draft, label = _resolve(arg, model, precision)
+        draft, label = _resolve(arg, model, precision, env)
         ttok = getattr(model, "tokenizer", None)
         dtok = getattr(draft, "tokenizer", None)
         if ttok is None or dtok is None:
@@ -429,9 +430,11 @@ class UniversalDrafter:
         props = props[:limit]
         return props, x_ends, p_ends[: len(props)], exact
 
-    def update(self, n_accepted: int, next_token: int) -> None:
+    def update(self, rnd: Round | int, next_token: int | None = None) -> None:
+        r = as_round(rnd, next_token)
+        n_accepted = r.n_accepted
         if self.auto is not None:
-            self.auto.verified(self._proposed, n_accepted)
+            self.auto.verified(self._proposed, n_accepted, r.verify_s)
         self._proposed = 0
         rnd = self._round
         self._round = None

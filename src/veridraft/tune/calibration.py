@@ -11,13 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..bench.questions import default_questions_path, groups_in, load_questions, spread
-from ..decode import decode
+from ..draft import DraftEnv
 from ..drafters.layerskip import LayerSkipDrafter
 from ..errors import VeridraftError
-from ..sampling import SamplingParams
+from ..generate import generate_ids, prefill_prompt
 from .space import Config
 
 
@@ -57,39 +55,6 @@ def calibration_questions(path: str | Path | None, n: int):
     return qpath, picked
 
 
-class _Prefilled:
-    """A target whose prompt is already prefilled: `new_cache` hands back the prompt's cache cut
-    back to the prompt, and the next forward (decode's prefill) returns the stored last logits.
-    Everything else goes to the real network, so `decode` runs unchanged."""
-
-    def __init__(self, net, ids: list[int], max_new_tokens: int, margin: int = 64) -> None:
-        self.net = net
-        self.ids = list(ids)
-        self.cache = net.new_cache(len(ids) + max_new_tokens + margin)
-        with torch.inference_mode():
-            logits = net(torch.tensor(self.ids, dtype=torch.long), self.cache, num_logits=1)
-        self.logits = logits.clone()
-        self._pending = False
-
-    def new_cache(self, max_len: int):
-        if max_len > self.cache.max_len:
-            raise VeridraftError(
-                f"tune: prefilled cache too small ({self.cache.max_len} < {max_len})"
-            )
-        self.cache.truncate(len(self.ids))
-        self._pending = True
-        return self.cache
-
-    def __call__(self, tokens, cache, **kw):
-        if self._pending and cache is self.cache:
-            self._pending = False
-            return self.logits
-        return self.net(tokens, cache, **kw)
-
-    def __getattr__(self, name):
-        return getattr(self.net, name)
-
-
 @dataclass
 class Run:
     ids: list[int]
@@ -106,23 +71,24 @@ class Calibration:
     def __init__(self, model, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
         self.model = model
         self.max_new_tokens = max_new_tokens
-        self.prompts = [_Prefilled(model.net, ids, max_new_tokens) for ids in prompt_ids]
+        # each prompt is prefilled once; every run rolls its cache back to the prompt (O(1))
+        self.prompts = [prefill_prompt(model, ids, max_new_tokens) for ids in prompt_ids]
+        # the search builds its drafters itself: timed runs look nothing up (no file I/O)
+        self.env = DraftEnv()
         self.ar_ids: list[list[int]] = []
         self.ar_hist: list[list[float]] = [[] for _ in prompt_ids]
 
     def run(self, i: int, drafter) -> Run:
         pf = self.prompts[i]
-        tok = self.model.tokenizer
         t0 = time.perf_counter()
-        new, st = decode(
-            pf,
+        new, st = generate_ids(
+            self.model,
             pf.ids,
             max_new_tokens=self.max_new_tokens,
-            sampling=SamplingParams(temperature=0.0),
-            generator=torch.Generator().manual_seed(0),
-            drafter=drafter,
-            eos_ids=tok.eos_ids,
-            tokenizer=tok,
+            seed=0,
+            draft=drafter,
+            prefilled=pf,
+            env=self.env,
         )
         dt = time.perf_counter() - t0
         return Run(list(new), dt, st.target_forwards, st.emitted_in_rounds, st.drafted, st.accepted)
