@@ -176,7 +176,7 @@ class UniversalDrafter:
             raise VeridraftError("universal: both the draft and the target need a tokenizer")
         self.net = draft_net
         self.dtok, self.ttok = draft_tokenizer, target_tokenizer
-        if mode is None:  # no length asked for: the measured best (issue 7's contract)
+        if mode is None:  # no length asked for: the measured best (cost-aware length)
             mode = "fixed" if num_tokens is not None else "auto"
         self.mode = as_choice(m, "mode", mode, MODES)
         if num_tokens is None:
