@@ -30,3 +30,35 @@ def real_model():
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def plain_greedy():
+    """Callable: (LoadedModel, prompt ids, max_new_tokens) -> plain greedy decoding's ids.
+
+    Several modules check drafters against the same plain-decoding outputs of the catalog
+    models, the most expensive part of those tests; each is computed once per pytest session.
+    A reference is reused only for the same model name and precision, prompt, length and torch
+    thread count, so it is exactly what the test would have computed itself.
+    """
+    import torch
+
+    from veridraft.decode import decode
+    from veridraft.sampling import SamplingParams
+
+    cache: dict[tuple, list[int]] = {}
+
+    def get(model, prompt, max_new_tokens: int) -> list[int]:
+        key = (model.name, model.precision, tuple(prompt), max_new_tokens)
+        key += (torch.get_num_threads(),)
+        if key not in cache:
+            cache[key], _ = decode(
+                model.net,
+                list(prompt),
+                max_new_tokens=max_new_tokens,
+                sampling=SamplingParams(),
+                generator=torch.Generator(),
+            )
+        return list(cache[key])
+
+    return get
