@@ -5,6 +5,16 @@ from __future__ import annotations
 
 import pytest
 
+REAL_FIXTURES = {"real_model_dir", "real_model"}
+
+
+def pytest_collection_modifyitems(items):
+    """`real` follows from the fixtures: a test that reaches the catalog models (directly or
+    through another fixture) is marked, so `-m "not real"` never needs a download."""
+    for item in items:
+        if REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)
+
 
 @pytest.fixture(scope="session")
 def real_model_dir():

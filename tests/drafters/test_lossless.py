@@ -197,6 +197,7 @@ DRAFTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.parametrize("draft", list(DRAFTS))
 @pytest.mark.parametrize("name", REAL_MODELS)

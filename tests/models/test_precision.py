@@ -107,6 +107,7 @@ def test_packed_rows_do_not_depend_on_the_other_rows(precision, shape):
     assert 0 < err < KERNEL_TOL[precision]  # 16-bit rounding: close, and not the fp32 kernel
 
 
+@pytest.mark.real
 def test_unknown_precision_is_refused():
     from veridraft.loader import load
 
@@ -117,6 +118,7 @@ def test_unknown_precision_is_refused():
 # ------------------------------------------------------------------ real models
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 @pytest.mark.parametrize("precision", PACKED)
@@ -135,6 +137,7 @@ def test_a_forward_over_t_tokens_equals_t_one_token_forwards(loaded, precision, 
             assert torch.equal(out, steps[:t]), f"T={t}: {float((out - steps[:t]).abs().max())}"
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.parametrize("draft", ["ngram", "layerskip", "model:smollm2-135m-l8:k=4,mode=fixed"])
 @pytest.mark.parametrize("precision", PACKED)
@@ -150,6 +153,7 @@ def test_greedy_speculative_equals_plain_smollm2(loaded, plain_greedy, precision
     assert drafted > 0
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.parametrize("precision", PACKED)
 def test_greedy_ngram_equals_plain_gemma3(loaded, plain_greedy, precision):
@@ -161,6 +165,7 @@ def test_greedy_ngram_equals_plain_gemma3(loaded, plain_greedy, precision):
         assert stats.drafted > 0
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.parametrize("precision", PACKED)
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
