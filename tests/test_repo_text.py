@@ -1,4 +1,4 @@
-"""The text the repository ships (README, docs, package sources and data) speaks of the product:
+"""The text the repository ships (README, docs, package sources and JSON) speaks of the product:
 no notes on how it was made ("session 3", "issue 7", "other jobs") and no absolute paths of the
 machine a file was written on. Cheap: one regex pass over each file."""
 
