@@ -35,7 +35,12 @@ demo: setup
 test: setup
 	$(VENV)/bin/veridraft models pull smollm2-135m
 	$(VENV)/bin/veridraft models pull gemma3-270m
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# The edit-test loop: everything not marked slow (see the README's testing section).
+.PHONY: test-fast
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 # lint-imports checks the layering in pyproject.toml ([tool.importlinter]) of this checkout's src.
 lint: setup

@@ -5,6 +5,16 @@ from __future__ import annotations
 
 import pytest
 
+REAL_FIXTURES = {"real_model_dir", "real_model"}
+
+
+def pytest_collection_modifyitems(items):
+    """`real` follows from the fixtures: a test that reaches the catalog models (directly or
+    through another fixture) is marked, so `-m "not real"` never needs a download."""
+    for item in items:
+        if REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)
+
 
 @pytest.fixture(scope="session")
 def real_model_dir():
@@ -28,5 +38,37 @@ def real_model():
         if name not in cache:
             cache[name] = load(name)
         return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def plain_greedy():
+    """Callable: (LoadedModel, prompt ids, max_new_tokens) -> plain greedy decoding's ids.
+
+    Several modules check drafters against the same plain-decoding outputs of the catalog
+    models, the most expensive part of those tests; each is computed once per pytest session.
+    A reference is reused only for the same model name and precision, prompt, length and torch
+    thread count, so it is exactly what the test would have computed itself.
+    """
+    import torch
+
+    from veridraft.decode import decode
+    from veridraft.sampling import SamplingParams
+
+    cache: dict[tuple, list[int]] = {}
+
+    def get(model, prompt, max_new_tokens: int) -> list[int]:
+        key = (model.name, model.precision, tuple(prompt), max_new_tokens)
+        key += (torch.get_num_threads(),)
+        if key not in cache:
+            cache[key], _ = decode(
+                model.net,
+                list(prompt),
+                max_new_tokens=max_new_tokens,
+                sampling=SamplingParams(),
+                generator=torch.Generator(),
+            )
+        return list(cache[key])
 
     return get

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from veridraft.profile import precision_advice
 
-# shaped like the session-4 AMD EPYC figures of smollm2-135m (docs/performance.md)
+# shaped like the AMD EPYC figures of smollm2-135m (docs/performance.md)
 PLAIN = {"fp32": 15.4, "fp16w": 52.2, "bf16": 30.3}
 COST = {
     "fp32": {1: 71.6, 4: 107.1},

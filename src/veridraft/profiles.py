@@ -220,10 +220,35 @@ def load_profile(path: str | Path) -> Profile:
     return p
 
 
+def portable_path(value: str, base: Path | None = None) -> str:
+    """A file path as a profile records it: relative to `base` (default: the working directory)
+    when the file lies under it, else the file's name. A profile is shared and shipped, and an
+    absolute path would only name the layout of the machine that wrote it."""
+    p = Path(value).expanduser()
+    if not p.is_absolute():
+        return value
+    try:
+        return p.resolve().relative_to((base or Path.cwd()).resolve()).as_posix()
+    except ValueError:
+        return p.name
+
+
+# Entries of `search` that name files; `command` gets the same treatment word by word.
+PATH_KEYS = ("questions_file", "trials_file")
+
+
 def save_profile(profile: Profile, path: str | Path) -> Path:
-    """Write atomically (a temporary file renamed into place); validate first."""
+    """Write atomically (a temporary file renamed into place); validate first. File paths in
+    `search` and `command` are stored portable (see portable_path)."""
     path = Path(path).expanduser()
     d = profile.to_dict()
+    d["search"] = {
+        k: portable_path(v) if k in PATH_KEYS and isinstance(v, str) else v
+        for k, v in d["search"].items()
+    }
+    d["command"] = " ".join(
+        portable_path(w) if w.startswith(("/", "~")) else w for w in d["command"].split(" ")
+    )
     from_dict(json.loads(json.dumps(d)), path)  # never write what would not load
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -196,31 +196,18 @@ DRAFTS = {
     "model": "model:{name}-l8",
 }
 
-_reference: dict[tuple[str, int], list[int]] = {}
 
-
-def _plain(model, prompt, key):
-    if key not in _reference:
-        _reference[key], _ = decode(
-            model.net,
-            prompt,
-            max_new_tokens=NEW_TOKENS,
-            sampling=SamplingParams(),
-            generator=torch.Generator(),
-        )
-    return _reference[key]
-
-
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.parametrize("draft", list(DRAFTS))
 @pytest.mark.parametrize("name", REAL_MODELS)
-def test_greedy_equals_plain_on_real_models(real_model, name, draft):
+def test_greedy_equals_plain_on_real_models(real_model, plain_greedy, name, draft):
     model = real_model(name)
     drafter = make_drafter(DRAFTS[draft].format(name=name), model)
     drafted = accepted = 0
     for q in QUESTIONS:
         prompt = prompt_ids(model, q)
-        ref = _plain(model, prompt, (name, q["question_id"]))
+        ref = plain_greedy(model, prompt, NEW_TOKENS)
         out, stats = decode(
             model.net,
             prompt,

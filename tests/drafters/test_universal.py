@@ -251,24 +251,15 @@ REAL_Q = dev_questions(
     {"summarization": 1, "rag": 1, "translation": 1, "qa": 1, "math_reasoning": 1}
 )
 NEW = 128
-_ref: dict = {}
 
 
-def _plain(model, prompt, key, n):
-    if key not in _ref:
-        _ref[key], _ = decode(
-            model.net, prompt, max_new_tokens=n, sampling=GREEDY, generator=torch.Generator()
-        )
-    return _ref[key]
-
-
-def _check_greedy(model, spec, questions, n):
+def _check_greedy(plain_greedy, model, spec, questions, n):
     torch.set_num_threads(2)
     drafter = make_drafter(spec, model)
     drafted = accepted = 0
     for q in questions:
         prompt = prompt_ids(model, q)
-        ref = _plain(model, prompt, (model.name, q["question_id"], n), n)
+        ref = plain_greedy(model, prompt, n)
         out, stats = decode(
             model.net,
             prompt,
@@ -289,11 +280,11 @@ def _check_greedy(model, spec, questions, n):
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_real_pair_greedy_equals_plain_dtw(real_model):
+def test_real_pair_greedy_equals_plain_dtw(real_model, plain_greedy):
     gemma = real_model("gemma3-270m")
     real_model("smollm2-135m")
     # fixed k drafts every round: the most rollbacks and alignments per token
-    d = _check_greedy(gemma, "universal:smollm2-135m:mode=fixed", REAL_Q, NEW)
+    d = _check_greedy(plain_greedy, gemma, "universal:smollm2-135m:mode=fixed", REAL_Q, NEW)
     assert not d.identity
 
 
@@ -307,26 +298,26 @@ def test_real_pair_greedy_equals_plain_dtw(real_model):
         "universal:smollm2-135m",  # the default: cost-aware length
     ],
 )
-def test_real_pair_greedy_equals_plain_variants(real_model, spec):
+def test_real_pair_greedy_equals_plain_variants(real_model, plain_greedy, spec):
     gemma = real_model("gemma3-270m")
-    _check_greedy(gemma, spec, REAL_Q[:2], 64)
+    _check_greedy(plain_greedy, gemma, spec, REAL_Q[:2], 64)
 
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_real_chat_target_with_a_base_draft(real_model):
+def test_real_chat_target_with_a_base_draft(real_model, plain_greedy):
     """Target SmolLM2 (chat template: the draft reads its rendering as text), draft Gemma."""
     smol = real_model("smollm2-135m")
     real_model("gemma3-270m")
-    _check_greedy(smol, "universal:gemma3-270m", REAL_Q[:2], 64)
+    _check_greedy(plain_greedy, smol, "universal:gemma3-270m", REAL_Q[:2], 64)
 
 
 @pytest.mark.real
-def test_real_same_vocabulary_is_identity(real_model):
+def test_real_same_vocabulary_is_identity(real_model, plain_greedy):
     smol = real_model("smollm2-135m")
     # The target drafting for itself: same tokenizer, so no text round trip, and (greedy, same
     # weights) nearly every draft token is accepted - a broken identity mapping would not be.
-    d = _check_greedy(smol, "universal:smollm2-135m:k=4", REAL_Q[:1], 32)
+    d = _check_greedy(plain_greedy, smol, "universal:smollm2-135m:k=4", REAL_Q[:1], 32)
     assert d.identity
     assert d.name == "universal:smollm2-135m"
 

@@ -219,6 +219,7 @@ def test_truncated_gguf_is_rejected(tmp_path):
         assert msg.endswith("re-download it") and "\n" not in msg
 
 
+@pytest.mark.real
 def test_truncated_real_gguf_is_rejected(tmp_path):
     src = catalog.pull("smollm2-135m") / "source.gguf"
     cut = tmp_path / "cut.gguf"
@@ -228,6 +229,7 @@ def test_truncated_real_gguf_is_rejected(tmp_path):
         convert.convert_gguf(cut, tmp_path / "out")
 
 
+@pytest.mark.real
 def test_pulled_folder_is_complete():
     for name in catalog.CATALOG:
         folder = catalog.pull(name)

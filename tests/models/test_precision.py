@@ -70,17 +70,6 @@ def _prompts(model, n: int) -> list[list[int]]:
     return out
 
 
-_plain: dict[tuple, list[int]] = {}
-
-
-def _plain_ids(model, ids) -> list[int]:
-    """Plain greedy decoding, once per (model, precision, prompt) for the whole module."""
-    key = (model.name, model.precision, tuple(ids))
-    if key not in _plain:
-        _plain[key], _ = _decode(model.net, ids)
-    return _plain[key]
-
-
 def _decode(net, ids, drafter=None):
     return decode(
         net,
@@ -118,6 +107,7 @@ def test_packed_rows_do_not_depend_on_the_other_rows(precision, shape):
     assert 0 < err < KERNEL_TOL[precision]  # 16-bit rounding: close, and not the fp32 kernel
 
 
+@pytest.mark.real
 def test_unknown_precision_is_refused():
     from veridraft.loader import load
 
@@ -128,6 +118,7 @@ def test_unknown_precision_is_refused():
 # ------------------------------------------------------------------ real models
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 @pytest.mark.parametrize("precision", PACKED)
@@ -146,41 +137,44 @@ def test_a_forward_over_t_tokens_equals_t_one_token_forwards(loaded, precision, 
             assert torch.equal(out, steps[:t]), f"T={t}: {float((out - steps[:t]).abs().max())}"
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.parametrize("draft", ["ngram", "layerskip", "model:smollm2-135m-l8:k=4,mode=fixed"])
 @pytest.mark.parametrize("precision", PACKED)
 @pytest.mark.filterwarnings("ignore:layerskip")
-def test_greedy_speculative_equals_plain_smollm2(loaded, precision, draft):
+def test_greedy_speculative_equals_plain_smollm2(loaded, plain_greedy, precision, draft):
     model = loaded("smollm2-135m", precision)
     drafter = make_drafter(draft, model)
     drafted = 0
     for ids in _prompts(model, 2):
         out, stats = _decode(model.net, ids, drafter)
-        assert out == _plain_ids(model, ids), f"{draft} in {precision}"
+        assert out == plain_greedy(model, ids, NEW_TOKENS), f"{draft} in {precision}"
         drafted += stats.drafted
     assert drafted > 0
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.parametrize("precision", PACKED)
-def test_greedy_ngram_equals_plain_gemma3(loaded, precision):
+def test_greedy_ngram_equals_plain_gemma3(loaded, plain_greedy, precision):
     model = loaded("gemma3-270m", precision)
     drafter = make_drafter("ngram", model)
     for ids in _prompts(model, 1):
         out, stats = _decode(model.net, ids, drafter)
-        assert out == _plain_ids(model, ids)
+        assert out == plain_greedy(model, ids, NEW_TOKENS)
         assert stats.drafted > 0
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.parametrize("precision", PACKED)
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
-def test_agreement_with_fp32(real_model, loaded, name, precision):
+def test_agreement_with_fp32(real_model, loaded, plain_greedy, name, precision):
     ref = real_model(name)
     model = loaded(name, precision)
     seqs, starts = [], []
     for ids in _prompts(ref, 2):
-        seqs.append(ids + _plain_ids(ref, ids))
+        seqs.append(ids + plain_greedy(ref, ids, NEW_TOKENS))
         starts.append(len(ids))
     got = agreement(ref.net, model.net, seqs, starts)
     print(name, precision, got)

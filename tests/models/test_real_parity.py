@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from veridraft.bench.questions import default_questions_path
 from veridraft.models import from_folder
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 MODELS = ["smollm2-135m", "gemma3-270m"]
 CATEGORIES = ["writing", "translation", "summarization", "math_reasoning", "rag"]

@@ -15,7 +15,7 @@ on the model and the machine. Following the paper's search:
   on calibration prompts (default 8 dev-set prompts, half of them summarization, 32 new tokens).
 
 Measuring (why a speedup and not raw tokens/s): the machine is shared and its speed drifts by
-tens of percent within minutes (several-fold when other jobs start), far more than the
+tens of percent within minutes (several-fold when other processes start), far more than the
 differences between neighbouring skip sets. Each trial therefore runs plain decoding (`ar`) back
 to back with the self-speculative run on every calibration prompt (which of the two goes first
 alternates) and scores est. ar time / self-speculative time, measured in the same minute. With
