@@ -97,11 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench.harness import add_bench_parser
     from .profile import add_profile_parser
+    from .serve.cli import add_serve_parser
     from .tune import add_tune_parser
 
     add_bench_parser(sub)
     add_profile_parser(sub)
     add_tune_parser(sub)
+    add_serve_parser(sub)
     return p
 
 
