@@ -58,8 +58,8 @@ class Job:
 
 
 class Engine:
-    """FIFO queue + one worker thread. `on_finish(job, result)` is called in the worker after each
-    job that ran (result None unless it completed), e.g. to record metrics."""
+    """FIFO queue + one worker thread. `on_finish(job, result)` is called once per job that ran
+    or was cancelled while waiting (result None unless it completed), e.g. to record metrics."""
 
     def __init__(
         self,
@@ -113,7 +113,9 @@ class Engine:
             except ValueError:
                 return
             job.outcome = "abort"
+            job.finished = time.perf_counter()
             self._changed()
+        self._finish(job, None)
         job.emit("cancelled")
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -152,6 +154,13 @@ class Engine:
                     self._running = None
                     self._changed()
 
+    def _finish(self, job: Job, result: Any) -> None:
+        if self._on_finish is not None:
+            try:
+                self._on_finish(job, result)
+            except Exception:
+                log.exception("recording metrics failed")
+
     def _run(self, job: Job) -> None:
         job.started = time.perf_counter()
         job.outcome = "running"
@@ -179,11 +188,7 @@ class Engine:
                 log.exception("generation failed")
         job.finished = time.perf_counter()
         # Metrics first, so that a client that has its answer also finds it counted.
-        if self._on_finish is not None:
-            try:
-                self._on_finish(job, result)
-            except Exception:
-                log.exception("recording metrics failed")
+        self._finish(job, result)
         if job.outcome == "done":
             job.emit("done", result)
         elif job.outcome == "abort":

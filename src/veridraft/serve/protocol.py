@@ -164,6 +164,10 @@ def parse_request(cls: type[_Common], body: bytes) -> Any:
             raise APIError(
                 400, f"the request body is not valid JSON: {err['msg']}", code="invalid_json"
             ) from None
+        if not loc:
+            raise APIError(
+                400, "the request body must be a JSON object", code="invalid_value"
+            ) from None
         if kind == "extra_forbidden":
             raise APIError(
                 400,
