@@ -72,13 +72,13 @@ class Server:
 
 
 def request(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
-    """(status, parsed JSON or text, headers) without raising on HTTP errors."""
+    """(status, parsed JSON or text, lower-cased headers) without raising on HTTP errors."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            status, data, hdrs = r.status, r.read(), dict(r.headers)
+            status, data, hdrs = r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
-        status, data, hdrs = e.code, e.read(), dict(e.headers)
+        status, data, hdrs = e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
     try:
         return status, json.loads(data), hdrs
     except ValueError:

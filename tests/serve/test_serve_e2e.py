@@ -3,6 +3,7 @@ smollm2-135m on 127.0.0.1. One server for the whole module; the last test shuts 
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -368,7 +369,7 @@ def test_metrics_equal_sum_of_request_stats(server, client):
 
 def test_metrics_names(server):
     status, text, hdrs = get(server.url + "/metrics")
-    assert status == 200 and hdrs["Content-Type"].startswith("text/plain")
+    assert status == 200 and hdrs["content-type"].startswith("text/plain")
     for name in (
         "vllm:spec_decode_num_drafts_total",
         "vllm:spec_decode_num_draft_tokens_total",
@@ -389,7 +390,8 @@ def test_metrics_names(server):
 
 def test_shutdown_cancels_in_flight_cleanly(server, client):
     """Last test: SIGTERM with a request in flight; it gets --shutdown-timeout (3 s) to finish,
-    then is cancelled, and the server exits with status 0."""
+    then is cancelled, and the server finishes its shutdown. (uvicorn re-raises the SIGTERM it
+    handled once it is done, so the exit status is that of SIGTERM.)"""
     s = client.chat.completions.create(
         model=MODEL, messages=COPY, max_tokens=4000, temperature=0, stream=True
     )
@@ -405,8 +407,9 @@ def test_shutdown_cancels_in_flight_cleanly(server, client):
     t = threading.Thread(target=drain)
     t.start()
     t0 = time.monotonic()
-    assert server.stop(timeout=60) == 0, server.output()
+    assert server.stop(timeout=60) in (0, -signal.SIGTERM), server.output()
     assert time.monotonic() - t0 < 30  # cancelled, not run to 4000 tokens
     t.join(30)
     assert not t.is_alive()
-    assert "Traceback" not in server.output(), server.output()
+    log = server.output()
+    assert "veridraft: stopped" in log and "Traceback" not in log, log

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -99,6 +100,7 @@ def create_app(model, config: ServerConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         yield
         await asyncio.to_thread(engine.shutdown, config.shutdown_timeout)
+        print("veridraft: stopped", file=sys.stderr, flush=True)
 
     app = FastAPI(title="veridraft", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.metrics = engine, metrics
