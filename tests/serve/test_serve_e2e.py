@@ -3,7 +3,9 @@ smollm2-135m on 127.0.0.1. One server for the whole module; the last test shuts 
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -211,6 +213,23 @@ def test_client_disconnect_frees_the_engine(server, client):
     _wait_metric(server, *ABORT, before + 1)
     status, health, _ = get(server.url + "/health")
     assert health["running"] == 0 and health["waiting"] == 0
+    r = client.chat.completions.create(model=MODEL, messages=COPY, max_tokens=4, temperature=0)
+    assert r.choices[0].message.content
+
+
+def test_non_streaming_client_disconnect_frees_the_engine(server, client):
+    before = metric_values(server.url).get(ABORT, 0.0)
+    body = json.dumps(
+        {"model": MODEL, "messages": COPY, "max_tokens": 2000, "temperature": 0}
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer " + KEY.encode()
+            + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )  # fmt: skip
+        _wait_metric(server, "vllm:num_requests_running", (("model_name", MODEL),), 1)
+    _wait_metric(server, *ABORT, before + 1)
     r = client.chat.completions.create(model=MODEL, messages=COPY, max_tokens=4, temperature=0)
     assert r.choices[0].message.content
 

@@ -219,13 +219,17 @@ def create_app(model, config: ServerConfig) -> FastAPI:
     async def outcome(request: Request, job: Job) -> Generation | None:
         """Wait for a job's end; None if the client left (the job is then cancelled)."""
         getter = asyncio.ensure_future(job.events.get())
+        checked = time.monotonic()
         try:
             while True:
                 done, _ = await asyncio.wait({getter}, timeout=_POLL_S)
-                if not done:
+                # Text events may arrive faster than the poll period: check on a clock.
+                if time.monotonic() - checked >= _POLL_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         engine.cancel(job)
                         return None
+                if not done:
                     continue
                 kind, value = getter.result()
                 if kind == "done":
