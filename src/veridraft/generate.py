@@ -273,6 +273,13 @@ class _TextStream:
         self.ids.extend(ids)
         text = self._text(self.ids)
         end = len(text) - self.hold
+        # A complete stop string may sit inside the held-back window's left edge: never send
+        # it, nor anything after it (the final text is cut there).
+        hits = [
+            i for i in (text.find(s, max(0, self.sent - self.hold)) for s in self.stops) if i >= 0
+        ]
+        if hits:
+            end = min(end, min(hits))
         while end > self.sent and text[end - 1] == "\ufffd":
             end -= 1
         if end > self.sent:

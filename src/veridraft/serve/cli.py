@@ -1,0 +1,122 @@
+"""`veridraft serve`: argument parsing and start-up. Imports torch and the web stack only when the
+command runs, so that `veridraft --help` stays light."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_serve_parser(sub) -> argparse.ArgumentParser:
+    s = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="OpenAI-compatible server (/v1/chat/completions, /v1/completions, "
+        "/v1/models, /health, /metrics). One generation runs at a time (a CPU is fastest at "
+        "batch 1); other requests wait in a first-come, first-served queue.",
+    )
+    s.add_argument(
+        "--model", "-m", default="smollm2-135m", help="catalog name, GGUF file or HF folder"
+    )
+    s.add_argument(
+        "--draft", default=None, help="default drafter: ngram | layerskip | model:NAME | ..."
+    )
+    s.add_argument("--precision", default="fp32", help="fp32 (default) | fp16w | bf16")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("VERIDRAFT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $VERIDRAFT_API_KEY)",
+    )
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests that may wait for the engine; more are answered 429 (default 64)",
+    )
+    s.add_argument(
+        "--served-model-name", default=None, help="the model id clients send (default: the name)"
+    )
+    s.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    s.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on shutdown before they are cancelled",
+    )
+    s.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    s.add_argument(
+        "--print-vllm-config",
+        action="store_true",
+        help="print vLLM's speculative_config (and the vllm serve command) for --draft, and exit",
+    )
+    s.set_defaults(func=run_serve)
+    return s
+
+
+def _print_vllm_config(args: argparse.Namespace) -> int:
+    import json
+
+    from .vllm import speculative_config, vllm_command
+
+    if not args.draft:
+        print(
+            "veridraft: error: --print-vllm-config needs --draft SPEC (e.g. --draft ngram)",
+            file=sys.stderr,
+        )
+        return 2
+    cfg, notes = speculative_config(args.draft)
+    cmd, _ = vllm_command(args.model, args.draft, args.port)
+    print(json.dumps(cfg))
+    print(f"# {cmd}", file=sys.stderr)
+    for note in notes:
+        print(f"# note: {note}", file=sys.stderr)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ..errors import VeridraftError
+
+    if args.print_vllm_config:
+        return _print_vllm_config(args)
+    if args.max_queue < 0:
+        raise VeridraftError(f"--max-queue must be >= 0, got {args.max_queue}")
+    import torch
+    import uvicorn
+
+    from ..drafters import make_drafter
+    from ..generate import generate
+    from ..loader import load
+    from .app import ServerConfig, create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load(args.model, precision=args.precision)
+    make_drafter(args.draft, model)  # a bad --draft fails here, not on the first request
+    # One short generation so the first client does not pay for lazy initialisation.
+    generate(model, "Hello", max_new_tokens=2, draft=args.draft)
+    names = tuple(dict.fromkeys(n for n in (args.served_model_name, model.name, args.model) if n))
+    config = ServerConfig(
+        model_names=names,
+        draft=args.draft,
+        api_key=args.api_key or None,
+        max_queue=args.max_queue,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    app = create_app(model, config)
+    print(
+        f"veridraft: serving {names[0]} ({args.precision}, draft {args.draft or 'none'}) on "
+        f"http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    return 0

@@ -1,0 +1,176 @@
+"""The engine's queue, without a model: FIFO order, isolation of events, cancellation of waiting
+and running jobs, the queue limit, errors, and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from veridraft.serve.engine import Engine, Job, QueueFull, ShuttingDown
+
+
+def _events_until_end(job: Job, timeout: float = 10.0):
+    async def collect():
+        out = []
+        while True:
+            kind, value = await asyncio.wait_for(job.events.get(), timeout)
+            out.append((kind, value))
+            if kind in ("done", "error", "cancelled"):
+                return out
+
+    return collect()
+
+
+def _gate_job(loop, gate: threading.Event, started: threading.Event | None = None) -> Job:
+    """A job that streams a piece every 10 ms until `gate` is set (or it is cancelled)."""
+
+    def work(on_text):
+        if started is not None:
+            started.set()
+        n = 0
+        while not gate.is_set():
+            on_text(f"{n},")
+            n += 1
+            time.sleep(0.01)
+        return n
+
+    return Job(work=work, loop=loop)
+
+
+def test_fifo_order_and_isolated_events():
+    order: list[int] = []
+    finished: list[Job] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(max_queue=10, on_finish=lambda job, r: finished.append(job))
+        hold, started = threading.Event(), threading.Event()
+        first = _gate_job(loop, hold, started)
+        engine.submit(first)
+        await asyncio.to_thread(started.wait, 5)
+
+        def make(i):
+            def work(on_text):
+                order.append(i)
+                for k in range(3):
+                    on_text(f"<{i}:{k}>")
+                return i
+
+            return Job(work=work, loop=loop)
+
+        jobs = [make(i) for i in range(6)]
+        for j in jobs:
+            engine.submit(j)
+        assert engine.waiting == 6 and engine.running == 1
+        hold.set()
+        results = await asyncio.gather(*(_events_until_end(j) for j in [first, *jobs]))
+        engine.shutdown(5)
+        return jobs, results
+
+    jobs, results = asyncio.run(main())
+    assert order == list(range(6))
+    for i, events in enumerate(results[1:]):
+        assert events == [*[("text", f"<{i}:{k}>") for k in range(3)], ("done", i)]
+    assert [j.outcome for j in jobs] == ["done"] * 6
+    assert len(finished) == 7
+
+
+def test_queue_limit_and_cancel_waiting():
+    finished: list[str] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(max_queue=1, on_finish=lambda job, r: finished.append(job.outcome))
+        gate, started = threading.Event(), threading.Event()
+        running = _gate_job(loop, gate, started)
+        engine.submit(running)
+        await asyncio.to_thread(started.wait, 5)
+        ran = threading.Event()
+        waiting = Job(work=lambda on_text: ran.set(), loop=loop)
+        engine.submit(waiting)
+        with pytest.raises(QueueFull):
+            engine.submit(Job(work=lambda on_text: None, loop=loop))
+        engine.cancel(waiting)  # leaves the queue at once: the slot is free again
+        assert engine.waiting == 0
+        assert (await _events_until_end(waiting))[-1] == ("cancelled", None)
+        engine.submit(Job(work=lambda on_text: "ok", loop=loop))
+        gate.set()
+        engine.shutdown(5)
+        return ran.is_set()
+
+    assert asyncio.run(main()) is False  # the cancelled job never ran
+    assert finished[0] == "abort"
+
+
+def test_cancel_running_stops_at_next_piece():
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(max_queue=4)
+        gate, started = threading.Event(), threading.Event()  # gate never opens
+        job = _gate_job(loop, gate, started)
+        engine.submit(job)
+        await asyncio.to_thread(started.wait, 5)
+        await asyncio.sleep(0.05)
+        engine.cancel(job)
+        events = await _events_until_end(job, timeout=5)
+        after = Job(work=lambda on_text: "next", loop=loop)
+        engine.submit(after)
+        nxt = await _events_until_end(after)
+        engine.shutdown(5)
+        return job, events, nxt
+
+    job, events, nxt = asyncio.run(main())
+    assert job.outcome == "abort"
+    assert events[-1] == ("cancelled", None)
+    assert all(kind == "text" for kind, _ in events[:-1])
+    assert nxt == [("done", "next")]
+
+
+def test_error_is_reported_and_engine_goes_on():
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine()
+
+        def boom(on_text):
+            on_text("a")
+            raise ValueError("broken")
+
+        bad = Job(work=boom, loop=loop)
+        good = Job(work=lambda on_text: 42, loop=loop)
+        engine.submit(bad)
+        engine.submit(good)
+        out = await _events_until_end(bad), await _events_until_end(good)
+        engine.shutdown(5)
+        return out
+
+    bad_events, good_events = asyncio.run(main())
+    assert bad_events[0] == ("text", "a")
+    kind, err = bad_events[-1]
+    assert kind == "error" and isinstance(err, ValueError)
+    assert good_events == [("done", 42)]
+
+
+def test_shutdown_cancels_waiting_and_then_running():
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(max_queue=4)
+        gate, started = threading.Event(), threading.Event()  # the running job never ends alone
+        running = _gate_job(loop, gate, started)
+        waiting = Job(work=lambda on_text: "never", loop=loop)
+        engine.submit(running)
+        engine.submit(waiting)
+        await asyncio.to_thread(started.wait, 5)
+        t0 = time.monotonic()
+        await asyncio.to_thread(engine.shutdown, 0.3)
+        took = time.monotonic() - t0
+        with pytest.raises(ShuttingDown):
+            engine.submit(Job(work=lambda on_text: None, loop=loop))
+        return running, await _events_until_end(running), await _events_until_end(waiting), took
+
+    running, ev_run, ev_wait, took = asyncio.run(main())
+    assert ev_wait[-1][0] == "error" and isinstance(ev_wait[-1][1], ShuttingDown)
+    assert ev_run[-1] == ("cancelled", None) and running.outcome == "abort"
+    assert took < 5
