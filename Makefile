@@ -25,9 +25,11 @@ test: setup
 	$(VENV)/bin/veridraft models pull gemma3-270m
 	$(PY) -m pytest -q
 
+# lint-imports checks the layering in pyproject.toml ([tool.importlinter]) of this checkout's src.
 lint: setup
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+	PYTHONPATH=src $(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff format src tests

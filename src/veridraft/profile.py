@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 import torch
 
-from .costmodel import CostModel, load_cost, machine_id, save_cost
+from .costmodel import CostModel, machine_id
 
 TS = (1, 2, 4, 8, 16)
 CONTEXTS = (100, 1000)
@@ -212,45 +212,6 @@ def report(cost: CostModel) -> str:
         be = [cost.break_even_alpha(k, dc) for k in (2, 4, 8)]
         lines.append(f"  {d:<10} " + "  ".join("never" if b is None else f"{b:.2f}" for b in be))
     return "\n".join(lines)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from .loader import load
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load(args.model, precision=args.precision)
-    if args.show:
-        cost = load_cost(model)
-        if cost is None:
-            print(f"no cost profile for {model.name} ({model.precision}) on this machine")
-            return 1
-    else:
-        cmd = f"veridraft profile --model {args.model} --precision {args.precision}"
-        cmd += f" --threads {torch.get_num_threads()} --repeats {args.repeats}"
-        cost = measure(model, repeats=args.repeats, command=cmd)
-        if not args.no_save:
-            path = save_cost(model, cost)
-            print(f"saved {path}", file=sys.stderr)
-    print(report(cost))
-    return 0
-
-
-def add_profile_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "profile",
-        help="measure forward and draft costs on this machine (the cost model)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", "-m", default="smollm2-135m", help="catalog name, GGUF or folder")
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16w | bf16 (default fp32)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    p.add_argument("--repeats", type=int, default=7, help="timed repeats per point (default 7)")
-    p.add_argument("--no-save", action="store_true", help="print only, do not store the file")
-    p.add_argument("--show", action="store_true", help="print the stored profile, measure nothing")
-    p.set_defaults(func=_run)
-    return p
 
 
 # ---- docs/performance.md: python -m veridraft.profile [--models ...] [--precisions ...] ----

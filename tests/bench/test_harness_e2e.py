@@ -9,8 +9,9 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from veridraft.bench.harness import add_bench_parser, run_bench, run_bench_cli
+from veridraft.bench.cli import add_bench_parser, run_bench_cli
 from veridraft.bench.report import compare_files
+from veridraft.bench.run import run_bench
 from veridraft.errors import VeridraftError
 
 CHAT = (

@@ -2,21 +2,18 @@
 
 import pytest
 
-from veridraft.bench.harness import (
-    Method,
-    Protocol,
-    RunOutput,
+from veridraft.bench.base import Method, RunOutput
+from veridraft.bench.environment import command_line
+from veridraft.bench.methods import split_methods
+from veridraft.bench.metrics import (
     acceptance_per_pos_of,
     alpha_of,
     basic_metrics,
-    command_line,
     exact_match,
-    rotated,
-    run_protocol,
-    split_methods,
     summarize,
     tau_of,
 )
+from veridraft.bench.protocol import Protocol, rotated, run_protocol
 from veridraft.bench.questions import Question
 from veridraft.errors import VeridraftError
 

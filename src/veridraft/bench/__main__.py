@@ -1,5 +1,5 @@
 """`python -m veridraft.bench ...`: the same as `veridraft bench ...`."""
 
-from .harness import main
+from .cli import main
 
 raise SystemExit(main())

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import VeridraftError
-from .harness import Method, RunOutput
+from .base import Method, RunOutput
 
 HF_PLD_TOKENS = 10
 LLAMACPP_PLD_TOKENS = 10

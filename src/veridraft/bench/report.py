@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from ..errors import VeridraftError
+from .metrics import summarize
 from .questions import OVERALL
 
 HOW_TO_READ = (
@@ -277,6 +278,7 @@ def overview_text(results: dict) -> str:
 def plot_speedup(results: dict, path: Path) -> Path:
     """Grouped bars, methods x task groups: speedup vs own plain decoding (left, with a 1.0
     line) and absolute tokens/s (right)."""
+    # matplotlib takes ~0.5 s to import: only the commands that draw pay for it.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,8 +393,6 @@ def load_results(path: str | Path) -> dict:
     if not isinstance(data, dict) or "records" not in data or "methods" not in data:
         raise VeridraftError(f"{p} is not a veridraft bench results.json")
     if "summary" not in data:
-        from .harness import summarize
-
         data["summary"] = summarize(data["records"], data["methods"])
     return data
 
@@ -449,8 +449,6 @@ def compare_files(a: str | Path, b: str | Path, group: str | None = None) -> str
 
 def rewrite_report(path: str | Path, out: str | Path | None = None) -> dict:
     """Write report.md and speedup.png again from a results.json (metrics recomputed)."""
-    from .harness import summarize
-
     data = load_results(path)
     data["summary"] = summarize(data["records"], data["methods"])
     src = Path(path)

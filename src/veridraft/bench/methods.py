@@ -1,0 +1,104 @@
+"""The benchmarked methods: veridraft's own (`ar`, any drafter spec) and the peers', built from
+the `--methods` list."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from ..decode import decode
+from ..drafters import DRAFTERS, make_drafter
+from ..errors import VeridraftError
+from ..sampling import SamplingParams
+from .base import PEER_ENGINES, Method, RunOutput
+from .peers import make_peer
+
+
+class VeridraftMethod(Method):
+    """`ar` (plain decoding) or any drafter spec (`ngram:num_tokens=8`, `layerskip`, ...)."""
+
+    def __init__(self, spec: str, model) -> None:
+        super().__init__(spec)
+        self.model = model
+        self.draft = None if spec == "ar" else spec
+
+    def _drafter(self):
+        if self.draft is None:
+            return None
+        return make_drafter(self.draft, self.model)
+
+    def prepare(self) -> None:
+        d = self._drafter()  # fails early on a bad spec
+        self.lossless = not bool(getattr(d, "lossy", False))
+
+    def run(self, prompt_ids, *, max_new_tokens, temperature, seed) -> RunOutput:
+        model = self.model
+        ctx = getattr(model, "context_length", None)
+        if ctx is not None and len(prompt_ids) + max_new_tokens > ctx:
+            raise VeridraftError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) "
+                f"exceeds the context length ({ctx})"
+            )
+        drafter = self._drafter()  # like generate(): a fresh drafter per call, untimed
+        generator = torch.Generator().manual_seed(seed)
+        sampling = SamplingParams(temperature=temperature)
+        tok = model.tokenizer
+        t0 = time.perf_counter()
+        new, stats = decode(
+            model.net,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            generator=generator,
+            drafter=drafter,
+            eos_ids=tok.eos_ids,
+            tokenizer=tok,
+        )
+        wall = time.perf_counter() - t0
+        reason = "eos" if new and new[-1] in tok.eos_ids else "length"
+        return RunOutput(
+            ids=list(new),
+            wall_s=wall,
+            prefill_s=stats.prefill_s,
+            stats=stats.to_dict(),
+            finish_reason=reason,
+        )
+
+
+def _known_method_names() -> set[str]:
+    return {"ar", *PEER_ENGINES, *DRAFTERS}
+
+
+def split_methods(text: str | Sequence[str]) -> list[str]:
+    """Split `--methods` on commas, keeping drafter parameters together: a piece that does not
+    start with a method name (`ar`, a drafter, `hf`, `llamacpp`) continues the previous
+    method's spec, so `ar,ngram:num_tokens=8,max_ngram=3,layerskip:attn=1-3,5,hf:ar` gives
+    ar | ngram:num_tokens=8,max_ngram=3 | layerskip:attn=1-3,5 | hf:ar."""
+    pieces = [text] if isinstance(text, str) else list(text)
+    known = _known_method_names()
+    out: list[str] = []
+    for chunk in pieces:
+        for p in (s.strip() for s in chunk.split(",")):
+            if not p:
+                continue
+            head = p.split(":", 1)[0].strip().lower()
+            if head not in known and out and ":" in out[-1]:
+                out[-1] += "," + p
+            else:
+                out.append(p)
+    seen: set[str] = set()
+    dup = [m for m in out if m in seen or seen.add(m)]
+    if dup:
+        raise VeridraftError(f"method {dup[0]!r} is listed twice in --methods")
+    if not out:
+        raise VeridraftError("--methods is empty")
+    return out
+
+
+def make_method(spec: str, model, threads: int = 2) -> Method:
+    """A Method for a spec: `hf:...` and `llamacpp:...` are peers, anything else is veridraft."""
+    if spec.startswith(tuple(f"{e}:" for e in PEER_ENGINES)):
+        return make_peer(spec, model, threads=threads)
+    return VeridraftMethod(spec, model)

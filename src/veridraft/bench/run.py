@@ -1,0 +1,173 @@
+"""`run_bench`: one whole benchmark run, from a model and a method list to results.json,
+report.md and speedup.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import VeridraftError
+from ..generate import prompt_ids_for
+from ..loader import load
+from .ar_speed import bandwidth_bound
+from .base import DEFAULT_METHODS, PEER_ENGINES
+from .environment import environment, loadavg
+from .methods import make_method, split_methods
+from .metrics import mean_of, summarize
+from .protocol import Protocol, run_protocol
+from .questions import default_questions_path, load_questions, select
+from .report import write_all
+
+
+def default_out_dir(model_name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(model_name)).name or "model")
+    return Path("out") / f"bench-{safe}-{stamp}"
+
+
+def run_bench(
+    model,
+    methods: str | Sequence[str] = DEFAULT_METHODS,
+    questions: str | Path | None = None,
+    *,
+    limit: int | None = None,
+    groups: Sequence[str] | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    repeats: int = 1,
+    warmup: int = 1,
+    out: str | Path | None = None,
+    threads: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+    bandwidth: bool = True,
+    command: str | None = None,
+    log: Callable[[str], None] | None = None,
+    precision: str = "fp32",
+) -> dict:
+    """Benchmark `methods` on `model` (a catalog name, path, or a loaded model); write
+    results.json, report.md and speedup.png into `out` (None: no files). Returns the results."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    if repeats < 1:
+        raise VeridraftError(f"--repeats must be at least 1, got {repeats}")
+    if warmup < 0:
+        raise VeridraftError(f"--warmup must be >= 0, got {warmup}")
+    if max_new_tokens < 1:
+        raise VeridraftError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if threads < 1:
+        raise VeridraftError(f"--threads must be at least 1, got {threads}")
+    names = split_methods(methods)
+    peer = tuple(f"{e}:" for e in PEER_ENGINES)
+    if "ar" not in names and any(not n.startswith(peer) for n in names):
+        log("adding method 'ar' (veridraft plain decoding): speedups and exact match need it")
+        names.insert(0, "ar")
+    qpath = Path(questions) if questions else default_questions_path()
+    all_q = load_questions(qpath)
+    chosen = select(all_q, list(groups) if groups else None, limit)
+
+    torch.set_num_threads(threads)
+    if isinstance(model, str | Path):
+        model = load(str(model), precision=precision)
+    meths = [make_method(n, model, threads=threads) for n in names]
+    tok = model.tokenizer
+    prot = Protocol(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        repeats=repeats,
+        warmup=warmup,
+        seed=seed,
+        progress=progress,
+        log=log,
+    )
+    n_gen = repeats * sum(len(q.turns) for q in chosen)
+    log(
+        f"benchmark: {model.name}, {len(chosen)} questions ({n_gen} generations per method) "
+        f"from {qpath}, methods {', '.join(names)}, {max_new_tokens} new tokens max, "
+        f"{threads} threads"
+    )
+    load_start = loadavg()
+    ncpu = os.cpu_count() or 1
+    if load_start and load_start[0] > max(1.0, ncpu - threads + 0.5):
+        log(
+            f"warning: load average {load_start[0]:.1f} on {ncpu} CPUs: other processes are "
+            "competing for the cores, so absolute timings will be slow and noisy (interleaving "
+            "keeps the ratios comparable, but a quiet machine gives better figures)"
+        )
+    partial = None
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        partial = Path(out) / "records.partial.jsonl"
+        partial.write_text("")
+        log(f"records are appended to {partial} as they come")
+
+        def save(rec: dict, path=partial) -> None:
+            with open(path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+        prot.on_record = save
+    t_start = time.perf_counter()
+    try:
+        records = run_protocol(
+            chosen,
+            meths,
+            encode=lambda msgs: prompt_ids_for(model, msgs),
+            decode_text=lambda ids: tok.decode(ids, skip_special_tokens=True),
+            protocol=prot,
+        )
+    finally:
+        for m in meths:
+            m.close()
+    elapsed = time.perf_counter() - t_start
+    info = {m.name: m.info() for m in meths}
+    summary = summarize(records, info)
+    env = environment(threads, command)
+    env["load_average_start"] = load_start
+    bound = None
+    if bandwidth:
+        ok = [r for r in records if r["method"] == "ar" and not r.get("error")]
+        ctx = mean_of(r["prompt_tokens"] + r["new_tokens"] / 2 for r in ok) or max_new_tokens
+        bound = bandwidth_bound(model.net, ctx)
+    results = {
+        "format": "veridraft-bench/1",
+        "model": {
+            "name": model.name,
+            "path": str(getattr(model, "path", "")),
+            "precision": getattr(model, "precision", None),
+        },
+        "settings": {
+            "questions_file": str(qpath),
+            "questions": len(chosen),
+            "question_ids": [q.question_id for q in chosen],
+            "limit": limit,
+            "groups": list(groups) if groups else None,
+            "methods": names,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "repeats": repeats,
+            "warmup": warmup,
+            "seed": seed,
+            "threads": threads,
+            "elapsed_s": elapsed,
+        },
+        "environment": env,
+        "bandwidth_bound": bound,
+        "methods": info,
+        "summary": summary,
+        "records": records,
+    }
+    if out is not None:
+        results["files"] = write_all(results, Path(out))
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# CLI

@@ -1,0 +1,5 @@
+"""`python -m veridraft.tune ...`: the same as `veridraft tune ...`."""
+
+from .cli import main
+
+raise SystemExit(main())
