@@ -59,6 +59,12 @@ def _peak_rss_mb(reset_ok: bool) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def peak_rss_mb() -> float:
+    """The process's resident-memory high-water mark so far, in MB (Linux VmHWM; else the
+    current RSS)."""
+    return _peak_rss_mb(True)
+
+
 def _run_seed(seed: int, repeat: int, qi: int, turn: int) -> int:
     return (seed * 1_000_003 + repeat * 10_007 + qi * 101 + turn) % 2**31
 
