@@ -35,6 +35,8 @@ demo: setup
 test: setup
 	$(VENV)/bin/veridraft models pull smollm2-135m
 	$(VENV)/bin/veridraft models pull gemma3-270m
+	$(VENV)/bin/veridraft models pull qwen2.5-coder-0.5b
+	$(VENV)/bin/veridraft models pull qwen2.5-coder-1.5b
 	$(PY) -m pytest -q --durations=15
 
 # The edit-test loop: everything not marked slow (see the README's testing section).

