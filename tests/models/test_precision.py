@@ -29,10 +29,12 @@ NEW_TOKENS = 32
 # The floors leave room for other prompts, models and machines.
 # bf16 (activations rounded too): 97.5% on both (198 positions, 6 prompts), max |logit diff| 0.52
 # (smollm2-135m) and 0.27 (gemma3-270m).
+# q4 (the GGUF's blocks with bfloat16 scales, bf16 activations): 98.5% (smollm2-135m) and 100%
+# (gemma3-270m) of 66 positions, max |logit diff| 0.37 and 0.36.
 FLOORS = {
     "fp16w": {"argmax_agreement": 0.97, "max_logit_diff": 1.0},
     "bf16": {"argmax_agreement": 0.93, "max_logit_diff": 2.0},
-    "q4": {"argmax_agreement": 0.90, "max_logit_diff": 3.0},
+    "q4": {"argmax_agreement": 0.93, "max_logit_diff": 1.5},
 }
 # Largest |packed - float32| of one linear on the kernel test's random inputs (|y| ~ 1).
 KERNEL_TOL = {"fp16w": 5e-3, "bf16": 5e-2}
