@@ -18,7 +18,14 @@ from safetensors.torch import save_file
 
 from veridraft.errors import VeridraftError
 from veridraft.models import from_hf_config_and_state_dict
-from veridraft.models.q4 import BLOCKS, Q4Linear, _llama_rows, apply_q4, decode_blocks
+from veridraft.models.q4 import (
+    BLOCKS,
+    Q4Linear,
+    _llama_rows,
+    apply_q4,
+    decode_blocks,
+    read_gguf_tensors,
+)
 
 DIM, INTER, HEADS, KV, VOCAB, LAYERS = 64, 128, 2, 1, 96, 2
 HD = DIM // HEADS
@@ -189,3 +196,24 @@ def test_q4_without_a_gguf_says_how_to_get_one(tmp_path):
     )
     with pytest.raises(VeridraftError, match="no source.gguf"):
         from_folder(tmp_path, precision="q4")
+
+
+def _same_table(path) -> None:
+    ours = read_gguf_tensors(path)
+    theirs = GGUFReader(path).tensors
+    assert list(ours) == [t.name for t in theirs]
+    for t in theirs:
+        o = ours[t.name]
+        assert o.kind == t.tensor_type.name and o.shape == tuple(int(d) for d in t.shape)
+        assert np.array_equal(o.data, np.asarray(t.data).view(np.uint8).reshape(-1))
+
+
+def test_tensor_table_is_gguf_readers(tmp_path):
+    _, _, path = _tiny(tmp_path, {"token_embd": "Q8_0", "ffn_up": "F16"})
+    _same_table(path)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_catalog_tensor_table_is_gguf_readers(real_model_dir, name):
+    _same_table(real_model_dir(name) / "source.gguf")

@@ -38,6 +38,7 @@ packed modes, so speculative decoding in q4 reproduces plain q4 decoding exactly
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,96 @@ class Q4Linear(nn.Module):
 
 # ---- GGUF -> native modules ----
 
+# GGUF metadata value types -> struct format of one scalar (8: string, 9: array)
+_SCALAR = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    kind: str  # GGML type name: "Q4_1", "Q8_0", "F32"...
+    shape: tuple[int, ...]  # GGUF order: the row length first
+    data: np.ndarray  # the raw bytes (a read-only view into the mapped file)
+
+
+def read_gguf_tensors(path: str | Path) -> dict[str, GGUFTensor]:
+    """The tensor table of a GGUF (v2/v3) and a memory-mapped view of each tensor's bytes.
+
+    gguf.GGUFReader builds a numpy object per metadata element, the tokenizer's vocabulary
+    included: 4 s for smollm2-135m's GGUF and 21 s for gemma3-270m's (262,144 tokens) on the
+    shared 2-core machine. This reads the same table skipping the metadata values: well under a
+    second. tests/models/test_q4.py checks it against GGUFReader."""
+    import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    mv = memoryview(buf)
+    pos = 4  # after the magic
+
+    def take(fmt: str):
+        nonlocal pos
+        out = struct.unpack_from("<" + fmt, mv, pos)
+        pos += struct.calcsize("<" + fmt)
+        return out[0] if len(out) == 1 else out
+
+    def string() -> str:
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return bytes(mv[pos - n : pos]).decode("utf-8", "replace")
+
+    def skip(vtype: int) -> None:
+        nonlocal pos
+        if vtype == 8:
+            n = take("Q")  # not `pos += take(...)`: that adds to pos as it was before the read
+            pos += n
+        elif vtype == 9:
+            etype, count = take("I"), take("Q")
+            if etype in _SCALAR:
+                pos += count * struct.calcsize(_SCALAR[etype])
+            else:
+                for _ in range(count):
+                    skip(etype)
+        else:
+            pos += struct.calcsize(_SCALAR[vtype])
+
+    if bytes(mv[:4]) != b"GGUF":
+        raise VeridraftError(f"{path} is not a GGUF file (no GGUF magic): re-pull the model")
+    _, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+    alignment = 32
+    for _ in range(n_kv):
+        key, vtype = string(), take("I")
+        if key == "general.alignment" and vtype in _SCALAR:
+            alignment = int(take(_SCALAR[vtype]))
+        else:
+            skip(vtype)
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = tuple(take("Q") for _ in range(take("I")))
+        infos.append((name, dims, take("I"), take("Q")))
+    start = -(-pos // alignment) * alignment
+    out = {}
+    for name, dims, ttype, offset in infos:
+        kind = GGMLQuantizationType(ttype)
+        per, nbytes = GGML_QUANT_SIZES[kind]
+        n = int(np.prod(dims)) // per * nbytes
+        out[name] = GGUFTensor(name, kind.name, dims, buf[start + offset : start + offset + n])
+    return out
+
 
 def gguf_source(folder: str | Path) -> Path:
     """The GGUF a model folder was converted from: source.gguf, or the path veridraft.json
@@ -235,14 +326,13 @@ def apply_q4(model: nn.Module, gguf_path: str | Path) -> nn.Module:
     """Swap every linear of a float32 model for a Q4Linear built from the GGUF's blocks (in
     place). Each part is checked against the model's own float32 weights (the de-quantized
     blocks, in the row order the converter chose), so a wrong file or layout fails loudly."""
-    from gguf import GGUFReader
-
     cfg = model.config
     try:
-        reader = GGUFReader(gguf_path)
-    except Exception as e:
+        tensors = read_gguf_tensors(gguf_path)
+    except VeridraftError:
+        raise
+    except Exception as e:  # struct, numpy and enum errors of a truncated or corrupt file
         raise VeridraftError(f"cannot read {gguf_path} ({e}); re-pull the model") from e
-    tensors = {t.name: t for t in reader.tensors}
     heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}
     for parent in list(model.modules()):
         for cname, child in list(parent.named_children()):
@@ -254,20 +344,20 @@ def apply_q4(model: nn.Module, gguf_path: str | Path) -> nn.Module:
             for part in parts:
                 if part not in tensors:
                     raise VeridraftError(f"{gguf_path} lacks tensor {part!r}; re-pull the model")
-                kind = tensors[part].tensor_type.name
+                kind = tensors[part].kind
                 if kind not in BLOCKS and kind not in BF16_FALLBACK:
                     raise VeridraftError(
                         f"{part} in {gguf_path} is {kind}: precision 'q4' has no kernel for "
                         f"that type (it takes {', '.join((*BLOCKS, *BF16_FALLBACK))}); "
                         "use precision='bf16'"
                     )
-            if any(tensors[p].tensor_type.name in BF16_FALLBACK for p in parts):
+            if any(tensors[p].kind in BF16_FALLBACK for p in parts):
                 setattr(parent, cname, PackedLinear(w32, child.bias, "bf16"))
                 continue
             us, ss, zs, row = [], [], [], 0
             for part in parts:
                 t = tensors[part]
-                kind = t.tensor_type.name
+                kind = t.kind
                 cols, rows = (int(x) for x in t.shape[:2])
                 u, s, z = decode_blocks(kind, t.data, rows, cols)
                 ref = w32[row : row + rows]
