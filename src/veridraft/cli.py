@@ -82,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--draft", default=None, help="ngram | layerskip | model:NAME | ... (default: none)"
     )
-    g.add_argument("--precision", default="fp32", help="fp32 (default) | fp16w | bf16")
+    g.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32 (default) | fp16w | bf16 | q4 (the GGUF's own 4-bit blocks)",
+    )
     g.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--stats", action="store_true", help="print speculative-decoding statistics")
