@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from veridraft.profile import precision_advice
+import sys
+from pathlib import Path
+
+import pytest
+
+from veridraft.profile import accounting_line, precision_advice, step_accounting
 
 # shaped like the AMD EPYC figures of smollm2-135m (docs/performance.md)
 PLAIN = {"fp32": 15.4, "fp16w": 52.2, "bf16": 30.3}
@@ -30,3 +35,17 @@ def test_one_mode_best_at_both_needs_no_caveat():
 def test_another_verification_size():
     cost = {p: {**c, 8: c[4] * 2} for p, c in COST.items()}
     assert "a forward over 8 tokens" in precision_advice(PLAIN, cost, t=8)
+
+
+def test_step_accounting_counts_the_matmuls_and_the_bound(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent / "drafters"))
+    from drafting_helpers import tiny_llama
+
+    net = tiny_llama(tmp_path)
+    acc = step_accounting(net, context=20, steps=3, bandwidth=10e9)
+    assert acc["aten_ops"] > 10 and acc["ms"] > 0
+    # a tiny model's step is almost all dispatch: its 32-wide matmuls are a small share
+    assert 0.3 < acc["outside_matmuls"] < 1.0
+    assert acc["bound_ms"] == pytest.approx(acc["bytes"] / 10e9 * 1e3)
+    assert acc["share_of_bound"] == pytest.approx(acc["bound_ms"] / acc["ms"])
+    assert "ATen calls" in accounting_line(acc, 20)

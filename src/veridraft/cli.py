@@ -72,7 +72,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     from .costmodel import load_cost, save_cost
     from .loader import load
-    from .profile import measure, report
+    from .profile import accounting_line, measure, report, step_accounting
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,6 +90,8 @@ def _profile(args: argparse.Namespace) -> int:
             path = save_cost(model, cost)
             print(f"saved {path}", file=sys.stderr)
     print(report(cost))
+    if not args.show:
+        print("\n" + accounting_line(step_accounting(model.net)))
     return 0
 
 
@@ -112,7 +114,7 @@ def _add_profile_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", "-m", default="smollm2-135m", help="catalog name, GGUF or folder")
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16w | bf16 (default fp32)")
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16w | bf16 | q4 (default fp32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per point (default 7)")
     p.add_argument("--no-save", action="store_true", help="print only, do not store the file")
@@ -141,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--draft", default=None, help="ngram | layerskip | model:NAME | ... (default: none)"
     )
-    g.add_argument("--precision", default="fp32", help="fp32 (default) | fp16w | bf16")
+    g.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32 (default) | fp16w | bf16 | q4 (the GGUF's own 4-bit blocks)",
+    )
     g.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--stats", action="store_true", help="print speculative-decoding statistics")

@@ -173,6 +173,71 @@ def measure(model, repeats: int = 7, contexts=CONTEXTS, ts=TS, command: str = ""
     )
 
 
+# kernels that multiply weights: everything else in a step is "outside the matmuls"
+_MATMUL_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::fbgemm_linear_fp16_weight_fp32_activation",
+    "mkldnn::_linear_pointwise",
+    "aten::_weight_int4pack_mm_for_cpu",
+    "aten::_weight_int8pack_mm",
+)
+
+
+def step_accounting(net, context: int = 100, steps: int = 20, bandwidth: float | None = None):
+    """Where a one-token step at `context` cached positions goes: median ms, ATen calls per
+    step, the share of the step's profiled CPU time outside the weight matmuls, the bytes it
+    reads (weights + KV), the copy-bandwidth bound on it and the share of that bound reached."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .bench.ar_speed import copy_bandwidth, kv_bytes_per_position
+    from .models.precision import weight_nbytes_per_token
+
+    bw = bandwidth if bandwidth is not None else copy_bandwidth()
+    gen = torch.Generator().manual_seed(0)
+    tok = torch.randint(0, net.config.vocab_size, (1,), generator=gen)
+    times = []
+    with torch.inference_mode():
+        cache = net.new_cache(context + 2)
+        net(torch.randint(0, net.config.vocab_size, (context,), generator=gen), cache)
+        for i in range(steps + 3):
+            s = time.perf_counter()
+            net(tok, cache)
+            if i >= 3:
+                times.append(time.perf_counter() - s)
+            cache.truncate(context)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                net(tok, cache)
+                cache.truncate(context)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    mm = sum(e.self_cpu_time_total for e in events if e.key in _MATMUL_OPS)
+    ops = sum(e.count for e in events if "::" in e.key) / 5
+    nbytes = weight_nbytes_per_token(net) + kv_bytes_per_position(net) * context
+    ms = _median_ms(times)
+    bound_ms = nbytes / bw * 1e3
+    return {
+        "ms": ms,
+        "aten_ops": ops,
+        "outside_matmuls": 1 - mm / total if total else 0.0,
+        "bytes": nbytes,
+        "bandwidth_GBps": bw / 1e9,
+        "bound_ms": bound_ms,
+        "share_of_bound": bound_ms / ms,
+    }
+
+
+def accounting_line(acc: dict, context: int = 100) -> str:
+    return (
+        f"one-token step at context {context}: {acc['ms']:.1f} ms, {acc['aten_ops']:.0f} "
+        f"ATen calls, {100 * acc['outside_matmuls']:.0f}% of it outside the weight matmuls; "
+        f"reads {acc['bytes'] / 1e6:.0f} MB (weights + KV): {acc['bound_ms']:.1f} ms at the "
+        f"copy bandwidth ({acc['bandwidth_GBps']:.1f} GB/s), {100 * acc['share_of_bound']:.0f}% "
+        "of that bound reached"
+    )
+
+
 def report(cost: CostModel) -> str:
     lines = [
         f"cost model: {cost.model}, {cost.precision}, {cost.cpu}, torch {cost.torch}",
@@ -254,6 +319,7 @@ def performance_table(
                     rates[p].append(len(new) / (time.perf_counter() - t))
                     ctx_seen.append(len(ids) + len(new) / 2)
         mean_ctx = statistics.mean(ctx_seen)
+        acc = {p: step_accounting(loaded[p].net, bandwidth=bw) for p in precisions}
         out.append(f"### {name}\n")
         out.append("| precision | context | " + " | ".join(f"T={t}" for t in TS) + " | T=8 / T=1 |")
         out.append("|---|---|" + "---|" * len(TS) + "---|")
@@ -267,9 +333,10 @@ def performance_table(
         out.append("")
         out.append(
             "| precision | plain decoding tok/s (median) | weights read per token | "
-            "bandwidth bound tok/s | share of bound |"
+            "bandwidth bound tok/s | share of bound | one-token step: ATen calls, "
+            "outside the matmuls |"
         )
-        out.append("|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|")
         for p in precisions:
             net = loaded[p].net
             per_tok = weight_nbytes_per_token(net) + kv_bytes_per_position(net) * mean_ctx
@@ -277,7 +344,8 @@ def performance_table(
             med = statistics.median(rates[p])
             out.append(
                 f"| {p} | {med:.1f} | {weight_nbytes_per_token(net) / 1e6:.0f} MB | "
-                f"{bound:.1f} | {100 * med / bound:.0f}% |"
+                f"{bound:.1f} | {100 * med / bound:.0f}% | {acc[p]['aten_ops']:.0f}, "
+                f"{100 * acc[p]['outside_matmuls']:.0f}% |"
             )
         out.append(
             f"\n(copy bandwidth {bw / 1e9:.1f} GB/s, STREAM convention; mean context "

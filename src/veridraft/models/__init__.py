@@ -19,7 +19,7 @@ from ..errors import VeridraftError
 from .base import PRECISIONS, Capture, ModelConfig, Skip, Transformer, read_json
 from .gemma3 import Gemma3
 from .llama import Llama
-from .precision import apply_precision
+from .precision import ALL_PRECISIONS, apply_precision
 
 __all__ = [
     "Capture",
@@ -40,6 +40,10 @@ def from_hf_config_and_state_dict(
     source: str = "the state dict",
 ) -> Transformer:
     """Build a native model from an HF config (dict or ModelConfig) and HF-named tensors."""
+    if precision == "q4":
+        raise VeridraftError(
+            "precision 'q4' is built from the model's GGUF: load the folder or the .gguf file"
+        )
     if precision not in PRECISIONS:
         raise VeridraftError(f"unknown precision {precision!r}; supported: {', '.join(PRECISIONS)}")
     cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config)
@@ -129,8 +133,15 @@ def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise VeridraftError(f"{folder} is not a model folder (no config.json)")
-    if precision not in PRECISIONS:
-        raise VeridraftError(f"unknown precision {precision!r}; supported: {', '.join(PRECISIONS)}")
+    if precision not in ALL_PRECISIONS:
+        raise VeridraftError(
+            f"unknown precision {precision!r}; supported: {', '.join(ALL_PRECISIONS)}"
+        )
+    gguf = None
+    if precision == "q4":  # fail before reading the weights when the GGUF is not there
+        from .q4 import gguf_source
+
+        gguf = gguf_source(folder)
     cfg = ModelConfig.from_hf(read_json(folder / "config.json"))
     gen = folder / "generation_config.json"
     if gen.is_file():  # generate() stops on these too (e.g. chat end-of-turn tokens)
@@ -141,4 +152,10 @@ def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
     files = _weight_files(folder)
     sd = _LazyStateDict(files)
     source = str(files[0]) if len(files) == 1 else f"the shards in {folder}"
-    return from_hf_config_and_state_dict(cfg, sd, precision, source)
+    if gguf is None:
+        return from_hf_config_and_state_dict(cfg, sd, precision, source)
+    from .q4 import apply_q4
+
+    model = from_hf_config_and_state_dict(cfg, sd, "fp32", source)
+    del sd  # the float32 linears go as each is replaced
+    return apply_q4(model, gguf)

@@ -11,6 +11,7 @@ attention, the residual stream and the KV cache stay float32 in every mode.
 | `fp32`  | float32                         | float32                     | float32      |
 | `fp16w` | float16, fbgemm-packed          | float32                     | float32      |
 | `bf16`  | bfloat16, oneDNN-prepacked      | bfloat16 (rounded)          | float32, output rounded to bfloat16 |
+| `q4`    | the GGUF's own 4-bit blocks (models/q4.py), int4-packed | bfloat16 (rounded) | float32, output rounded to bfloat16 |
 
 `bf16` is the fast mode on CPUs with AMX or AVX-512 BF16: with the weights reordered once into
 oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, batch-size hint 16) a matmul
@@ -44,7 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PRECISIONS = ("fp32", "fp16w", "bf16")
+PRECISIONS = ("fp32", "fp16w", "bf16")  # the modes packed from the float32 weights
+# modes built from the GGUF's own quantized blocks (models/q4.py): they need the source GGUF
+GGUF_PRECISIONS = ("q4",)
+ALL_PRECISIONS = PRECISIONS + GGUF_PRECISIONS
 RECOMMENDED_PRECISION = "bf16"  # for speculative decoding (docs/precision.md); load() keeps fp32
 
 # fbgemm's fp16 entry points warn "deprecated" (once per process, from C++); the kernels are what
@@ -215,6 +219,8 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
     """
     if precision == "fp32":
         return model
+    if precision in GGUF_PRECISIONS:
+        raise ValueError(f"precision {precision!r} is built from a GGUF: use models.q4.apply_q4")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; supported: {', '.join(PRECISIONS)}")
     emb = getattr(model, "tok_embeddings", None)
@@ -240,13 +246,12 @@ def weight_nbytes_per_token(model: nn.Module) -> int:
     PackedLinear), norms and other parameters, one embedding row; tied tensors once."""
     seen: dict[int, int] = {}
     total = 0
-    for m in model.modules():
-        if isinstance(m, PackedLinear):
-            total += m.weight_nbytes
+    packed = [m for m in model.modules() if hasattr(m, "weight_nbytes")]  # PackedLinear, Q4Linear
+    total += sum(m.weight_nbytes for m in packed)
     skip = set()
-    for m in model.modules():
-        if isinstance(m, PackedLinear):
-            skip.update(id(t) for t in (m.weight, m.bias) if t is not None)
+    for m in packed:
+        skip.update(id(t) for t in [*m.parameters(), *m.buffers()])
+        skip.update(id(t) for t in (getattr(m, "weight", None),) if t is not None)
     linear_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Linear)}
     for m in model.modules():
         if isinstance(m, nn.Embedding) and m.weight.data_ptr() not in linear_ptrs:

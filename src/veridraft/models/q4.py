@@ -1,0 +1,404 @@
+"""`precision="q4"`: the GGUF's own quantized blocks, kept quantized, multiplied by a 4-bit kernel.
+
+The catalog's float32 weights are the de-quantized values of the GGUF's blocks; this mode reads
+the blocks themselves from the GGUF the model was converted from and repacks them for
+`torch.ops.aten._weight_int4pack_mm_for_cpu` (group-wise scale and zero, group 32, bfloat16
+activations: the only activation type that is fast on the CPU). The kernel computes
+
+    w = (code - 8) * scale + zero          code in 0..15, one scale and zero per 32 weights of a row
+
+Every supported block format is `w = u * s + z` with an unsigned code u and one (s, z) per 32
+weights (Q4_K's sub-blocks are 32 wide), so:
+
+| GGUF type          | bits of u | kernel planes | bytes read per weight |
+|--------------------|-----------|---------------|-----------------------|
+| Q4_0, Q4_1, Q4_K   | 4         | 1             | 0.625 (4 bits + bf16 scale and zero per 32) |
+| Q5_0, Q5_1, Q8_0   | 5, 8      | 2             | 1.25                  |
+
+A wider code is split into two 4-bit planes, u = lo + 16 * hi, multiplied as one matmul over twice
+the rows (plane `hi` with scale 16 s) whose two halves are summed in float32. A fused linear
+(q|k|v, gate|up) takes the planes of its widest part. Q6_K has 16-wide sub-blocks (the kernel's
+smallest group is 32) and no group-wise 8-bit kernel exists in torch: a linear with a Q6_K part
+falls back to `bf16` mode's kernel on its de-quantized weights (2 bytes per weight; gemma3-270m's
+down projections). F16/BF16/F32 matrices and the other K- and I-quants have no path: loading
+fails naming the tensor and its type.
+
+Where the kernel cannot hold the GGUF's values exactly: scale and zero are bfloat16 (8-bit
+mantissa) where the GGUF stores float16 (11 bits) d, m, dmin, and Q4_K's d*sc, dmin*m products
+(up to 17 bits); the activations are rounded to bfloat16 as in `bf16` mode and each plane's output
+is rounded to bfloat16. docs/precision.md gives the measured difference from the de-quantized
+float32 model. The embedding table is the de-quantized table in bfloat16 (one row read per
+token), as in `bf16` mode.
+
+Batch-invariant: the kernel's row i does not depend on the other rows (checked for M = 1..17 on
+the catalog shapes by tests/models/test_q4.py), and attention runs row by row as in the other
+packed modes, so speculative decoding in q4 reproduces plain q4 decoding exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import VeridraftError
+from .precision import PackedLinear
+
+GROUP = 32
+# GGUF type name -> (bytes per block, weights per block, bits of the unsigned code)
+BLOCKS = {
+    "Q4_0": (18, 32, 4),
+    "Q4_1": (20, 32, 4),
+    "Q4_K": (144, 256, 4),
+    "Q5_0": (22, 32, 5),
+    "Q5_1": (24, 32, 5),
+    "Q8_0": (34, 32, 8),
+}
+BF16_FALLBACK = ("Q6_K",)  # no 4-bit path; the linear runs bf16 mode's kernel (docstring)
+
+
+def _f16(raw: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at byte `at` of every block, as float32 [blocks]."""
+    return raw[:, at : at + 2].copy().view(np.float16)[:, 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 bytes -> 32 codes: low nibbles are weights 0..15, high nibbles 16..31 (Q4_0/Q4_1/Q5_x)."""
+    return np.concatenate((qs & 15, qs >> 4), axis=1)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """4 bytes (little-endian 32 bits) -> bit j of weight j, j = 0..31, as 0/16."""
+    bits = np.unpackbits(qh, axis=1, bitorder="little")
+    return bits.astype(np.uint8) << 4
+
+
+def decode_blocks(kind: str, raw: np.ndarray, rows: int, cols: int):
+    """GGUF blocks of a [rows, cols] matrix -> (u uint8 [rows, cols], s, z float32
+    [rows, cols/32]) with weight = u * s + z exactly (float32 arithmetic, as GGUF's own
+    de-quantization)."""
+    if kind not in BLOCKS:
+        raise KeyError(kind)
+    nbytes, per, _ = BLOCKS[kind]
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, nbytes)
+    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        d = _f16(raw, 0)
+        if kind == "Q8_0":
+            u = (raw[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+            z = -128 * d
+        elif kind == "Q4_0":
+            u, z = _nibbles(raw[:, 2:]), -8 * d
+        elif kind == "Q4_1":
+            u, z = _nibbles(raw[:, 4:]), _f16(raw, 2)
+        elif kind == "Q5_0":
+            u, z = _nibbles(raw[:, 6:]) | _high_bits(raw[:, 2:6]), -16 * d
+        else:  # Q5_1
+            u, z = _nibbles(raw[:, 8:]) | _high_bits(raw[:, 4:8]), _f16(raw, 2)
+        s = d
+    else:  # Q4_K: d, dmin, 12 bytes of 6-bit sub-block scales and mins, 128 bytes of codes
+        d, dmin = _f16(raw, 0), _f16(raw, 2)
+        q = raw[:, 4:16].astype(np.uint8)
+        sc = np.empty((len(raw), 8), np.uint8)
+        mn = np.empty((len(raw), 8), np.uint8)
+        sc[:, :4], mn[:, :4] = q[:, 0:4] & 63, q[:, 4:8] & 63
+        sc[:, 4:] = (q[:, 8:12] & 15) | ((q[:, 0:4] >> 6) << 4)
+        mn[:, 4:] = (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)
+        qs = raw[:, 16:].reshape(-1, 4, 32)  # 4 chunks of 64 weights: low nibbles, then high
+        u = np.stack((qs & 15, qs >> 4), axis=2).reshape(-1, 256)
+        s = d[:, None] * sc.astype(np.float32)
+        z = -(dmin[:, None] * mn.astype(np.float32))
+    if cols % per:
+        raise VeridraftError(f"a {kind} row of {cols} weights is not whole blocks of {per}")
+    return (
+        u.reshape(rows, cols),
+        s.reshape(rows, cols // GROUP).astype(np.float32),
+        z.reshape(rows, cols // GROUP).astype(np.float32),
+    )
+
+
+class Q4Linear(nn.Module):
+    """y = x @ W.T + b with W as 4-bit codes in one or two planes (see the module docstring);
+    x and y are float32 [M, in] / [M, out]."""
+
+    precision = "q4"
+
+    def __init__(self, u: Tensor, s: Tensor, z: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = u.shape
+        self.planes = 2 if int(u.max()) > 15 else 1
+        u32 = u.to(torch.int32)
+        if self.planes == 1:
+            codes, scale, zero = u32, s, z + 8 * s
+        else:
+            # u = lo + 16 hi. The hi plane gets zero 0 and code hi + shift, so that it adds
+            # exactly 16 (hi + shift - 8) s: shift 8 where a row's hi fits in 0..7 (5-bit codes),
+            # else 0 (8-bit codes, where the GGUF's zero -128 s cancels the 128 s this leaves).
+            # The constant goes to the lo plane, whose bfloat16 zero then stays as small as the
+            # GGUF's own (a zero of +-128 s would lose s/4 to rounding).
+            hi = u32 >> 4
+            shift = torch.where(hi.amax(1, keepdim=True) <= 7, 8, 0)
+            codes = torch.cat((u32 & 15, (hi + shift).to(torch.int32)))
+            scale = torch.cat((s, 16 * s))
+            zero = torch.cat((z + 8 * s + 16 * (8 - shift) * s, torch.zeros_like(z)))
+        self.register_buffer(
+            "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        )
+        # [in/32, rows, 2] as the kernel wants it
+        sz = torch.stack((scale, zero), -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.register_buffer("scales_zeros", sz)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of codes, scales and zeros one forward reads."""
+        b = self.packed.numel() * self.packed.element_size()
+        b += self.scales_zeros.numel() * self.scales_zeros.element_size()
+        return b + (0 if self.bias is None else 4 * self.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.out_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros
+        )
+        if self.planes == 1:
+            y = y.float()
+        else:
+            n = self.out_features
+            y = y[:, :n].float() + y[:, n:].float()
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> Tensor:
+        """The float32 weights this module multiplies by (for tests and error reports)."""
+        eye = torch.eye(self.in_features)
+        b, self.bias = self.bias, None
+        try:
+            return self.forward(eye).t().contiguous()
+        finally:
+            self.bias = b
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, precision=q4, planes={self.planes}"
+        )
+
+
+# ---- GGUF -> native modules ----
+
+# GGUF metadata value types -> struct format of one scalar (8: string, 9: array)
+_SCALAR = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    kind: str  # GGML type name: "Q4_1", "Q8_0", "F32"...
+    shape: tuple[int, ...]  # GGUF order: the row length first
+    data: np.ndarray  # the raw bytes (a read-only view into the mapped file)
+
+
+def read_gguf_tensors(path: str | Path) -> dict[str, GGUFTensor]:
+    """The tensor table of a GGUF (v2/v3) and a memory-mapped view of each tensor's bytes.
+
+    gguf.GGUFReader builds a numpy object per metadata element, the tokenizer's vocabulary
+    included: 4 s for smollm2-135m's GGUF and 21 s for gemma3-270m's (262,144 tokens) on the
+    shared 2-core machine. This reads the same table skipping the metadata values: well under a
+    second. tests/models/test_q4.py checks it against GGUFReader."""
+    import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    mv = memoryview(buf)
+    pos = 4  # after the magic
+
+    def take(fmt: str):
+        nonlocal pos
+        out = struct.unpack_from("<" + fmt, mv, pos)
+        pos += struct.calcsize("<" + fmt)
+        return out[0] if len(out) == 1 else out
+
+    def string() -> str:
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return bytes(mv[pos - n : pos]).decode("utf-8", "replace")
+
+    def skip(vtype: int) -> None:
+        nonlocal pos
+        if vtype == 8:
+            n = take("Q")  # not `pos += take(...)`: that adds to pos as it was before the read
+            pos += n
+        elif vtype == 9:
+            etype, count = take("I"), take("Q")
+            if etype in _SCALAR:
+                pos += count * struct.calcsize(_SCALAR[etype])
+            else:
+                for _ in range(count):
+                    skip(etype)
+        else:
+            pos += struct.calcsize(_SCALAR[vtype])
+
+    if bytes(mv[:4]) != b"GGUF":
+        raise VeridraftError(f"{path} is not a GGUF file (no GGUF magic): re-pull the model")
+    _, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+    alignment = 32
+    for _ in range(n_kv):
+        key, vtype = string(), take("I")
+        if key == "general.alignment" and vtype in _SCALAR:
+            alignment = int(take(_SCALAR[vtype]))
+        else:
+            skip(vtype)
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = tuple(take("Q") for _ in range(take("I")))
+        infos.append((name, dims, take("I"), take("Q")))
+    start = -(-pos // alignment) * alignment
+    out = {}
+    for name, dims, ttype, offset in infos:
+        kind = GGMLQuantizationType(ttype)
+        per, nbytes = GGML_QUANT_SIZES[kind]
+        n = int(np.prod(dims)) // per * nbytes
+        out[name] = GGUFTensor(name, kind.name, dims, buf[start + offset : start + offset + n])
+    return out
+
+
+def gguf_source(folder: str | Path) -> Path:
+    """The GGUF a model folder was converted from: source.gguf, or the path veridraft.json
+    records; a VeridraftError when neither is on disk."""
+    folder = Path(folder)
+    if (folder / "source.gguf").is_file():
+        return folder / "source.gguf"
+    try:
+        p = json.loads((folder / "veridraft.json").read_text()).get("source_path")
+    except (OSError, ValueError):
+        p = None
+    if p and Path(p).is_file():
+        return Path(p)
+    raise VeridraftError(
+        f"precision 'q4' reads the GGUF's own 4-bit blocks, and {folder} has no source.gguf: "
+        "pull a catalog model or load a .gguf file, or use precision='bf16'"
+    )
+
+
+def _parts(cfg, name: str) -> list[str]:
+    """GGUF tensors a native linear is made of, in fusion order."""
+    if name == "output":
+        return ["token_embd.weight"] if cfg.tie_embeddings else ["output.weight"]
+    _, i, sub, lin = name.split(".")
+    table = {
+        "wqkv": ["attn_q", "attn_k", "attn_v"],
+        "wo": ["attn_output"],
+        "w13": ["ffn_gate", "ffn_up"],
+        "w2": ["ffn_down"],
+    }
+    if lin not in table:
+        raise VeridraftError(f"precision 'q4' does not know the linear {name!r}")
+    return [f"blk.{i}.{p}.weight" for p in table[lin]]
+
+
+def _llama_rows(n: int, heads: int) -> np.ndarray:
+    """Row order transformers gives a llama q/k matrix when reading a GGUF (llama.cpp stores the
+    rotary halves interleaved): GGUF row index per HF row."""
+    idx = np.arange(n)
+    return idx.reshape(heads, -1, 2).swapaxes(1, 2).reshape(n)
+
+
+def apply_q4(model: nn.Module, gguf_path: str | Path) -> nn.Module:
+    """Swap every linear of a float32 model for a Q4Linear built from the GGUF's blocks (in
+    place). Each part is checked against the model's own float32 weights (the de-quantized
+    blocks, in the row order the converter chose), so a wrong file or layout fails loudly."""
+    cfg = model.config
+    try:
+        tensors = read_gguf_tensors(gguf_path)
+    except VeridraftError:
+        raise
+    except Exception as e:  # struct, numpy and enum errors of a truncated or corrupt file
+        raise VeridraftError(f"cannot read {gguf_path} ({e}); re-pull the model") from e
+    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}
+    for parent in list(model.modules()):
+        for cname, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            name = next(n for n, m in model.named_modules() if m is child)
+            w32 = child.weight.detach()
+            parts = _parts(cfg, name)
+            for part in parts:
+                if part not in tensors:
+                    raise VeridraftError(f"{gguf_path} lacks tensor {part!r}; re-pull the model")
+                kind = tensors[part].kind
+                if kind not in BLOCKS and kind not in BF16_FALLBACK:
+                    raise VeridraftError(
+                        f"{part} in {gguf_path} is {kind}: precision 'q4' has no kernel for "
+                        f"that type (it takes {', '.join((*BLOCKS, *BF16_FALLBACK))}); "
+                        "use precision='bf16'"
+                    )
+            if any(tensors[p].kind in BF16_FALLBACK for p in parts):
+                setattr(parent, cname, PackedLinear(w32, child.bias, "bf16"))
+                continue
+            us, ss, zs, row = [], [], [], 0
+            for part in parts:
+                t = tensors[part]
+                kind = t.kind
+                cols, rows = (int(x) for x in t.shape[:2])
+                u, s, z = decode_blocks(kind, t.data, rows, cols)
+                ref = w32[row : row + rows]
+                order = _match_rows(u, s, z, ref, heads.get(part.split(".")[-2]))
+                if order is None:
+                    raise VeridraftError(
+                        f"{part} in {gguf_path} does not de-quantize to the model's {name} "
+                        "weights: the GGUF is not the one this folder was converted from"
+                    )
+                us.append(u[order])
+                ss.append(s[order])
+                zs.append(z[order])
+                row += rows
+            bias = child.bias
+            q = Q4Linear(
+                torch.from_numpy(np.concatenate(us)),
+                torch.from_numpy(np.concatenate(ss)),
+                torch.from_numpy(np.concatenate(zs)),
+                bias,
+            )
+            setattr(parent, cname, q)
+    emb = getattr(model, "tok_embeddings", None)
+    if isinstance(emb, nn.Embedding):
+        emb.weight = nn.Parameter(emb.weight.detach().to(torch.bfloat16), requires_grad=False)
+    model.precision = "q4"
+    model.rowwise_attention = True  # see Transformer.rowwise_attention
+    return model
+
+
+def _match_rows(u, s, z, ref: Tensor, heads: int | None) -> np.ndarray | None:
+    """The GGUF row for each of the model's rows (identity, or llama's q/k order), checked on a
+    sample of rows against the float32 weights; None when neither matches."""
+    rows = u.shape[0]
+    orders = [np.arange(rows)]
+    if heads and rows % (2 * heads) == 0:
+        orders.append(_llama_rows(rows, heads))
+    sample = np.unique(np.linspace(0, rows - 1, 9).astype(int))
+    for order in orders:
+        r = order[sample]
+        w = u[r].astype(np.float32) * np.repeat(s[r], GROUP, 1) + np.repeat(z[r], GROUP, 1)
+        want = ref[sample].numpy()
+        if np.allclose(w, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max() + 1e-30)):
+            return order
+    return None

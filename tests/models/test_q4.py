@@ -1,0 +1,219 @@
+"""precision="q4" (models/q4.py): GGUF blocks decoded exactly, repacked for the int4 kernel,
+batch-invariant, close to the de-quantized model, and a clear error for a type with no path.
+
+The hermetic tests write a tiny GGUF whose blocks come from gguf's own quantizer; the real ones
+(marked `real`) read the catalog models' GGUFs (tests/models/test_precision.py runs the
+row-invariance, exact-match and agreement tests on q4 too).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
+from safetensors.torch import save_file
+
+from veridraft.errors import VeridraftError
+from veridraft.models import from_hf_config_and_state_dict
+from veridraft.models.q4 import (
+    BLOCKS,
+    Q4Linear,
+    _llama_rows,
+    apply_q4,
+    decode_blocks,
+    read_gguf_tensors,
+)
+
+DIM, INTER, HEADS, KV, VOCAB, LAYERS = 64, 128, 2, 1, 96, 2
+HD = DIM // HEADS
+
+
+def _hf_config() -> dict:
+    return {
+        "model_type": "llama",
+        "hidden_size": DIM,
+        "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    }
+
+
+def _tiny(tmp_path, kinds: dict[str, str]):
+    """A tiny tied Llama whose matrices are de-quantized GGUF blocks of the given types
+    (GGUF name suffix -> type, default Q4_1), and the GGUF holding those blocks."""
+    g = np.random.default_rng(0)
+    writer = GGUFWriter(tmp_path / "tiny.gguf", "llama")
+    sd: dict[str, torch.Tensor] = {}
+    hf_of = {
+        "token_embd": ("model.embed_tokens.weight", VOCAB, DIM),
+        "attn_q": ("self_attn.q_proj.weight", HEADS * HD, DIM),
+        "attn_k": ("self_attn.k_proj.weight", KV * HD, DIM),
+        "attn_v": ("self_attn.v_proj.weight", KV * HD, DIM),
+        "attn_output": ("self_attn.o_proj.weight", DIM, HEADS * HD),
+        "ffn_gate": ("mlp.gate_proj.weight", INTER, DIM),
+        "ffn_up": ("mlp.up_proj.weight", INTER, DIM),
+        "ffn_down": ("mlp.down_proj.weight", DIM, INTER),
+    }
+    for i in range(-1, LAYERS):
+        for short, (hf, rows, cols) in hf_of.items():
+            if (i < 0) != (short == "token_embd"):
+                continue
+            gname = short + ".weight" if i < 0 else f"blk.{i}.{short}.weight"
+            hname = hf if i < 0 else f"model.layers.{i}.{hf}"
+            kind = GGMLQuantizationType[kinds.get(short, "Q4_1")]
+            w = (g.standard_normal((rows, cols)) * 0.3).astype(np.float32)
+            if kind == GGMLQuantizationType.F16:
+                blocks, deq = w.astype(np.float16), w.astype(np.float16).astype(np.float32)
+            else:
+                blocks = quants.quantize(w, kind)
+                deq = quants.dequantize(blocks, kind).reshape(rows, cols)
+            # llama.cpp stores q/k rows in its rotary order; transformers undoes it on reading
+            order = _llama_rows(rows, {"attn_q": HEADS, "attn_k": KV}.get(short, rows // 2))
+            stored = np.empty_like(blocks)
+            stored[order] = blocks
+            raw = kind if kind != GGMLQuantizationType.F16 else None
+            writer.add_tensor(
+                gname, stored if short in ("attn_q", "attn_k") else blocks, raw_dtype=raw
+            )
+            sd[hname] = torch.from_numpy(deq)
+    for i in range(LAYERS):
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            sd[f"model.layers.{i}.{n}.weight"] = torch.ones(DIM) + 0.1 * torch.randn(DIM)
+    sd["model.norm.weight"] = torch.ones(DIM)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ref = from_hf_config_and_state_dict(_hf_config(), sd)
+    q4 = from_hf_config_and_state_dict(_hf_config(), {k: v.clone() for k, v in sd.items()})
+    return ref, q4, tmp_path / "tiny.gguf"
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_decoded_blocks_are_gguf_dequantization(kind):
+    g = np.random.default_rng(1)
+    w = (g.standard_normal((8, 128)) * 0.5).astype(np.float32)
+    qt = GGMLQuantizationType[kind]
+    blocks = quants.quantize(w, qt)
+    u, s, z = decode_blocks(kind, blocks, 8, 128)
+    got = u.astype(np.float32) * np.repeat(s, 32, 1) + np.repeat(z, 32, 1)
+    assert np.array_equal(got, quants.dequantize(blocks, qt).reshape(8, 128))
+    assert int(u.max()) < 2 ** BLOCKS[kind][2]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_catalog_blocks_decode_exactly(real_model_dir, name):
+    """Every block type the catalog GGUFs hold (Q4_K included, which gguf cannot quantize)."""
+    reader = GGUFReader(real_model_dir(name) / "source.gguf")
+    seen = set()
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind not in BLOCKS or kind in seen:
+            continue
+        seen.add(kind)
+        cols, rows = int(t.shape[0]), int(t.shape[1])
+        u, s, z = decode_blocks(kind, t.data, rows, cols)
+        got = u.astype(np.float32) * np.repeat(s, 32, 1) + np.repeat(z, 32, 1)
+        assert np.array_equal(got, quants.dequantize(t.data, t.tensor_type).reshape(rows, cols))
+    assert seen
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_q4_linear_rows_do_not_depend_on_the_other_rows(bits):
+    g = torch.Generator().manual_seed(0)
+    n, k = 640, 576
+    u = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    s = torch.rand(n, k // 32, generator=g) * 0.02
+    z = -torch.rand(n, k // 32, generator=g) * 0.05
+    lin = Q4Linear(u, s, z, torch.randn(n, generator=g))
+    assert lin.planes == (1 if bits == 4 else 2)
+    x = torch.randn(17, k, generator=g) * torch.exp2(torch.randint(-6, 7, (17, k), generator=g))
+    one = torch.cat([lin(x[i : i + 1]) for i in range(17)])
+    for m in range(2, 18):
+        assert torch.equal(lin(x[:m]), one[:m]), m
+    w = u.float() * s.repeat_interleave(32, 1) + z.repeat_interleave(32, 1)
+    want = torch.nn.functional.linear(x, w, lin.bias)
+    err = (lin(x) - want).abs().max() / want.abs().max()
+    assert 0 < err < 2e-2  # bfloat16 activations, scales and outputs: close, not exact
+
+
+def test_tiny_model_q4_matches_dequantized_and_is_row_invariant(tmp_path):
+    kinds = {"token_embd": "Q8_0", "attn_v": "Q5_0", "ffn_down": "Q4_0"}
+    ref, model, path = _tiny(tmp_path, kinds)
+    apply_q4(model, path)
+    assert isinstance(model.output, Q4Linear) and model.output.planes == 2
+    assert model.layers[0].attention.wqkv.planes == 2  # q|k Q4_1 with v Q5_0
+    assert model.layers[0].feed_forward.w13.planes == 1
+    for lin, want in (
+        (model.layers[1].attention.wqkv, ref.layers[1].attention.wqkv.weight),
+        (model.layers[1].feed_forward.w2, ref.layers[1].feed_forward.w2.weight),
+    ):
+        got = lin.dequantized()
+        assert (got - want).abs().max() < 0.02 * want.abs().max()
+    ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a = ref(ids, ref.new_cache(64))
+        cache = model.new_cache(64)
+        b = model(ids[:30], cache)
+        assert (a[:30].argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+        steps = torch.cat([model(ids[30 + i : 31 + i], cache) for i in range(10)])
+        for t in (2, 5, 10):
+            cache.truncate(30)
+            assert torch.equal(model(ids[30 : 30 + t], cache), steps[:t]), t
+
+
+def test_a_type_without_a_path_is_a_clear_error(tmp_path):
+    _, model, path = _tiny(tmp_path, {"ffn_up": "F16"})
+    with pytest.raises(VeridraftError, match=r"blk\.0\.ffn_up\.weight .* is F16: precision 'q4'"):
+        apply_q4(model, path)
+
+
+def test_a_foreign_gguf_is_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, model, _ = _tiny(tmp_path / "a", {})
+    _, _, other = _tiny(tmp_path / "b", {"attn_output": "Q4_0"})
+    with pytest.raises(VeridraftError, match="not the one this folder was converted from"):
+        apply_q4(model, other)
+
+
+def test_q4_without_a_gguf_says_how_to_get_one(tmp_path):
+    from veridraft.models import from_folder
+
+    _tiny(tmp_path, {})
+    (tmp_path / "config.json").write_text(json.dumps(_hf_config()))
+    save_file(
+        {"model.embed_tokens.weight": torch.zeros(VOCAB, DIM)}, tmp_path / "model.safetensors"
+    )
+    with pytest.raises(VeridraftError, match="no source.gguf"):
+        from_folder(tmp_path, precision="q4")
+
+
+def _same_table(path) -> None:
+    ours = read_gguf_tensors(path)
+    theirs = GGUFReader(path).tensors
+    assert list(ours) == [t.name for t in theirs]
+    for t in theirs:
+        o = ours[t.name]
+        assert o.kind == t.tensor_type.name and o.shape == tuple(int(d) for d in t.shape)
+        assert np.array_equal(o.data, np.asarray(t.data).view(np.uint8).reshape(-1))
+
+
+def test_tensor_table_is_gguf_readers(tmp_path):
+    _, _, path = _tiny(tmp_path, {"token_embd": "Q8_0", "ffn_up": "F16"})
+    _same_table(path)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_catalog_tensor_table_is_gguf_readers(real_model_dir, name):
+    _same_table(real_model_dir(name) / "source.gguf")
