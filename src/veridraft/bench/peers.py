@@ -231,6 +231,10 @@ class LlamaCppMethod(Method):
             n_threads=self.threads,
             n_threads_batch=self.threads,
             draft_model=draft,
+            # With a draft model llama-cpp-python keeps the logits of every position, but sizes
+            # that buffer from this argument: left False, prompts past n_batch (512) tokens fail
+            # with "could not broadcast input array". Pages are touched only as they are used.
+            logits_all=draft is not None,
             verbose=False,
         )
         # llama.cpp's Q4 GGUF is not veridraft's float32: exact match vs ar is informative only.
