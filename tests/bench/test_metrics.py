@@ -201,6 +201,9 @@ def test_command_line_is_what_a_user_types(monkeypatch):
     assert command_line(["/x/src/veridraft/bench/__main__.py", "--methods", "a b"]) == (
         "python -m veridraft.bench --methods 'a b'"
     )
+    assert command_line(["/x/src/veridraft/__main__.py", "bench", "--limit", "1"]) == (
+        "python -m veridraft bench --limit 1"
+    )
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     assert command_line(["veridraft", "bench"]) == "OMP_WAIT_POLICY=PASSIVE veridraft bench"
 

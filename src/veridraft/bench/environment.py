@@ -70,7 +70,7 @@ def command_line(argv: list[str] | None = None) -> str:
         head = ["veridraft"]
     elif prog == "__main__.py":
         mod = Path(argv[0]).parent.name
-        head = ["python", "-m", "veridraft.bench" if mod == "bench" else f"veridraft.{mod}"]
+        head = ["python", "-m", "veridraft" if mod == "veridraft" else f"veridraft.{mod}"]
     else:
         head = [prog] if prog else []
     env = [f"{k}={os.environ[k]}" for k in THREAD_ENV_VARS if k in os.environ]
