@@ -51,6 +51,11 @@ class DecodeContext:
 class Draft:
     tokens: list[int]
     q: torch.Tensor | None = None  # [len(tokens), V] probabilities the tokens were sampled from
+    # A token tree instead of a chain: parents[i] is the index in `tokens` of node i's parent,
+    # -1 for a child of the last committed token; parents come before their children. None is a
+    # chain (node i's parent is i - 1). Siblings are tried in index order; sampled siblings must
+    # be independent draws from their q rows (see verify.verify_tree).
+    parents: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
