@@ -10,6 +10,7 @@ import torch
 
 from .draft import Draft
 from .sampling import SamplingParams, probs, sample
+from .tree import check_parents, children
 
 LOSSLESS_RULES = ("greedy", "speculative")
 
@@ -104,8 +105,6 @@ def verify_tree(
     One uniform is drawn per node up front, as `verify_speculative` does per chain token, so a
     chain-shaped tree consumes the generator and decides exactly as the chain.
     """
-    from .tree import check_parents, children
-
     n = len(draft.tokens)
     parents = draft.parents
     check_parents(parents, n)
