@@ -58,6 +58,24 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def keep(self, start: int, rows: list[int]) -> None:
+        """Copy the positions `rows` (increasing, each >= its destination) down to start,
+        start + 1, ...: a tree's accepted path becomes consecutive positions. Rows already in
+        place are not copied, so a chain costs nothing."""
+        if any(r < start + i for i, r in enumerate(rows)) or rows != sorted(set(rows)):
+            raise ValueError(f"keep: rows {rows} must increase and lie at or after {start}")
+        moved = [(start + i, r) for i, r in enumerate(rows) if r != start + i]
+        if not moved:
+            return
+        dst = torch.tensor([d for d, _ in moved])
+        src = torch.tensor([s for _, s in moved])
+        if int(dst.min()) < self.low_water:
+            self.low_water = int(dst.min())
+        for layer in range(len(self.k)):
+            # index_select copies first, so overlapping source and destination rows are safe
+            self.k[layer].index_copy_(2, dst, self.k[layer].index_select(2, src))
+            self.v[layer].index_copy_(2, dst, self.v[layer].index_select(2, src))
+
     def truncate(self, n: int) -> None:
         """Forget every position at index >= n (O(1): the memory is reused)."""
         if not 0 <= n <= self.length:

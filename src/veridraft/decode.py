@@ -16,7 +16,8 @@ from .draft import DecodeContext, Draft, Drafter, Round
 from .errors import VeridraftError
 from .sampling import SamplingParams, probs, sample
 from .stats import Stats
-from .verify import verify
+from .tree import tree_attn
+from .verify import verify_draft
 
 _EMPTY = Draft(tokens=[])
 
@@ -144,11 +145,18 @@ def decode(
             if len(draft.tokens) > min(budget - 1, max_draft):
                 raise ValueError(f"drafter {stats.method} proposed more tokens than allowed")
         t1 = time.perf_counter()
-        logits = target(torch.tensor([ids[-1], *draft.tokens], dtype=torch.long), cache)
-        n_acc, nxt = verify(logits, draft, sampling, generator)
+        tokens = torch.tensor([ids[-1], *draft.tokens], dtype=torch.long)
+        if draft.parents is None:
+            logits = target(tokens, cache)
+        else:  # a token tree: one forward over all nodes, each seeing its ancestors only
+            logits = target(tokens, cache, tree=tree_attn(draft.parents))
+        path, nxt = verify_draft(logits, draft, sampling, generator)
+        n_acc = len(path)
+        # the accepted nodes' rows become consecutive positions (a no-op for a chain)
+        cache.keep(start + 1, [start + 1 + i for i in path])
         cache.truncate(start + 1 + n_acc)
         t2 = time.perf_counter()
-        committed = [*draft.tokens[:n_acc], nxt]
+        committed = [*(draft.tokens[i] for i in path), nxt]
         ids.extend(committed)
         new.extend(committed)
         stats.record_round(len(draft.tokens), n_acc)

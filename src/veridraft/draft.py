@@ -7,6 +7,11 @@ measured draft and verification times, and the target's scores when the drafter 
 from as `q` (after `sampling.probs`); a drafter that picks deterministically returns `q=None` and
 is verified as a point mass. That rule keeps sampling lossless.
 
+A draft may be a token tree (`Draft.parents`, see tree.py): the loop runs every node in one
+forward, each seeing only its ancestors, keeps the longest accepted root-to-node path and
+compacts its cache rows; `Round.n_accepted` is that path's length. A chain is the one-branch
+case and runs as before.
+
 A drafter may write into the target's cache past its committed length (self-speculation does),
 but must leave it as it found it: same length, nothing written below the committed length. The
 loop checks both after every `propose` (KVCache keeps a low-water mark of writes, O(1)).
@@ -51,6 +56,11 @@ class DecodeContext:
 class Draft:
     tokens: list[int]
     q: torch.Tensor | None = None  # [len(tokens), V] probabilities the tokens were sampled from
+    # A token tree instead of a chain: parents[i] is the index in `tokens` of node i's parent,
+    # -1 for a child of the last committed token; parents come before their children. None is a
+    # chain (node i's parent is i - 1). Siblings are tried in index order; sampled siblings must
+    # be independent draws from their q rows (see verify.verify_tree).
+    parents: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -67,7 +77,8 @@ class Round:
     ids: list[int] = field(default_factory=list)  # every committed id so far, next_token last
     draft_s: float | None = None  # seconds spent in `propose`
     verify_s: float | None = None  # seconds of the verification forward and acceptance
-    # [drafted + 1, V] target logits of the verification rows; only for drafters that set
+    # [drafted + 1, V] target logits of the verification rows (for a tree: the root, then the
+    # nodes in draft order; `committed` tells which path was kept); only for drafters that set
     # `wants_scores = True` (keeping them costs a copy of V floats per row)
     scores: torch.Tensor | None = None
 

@@ -10,6 +10,7 @@ import torch
 
 from .draft import Draft
 from .sampling import SamplingParams, probs, sample
+from .tree import check_parents, children
 
 LOSSLESS_RULES = ("greedy", "speculative")
 
@@ -69,3 +70,78 @@ def verify_speculative(
             residual = p[i]
         return i, sample(residual / residual.sum(), generator)
     return k, sample(p[k], generator)
+
+
+def verify_draft(
+    logits: torch.Tensor,
+    draft: Draft,
+    sampling: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[list[int], int]:
+    """(accepted node indices, next token) for a chain or a tree draft. A chain (parents None)
+    goes through `verify` unchanged, so its results and random draws are today's."""
+    if draft.parents is None:
+        n, nxt = verify(logits, draft, sampling, generator)
+        return list(range(n)), nxt
+    return verify_tree(logits, draft, sampling, generator)
+
+
+def verify_tree(
+    logits: torch.Tensor,
+    draft: Draft,
+    sampling: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[list[int], int]:
+    """Walk a token tree from the root; logits: [1 + n, V], row 0 for the root, row i + 1 for
+    node i. Returns the accepted root-to-node path (node indices) and the next token.
+
+    Greedy: at each node take the first child equal to the target's argmax there.
+    Sampling (SpecInfer / EAGLE multi-candidate rejection): at each node try the children in
+    order against a residual r (initially p): accept x with prob min(1, r(x)/q(x)); on rejection
+    r <- norm(max(0, r - q)) (point mass q: r with x removed). When every child is rejected the
+    next token is drawn from r; at a leaf, from p. For each sibling this is one speculative
+    sampling step whose target is the previous residual, so the emitted token follows p exactly,
+    given that the siblings are deterministic (q None) or independent draws from their q rows.
+    One uniform is drawn per node up front, as `verify_speculative` does per chain token, so a
+    chain-shaped tree consumes the generator and decides exactly as the chain.
+    """
+    n = len(draft.tokens)
+    parents = draft.parents
+    check_parents(parents, n)
+    kids = children(parents)
+    path: list[int] = []
+    if sampling.greedy:
+        target = logits.argmax(-1).tolist()
+        row = 0
+        while True:
+            nxt = next((c for c in kids[row] if draft.tokens[c] == target[row]), None)
+            if nxt is None:
+                return path, target[row]
+            path.append(nxt)
+            row = nxt + 1
+    p = probs(logits[: n + 1], sampling)
+    u = torch.rand(n, generator=generator, dtype=torch.float64).tolist() if n else []
+    row = 0
+    while True:
+        r = p[row]
+        accepted = None
+        for c in kids[row]:
+            x = draft.tokens[c]
+            rx = float(r[x])
+            qx = 1.0 if draft.q is None else float(draft.q[c, x])
+            if qx > 0 and u[c] < min(1.0, rx / qx):
+                accepted = c
+                break
+            if draft.q is None:
+                residual = r.clone()
+                residual[x] = 0.0
+            else:
+                residual = (r - draft.q[c].to(p.dtype)).clamp_min(0.0)
+            if float(residual.sum()) <= 0.0:
+                # r == q up to rounding: any rejection is measure-zero; fall back to r.
+                residual = r
+            r = residual / residual.sum()
+        if accepted is None:
+            return path, sample(r, generator)
+        path.append(accepted)
+        row = accepted + 1

@@ -23,6 +23,11 @@ machine), so they propose 2. Replaying greedy smollm2-135m outputs on 30 Spec-Be
 verification-cost curve (1.30x vs 0.83x estimated) and matched it under a flat one (1.57x vs
 1.48x). `match="last"` (default) takes the most recent earlier occurrence of the suffix, which
 follows the text being copied right now; `match="first"` is HF's choice (the leftmost one).
+
+`branches=N` (default 1, the chain above) proposes a token tree: up to N distinct continuations
+of the longest matched n-gram (its occurrences in `match` order), merged where they share a
+prefix, within the same total of draft tokens. The first branch is the chain `branches=1` would
+propose, so a tree only adds alternatives for the positions where earlier occurrences disagree.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class NgramDrafter:
     name = "ngram"
     cost_key = "ngram"  # the cost model's draft-step figure (veridraft profile) for this code
     takes_arg = False
-    params = ("num_tokens", "short_num_tokens", "max_ngram", "min_ngram", "match")
+    params = ("num_tokens", "short_num_tokens", "max_ngram", "min_ngram", "match", "branches")
     aliases = {
         "k": "num_tokens",
         "prompt_lookup_num_tokens": "num_tokens",
@@ -58,7 +63,9 @@ class NgramDrafter:
         min_ngram: int = 1,
         match: str = "last",
         short_num_tokens: int | None = 2,
+        branches: int = 1,
     ) -> None:
+        self.branches = as_int("ngram", "branches", branches, lo=1)
         self.num_tokens = as_int("ngram", "num_tokens", num_tokens, lo=1)
         self.short_num_tokens = (
             self.num_tokens
@@ -99,7 +106,7 @@ class NgramDrafter:
         return (
             f"NgramDrafter(num_tokens={self.num_tokens}, short_num_tokens={self.short_num_tokens}, "
             f"max_ngram={self.max_ngram}, "
-            f"min_ngram={self.min_ngram}, match={self.match!r})"
+            f"min_ngram={self.min_ngram}, match={self.match!r}, branches={self.branches})"
         )
 
     # -- index --
@@ -108,6 +115,8 @@ class NgramDrafter:
         sizes = range(self.min_ngram, self.max_ngram + 1)
         # n -> {n-gram: index of the id that followed it}
         self._index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in sizes}
+        # with branches > 1: n -> {n-gram: every index that followed it, oldest first}
+        self._all: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in sizes}
         self._ids: list[int] | None = None
         self._done = 0  # continuation positions < _done are indexed
 
@@ -123,6 +132,8 @@ class NgramDrafter:
                 key = tuple(ids[j - n : j])
                 if last or key not in table:
                     table[key] = j
+                if self.branches > 1:
+                    self._all[n].setdefault(key, []).append(j)
         self._done = max(self._done, end)
 
     # -- drafter protocol --
@@ -142,14 +153,54 @@ class NgramDrafter:
             if j is not None:
                 full = self.num_tokens if n == self.max_ngram else self.short_num_tokens
                 limit = min(full, max_tokens)
-                tokens = ids[j : j + limit]
-                # A match close to the end runs out of ids: keep copying from the proposal
-                # itself (a periodic text continues with its period).
-                end = len(ids)
-                while len(tokens) < limit:
-                    tokens.append(tokens[j + len(tokens) - end])
-                return Draft(tokens=tokens)
+                tokens = _continuation(ids, j, limit)
+                if self.branches == 1:
+                    return Draft(tokens=tokens)
+                return self._tree(ids, n, j, tokens, limit, max_tokens)
         return Draft(tokens=[])
+
+    def _tree(
+        self, ids: list[int], n: int, j: int, first: list[int], limit: int, max_tokens: int
+    ) -> Draft:
+        """The chain `first` plus up to branches - 1 distinct continuations from the other
+        occurrences of the matched n-gram, as a trie within max_tokens nodes."""
+        found = self._all[n].get(tuple(ids[-n:]), [])
+        order = reversed(found) if self.match == "last" else iter(found)
+        conts = [first]
+        for other in order:
+            if len(conts) >= self.branches:
+                break
+            cont = _continuation(ids, other, limit)
+            if other != j and cont not in conts:
+                conts.append(cont)
+        tokens: list[int] = []
+        parents: list[int] = []
+        node: dict[tuple[int, int], int] = {}
+        for cont in conts:
+            cur = -1
+            for tok in cont:
+                if (cur, tok) in node:
+                    cur = node[(cur, tok)]
+                    continue
+                if len(tokens) >= max_tokens:
+                    break
+                node[(cur, tok)] = len(tokens)
+                tokens.append(tok)
+                parents.append(cur)
+                cur = len(tokens) - 1
+        if parents == list(range(-1, len(tokens) - 1)):
+            return Draft(tokens=tokens)  # one branch: a plain chain
+        return Draft(tokens=tokens, parents=parents)
 
     def update(self, rnd: Round | int, next_token: int | None = None) -> None:
         pass  # the index catches up with ctx.ids on the next propose
+
+
+def _continuation(ids: list[int], j: int, limit: int) -> list[int]:
+    """Up to `limit` ids from ids[j]; a match close to the end runs out of ids and keeps copying
+    from the proposal itself (a periodic text continues with its period)."""
+    tokens = ids[j : j + limit]
+    end = len(ids)
+    while len(tokens) < limit:
+        tokens.append(tokens[j + len(tokens) - end])
+    return tokens

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..cache import KVCache
 from ..errors import VeridraftError
+from ..tree import TreeAttn
 from .precision import PRECISIONS  # noqa: F401  (re-exported)
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -256,6 +257,11 @@ class RopeTables:
         self.ensure(start + t)
         return self.cos[j][start : start + t], self.sin[j][start : start + t]
 
+    def at(self, j: int, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, signed sin [T, 1, hd] for arbitrary positions (a token tree's start + depth)."""
+        self.ensure(int(pos.max()) + 1)
+        return self.cos[j][pos], self.sin[j][pos]
+
 
 def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
     """x [T, heads, hd] in the HF half-split layout (q and k rotated in one call):
@@ -298,6 +304,20 @@ def make_span(start: int, t: int, window: int | None, view: Tensor | None) -> Sp
     return Span(lo, view, None if bool(allowed.all()) else allowed, window)
 
 
+def make_tree_span(start: int, tree: TreeAttn, window: int | None) -> Span:
+    """Keys [lo, start + T): the cached prefix, then the tree rows as written (row r at
+    start + r); a row sees the prefix, the root and its ancestors, within its window measured
+    from its own position start + depth."""
+    lo = first_key(start, window)
+    t = tree.mask.shape[0]
+    qpos = start + tree.depth
+    kpos = torch.cat((torch.arange(lo, start), qpos))
+    allowed = torch.cat((torch.ones(t, start - lo, dtype=torch.bool), tree.mask), dim=1)
+    if window is not None:
+        allowed &= kpos[None, :] > qpos[:, None] - window
+    return Span(lo, None, allowed, window)
+
+
 @dataclass
 class Step:
     """Per-forward state handed to every block."""
@@ -308,6 +328,7 @@ class Step:
     rope: list[tuple[Tensor, Tensor]]  # per rope setting: cos, sin [T, 1, hd]
     spans: list[Span | None]  # per layer
     rowwise: bool = False  # attend query row by row (see Transformer.rowwise_attention)
+    tree: TreeAttn | None = None  # rows are token-tree nodes (tree.py), not a chain
 
 
 # Row-wise attention covers verification forwards (a draft plus one token); longer forwards are
@@ -328,6 +349,8 @@ def attend(
     cache, start, t = step.cache, step.start, step.t
     span = step.spans[layer]
     cache.write(layer, start, k, v)
+    if step.rowwise and 1 < t <= ROWWISE_MAX_T and span.index is None and step.tree is not None:
+        return _attend_tree_rows(q, step, layer, span.window, scale, softcap)
     if step.rowwise and 1 < t <= ROWWISE_MAX_T and span.index is None:
         # Row i reads exactly the keys, in the same call shape, as a one-token forward at
         # position start+i would: bitwise the same output as plain decoding.
@@ -353,6 +376,30 @@ def attend(
         keys = torch.cat((cache.k[layer].index_select(2, span.index), k), dim=2)
         vals = torch.cat((cache.v[layer].index_select(2, span.index), v), dim=2)
     return _attend(q, keys, vals, span.mask, scale, softcap)
+
+
+def _attend_tree_rows(
+    q: Tensor, step: Step, layer: int, window: int | None, scale: float, softcap
+) -> Tensor:
+    """Row-wise attention over a token tree: row i reads the cached prefix in its window and its
+    ancestors, in position order, in the call shape of a one-token forward at its position. A
+    node on a chain-shaped path reads the same contiguous slice as plain decoding would."""
+    cache, start, tree = step.cache, step.start, step.tree
+    depth = tree.depth.tolist()
+    out = []
+    for i, anc in enumerate(tree.rows):
+        pos = start + depth[i]
+        lo = first_key(pos, window)
+        phys = [*range(lo, start), *(start + r for r in anc if start + depth[r] >= lo)]
+        if phys == list(range(lo, pos + 1)):
+            keys = cache.k[layer][:, :, lo : pos + 1]
+            vals = cache.v[layer][:, :, lo : pos + 1]
+        else:
+            idx = torch.tensor(phys, dtype=torch.long)
+            keys = cache.k[layer].index_select(2, idx)
+            vals = cache.v[layer].index_select(2, idx)
+        out.append(_attend(q[:, :, i : i + 1], keys, vals, None, scale, softcap))
+    return torch.cat(out, 0)
 
 
 def _attend(
@@ -449,9 +496,14 @@ class Transformer(nn.Module):
         view: Tensor | dict[int, Tensor] | None = None,
         capture: Capture | None = None,
         num_logits: int | None = None,
+        tree: TreeAttn | None = None,
     ) -> Tensor:
         """Run tokens [T] at positions cache.length.. ; return float32 logits [n, vocab] of the
-        last n = num_logits (default T) positions."""
+        last n = num_logits (default T) positions.
+
+        tree (tree.tree_attn): the tokens are a token tree's root and nodes; row r still writes
+        cache position cache.length + r but runs at position cache.length + depth(r) and sees
+        only the prefix, the root and its ancestors (KVCache.keep then compacts a path)."""
         if not isinstance(tokens, Tensor):
             tokens = torch.tensor(tokens, dtype=torch.long)
         tokens = tokens.reshape(-1)
@@ -459,6 +511,10 @@ class Transformer(nn.Module):
         start = cache.reserve(t)
         skip_attn = skip.attn if skip is not None else frozenset()
         skip_mlp = skip.mlp if skip is not None else frozenset()
+        if tree is not None and (view is not None or tree.mask.shape[0] != t):
+            raise VeridraftError(
+                "a tree forward takes one row per tree node plus the root, and no view"
+            )
 
         spans: list[Span | None] = []
         shared: dict[int | None, Span] = {}  # layers with the same window share one mask
@@ -466,14 +522,22 @@ class Transformer(nn.Module):
             v = view.get(i) if isinstance(view, dict) else view
             if i in skip_attn:
                 spans.append(None)
+            elif tree is not None:
+                if w not in shared:
+                    shared[w] = make_tree_span(start, tree, w)
+                spans.append(shared[w])
             elif v is not None:
                 spans.append(make_span(start, t, w, v))
             else:
                 if w not in shared:
                     shared[w] = make_span(start, t, w, None)
                 spans.append(shared[w])
-        rope = [self.rope.get(j, start, t) for j in range(len(self.rope.inv_freq))]
-        step = Step(cache, start, t, rope, spans, self.rowwise_attention)
+        if tree is None:
+            rope = [self.rope.get(j, start, t) for j in range(len(self.rope.inv_freq))]
+        else:
+            qpos = start + tree.depth
+            rope = [self.rope.at(j, qpos) for j in range(len(self.rope.inv_freq))]
+        step = Step(cache, start, t, rope, spans, self.rowwise_attention, tree)
 
         want = set(capture.hidden_layers) if capture is not None else ()
         n_layers = self.config.n_layers
