@@ -233,6 +233,20 @@ def portable_path(value: str, base: Path | None = None) -> str:
         return p.name
 
 
+def recorded_path(value: str) -> str:
+    """A path as a shared result file records it: under $VERIDRAFT_HOME as
+    `$VERIDRAFT_HOME/...`, else as `portable_path` gives it."""
+    from .models.catalog import home
+
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        try:
+            return "$VERIDRAFT_HOME/" + p.resolve().relative_to(home().resolve()).as_posix()
+        except ValueError:
+            pass
+    return portable_path(value)
+
+
 # Entries of `search` that name files; `command` gets the same treatment word by word.
 PATH_KEYS = ("questions_file", "trials_file")
 

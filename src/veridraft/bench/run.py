@@ -16,6 +16,7 @@ import torch
 from ..errors import VeridraftError
 from ..generate import prompt_ids_for
 from ..loader import load
+from ..profiles import recorded_path
 from . import humaneval, passk
 from .ar_speed import bandwidth_bound
 from .base import DEFAULT_METHODS, PEER_ENGINES
@@ -164,13 +165,13 @@ def run_bench(
         "format": "veridraft-bench/1",
         "model": {
             "name": model.name,
-            "path": str(getattr(model, "path", "")),
+            "path": recorded_path(str(getattr(model, "path", ""))),
             "precision": getattr(model, "precision", None),
         },
         "settings": {
             "suite": suite,
             "split": split if suite == "humaneval" else None,
-            "questions_file": str(qpath),
+            "questions_file": recorded_path(str(qpath)),
             "questions": len(chosen),
             "question_ids": [q.question_id for q in chosen],
             "limit": limit,

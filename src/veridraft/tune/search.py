@@ -19,7 +19,14 @@ from tqdm import tqdm
 from ..errors import VeridraftError
 from ..generate import prompt_ids_for
 from ..loader import load
-from ..profiles import Profile, file_name, model_identity, profile_for, profiles_home
+from ..profiles import (
+    Profile,
+    file_name,
+    model_identity,
+    profile_for,
+    profiles_home,
+    recorded_path,
+)
 from .calibration import Calibration, calibration_questions, drafter_for, measure, remeasure
 from .space import Config, Space, hand_picked, probe_configs
 from .trials import TRIALS_FORMAT, append_row, read_trials, start_trials, trials_path_for
@@ -298,7 +305,7 @@ def tune_layerskip(
         "source_sha256": ident["source_sha256"],
         "calibration": cal.fingerprint(),
         "questions": [q.question_id for q in qs],
-        "questions_file": str(qpath),
+        "questions_file": recorded_path(str(qpath)),
         "max_new_tokens": max_new_tokens,
         "search_exit": search_exit,
     }
@@ -373,7 +380,7 @@ def tune_layerskip(
             "search_exit": search_exit,
             "gamma0": wc.gamma,
             "gamma_end": round(float(win["gamma_end"]), 4),
-            "questions_file": str(qpath),
+            "questions_file": recorded_path(str(qpath)),
             "questions": [q.question_id for q in qs],
             "max_new_tokens": max_new_tokens,
             "seed": seed,
