@@ -20,7 +20,7 @@ from veridraft.sampling import SamplingParams
 
 DEFAULTS = ["qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "bf16"]
 TARGET, DRAFT, PREC = (sys.argv[1:] + DEFAULTS[len(sys.argv) - 1 :])[:3]
-REPEATS, CTX, K = 9, 300, 12
+REPEATS, CTX, K = 5, 300, 12
 torch.set_num_threads(2)
 torch.set_grad_enabled(False)
 target = load(TARGET, precision=PREC)
