@@ -140,6 +140,7 @@ def test_short_run_writes_all_three_files(tiny_folder, tmp_path):
     ):
         assert s in report
     assert res["files"]["report"] == str(out / "report.md")
+    assert json.loads((out / "results.json").read_text())["files"]["report"] == "report.md"
     text = compare_files(out / "results.json", out)
     assert "[overall]" in text and "ngram" in text and "(+0%)" in text
 

@@ -392,7 +392,8 @@ def write_all(results: dict, out: Path) -> dict:
         "report": str(out / "report.md"),
         "plot": str(out / "speedup.png"),
     }
-    results = {**results, "files": files}
+    # results.json names its sibling files only: a result folder is moved, shared and committed
+    results = {**results, "files": {k: Path(v).name for k, v in files.items()}}
     Path(files["results"]).write_text(json.dumps(results, indent=1, default=str) + "\n")
     Path(files["report"]).write_text(report_markdown(results))
     plot_speedup(results, Path(files["plot"]))
