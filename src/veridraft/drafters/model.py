@@ -32,6 +32,10 @@ token - the raw logits when drafting greedily, the processed distribution q when
 `model:NAME-lN` drafts with NAME's first N layers plus its final norm and head (sharing the
 weights, no copy); with NAME the target itself this is the same-vocabulary real pair used in the
 tests and benchmarks (e.g. `model:smollm2-135m-l8`).
+
+`precision=fp32|fp16w|bf16|q4` (default: the target's mode): a draft loaded on its own runs in
+that mode; a draft that is the target or a `NAME-lN` truncation of it shares the target's weights.
+It changes which tokens are proposed, never what is accepted.
 """
 
 from __future__ import annotations
@@ -145,6 +149,33 @@ def resolve_draft(name: str, target, env: DraftEnv | None = None):
     return _LOADED[name], name
 
 
+def resolve_draft_in(method: str, name: str, target, precision: str | None, env: DraftEnv):
+    """The draft model for `method`: `resolve_draft`, or loaded on its own in `precision`.
+
+    Default (None): the target's mode for a draft loaded on its own (a draft in float32 reads
+    2-4x the bytes of a packed target per token and can cost as much as the target); a draft
+    that is the target itself or a `NAME-lN` truncation of it shares the target's weights, so
+    it is used as it is. Draft precision changes which tokens are proposed, never what is
+    accepted: verification is the target's alone."""
+    from ..models.precision import ALL_PRECISIONS
+
+    own = name != getattr(target, "name", None) and env.knows(name or "")
+    if precision is None:
+        precision = getattr(target, "precision", "fp32") if own else "fp32"
+    precision = as_choice(method, "precision", precision, ALL_PRECISIONS)
+    if precision == "fp32":
+        return resolve_draft(name, target, env)
+    if not own:
+        raise VeridraftError(
+            f"{method}: precision={precision} needs a draft loaded on its own (a catalog name "
+            f"or a path), not {name!r}"
+        )
+    key = f"{name}@{precision}"
+    if key not in _LOADED:
+        _LOADED[key] = _load(env, name, precision)
+    return _LOADED[key], f"{name}:precision={precision}"
+
+
 def _load(env: DraftEnv, name: str, precision: str | None):
     if env.load is None:
         raise VeridraftError(
@@ -186,7 +217,7 @@ class ModelDrafter:
         "model:NAME (a catalog name, an HF folder or GGUF path, or NAME-lN for NAME's first N "
         "layers), e.g. model:smollm2-135m-l8 or model:NAME:k=4,mode=fixed"
     )
-    params = ("num_tokens", "mode", "threshold", "draft_sampling", "draft_vocab")
+    params = ("num_tokens", "mode", "threshold", "draft_sampling", "draft_vocab", "precision")
     aliases = {
         "k": "num_tokens",
         "num_assistant_tokens": "num_tokens",
@@ -231,7 +262,9 @@ class ModelDrafter:
     def from_spec(
         cls, model, arg: str | None, params: dict, env: DraftEnv | None = None
     ) -> ModelDrafter:
-        draft, label = resolve_draft(arg, model, env)
+        params = dict(params)
+        env = env or DraftEnv()
+        draft, label = resolve_draft_in("model", arg, model, params.pop("precision", None), env)
         check_same_vocab(model, draft, label)
         return cls(
             _net_of(draft),

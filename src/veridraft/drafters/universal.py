@@ -69,12 +69,10 @@ from ..draft import DecodeContext, Draft, DraftEnv, Round, as_round
 from ..errors import VeridraftError
 from .autolength import AutoLength
 from .model import (
-    _LOADED,
     _common_prefix,
-    _load,
     _net_of,
     _vocab_of,
-    resolve_draft,
+    resolve_draft_in,
     roc_threshold,
 )
 from .params import as_bool, as_choice, as_float, as_int
@@ -107,25 +105,6 @@ def _complete_end(b: bytes | bytearray, start: int = 0) -> int:
 
 def _is_cont(b: bytes | bytearray, i: int) -> bool:
     return i < len(b) and (b[i] & 0xC0) == 0x80
-
-
-def _resolve(name: str, target, precision: str, env: DraftEnv):
-    """The draft model: `model`'s resolve_draft, or loaded in another precision (draft
-    precision changes which tokens are proposed, never what is accepted)."""
-    from ..models.precision import PRECISIONS
-
-    precision = as_choice("universal", "precision", precision, PRECISIONS)
-    if precision == "fp32":
-        return resolve_draft(name, target, env)
-    if name == getattr(target, "name", None) or not env.knows(name):
-        raise VeridraftError(
-            f"universal: precision={precision} needs a draft loaded on its own (a catalog name "
-            f"or a path), not {name!r}"
-        )
-    key = f"{name}@{precision}"
-    if key not in _LOADED:
-        _LOADED[key] = _load(env, name, precision)
-    return _LOADED[key], f"{name}:precision={precision}"
 
 
 class UniversalDrafter:
@@ -222,12 +201,7 @@ class UniversalDrafter:
         env = env or DraftEnv()
         params = dict(params)
         precision = params.pop("precision", None)
-        if precision is None:
-            # the target's mode by default; a draft that is the target itself or a truncation
-            # of it (`NAME-lN`) shares the target's weights, so it is loaded as fp32 (= as is).
-            own = arg != getattr(model, "name", None) and env.knows(arg or "")
-            precision = getattr(model, "precision", "fp32") if own else "fp32"
-        draft, label = _resolve(arg, model, precision, env)
+        draft, label = resolve_draft_in("universal", arg, model, precision, env)
         ttok = getattr(model, "tokenizer", None)
         dtok = getattr(draft, "tokenizer", None)
         if ttok is None or dtok is None:
