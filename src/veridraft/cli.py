@@ -1,4 +1,4 @@
-"""`veridraft` command line: generate, models, bench, profile, tune, serve. Logic lives in the library.
+"""`veridraft` command line: generate, models, bench, data, profile, tune, serve. Logic lives in the library.
 
 The commands import what they run (torch, the models) when they run, so that `veridraft --help`
 and every `--help` answer without loading torch."""
@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from .bench.cli import add_bench_parser
+from .data.cli import add_data_parser
 from .errors import VeridraftError
 from .serve.cli import add_serve_parser
 from .tune.cli import add_tune_parser
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_models)
 
     add_bench_parser(sub)
+    add_data_parser(sub)
     _add_profile_parser(sub)
     add_tune_parser(sub)
     add_serve_parser(sub)
