@@ -43,6 +43,8 @@ def _generate(args: argparse.Namespace) -> int:
         stream=show,
         draft=args.draft,
         chat=chat,
+        verify=args.verify,
+        lossless=args.lossless,
     )
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -143,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument(
         "--draft", default=None, help="ngram | layerskip | model:NAME | ... (default: none)"
+    )
+    g.add_argument(
+        "--verify",
+        default=None,
+        help="acceptance rule: strict (default, lossless) | loose[:topk=5,lam=0.7,shift=2,"
+        "anchor=content] (LOSSY: accepts filler tokens the model would not have chosen)",
+    )
+    g.add_argument(
+        "--lossless", action="store_true", help="refuse any lossy method (e.g. --verify loose)"
     )
     g.add_argument(
         "--precision",

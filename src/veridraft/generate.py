@@ -17,8 +17,10 @@ from . import drafters
 from .decode import Prefill, decode, prefill
 from .draft import DraftEnv, Drafter
 from .errors import VeridraftError
+from .rules import make_rule, split_method
 from .sampling import SamplingParams
 from .stats import Stats
+from .verify import Rule
 
 Messages = list[dict]
 
@@ -140,6 +142,8 @@ def generate_ids(
     prefilled: Prefill | None = None,
     env: DraftEnv | None = None,
     warn: bool = True,
+    verify: str | Rule | None = None,
+    lossless: bool = False,
     **draft_options,
 ) -> tuple[list[int], Stats]:
     """Generate up to max_new_tokens ids after prompt_ids; return (new ids, stats).
@@ -150,6 +154,8 @@ def generate_ids(
     the drafter. eos_ids: ids that end generation (default: the tokenizer's EOS ids; () for
     none). should_stop(new_ids) -> ids to keep, or None to go on; on_tokens(ids) receives
     committed ids as they come. prefilled: from `prefill_prompt` for these prompt_ids.
+    verify: the acceptance rule, None / "strict" (lossless) or "loose:..." (lossy, rules.py);
+    lossless=True refuses a lossy rule.
     A drafter expected to be slower than plain decoding here is used as asked, but said so once
     on stderr (warn=False: only in stats.warnings).
     """
@@ -179,6 +185,16 @@ def generate_ids(
         )
     if eos_ids is None:
         eos_ids = getattr(tok, "eos_ids", None) or ()
+    if isinstance(draft, str):  # "ngram+loose:topk=5": a drafter and a rule in one spec
+        draft, rule_spec = split_method(draft)
+        if rule_spec is not None:
+            if verify is not None:
+                raise VeridraftError(
+                    f"the rule is given twice: {rule_spec!r} in draft= and {verify!r} in verify="
+                )
+            verify = rule_spec
+    vocab = getattr(getattr(net, "config", None), "vocab_size", None)
+    rule = make_rule(verify, tok, vocab, lossless=lossless)
     env = env or draft_env(model)
     drafter = drafters.make_drafter(draft, model, env=env, **draft_options)
     reason = slowdown_warning(drafter, model, env)
@@ -198,6 +214,7 @@ def generate_ids(
         tokenizer=tok,
         max_draft=max_draft,
         prefilled=prefilled,
+        rule=rule,
     )
     if reason:
         stats.warnings.append(reason)
@@ -221,6 +238,8 @@ def generate(
     stream: Callable[[str], None] | None = None,
     draft=None,
     chat: bool | None = None,
+    verify: str | Rule | None = None,
+    lossless: bool = False,
     **draft_options,
 ) -> Generation:
     """Generate text from a loaded model (see `veridraft.load`).
@@ -228,6 +247,8 @@ def generate(
     draft: None (plain decoding), a method spec such as "ngram", "ngram:num_tokens=8",
     "layerskip", "model:NAME", or a Drafter instance; draft_options go to the drafter.
     stream: called with each new piece of text as soon as it is final.
+    verify: None / "strict" (lossless) or "loose:topk=5,lam=0.7,shift=2,anchor=content"
+    (lossy loose verification, rules.py); lossless=True refuses a lossy rule.
     """
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise VeridraftError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
@@ -248,6 +269,8 @@ def generate(
         draft=draft,
         should_stop=text_out.stop_point if stops else None,
         on_tokens=text_out.push if stream else None,
+        verify=verify,
+        lossless=lossless,
         **draft_options,
     )
     text, reason = text_out.final(new)
