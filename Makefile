@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.veridraft-setup
 
-.PHONY: setup setup-llamacpp demo test lint format bench clean
+.PHONY: setup setup-llamacpp setup-kvpress demo test lint format bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,23 @@ setup-llamacpp: setup
 	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PY) -m pip install --no-cache-dir --force-reinstall \
 		--no-deps 'llama-cpp-python>=0.2.90'
 	$(PY) -m pip install --quiet 'llama-cpp-python>=0.2.90'
+
+# kvpress for the kvpress:* peers of `veridraft bench`. kvpress 0.5.5 needs transformers < 5.3,
+# older than ours, so it gets a venv of its own; that venv sees this one's torch through a .pth
+# file (its own transformers comes first on sys.path), and the bench runs it as a subprocess.
+VERIDRAFT_HOME ?= $(HOME)/.cache/veridraft
+KVPRESS_VENV ?= $(VERIDRAFT_HOME)/peers/kvpress
+KVPRESS_PACKAGES = kvpress==0.5.5 transformers==5.2.0 tokenizers==0.22.2 huggingface_hub==1.33.0 \
+	typer-slim==0.24.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
+	pyarrow==26.0.1 pandas==2.3.3 pytz==2026.6 six==1.17.0 peft==0.21.2 fire==0.6.0 \
+	termcolor==3.3.0 cachetools==5.5.2 httpx==0.28.1 httpcore==1.0.9
+
+setup-kvpress: setup
+	test -x $(KVPRESS_VENV)/bin/python || $(PY) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/python -m pip install --quiet --no-deps $(KVPRESS_PACKAGES)
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > \
+		"$$($(KVPRESS_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/veridraft-base.pth"
+	$(KVPRESS_VENV)/bin/python -c "import torch, transformers, kvpress; print('kvpress', kvpress.__name__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
 
 demo: setup
 	$(VENV)/bin/veridraft generate "Explain in three sentences why the sky is blue." --model smollm2-135m --max-new-tokens 96 --stats

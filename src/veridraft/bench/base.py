@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_METHODS = "ar,ngram,layerskip,hf:ar,hf:pld"
-# Method names of the peers: `hf:...` (transformers) and `llamacpp:...` (llama-cpp-python).
-PEER_ENGINES = ("hf", "llamacpp")
+# Method names of the peers: `hf:...` (transformers), `llamacpp:...` (llama-cpp-python) and
+# `kvpress:...` (KV-cache compression, lossy; in a venv of its own).
+PEER_ENGINES = ("hf", "llamacpp", "kvpress")
 
 
 @dataclass

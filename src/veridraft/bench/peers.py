@@ -33,6 +33,10 @@ _TOK_CACHE: dict[str, object] = {}
 
 def make_peer(spec: str, model, threads: int = 2) -> Method:
     """The method for a peer spec; llama.cpp ones run in a worker process."""
+    if spec.startswith("kvpress:"):
+        from .kvpress_peer import make_kvpress_peer
+
+        return make_kvpress_peer(spec, model, threads=threads)
     method = local_peer(spec, model, threads=threads)  # checks the spec here, in the parent
     if method.engine == "llamacpp":
         return WorkerMethod(spec, model, f"{__name__}:local_peer", threads=threads)

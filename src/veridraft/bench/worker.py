@@ -26,7 +26,7 @@ from ..errors import VeridraftError
 from .base import Method, RunOutput
 from .memory import peak_rss_mb, peak_rss_reset
 
-ENGINE_NAMES = {"llamacpp": "llama.cpp", "hf": "transformers"}
+ENGINE_NAMES = {"llamacpp": "llama.cpp", "hf": "transformers", "kvpress": "kvpress"}
 
 
 class WorkerDied(RuntimeError):
@@ -89,8 +89,11 @@ def _package_root() -> str:
 class WorkerMethod(Method):
     """A peer method that runs in its own worker process (one per method)."""
 
-    def __init__(self, spec: str, model, factory: str, threads: int = 2) -> None:
+    def __init__(
+        self, spec: str, model, factory: str, threads: int = 2, python: str | None = None
+    ) -> None:
         super().__init__(spec)
+        self.python = python or sys.executable  # a peer may need a venv of its own (kvpress)
         self.engine = spec.split(":", 1)[0]
         self.model = PeerModel.of(model)
         self.factory = factory
@@ -105,7 +108,7 @@ class WorkerMethod(Method):
             p for p in (_package_root(), env.get("PYTHONPATH")) if p
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "veridraft.bench.worker"],
+            [self.python, "-m", "veridraft.bench.worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
