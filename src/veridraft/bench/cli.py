@@ -49,8 +49,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--methods",
         default=DEFAULT_METHODS,
         help="comma-separated methods: ar, drafter specs (ngram, ngram:num_tokens=8,max_ngram=3, "
-        "layerskip, model:NAME), peers hf:ar, hf:pld, hf:assisted:DRAFT, llamacpp:ar, "
-        f"llamacpp:pld (default {DEFAULT_METHODS})",
+        "layerskip, model:NAME), a drafter with loose verification (ngram+loose:topk=5, LOSSY), "
+        "peers hf:ar, hf:pld, hf:assisted:DRAFT, llamacpp:ar, llamacpp:pld, kvpress:ar, "
+        f"kvpress:snapkv:budget=N (LOSSY) (default {DEFAULT_METHODS})",
     )
     p.add_argument(
         "--questions",
