@@ -36,9 +36,12 @@ class VeridraftMethod(Method):
 
     def prepare(self) -> None:
         d = self._drafter()  # fails early on a bad spec
-        net = getattr(self.model, "net", self.model)
-        rule = make_rule(self.verify, self.model.tokenizer, net.config.vocab_size)
-        self.lossless = not (bool(getattr(d, "lossy", False)) or rule.lossy)
+        lossy_rule = False
+        if self.verify is not None:
+            net = getattr(self.model, "net", self.model)
+            rule = make_rule(self.verify, self.model.tokenizer, net.config.vocab_size)
+            lossy_rule = rule.lossy
+        self.lossless = not (bool(getattr(d, "lossy", False)) or lossy_rule)
         self.warning = slowdown_warning(d, self.model, self.env)
         if self.warning:
             print(f"bench: warning: {self.name}: {self.warning}", file=sys.stderr)
