@@ -26,6 +26,7 @@ verification.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -77,15 +78,16 @@ def token_classes(tokenizer, vocab_size: int) -> tuple[torch.Tensor, torch.Tenso
     return filler, digit
 
 
-_CLASSES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+# tokenizer -> {vocab size: classes}; weak, so a dropped tokenizer takes its masks with it
+_CLASSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def classes_for(tokenizer, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """token_classes, computed once per tokenizer object and vocabulary size (~1 s at 150k)."""
-    key = (id(tokenizer), vocab_size)
-    if key not in _CLASSES:
-        _CLASSES[key] = token_classes(tokenizer, vocab_size)
-    return _CLASSES[key]
+    per = _CLASSES.setdefault(tokenizer, {})
+    if vocab_size not in per:
+        per[vocab_size] = token_classes(tokenizer, vocab_size)
+    return per[vocab_size]
 
 
 @dataclass
