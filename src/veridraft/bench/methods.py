@@ -10,17 +10,27 @@ from collections.abc import Sequence
 from ..drafters import DRAFTERS, make_drafter
 from ..errors import VeridraftError
 from ..generate import draft_env, generate_ids, slowdown_warning
+from ..presses import make_press
 from .base import PEER_ENGINES, Method, RunOutput
 from .peers import make_peer
 
+KV_SEP = "+kv:"
+
 
 class VeridraftMethod(Method):
-    """`ar` (plain decoding) or any drafter spec (`ngram:num_tokens=8`, `layerskip`, ...)."""
+    """`ar` (plain decoding) or any drafter spec (`ngram:num_tokens=8`, `layerskip`, ...),
+    optionally on a compressed target: `METHOD+kv:PRESS` (lossy), e.g. `ar+kv:snapkv:budget=1024`
+    or `ngram+kv:adakv:budget=0.25`; its speedup is measured against `ar+kv:PRESS` when that is
+    benchmarked too, and its exact match against `ar` is its agreement with the full model."""
 
     def __init__(self, spec: str, model) -> None:
         super().__init__(spec)
         self.model = model
+        spec, _, self.kv = spec.partition(KV_SEP)
+        self.kv = self.kv or None
         self.draft = None if spec == "ar" else spec
+        if self.kv is not None and self.draft is not None:
+            self.baseline = f"ar{KV_SEP}{self.kv}"
         # one lookup of profiles and cost model for every run: none inside the timed window
         self.env = draft_env(model)
         self.warning: str | None = None  # why this method is expected to lose here, if so
@@ -33,6 +43,9 @@ class VeridraftMethod(Method):
     def prepare(self) -> None:
         d = self._drafter()  # fails early on a bad spec
         self.lossless = not bool(getattr(d, "lossy", False))
+        if self.kv is not None:
+            make_press(self.kv)  # fails early on a bad spec
+            self.lossless = False
         self.warning = slowdown_warning(d, self.model, self.env)
         if self.warning:
             print(f"bench: warning: {self.name}: {self.warning}", file=sys.stderr)
@@ -60,6 +73,7 @@ class VeridraftMethod(Method):
             draft=drafter,
             env=self.env,
             warn=False,  # said once in prepare()
+            kv=self.kv,
         )
         wall = time.perf_counter() - t0
         reason = "eos" if new and new[-1] in tok.eos_ids else "length"
@@ -88,7 +102,7 @@ def split_methods(text: str | Sequence[str]) -> list[str]:
         for p in (s.strip() for s in chunk.split(",")):
             if not p:
                 continue
-            head = p.split(":", 1)[0].strip().lower()
+            head = p.split(":", 1)[0].split("+", 1)[0].strip().lower()
             if head not in known and out and ":" in out[-1]:
                 out[-1] += "," + p
             else:
