@@ -78,7 +78,7 @@ def make_press(spec: str | Press) -> Press:
     return cls.from_params(params)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the compacted cache must accept writes outside it
 def prefill_compressed(net, prompt_ids: Sequence[int], max_len: int, press: Press) -> Prefill:
     """Prefill the prompt on a full cache (reading the attention the press needs), compress it,
     and return a Prefill on the compacted cache with room for max_len - len(prompt) tokens."""
