@@ -1,4 +1,4 @@
-"""`veridraft` command line: generate, models, bench, profile, tune, serve. Logic lives in the library.
+"""`veridraft` command line: generate, models, bench, data, profile, tune, serve. Logic lives in the library.
 
 The commands import what they run (torch, the models) when they run, so that `veridraft --help`
 and every `--help` answer without loading torch."""
@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from .bench.cli import add_bench_parser
+from .data.cli import add_data_parser
 from .errors import VeridraftError
 from .serve.cli import add_serve_parser
 from .tune.cli import add_tune_parser
@@ -43,6 +44,8 @@ def _generate(args: argparse.Namespace) -> int:
         draft=args.draft,
         chat=chat,
         kv=args.kv,
+        verify=args.verify,
+        lossless=args.lossless,
     )
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -151,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
         "mm-shiftkv | hybridkv, with :budget=TOKENS or :budget=RATIO (default: full cache)",
     )
     g.add_argument(
+        "--verify",
+        default=None,
+        help="acceptance rule: strict (default, lossless) | loose[:topk=5,lam=0.7,shift=2,"
+        "anchor=content] (LOSSY: accepts filler tokens the model would not have chosen)",
+    )
+    g.add_argument(
+        "--lossless", action="store_true", help="refuse any lossy method (e.g. --verify loose)"
+    )
+    g.add_argument(
         "--precision",
         default="fp32",
         help="fp32 (default) | fp16w | bf16 | q4 (the GGUF's own 4-bit blocks)",
@@ -168,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_models)
 
     add_bench_parser(sub)
+    add_data_parser(sub)
     _add_profile_parser(sub)
     add_tune_parser(sub)
     add_serve_parser(sub)

@@ -17,7 +17,7 @@ from .errors import VeridraftError
 from .sampling import SamplingParams, probs, sample
 from .stats import Stats
 from .tree import tree_attn
-from .verify import verify_draft
+from .verify import STRICT, Rule
 
 _EMPTY = Draft(tokens=[])
 
@@ -80,14 +80,19 @@ def decode(
     tokenizer=None,
     max_draft: int = 16,
     prefilled: Prefill | None = None,
+    rule: Rule | None = None,
 ) -> tuple[list[int], Stats]:
     """Generate up to max_new_tokens after prompt_ids; return (new ids, stats).
 
+    rule: the acceptance rule (verify.Rule; None: strict, lossless); a lossy one is named in
+    stats (`lossy`, `verify`, `relaxed`).
     should_stop(new_ids) returns the number of new ids to keep when a stop condition is met
     (e.g. a stop string completed), or None to go on. on_tokens receives committed ids.
     prefilled: the prompt's cache and last logits from `prefill` (its ids must be prompt_ids).
     """
     stats = Stats(prompt_tokens=len(prompt_ids), method=getattr(drafter, "name", "ar"))
+    rule = rule or STRICT
+    stats.verify, stats.lossy = rule.name, bool(rule.lossy)
     t_start = time.perf_counter()
     need = len(prompt_ids) + max_new_tokens + max_draft + 1
     if prefilled is None:
@@ -150,7 +155,8 @@ def decode(
             logits = target(tokens, cache)
         else:  # a token tree: one forward over all nodes, each seeing its ancestors only
             logits = target(tokens, cache, tree=tree_attn(draft.parents))
-        path, nxt = verify_draft(logits, draft, sampling, generator)
+        path, nxt, relaxed = rule.accept(logits, draft, sampling, generator)
+        stats.relaxed += relaxed
         n_acc = len(path)
         # the accepted nodes' rows become consecutive positions (a no-op for a chain)
         cache.keep(start + 1, [start + 1 + i for i in path])

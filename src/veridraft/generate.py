@@ -18,8 +18,10 @@ from . import drafters, presses
 from .decode import Prefill, decode, prefill
 from .draft import DraftEnv, Drafter
 from .errors import VeridraftError
+from .rules import make_rule, split_method
 from .sampling import SamplingParams
 from .stats import Stats
+from .verify import Rule
 
 Messages = list[dict]
 
@@ -142,6 +144,8 @@ def generate_ids(
     env: DraftEnv | None = None,
     warn: bool = True,
     kv: str | presses.Press | None = None,
+    verify: str | Rule | None = None,
+    lossless: bool = False,
     **draft_options,
 ) -> tuple[list[int], Stats]:
     """Generate up to max_new_tokens ids after prompt_ids; return (new ids, stats).
@@ -152,6 +156,8 @@ def generate_ids(
     the drafter. eos_ids: ids that end generation (default: the tokenizer's EOS ids; () for
     none). should_stop(new_ids) -> ids to keep, or None to go on; on_tokens(ids) receives
     committed ids as they come. prefilled: from `prefill_prompt` for these prompt_ids.
+    verify: the acceptance rule, None / "strict" (lossless) or "loose:..." (lossy, rules.py);
+    lossless=True refuses a lossy rule.
     A drafter expected to be slower than plain decoding here is used as asked, but said so once
     on stderr (warn=False: only in stats.warnings). kv: a KV-compression press spec such as
     "snapkv:budget=1024" (lossy; see veridraft.presses): the target decodes on a compacted cache,
@@ -183,6 +189,16 @@ def generate_ids(
         )
     if eos_ids is None:
         eos_ids = getattr(tok, "eos_ids", None) or ()
+    if isinstance(draft, str):  # "ngram+loose:topk=5": a drafter and a rule in one spec
+        draft, rule_spec = split_method(draft)
+        if rule_spec is not None:
+            if verify is not None:
+                raise VeridraftError(
+                    f"the rule is given twice: {rule_spec!r} in draft= and {verify!r} in verify="
+                )
+            verify = rule_spec
+    vocab = getattr(getattr(net, "config", None), "vocab_size", None)
+    rule = make_rule(verify, tok, vocab, lossless=lossless)
     env = env or draft_env(model)
     drafter = drafters.make_drafter(draft, model, env=env, **draft_options)
     reason = slowdown_warning(drafter, model, env)
@@ -192,6 +208,11 @@ def generate_ids(
     press_s = 0.0
     if kv is not None:
         press = presses.make_press(kv)
+        if lossless:
+            raise VeridraftError(
+                f"kv={press.spec()!r} is lossy KV compression and lossless=True was asked; "
+                "drop one of them"
+            )
         if prefilled is not None:
             raise VeridraftError("pass either kv= or prefilled=, not both")
         t0 = time.perf_counter()
@@ -212,6 +233,7 @@ def generate_ids(
         tokenizer=tok,
         max_draft=max_draft,
         prefilled=prefilled,
+        rule=rule,
     )
     if kv is not None:
         stats.prefill_s += press_s
@@ -241,6 +263,8 @@ def generate(
     draft=None,
     chat: bool | None = None,
     kv: str | None = None,
+    verify: str | Rule | None = None,
+    lossless: bool = False,
     **draft_options,
 ) -> Generation:
     """Generate text from a loaded model (see `veridraft.load`).
@@ -249,6 +273,8 @@ def generate(
     "layerskip", "model:NAME", or a Drafter instance; draft_options go to the drafter.
     stream: called with each new piece of text as soon as it is final.
     kv: a KV-compression press (lossy), e.g. "snapkv:budget=1024" or "adakv:budget=0.25".
+    verify: None / "strict" (lossless) or "loose:topk=5,lam=0.7,shift=2,anchor=content"
+    (lossy loose verification, rules.py); lossless=True refuses a lossy rule.
     """
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise VeridraftError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
@@ -270,6 +296,8 @@ def generate(
         kv=kv,
         should_stop=text_out.stop_point if stops else None,
         on_tokens=text_out.push if stream else None,
+        verify=verify,
+        lossless=lossless,
         **draft_options,
     )
     text, reason = text_out.final(new)

@@ -25,6 +25,9 @@ class Stats:
     other_s: float = 0.0
     total_s: float = 0.0
     method: str = "ar"
+    verify: str = "strict"  # the acceptance rule (rules.py)
+    lossy: bool = False  # a lossy rule: the output may differ from plain decoding's
+    relaxed: int = 0  # accepted draft tokens that differ from the target's choice (lossy rules)
     notes: list[str] = field(default_factory=list)
     # why this drafter is expected to be slower than plain decoding here (profile, cost model)
     warnings: list[str] = field(default_factory=list)
@@ -85,6 +88,11 @@ class Stats:
                 f" | {self.method}: tau {self.tau:.2f}, alpha {alpha}, "
                 f"{self.target_forwards} target forwards, draft {self.draft_s:.2f} s, "
                 f"verify {self.verify_s:.2f} s, other {self.other_s:.2f} s"
+            )
+        if self.lossy:
+            s += (
+                f" | LOSSY verification {self.verify}: {self.relaxed} accepted tokens differ "
+                "from the model's choice"
             )
         return s
 

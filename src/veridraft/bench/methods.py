@@ -3,6 +3,7 @@ the `--methods` list."""
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from ..drafters import DRAFTERS, make_drafter
 from ..errors import VeridraftError
 from ..generate import draft_env, generate_ids, slowdown_warning
 from ..presses import make_press
+from ..rules import make_rule, split_method
 from .base import PEER_ENGINES, Method, RunOutput
 from .peers import make_peer
 
@@ -26,6 +28,8 @@ class VeridraftMethod(Method):
     def __init__(self, spec: str, model) -> None:
         super().__init__(spec)
         self.model = model
+        # "ngram+loose:topk=5": a drafter and an acceptance rule (rules.py)
+        spec, self.verify = split_method(spec)
         spec, _, self.kv = spec.partition(KV_SEP)
         self.kv = self.kv or None
         self.draft = None if spec == "ar" else spec
@@ -42,7 +46,9 @@ class VeridraftMethod(Method):
 
     def prepare(self) -> None:
         d = self._drafter()  # fails early on a bad spec
-        self.lossless = not bool(getattr(d, "lossy", False))
+        net = getattr(self.model, "net", self.model)
+        rule = make_rule(self.verify, self.model.tokenizer, net.config.vocab_size)
+        self.lossless = not (bool(getattr(d, "lossy", False)) or rule.lossy)
         if self.kv is not None:
             make_press(self.kv)  # fails early on a bad spec
             self.lossless = False
@@ -74,6 +80,7 @@ class VeridraftMethod(Method):
             env=self.env,
             warn=False,  # said once in prepare()
             kv=self.kv,
+            verify=self.verify,
         )
         wall = time.perf_counter() - t0
         reason = "eos" if new and new[-1] in tok.eos_ids else "length"
@@ -102,7 +109,7 @@ def split_methods(text: str | Sequence[str]) -> list[str]:
         for p in (s.strip() for s in chunk.split(",")):
             if not p:
                 continue
-            head = p.split(":", 1)[0].split("+", 1)[0].strip().lower()
+            head = re.split(r"[:+]", p, maxsplit=1)[0].strip().lower()
             if head not in known and out and ":" in out[-1]:
                 out[-1] += "," + p
             else:

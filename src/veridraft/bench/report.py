@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from ..errors import VeridraftError
+from .fidelity import fidelity_markdown
 from .metrics import summarize
 from .questions import OVERALL
 
@@ -200,6 +201,7 @@ def report_markdown(results: dict) -> str:
         "",
         *_table(summary, OVERALL),
         "",
+        *fidelity_markdown(results),
         "## Per task group",
         "",
     ]

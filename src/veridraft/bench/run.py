@@ -21,6 +21,7 @@ from . import humaneval, passk
 from .ar_speed import bandwidth_bound
 from .base import DEFAULT_METHODS, PEER_ENGINES
 from .environment import environment, loadavg
+from .fidelity import add_fidelity
 from .memory import peak_rss_mb
 from .methods import make_method, split_methods
 from .metrics import mean_of, summarize
@@ -28,7 +29,7 @@ from .protocol import Protocol, run_protocol
 from .questions import default_questions_path, load_questions, select
 from .report import write_all
 
-SUITES = ("spec-bench", "humaneval")
+SUITES = ("spec-bench", "humaneval", "retrieval")
 
 
 def default_out_dir(model_name: str) -> Path:
@@ -78,9 +79,20 @@ def run_bench(
     if "ar" not in names and any(not n.startswith(peer) for n in names):
         log("adding method 'ar' (veridraft plain decoding): speedups and exact match need it")
         names.insert(0, "ar")
+    suite, _, suite_arg = suite.partition(":")
     if suite not in SUITES:
         raise VeridraftError(f"unknown --suite {suite!r}; choose one of {', '.join(SUITES)}")
-    if suite == "humaneval":
+    if isinstance(model, str | Path) and suite == "retrieval":
+        model = load(str(model), precision=precision)
+    items = None
+    if suite == "retrieval":  # the lossy methods' task accuracy next to their speed
+        qpath, all_q, items = retrieval_questions(model, questions, suite_arg, limit, seed, log)
+        limit = None  # the file or the generated set is the selection
+        gen = min(it.gen_tokens for it in items.values())
+        if max_new_tokens > gen:
+            log(f"retrieval: max new tokens {max_new_tokens} -> {gen} (the items' answer budget)")
+            max_new_tokens = gen
+    elif suite == "humaneval":
         if questions:
             raise VeridraftError("--questions and --suite humaneval exclude each other: drop one")
         qpath = humaneval.data_path()
@@ -136,7 +148,12 @@ def run_bench(
         records = run_protocol(
             chosen,
             meths,
-            encode=lambda msgs: prompt_ids_for(model, msgs),
+            # retrieval prompts are completion-style raw text, for base and chat models alike
+            encode=(
+                (lambda msgs: tok.encode(msgs[-1]["content"]))
+                if suite == "retrieval"
+                else (lambda msgs: prompt_ids_for(model, msgs))
+            ),
             decode_text=lambda ids: tok.decode(ids, skip_special_tokens=True),
             protocol=prot,
         )
@@ -154,6 +171,15 @@ def run_bench(
             for name, entry in table.items():
                 if not entry.get("skipped"):
                     entry["pass_at_1"] = passk.pass_at_1(records, name)  # one group: all
+    score = None
+    if items is not None:
+        from ..data.retrieval import score as retrieval_score
+
+        def score(rec: dict) -> float | None:
+            it = items.get(str(rec["question_id"]))
+            return None if it is None else retrieval_score(rec.get("text") or "", it)
+
+    add_fidelity(summary, records, "ar", score=score)
     env = environment(threads, command)
     env["load_average_start"] = load_start
     bound = None
@@ -169,7 +195,7 @@ def run_bench(
             "precision": getattr(model, "precision", None),
         },
         "settings": {
-            "suite": suite,
+            "suite": suite + (f":{suite_arg}" if suite_arg else ""),
             "split": split if suite == "humaneval" else None,
             "questions_file": recorded_path(str(qpath)),
             "questions": len(chosen),
@@ -197,3 +223,29 @@ def run_bench(
         if partial is not None:
             partial.unlink(missing_ok=True)
     return results
+
+
+def retrieval_questions(model, questions, context, limit, seed, log):
+    """(source, questions, {question id: item}) of the retrieval suite: the items of a
+    `veridraft data retrieval` file, or `limit` (default 20) single-key items at `context`
+    (default 4k) made now with the model's tokenizer."""
+    from ..data import retrieval
+    from .questions import Question
+
+    if questions:
+        items = retrieval.read_jsonl(questions)
+        source = Path(questions)
+        if context:
+            raise VeridraftError("--suite retrieval:CONTEXT and --questions exclude each other")
+    else:
+        n = limit or 20
+        items = retrieval.make_set(model.tokenizer, context=context or "4k", n=n, seed=seed)
+        source = Path(f"retrieval-{items[0].context}-n{n}-seed{seed}.jsonl")
+        log(f"retrieval: generated {len(items)} items of {items[0].context} tokens (seed {seed})")
+    if not items:
+        raise VeridraftError(f"the retrieval set {questions} is empty")
+    qs = [
+        Question(question_id=it.id, category=f"retrieval-{it.task}", turns=[it.prompt])
+        for it in items
+    ]
+    return source, qs, {it.id: it for it in items}
