@@ -136,7 +136,13 @@ def run(args: argparse.Namespace) -> dict:
                 out = _run(net, ids, Prefill(ids, cc, logits), tok, drafter, args.max_new_tokens)
                 add(f"{d}+kv:{compose_kv}", item, out, cc.nbytes(), ref)
         del full, cap, compressed
+        if args.on_item is not None:
+            args.on_item(summarize(args, rows, len(items)))
+    return summarize(args, rows, len(items))
 
+
+def summarize(args: argparse.Namespace, rows: dict[str, list[dict]], n_items: int) -> dict:
+    """Means over the items done so far."""
     table = {}
     ar_speed = statistics.mean(r["decode_tok_s"] for r in rows["ar"])
     for name, rs in rows.items():
@@ -160,7 +166,8 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model,
         "context": args.context,
         "task": args.task,
-        "items": len(items),
+        "items": len(rows["ar"]),
+        "items_planned": n_items,
         "max_new_tokens": args.max_new_tokens,
         "cpu": _cpu(),
         "threads": args.threads,
@@ -220,11 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     args.command = "python -m veridraft.bench.kv " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    res = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(markdown(res))
+
+    def save(res: dict) -> None:  # after every item: a long run leaves its figures so far
+        out.write_text(json.dumps(res, indent=1))
+        out.with_suffix(".md").write_text(markdown(res))
+
+    args.on_item = save
+    res = run(args)
+    save(res)
     print(markdown(res))
     return 0
 
