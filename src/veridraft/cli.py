@@ -43,6 +43,7 @@ def _generate(args: argparse.Namespace) -> int:
         stream=show,
         draft=args.draft,
         chat=chat,
+        kv=args.kv,
         verify=args.verify,
         lossless=args.lossless,
     )
@@ -145,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument(
         "--draft", default=None, help="ngram | layerskip | model:NAME | ... (default: none)"
+    )
+    g.add_argument(
+        "--kv",
+        default=None,
+        help="lossy KV-cache compression: streaming | snapkv | pyramidkv | adakv | h2o | "
+        "mm-shiftkv | hybridkv, with :budget=TOKENS or :budget=RATIO (default: full cache)",
     )
     g.add_argument(
         "--verify",

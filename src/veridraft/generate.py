@@ -7,13 +7,14 @@ drafters may use, `draft_env`) and the stop rules in one place.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import drafters
+from . import drafters, presses
 from .decode import Prefill, decode, prefill
 from .draft import DraftEnv, Drafter
 from .errors import VeridraftError
@@ -142,6 +143,7 @@ def generate_ids(
     prefilled: Prefill | None = None,
     env: DraftEnv | None = None,
     warn: bool = True,
+    kv: str | presses.Press | None = None,
     verify: str | Rule | None = None,
     lossless: bool = False,
     **draft_options,
@@ -157,7 +159,9 @@ def generate_ids(
     verify: the acceptance rule, None / "strict" (lossless) or "loose:..." (lossy, rules.py);
     lossless=True refuses a lossy rule.
     A drafter expected to be slower than plain decoding here is used as asked, but said so once
-    on stderr (warn=False: only in stats.warnings).
+    on stderr (warn=False: only in stats.warnings). kv: a KV-compression press spec such as
+    "snapkv:budget=1024" (lossy; see veridraft.presses): the target decodes on a compacted cache,
+    and a drafter is verified against that compressed target.
     """
     if sampling is None:
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -201,6 +205,21 @@ def generate_ids(
     if reason and warn and reason not in _WARNED:
         _WARNED.add(reason)
         print(f"veridraft: warning: {reason}", file=sys.stderr)
+    press_s = 0.0
+    if kv is not None:
+        press = presses.make_press(kv)
+        if lossless:
+            raise VeridraftError(
+                f"kv={press.spec()!r} is lossy KV compression and lossless=True was asked; "
+                "drop one of them"
+            )
+        if prefilled is not None:
+            raise VeridraftError("pass either kv= or prefilled=, not both")
+        t0 = time.perf_counter()
+        prefilled = presses.prefill_compressed(
+            net, ids, len(ids) + max_new_tokens + max_draft + 1, press
+        )
+        press_s = time.perf_counter() - t0
     new, stats = decode(
         net,
         ids,
@@ -216,6 +235,11 @@ def generate_ids(
         prefilled=prefilled,
         rule=rule,
     )
+    if kv is not None:
+        stats.prefill_s += press_s
+        stats.total_s += press_s
+        stats.method += f"+kv:{press.spec()} (lossy)"
+        stats.notes.append(presses.memory_note(prefilled.cache, net, press))
     if reason:
         stats.warnings.append(reason)
     if drafter is not None:
@@ -238,6 +262,7 @@ def generate(
     stream: Callable[[str], None] | None = None,
     draft=None,
     chat: bool | None = None,
+    kv: str | None = None,
     verify: str | Rule | None = None,
     lossless: bool = False,
     **draft_options,
@@ -247,6 +272,7 @@ def generate(
     draft: None (plain decoding), a method spec such as "ngram", "ngram:num_tokens=8",
     "layerskip", "model:NAME", or a Drafter instance; draft_options go to the drafter.
     stream: called with each new piece of text as soon as it is final.
+    kv: a KV-compression press (lossy), e.g. "snapkv:budget=1024" or "adakv:budget=0.25".
     verify: None / "strict" (lossless) or "loose:topk=5,lam=0.7,shift=2,anchor=content"
     (lossy loose verification, rules.py); lossless=True refuses a lossy rule.
     """
@@ -267,6 +293,7 @@ def generate(
         top_p=top_p,
         seed=seed,
         draft=draft,
+        kv=kv,
         should_stop=text_out.stop_point if stops else None,
         on_tokens=text_out.push if stream else None,
         verify=verify,

@@ -11,20 +11,30 @@ from collections.abc import Sequence
 from ..drafters import DRAFTERS, make_drafter
 from ..errors import VeridraftError
 from ..generate import draft_env, generate_ids, slowdown_warning
+from ..presses import make_press
 from ..rules import make_rule, split_method
 from .base import PEER_ENGINES, Method, RunOutput
 from .peers import make_peer
 
+KV_SEP = "+kv:"
+
 
 class VeridraftMethod(Method):
-    """`ar` (plain decoding) or any drafter spec (`ngram:num_tokens=8`, `layerskip`, ...)."""
+    """`ar` (plain decoding) or any drafter spec (`ngram:num_tokens=8`, `layerskip`, ...),
+    optionally on a compressed target: `METHOD+kv:PRESS` (lossy), e.g. `ar+kv:snapkv:budget=1024`
+    or `ngram+kv:adakv:budget=0.25`; its speedup is measured against `ar+kv:PRESS` when that is
+    benchmarked too, and its exact match against `ar` is its agreement with the full model."""
 
     def __init__(self, spec: str, model) -> None:
         super().__init__(spec)
         self.model = model
         # "ngram+loose:topk=5": a drafter and an acceptance rule (rules.py)
         spec, self.verify = split_method(spec)
+        spec, _, self.kv = spec.partition(KV_SEP)
+        self.kv = self.kv or None
         self.draft = None if spec == "ar" else spec
+        if self.kv is not None and self.draft is not None:
+            self.baseline = f"ar{KV_SEP}{self.kv}"
         # one lookup of profiles and cost model for every run: none inside the timed window
         self.env = draft_env(model)
         self.warning: str | None = None  # why this method is expected to lose here, if so
@@ -42,6 +52,9 @@ class VeridraftMethod(Method):
             rule = make_rule(self.verify, self.model.tokenizer, net.config.vocab_size)
             lossy_rule = rule.lossy
         self.lossless = not (bool(getattr(d, "lossy", False)) or lossy_rule)
+        if self.kv is not None:
+            make_press(self.kv)  # fails early on a bad spec
+            self.lossless = False
         self.warning = slowdown_warning(d, self.model, self.env)
         if self.warning:
             print(f"bench: warning: {self.name}: {self.warning}", file=sys.stderr)
@@ -69,6 +82,7 @@ class VeridraftMethod(Method):
             draft=drafter,
             env=self.env,
             warn=False,  # said once in prepare()
+            kv=self.kv,
             verify=self.verify,
         )
         wall = time.perf_counter() - t0

@@ -188,6 +188,15 @@ class Capture:
 
     hidden_layers: tuple[int, ...] = ()
     hidden: dict[int, Tensor] = field(default_factory=dict)
+    # KV compression (presses) reads the prefill's attention: see capture_press_attention
+    press_rows: int = 0  # > 0: attention of the last press_rows query rows, summed [n_h, L]
+    press_colsum: bool = False  # also the attention every key receives from all rows [n_h, L]
+    press_window: dict[int, Tensor] = field(default_factory=dict)
+    press_last: dict[int, Tensor] = field(default_factory=dict)  # the last row's weights
+    press_colsums: dict[int, Tensor] = field(default_factory=dict)
+    press_input: dict[int, tuple[float, float]] = field(
+        default_factory=dict
+    )  # attn input mean, std
 
 
 # ---- numerics shared by the architectures ----
@@ -329,6 +338,7 @@ class Step:
     spans: list[Span | None]  # per layer
     rowwise: bool = False  # attend query row by row (see Transformer.rowwise_attention)
     tree: TreeAttn | None = None  # rows are token-tree nodes (tree.py), not a chain
+    capture: Capture | None = None
 
 
 # Row-wise attention covers verification forwards (a draft plus one token); longer forwards are
@@ -348,6 +358,8 @@ def attend(
     """Write k, v [1, n_kv, T, hd] into the cache, attend q [1, n_h, T, hd]; return [T, n_h*hd]."""
     cache, start, t = step.cache, step.start, step.t
     span = step.spans[layer]
+    if hasattr(cache, "attend"):  # a compacted (lossy) cache attends over its own layout
+        return cache.attend(q, k, v, step, layer, scale, softcap)
     cache.write(layer, start, k, v)
     if step.rowwise and 1 < t <= ROWWISE_MAX_T and span.index is None and step.tree is not None:
         return _attend_tree_rows(q, step, layer, span.window, scale, softcap)
@@ -449,7 +461,43 @@ class Attention(nn.Module):
         out = attend(
             qk[:, : self.n_h], qk[:, self.n_h :], v, step, self.layer, self.scale, self.softcap
         )
+        if step.capture is not None and step.capture.press_rows:
+            capture_press_attention(
+                x, qk[:, : self.n_h], step, self.layer, self.scale, self.softcap
+            )
         return self.wo(out)
+
+
+def capture_press_attention(
+    x: Tensor, q: Tensor, step: Step, layer: int, scale: float, softcap: float | None
+) -> None:
+    """What KV-compression policies read from a prefill (one forward over the whole prompt on a
+    full cache): per layer, the softmax attention of the last `press_rows` query rows summed
+    over those rows, the last row's weights, optionally the attention each key receives from
+    every row (H2O), and the mean/std of the attention input (MM-ShiftKV's probes). Computed
+    here, only when asked, so that plain forwards never materialise attention weights."""
+    cap, cache, start, t = step.capture, step.cache, step.start, step.t
+    keys = cache.k[layer][0, :, : start + t]  # [n_kv, L, hd]
+    n_h = q.shape[1]
+    keys = keys.repeat_interleave(n_h // keys.shape[0], 0)
+    kpos = torch.arange(start + t)
+
+    def weights(lo: int, hi: int) -> Tensor:  # softmax of query rows [lo, hi): [n_h, rows, L]
+        s = q[0, :, lo:hi] @ keys.transpose(-1, -2) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        causal = kpos[None, :] > torch.arange(start + lo, start + hi)[:, None]
+        return s.masked_fill(causal, float("-inf")).softmax(-1)
+
+    w = weights(max(0, t - cap.press_rows), t)
+    cap.press_window[layer] = w.sum(1)
+    cap.press_last[layer] = w[:, -1].clone()
+    if cap.press_colsum:
+        total = torch.zeros(n_h, start + t)
+        for lo in range(0, t, 512):  # bounded memory: 512 rows at a time
+            total += weights(lo, min(t, lo + 512)).sum(1)
+        cap.press_colsums[layer] = total
+    cap.press_input[layer] = (float(x.mean()), float(x.std()))
 
 
 class Transformer(nn.Module):
@@ -537,7 +585,7 @@ class Transformer(nn.Module):
         else:
             qpos = start + tree.depth
             rope = [self.rope.at(j, qpos) for j in range(len(self.rope.inv_freq))]
-        step = Step(cache, start, t, rope, spans, self.rowwise_attention, tree)
+        step = Step(cache, start, t, rope, spans, self.rowwise_attention, tree, capture)
 
         want = set(capture.hidden_layers) if capture is not None else ()
         n_layers = self.config.n_layers

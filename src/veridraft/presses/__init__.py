@@ -1,0 +1,121 @@
+"""KV-cache compression policies ("presses"), all lossy: which prompt positions each layer and
+KV head keeps after prefill. One file per policy; the result is a CompactKVCache that really is
+smaller (compact.py).
+
+    press = make_press("snapkv:budget=1024")     # tokens per KV head
+    press = make_press("adakv:budget=0.25")      # a ratio of the prompt
+    pre = prefill_compressed(net, prompt_ids, max_len, press)   # a decode.Prefill
+
+Spec grammar (as drafters): ``NAME:KEY=VALUE[,KEY=VALUE...]``; every press takes `budget`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Sequence
+
+import torch
+
+from ..decode import Prefill
+from ..errors import VeridraftError
+from .base import Press
+from .compact import CompactKVCache
+
+PRESSES: dict[str, str] = {
+    "streaming": ".streaming:StreamingPress",
+    "snapkv": ".snapkv:SnapKVPress",
+    "pyramidkv": ".pyramidkv:PyramidKVPress",
+    "adakv": ".adakv:AdaKVPress",
+    "h2o": ".h2o:H2OPress",
+    "mm-shiftkv": ".mmshiftkv:MMShiftKVPress",
+    "hybridkv": ".hybridkv:HybridKVPress",
+}
+
+__all__ = [
+    "PRESSES",
+    "CompactKVCache",
+    "Press",
+    "full_kv_bytes",
+    "make_press",
+    "memory_note",
+    "prefill_compressed",
+]
+
+_KEY = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
+
+
+def press_class(name: str) -> type[Press]:
+    module, _, attr = PRESSES[name].partition(":")
+    return getattr(importlib.import_module(module, __name__), attr)
+
+
+def make_press(spec: str | Press) -> Press:
+    """A press from a spec such as "snapkv:budget=1024" (or a Press: itself)."""
+    if isinstance(spec, Press):
+        return spec
+    valid = ", ".join(PRESSES)
+    if not isinstance(spec, str) or not spec.strip():
+        raise VeridraftError(f"empty kv spec; valid: {valid} (e.g. kv='snapkv:budget=1024')")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower()
+    if name not in PRESSES:
+        raise VeridraftError(f"unknown kv press {name!r} in {spec!r}; valid: {valid}")
+    cls = press_class(name)
+    params: dict[str, str] = {}
+    for piece in filter(str.strip, re.split(r"[,;:]", rest)):
+        m = _KEY.match(piece)
+        if not m:
+            raise VeridraftError(f"kv spec {spec!r}: expected KEY=VALUE, got {piece!r}")
+        key = m.group(1).lower()
+        if key not in cls.params:
+            raise VeridraftError(
+                f"{name}: unknown parameter {key!r} in {spec!r}; valid: {', '.join(cls.params)}"
+            )
+        if key in params:
+            raise VeridraftError(f"kv spec {spec!r} sets {key!r} twice")
+        params[key] = m.group(2).strip()
+    return cls.from_params(params)
+
+
+@torch.no_grad()  # not inference_mode: the compacted cache must accept writes outside it
+def prefill_compressed(net, prompt_ids: Sequence[int], max_len: int, press: Press) -> Prefill:
+    """Prefill the prompt on a full cache (reading the attention the press needs), compress it,
+    and return a Prefill on the compacted cache with room for max_len - len(prompt) tokens."""
+    ids = [int(i) for i in prompt_ids]
+    if any(w is not None for w in getattr(net, "windows", [])):
+        raise VeridraftError(
+            "kv compression needs a model without sliding-window layers (this one has them); "
+            "use a Llama / Qwen model or drop kv="
+        )
+    if getattr(net, "rowwise_attention", False):
+        raise VeridraftError(
+            "kv compression runs in fp32 precision only for now; load the model with "
+            "precision='fp32' or drop kv="
+        )
+    full = net.new_cache(len(ids))
+    cap = press.capture()
+    logits = net(torch.tensor(ids, dtype=torch.long), full, capture=cap, num_logits=1)
+    cache = press.compress(net, full, cap, room=max_len - len(ids))
+    return Prefill(ids=ids, cache=cache, logits=logits[-1].clone())
+
+
+def full_kv_bytes(net, positions: int) -> int:
+    """Bytes of a full float32 KV cache holding `positions` positions."""
+    c = net.config
+    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * positions * 4
+
+
+def memory_note(cache: CompactKVCache, net, press: Press) -> str:
+    """The --stats line of a compressed generation (lossy)."""
+    c = net.config
+    rows = cache.kept_rows()
+    per_head = rows / (c.n_layers * c.n_kv_heads)
+    held, full = cache.nbytes(), full_kv_bytes(net, cache.max_len)
+    tier = cache.tier_bytes()
+    more = f", slow tier {tier / 2**20:.1f} MB memory-mapped" if tier else ""
+    return (
+        f"kv {press.spec()} (lossy KV compression): kept {per_head:.0f} of {cache.base} prompt "
+        f"positions per KV head on average; KV memory held {held / 2**20:.1f} MB vs "
+        f"{full / 2**20:.1f} MB full (/{full / max(held, 1):.1f}){more}"
+    )

@@ -1,0 +1,54 @@
+"""AdaKV (Feng et al., 2024), lossy: head-wise budgets. Per layer, all KV heads' SnapKV scores
+(window 32, max pooling, kernel 7) compete for H * B slots; head h wins c_h of them and keeps
+round(c_h * (1 - alpha) + alpha * B) (alpha = 0.5, a floor so no head starves) plus the window.
+The layer's total is exactly H * budget; heads differ. Unlike kvpress's masking version the
+evicted rows are gone: the compacted cache stores each head's rows only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..cache import KVCache
+from ..models.base import Capture
+from .base import Press, split_exact, to_float, tokens_of, top_plus_window, window_scores
+from .snapkv import snap_options
+
+
+@dataclass
+class AdaKVPress(Press):
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "max"
+    alpha: float = 0.5
+    name = "adakv"
+    params = ("budget", "window", "kernel", "pooling", "alpha")
+
+    @classmethod
+    def options(cls, params: dict[str, str]) -> dict:
+        return {
+            **snap_options(cls.name, params, "7", "max"),
+            "alpha": to_float(params.get("alpha", "0.5"), cls.name, "alpha", 0.0, 1.0),
+        }
+
+    def capture(self) -> Capture:
+        return Capture(press_rows=self.window)
+
+    def select(self, net, cache: KVCache, cap: Capture) -> list[list[Tensor]]:
+        n, n_kv = cache.length, cache.k[0].shape[1]
+        b = tokens_of(self.budget, n)
+        w = min(self.window, b)
+        out = []
+        for layer in range(len(cache.k)):
+            s = window_scores(cap, layer, n_kv, w, self.kernel, self.pooling)
+            per = b - w
+            won = torch.zeros(n_kv)
+            if per > 0:
+                flat = s.flatten().topk(n_kv * per).indices
+                won = torch.bincount(flat // s.shape[1], minlength=n_kv).float()
+            want = won * (1 - self.alpha) + self.alpha * per
+            budgets = split_exact(want, n_kv * per, cap=s.shape[1])
+            out.append([top_plus_window(s[h], budgets[h], n, w) for h in range(n_kv)])
+        return out

@@ -1,0 +1,58 @@
+"""PyramidKV (Cai et al., 2024), lossy: SnapKV scoring with per-layer budgets shaped like a
+pyramid, more in the lower layers. With B = budget - window and L layers (reference code):
+min = B // beta, max = 2B - min (capped at the prompt), budget_l = max - l * ((max - min) //
+(L - 1)), plus the window. The floor makes the mean budget at most the given one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..cache import KVCache
+from ..models.base import Capture
+from .base import Press, to_int, tokens_of, top_plus_window, window_scores
+from .snapkv import snap_options
+
+
+def layer_budgets(b: int, window: int, prompt_len: int, n_layers: int, beta: int) -> list[int]:
+    """Non-window tokens kept per layer."""
+    avg = b - window
+    lo = avg // beta
+    hi = 2 * avg - lo
+    if hi >= prompt_len - window:
+        hi = prompt_len - window
+        lo = 2 * avg - hi
+    step = (hi - lo) // (n_layers - 1) if n_layers > 1 else 0
+    return [hi - layer * step for layer in range(n_layers)]
+
+
+@dataclass
+class PyramidKVPress(Press):
+    window: int = 32
+    kernel: int = 5
+    pooling: str = "avg"
+    beta: int = 20
+    name = "pyramidkv"
+    params = ("budget", "window", "kernel", "pooling", "beta")
+
+    @classmethod
+    def options(cls, params: dict[str, str]) -> dict:
+        return {
+            **snap_options(cls.name, params, "5", "avg"),
+            "beta": to_int(params.get("beta", "20"), cls.name, "beta", 1),
+        }
+
+    def capture(self) -> Capture:
+        return Capture(press_rows=self.window)
+
+    def select(self, net, cache: KVCache, cap: Capture) -> list[list[Tensor]]:
+        n, n_kv = cache.length, cache.k[0].shape[1]
+        b = tokens_of(self.budget, n)
+        w = min(self.window, b)
+        per_layer = layer_budgets(b, w, n, len(cache.k), self.beta)
+        out = []
+        for layer, bl in enumerate(per_layer):
+            s = window_scores(cap, layer, n_kv, w, self.kernel, self.pooling)
+            out.append([top_plus_window(s[h], bl, n, w) for h in range(n_kv)])
+        return out

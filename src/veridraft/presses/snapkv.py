@@ -1,0 +1,52 @@
+"""SnapKV (Li et al., 2024), lossy: the last `window` prompt queries vote for the positions
+they attend to; per KV head keep the top (budget - window) pooled scores plus the window.
+Prefill only; nothing is evicted while decoding. Defaults follow the reference code
+(window 32, kernel 5, average pooling); GQA scores are the group mean (as kvpress)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..cache import KVCache
+from ..errors import VeridraftError
+from ..models.base import Capture
+from .base import Press, to_int, tokens_of, top_plus_window, window_scores
+
+
+def snap_options(name: str, params: dict[str, str], kernel: str, pooling: str) -> dict:
+    pooling = params.get("pooling", pooling)
+    if pooling not in ("avg", "max"):
+        raise VeridraftError(f"{name}: pooling must be avg or max, got {pooling!r}")
+    return {
+        "window": to_int(params.get("window", "32"), name, "window", 1),
+        "kernel": to_int(params.get("kernel", kernel), name, "kernel", 1),
+        "pooling": pooling,
+    }
+
+
+@dataclass
+class SnapKVPress(Press):
+    window: int = 32
+    kernel: int = 5
+    pooling: str = "avg"
+    name = "snapkv"
+    params = ("budget", "window", "kernel", "pooling")
+
+    @classmethod
+    def options(cls, params: dict[str, str]) -> dict:
+        return snap_options(cls.name, params, "5", "avg")
+
+    def capture(self) -> Capture:
+        return Capture(press_rows=self.window)
+
+    def select(self, net, cache: KVCache, cap: Capture) -> list[list[Tensor]]:
+        n, n_kv = cache.length, cache.k[0].shape[1]
+        b = tokens_of(self.budget, n)
+        w = min(self.window, b)
+        out = []
+        for layer in range(len(cache.k)):
+            s = window_scores(cap, layer, n_kv, w, self.kernel, self.pooling)
+            out.append([top_plus_window(s[h], b - w, n, w) for h in range(n_kv)])
+        return out
