@@ -80,12 +80,14 @@ def decode(
     tokenizer=None,
     max_draft: int = 16,
     prefilled: Prefill | None = None,
+    segments: Sequence[tuple[str, int, int]] = (),
 ) -> tuple[list[int], Stats]:
     """Generate up to max_new_tokens after prompt_ids; return (new ids, stats).
 
     should_stop(new_ids) returns the number of new ids to keep when a stop condition is met
     (e.g. a stop string completed), or None to go on. on_tokens receives committed ids.
     prefilled: the prompt's cache and last logits from `prefill` (its ids must be prompt_ids).
+    segments: (kind, start, end) parts of the prompt for the drafter (DecodeContext.segments).
     """
     stats = Stats(prompt_tokens=len(prompt_ids), method=getattr(drafter, "name", "ar"))
     t_start = time.perf_counter()
@@ -117,13 +119,16 @@ def decode(
         generator=generator,
         tokenizer=tokenizer,
         max_new_tokens=max_new_tokens,
+        segments=check_segments(segments, len(prompt_ids)),
     )
     keep = _finish_point(new, eos_ids, should_stop, max_new_tokens)
     update = None
     wants_scores = False
+    verify_capture = None
     if drafter is not None:
         update = _update_fn(drafter)
         wants_scores = bool(getattr(drafter, "wants_scores", False))
+        verify_capture = getattr(drafter, "verify_capture", None)
     if drafter is not None and keep is None:
         t = time.perf_counter()
         cache.mark()
@@ -146,8 +151,12 @@ def decode(
                 raise ValueError(f"drafter {stats.method} proposed more tokens than allowed")
         t1 = time.perf_counter()
         tokens = torch.tensor([ids[-1], *draft.tokens], dtype=torch.long)
+        cap = None
         if draft.parents is None:
-            logits = target(tokens, cache)
+            cap = verify_capture(ctx) if verify_capture is not None else None
+            logits = (
+                target(tokens, cache, capture=cap) if cap is not None else target(tokens, cache)
+            )
         else:  # a token tree: one forward over all nodes, each seeing its ancestors only
             logits = target(tokens, cache, tree=tree_attn(draft.parents))
         path, nxt = verify_draft(logits, draft, sampling, generator)
@@ -170,6 +179,7 @@ def decode(
                     draft_s=t1 - t0,
                     verify_s=t2 - t1,
                     scores=logits if wants_scores else None,
+                    capture=cap,
                 )
             )
         keep = _finish_point(new, eos_ids, should_stop, max_new_tokens)
@@ -184,6 +194,28 @@ def decode(
     stats.new_tokens = len(new)
     stats.total_s = time.perf_counter() - t_start
     return new, stats
+
+
+def check_segments(segments, n: int) -> list[tuple[str, int, int]]:
+    """Segments as (kind, start, end) tuples inside the prompt, in order, not overlapping."""
+    out: list[tuple[str, int, int]] = []
+    end = 0
+    for seg in segments:
+        try:
+            kind, a, b = seg
+            a, b = int(a), int(b)
+        except (TypeError, ValueError):
+            raise VeridraftError(
+                f"segment {seg!r} is not (kind, start, end); pass a list of such tuples"
+            ) from None
+        if not isinstance(kind, str) or not kind or not end <= a <= b <= n:
+            raise VeridraftError(
+                f"segment {seg!r} must name a kind and lie in the prompt's {n} ids, in order, "
+                "without overlapping the previous one"
+            )
+        out.append((kind, a, b))
+        end = b
+    return out
 
 
 def _check_cache(cache: KVCache, length: int, method: str, step: str) -> None:

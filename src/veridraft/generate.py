@@ -140,6 +140,7 @@ def generate_ids(
     prefilled: Prefill | None = None,
     env: DraftEnv | None = None,
     warn: bool = True,
+    segments: Sequence[tuple[str, int, int]] = (),
     **draft_options,
 ) -> tuple[list[int], Stats]:
     """Generate up to max_new_tokens ids after prompt_ids; return (new ids, stats).
@@ -150,6 +151,7 @@ def generate_ids(
     the drafter. eos_ids: ids that end generation (default: the tokenizer's EOS ids; () for
     none). should_stop(new_ids) -> ids to keep, or None to go on; on_tokens(ids) receives
     committed ids as they come. prefilled: from `prefill_prompt` for these prompt_ids.
+    segments: (kind, start, end) parts of the prompt (veridraft.segments) for the drafter.
     A drafter expected to be slower than plain decoding here is used as asked, but said so once
     on stderr (warn=False: only in stats.warnings).
     """
@@ -198,6 +200,7 @@ def generate_ids(
         tokenizer=tok,
         max_draft=max_draft,
         prefilled=prefilled,
+        segments=segments,
     )
     if reason:
         stats.warnings.append(reason)
@@ -236,6 +239,13 @@ def generate(
         raise VeridraftError("stop strings must be non-empty strings")
     ids = prompt_ids_for(model, prompt, chat)
     tok = model.tokenizer
+    segments: list = []
+    if isinstance(prompt, list) and tok.has_chat_template and chat is not False:
+        from .segments import encode_chat
+
+        seg_ids, segments = encode_chat(tok, prompt)
+        if seg_ids != ids:  # the same rendering; anything else would mark the wrong ids
+            segments = []
     text_out = _TextStream(tok, stops, stream)
     new, stats = generate_ids(
         model,
@@ -248,6 +258,7 @@ def generate(
         draft=draft,
         should_stop=text_out.stop_point if stops else None,
         on_tokens=text_out.push if stream else None,
+        segments=segments,
         **draft_options,
     )
     text, reason = text_out.final(new)

@@ -184,10 +184,21 @@ class Skip:
 @dataclass
 class Capture:
     """Ask a forward for hidden states: layer i -> output of block i; -1 or n_layers -> final
-    normed hidden. Filled in place: `hidden[layer]` is [T, dim]."""
+    normed hidden. Filled in place: `hidden[layer]` is [T, dim].
+
+    attn_rows = r > 0 also asks, for every attention layer that runs, the attention weights of
+    the last r query rows, summed over those rows: `attn[layer]` is [n_heads, n_keys], columns
+    in the order the layer read its keys (without a view: positions lo .. start+T-1, lo = 0 on
+    global layers; with a view: the view's positions, then the forward's own rows); with
+    `queries`, `query[layer]` holds those rows' rotated queries [n_heads, r, head_dim]. Computed
+    only when asked, as a separate product: the forward's own output does not change."""
 
     hidden_layers: tuple[int, ...] = ()
     hidden: dict[int, Tensor] = field(default_factory=dict)
+    attn_rows: int = 0
+    queries: bool = False
+    attn: dict[int, Tensor] = field(default_factory=dict)
+    query: dict[int, Tensor] = field(default_factory=dict)
 
 
 # ---- numerics shared by the architectures ----
@@ -286,21 +297,29 @@ def first_key(pos: int, window: int | None) -> int:
 
 
 def make_span(start: int, t: int, window: int | None, view: Tensor | None) -> Span:
+    """view: cached positions [B] read by every head, or [n_kv_heads, B] one row per KV head
+    (a per-head view; the same count B for each head)."""
     if view is None:
         lo = first_key(start, window)
         if t == 1:
             return Span(lo, None, None, window)
     qpos = torch.arange(start, start + t)
     if view is None:
-        kpos = torch.arange(lo, start + t)
+        kpos = torch.arange(lo, start + t)[None, :]
     else:
-        view = view.to(torch.long).flatten()
+        view = view.to(torch.long)
+        if view.dim() > 2:
+            raise VeridraftError("a view is a [B] or [n_kv_heads, B] tensor of cached positions")
         if view.numel() and not 0 <= int(view.min()) <= int(view.max()) < start:
             raise VeridraftError(f"view positions must lie in [0, {start}) (the cached ones)")
-        lo, kpos = 0, torch.cat((view, qpos))
-    allowed = kpos[None, :] <= qpos[:, None]
+        lo = 0
+        if view.dim() == 2:  # per KV head: kpos [n_kv, 1, B + T], the mask [n_kv, T, B + T]
+            kpos = torch.cat((view, qpos.expand(view.shape[0], t)), 1)[:, None, :]
+        else:
+            kpos = torch.cat((view, qpos))[None, :]
+    allowed = kpos <= qpos[:, None]
     if window is not None:
-        allowed &= kpos[None, :] > qpos[:, None] - window
+        allowed &= kpos > qpos[:, None] - window
     return Span(lo, view, None if bool(allowed.all()) else allowed, window)
 
 
@@ -329,6 +348,7 @@ class Step:
     spans: list[Span | None]  # per layer
     rowwise: bool = False  # attend query row by row (see Transformer.rowwise_attention)
     tree: TreeAttn | None = None  # rows are token-tree nodes (tree.py), not a chain
+    capture: Capture | None = None  # attention rows to report (Capture.attn_rows)
 
 
 # Row-wise attention covers verification forwards (a draft plus one token); longer forwards are
@@ -349,6 +369,12 @@ def attend(
     cache, start, t = step.cache, step.start, step.t
     span = step.spans[layer]
     cache.write(layer, start, k, v)
+    if span.index is not None:
+        keys, vals = _view_keys(cache, layer, span.index, k, v)
+    if step.capture is not None and step.capture.attn_rows > 0:
+        if span.index is None:
+            keys = cache.k[layer][:, :, span.lo : start + t]
+        _capture_attn(q, keys, span.mask, scale, softcap, step.capture, layer)
     if step.rowwise and 1 < t <= ROWWISE_MAX_T and span.index is None and step.tree is not None:
         return _attend_tree_rows(q, step, layer, span.window, scale, softcap)
     if step.rowwise and 1 < t <= ROWWISE_MAX_T and span.index is None:
@@ -372,10 +398,42 @@ def attend(
     if span.index is None:
         keys = cache.k[layer][:, :, span.lo : start + t]
         vals = cache.v[layer][:, :, span.lo : start + t]
-    else:
-        keys = torch.cat((cache.k[layer].index_select(2, span.index), k), dim=2)
-        vals = torch.cat((cache.v[layer].index_select(2, span.index), v), dim=2)
     return _attend(q, keys, vals, span.mask, scale, softcap)
+
+
+def _view_keys(cache: KVCache, layer: int, index: Tensor, k: Tensor, v: Tensor):
+    """The viewed cached keys/values, then this forward's own: [1, n_kv, B + T, hd] each (a
+    copy of B rows; the cache is only read)."""
+    if index.dim() == 1:
+        ck, cv = cache.k[layer].index_select(2, index), cache.v[layer].index_select(2, index)
+    else:  # per KV head: row h of the index picks head h's positions
+        idx = index[None, :, :, None].expand(1, -1, -1, k.shape[-1])
+        ck, cv = cache.k[layer].gather(2, idx), cache.v[layer].gather(2, idx)
+    return torch.cat((ck, k), dim=2), torch.cat((cv, v), dim=2)
+
+
+def _capture_attn(
+    q: Tensor, keys: Tensor, mask: Tensor | None, scale: float, softcap, cap: Capture, layer: int
+) -> None:
+    """Attention weights of the last cap.attn_rows query rows over `keys`, summed over the rows
+    (an explicit product, outside the forward's own attention)."""
+    n_h, t = q.shape[1], q.shape[2]
+    r = min(cap.attn_rows, t)
+    n_kv = keys.shape[1]
+    rows = q[0, :, t - r :]  # [n_h, r, hd]
+    g = n_h // n_kv
+    scores = rows.reshape(n_kv, g * r, -1) @ keys[0].transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(n_h, r, -1)
+    if mask is not None:
+        m = mask[..., t - r :, :]
+        if m.dim() == 3:  # per KV head -> per query head
+            m = m.repeat_interleave(g, 0)
+        scores = scores.masked_fill(~m, float("-inf"))
+    cap.attn[layer] = scores.softmax(-1).sum(1)
+    if cap.queries:
+        cap.query[layer] = rows.clone()
 
 
 def _attend_tree_rows(
@@ -406,6 +464,8 @@ def _attend(
     q: Tensor, keys: Tensor, vals: Tensor, mask: Tensor | None, scale: float, softcap
 ) -> Tensor:
     t = q.shape[2]
+    if mask is not None and mask.dim() == 3:  # a per-KV-head mask -> per query head
+        mask = mask.repeat_interleave(q.shape[1] // keys.shape[1], 0)
     if softcap is None:
         out = F.scaled_dot_product_attention(
             q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=True
@@ -517,7 +577,7 @@ class Transformer(nn.Module):
             )
 
         spans: list[Span | None] = []
-        shared: dict[int | None, Span] = {}  # layers with the same window share one mask
+        shared: dict = {}  # layers with the same window (and view) share one span
         for i, w in enumerate(self.windows):
             v = view.get(i) if isinstance(view, dict) else view
             if i in skip_attn:
@@ -527,7 +587,10 @@ class Transformer(nn.Module):
                     shared[w] = make_tree_span(start, tree, w)
                 spans.append(shared[w])
             elif v is not None:
-                spans.append(make_span(start, t, w, v))
+                # layers given the same view tensor share its span (one check, one mask)
+                if (w, id(v)) not in shared:
+                    shared[(w, id(v))] = make_span(start, t, w, v)
+                spans.append(shared[(w, id(v))])
             else:
                 if w not in shared:
                     shared[w] = make_span(start, t, w, None)
@@ -537,7 +600,8 @@ class Transformer(nn.Module):
         else:
             qpos = start + tree.depth
             rope = [self.rope.at(j, qpos) for j in range(len(self.rope.inv_freq))]
-        step = Step(cache, start, t, rope, spans, self.rowwise_attention, tree)
+        attn_cap = capture if capture is not None and capture.attn_rows > 0 else None
+        step = Step(cache, start, t, rope, spans, self.rowwise_attention, tree, attn_cap)
 
         want = set(capture.hidden_layers) if capture is not None else ()
         n_layers = self.config.n_layers
