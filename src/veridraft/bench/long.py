@@ -192,7 +192,7 @@ def build_tasks(
             )
     if "summarise" in tasks:
         lo, hi = SUMMARY_TOKENS
-        hi = min(hi, fit(hi, 1, "summarise") if room is not None and room < hi else hi)
+        hi = hi if room is None else min(hi, room - TEMPLATE_ROOM)
         picked = 0
         for book in books:
             for ci, (title, text) in enumerate(book.chapters):
