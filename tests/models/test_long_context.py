@@ -4,11 +4,14 @@ context-limit errors."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from veridraft.bench import long
 from veridraft.decode import decode, prefill, run_prompt
 from veridraft.drafters import make_drafter
 from veridraft.errors import VeridraftError
@@ -177,3 +180,40 @@ def test_context_limit_errors(pair):
         generate_ids(net, ids(limit - 10), max_new_tokens=11)
     with pytest.raises(VeridraftError, match="KV cache full"):
         run_prompt(net, ids(100), net.new_cache(50), chunk=32)
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16(real_model_dir):
+    from veridraft.loader import load
+
+    real_model_dir("smollm2-135m")
+    model = load("smollm2-135m", precision="bf16")
+    book = json.loads(long.default_data_path().read_text().splitlines()[0])
+    text = "\n\n".join(f"{c['title']}\n\n{c['text']}" for c in book["chapters"][:4])
+    return model, model.tokenizer.encode(text)[:2100]
+
+
+@pytest.mark.slow
+def test_smollm2_chunked_prefill_is_bitwise_one_block(smollm2_bf16):
+    model, prompt = smollm2_bf16
+    one = prefill(model.net, prompt, len(prompt) + 1, chunk=None)
+    chunked = prefill(model.net, prompt, len(prompt) + 1)  # the default chunk: 1024, then 1076
+    assert torch.equal(one.logits, chunked.logits)
+    assert torch.equal(one.cache.k[-1], chunked.cache.k[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft", ["ngram", "layerskip"])
+@pytest.mark.filterwarnings("ignore:layerskip")
+def test_smollm2_greedy_speculative_equals_plain_at_2k(smollm2_bf16, plain_greedy, draft):
+    model, prompt = smollm2_bf16
+    out, stats = decode(
+        model.net,
+        prompt,
+        max_new_tokens=48,
+        sampling=SamplingParams(),
+        generator=torch.Generator(),
+        drafter=make_drafter(draft, model),
+    )
+    assert out == plain_greedy(model, prompt, 48)
+    assert stats.drafted > 0

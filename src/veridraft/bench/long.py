@@ -162,10 +162,11 @@ def build_tasks(
     questions: list[Question] = []
     raw: dict[str, list[int]] = {}
 
-    def fit(n: int, turns: int, what: str) -> int:
+    def fit(n: int, turns: int, what: str, templated: bool = True) -> int:
         if room is None:
             return n
-        spare = (turns - 1) * (max_new_tokens + TEMPLATE_ROOM) + (TEMPLATE_ROOM if chat else 0)
+        spare = (turns - 1) * (max_new_tokens + TEMPLATE_ROOM)
+        spare += TEMPLATE_ROOM if chat and templated else 0
         cut = min(n, room - spare)
         if cut < 16:
             raise VeridraftError(
@@ -179,7 +180,7 @@ def build_tasks(
     if "continue" in tasks:
         book = books[CONTINUE_BOOK % len(books)]
         for n in contexts:
-            ids = _prefix_ids(encode_text, book, fit(n, 1, f"continue@{label(n)}"))
+            ids = _prefix_ids(encode_text, book, fit(n, 1, f"continue@{label(n)}", templated=False))
             key = decode_text(ids)  # the turn's text; the prompt itself is the ids
             raw[key] = ids
             questions.append(
