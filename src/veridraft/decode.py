@@ -41,13 +41,44 @@ class Prefill:
     logits: torch.Tensor  # [V] logits after the last prompt id
 
 
+# Prompt positions per prefill forward. Activations (the MLP's hidden rows above all) grow with
+# the rows of a forward, so a chunk bounds the prefill's peak memory whatever the prompt length;
+# 1024 was the fastest of 512..4096 on smollm2-135m at 8k (docs/performance.md). A multiple of
+# the attention tile (models/base.py PREFILL_TILE) keeps chunked prefill bitwise equal to a
+# one-block prefill in the batch-invariant modes.
+PREFILL_CHUNK = 1024
+# a tail this short joins the chunk before it: short forwards take the verification kernels
+TAIL_MIN = 65
+
+
+def run_prompt(
+    target, ids: Sequence[int], cache: KVCache, chunk: int | None = PREFILL_CHUNK
+) -> torch.Tensor:
+    """Run ids through target into cache (from its current length) in chunks of `chunk`
+    positions (None or 0: one forward); return the logits of the last position [V]."""
+    ids = list(ids)
+    if chunk is not None and chunk < 0:
+        raise VeridraftError(f"prefill chunk must be a positive number of tokens, got {chunk}")
+    bounds = [0]
+    if chunk:
+        while len(ids) - bounds[-1] > chunk + TAIL_MIN - 1:
+            bounds.append(bounds[-1] + chunk)
+    bounds.append(len(ids))
+    logits = None
+    for a, b in zip(bounds, bounds[1:]):
+        logits = target(torch.tensor(ids[a:b], dtype=torch.long), cache, num_logits=1)
+    return logits[-1]
+
+
 @torch.inference_mode()
-def prefill(target, prompt_ids: Sequence[int], max_len: int) -> Prefill:
+def prefill(
+    target, prompt_ids: Sequence[int], max_len: int, chunk: int | None = PREFILL_CHUNK
+) -> Prefill:
     """Run prompt_ids through target into a new cache of max_len positions."""
     ids = list(prompt_ids)
     cache = target.new_cache(max_len)
-    logits = target(torch.tensor(ids, dtype=torch.long), cache, num_logits=1)
-    return Prefill(ids=ids, cache=cache, logits=logits[-1].clone())
+    logits = run_prompt(target, ids, cache, chunk)
+    return Prefill(ids=ids, cache=cache, logits=logits.clone())
 
 
 def _update_fn(drafter) -> Callable[[Round], None]:
@@ -81,6 +112,7 @@ def decode(
     max_draft: int = 16,
     prefilled: Prefill | None = None,
     segments: Sequence[tuple[str, int, int]] = (),
+    prefill_chunk: int | None = PREFILL_CHUNK,
 ) -> tuple[list[int], Stats]:
     """Generate up to max_new_tokens after prompt_ids; return (new ids, stats).
 
@@ -88,14 +120,14 @@ def decode(
     (e.g. a stop string completed), or None to go on. on_tokens receives committed ids.
     prefilled: the prompt's cache and last logits from `prefill` (its ids must be prompt_ids).
     segments: (kind, start, end) parts of the prompt for the drafter (DecodeContext.segments).
+    prefill_chunk: prompt positions per prefill forward (None: the whole prompt at once).
     """
     stats = Stats(prompt_tokens=len(prompt_ids), method=getattr(drafter, "name", "ar"))
     t_start = time.perf_counter()
     need = len(prompt_ids) + max_new_tokens + max_draft + 1
     if prefilled is None:
         cache = target.new_cache(need)
-        logits = target(torch.tensor(list(prompt_ids), dtype=torch.long), cache, num_logits=1)
-        last = logits[-1]
+        last = run_prompt(target, prompt_ids, cache, prefill_chunk)
     else:
         if prefilled.ids != list(prompt_ids):
             raise VeridraftError("the prefilled prompt differs from prompt_ids; prefill this one")

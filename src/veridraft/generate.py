@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import drafters
-from .decode import Prefill, decode, prefill
+from .decode import PREFILL_CHUNK, Prefill, decode, prefill
 from .draft import DraftEnv, Drafter
 from .errors import VeridraftError
 from .sampling import SamplingParams
@@ -141,6 +141,7 @@ def generate_ids(
     env: DraftEnv | None = None,
     warn: bool = True,
     segments: Sequence[tuple[str, int, int]] = (),
+    prefill_chunk: int | None = PREFILL_CHUNK,
     **draft_options,
 ) -> tuple[list[int], Stats]:
     """Generate up to max_new_tokens ids after prompt_ids; return (new ids, stats).
@@ -152,6 +153,8 @@ def generate_ids(
     none). should_stop(new_ids) -> ids to keep, or None to go on; on_tokens(ids) receives
     committed ids as they come. prefilled: from `prefill_prompt` for these prompt_ids.
     segments: (kind, start, end) parts of the prompt (veridraft.segments) for the drafter.
+    prefill_chunk: prompt positions per prefill forward (bounds the prefill's memory; None:
+    the whole prompt in one forward).
     A drafter expected to be slower than plain decoding here is used as asked, but said so once
     on stderr (warn=False: only in stats.warnings).
     """
@@ -201,6 +204,7 @@ def generate_ids(
         max_draft=max_draft,
         prefilled=prefilled,
         segments=segments,
+        prefill_chunk=prefill_chunk,
     )
     if reason:
         stats.warnings.append(reason)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from ..errors import VeridraftError
+from .long import long_table
 from .metrics import summarize
 from .questions import OVERALL
 
@@ -200,6 +201,7 @@ def report_markdown(results: dict) -> str:
         "",
         *_table(summary, OVERALL),
         "",
+        *long_table(results.get("long") or []),
         "## Per task group",
         "",
     ]

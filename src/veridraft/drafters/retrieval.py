@@ -41,7 +41,7 @@ class RetrievalDrafter(SparseDrafter):
         if n_chunks * c <= self.budget:
             return Selection({}, sc.n)
         for layer in sc.layers:
-            k = sc.cache.k[layer][0, :, :upto]
+            k = sc.cache.k[layer][0, :, :upto].float()
             self._keys[layer] = k.reshape(k.shape[0], n_chunks, c, -1).mean(2)
         cap = observe(sc.net, sc.cache, sc.ids, sc.n, 1, queries=True)
         return self._pick(sc, cap.query, upto)

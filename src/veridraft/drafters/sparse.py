@@ -255,8 +255,9 @@ class SparseDrafter:
                 self.cache = None  # free the old one first
                 self.cache = self.net.new_cache(need)
             self.cache.truncate(0)
-            if n:
-                self.net(torch.tensor(ctx.ids[:n], dtype=torch.long), self.cache, num_logits=0)
+            for a in range(0, n, 1024):  # in chunks: a long prompt's attention stays small
+                chunk = torch.tensor(ctx.ids[a : min(n, a + 1024)], dtype=torch.long)
+                self.net(chunk, self.cache, num_logits=0)
         cache = self.cache if self.net is not None else ctx.cache
         head = self._head_for(net)
         if head is not None:

@@ -289,6 +289,9 @@ class Span:
     index: Tensor | None  # explicit cached positions (a view) instead of [lo, start)
     mask: Tensor | None  # [T, L] bool, True = may attend; None = every key allowed
     window: int | None = None  # sliding window of the layer (None = global)
+    # contiguous rows start..start+T over keys [lo, start+T) with the causal (and window) rule:
+    # attended in tiles (_attend_causal), never through one [T, L] mask
+    causal: bool = False
 
 
 def first_key(pos: int, window: int | None) -> int:
@@ -301,28 +304,23 @@ def make_span(start: int, t: int, window: int | None, view: Tensor | None) -> Sp
     (a per-head view; the same count B for each head)."""
     if view is None:
         lo = first_key(start, window)
-        if t == 1:
-            return Span(lo, None, None, window)
+        return Span(lo, None, None, window, causal=t > 1)
+    view = view.to(torch.long)
+    if view.dim() > 2:
+        raise VeridraftError("a view is a [B] or [n_kv_heads, B] tensor of cached positions")
+    if view.numel() and not 0 <= int(view.min()) <= int(view.max()) < start:
+        raise VeridraftError(f"view positions must lie in [0, {start}) (the cached ones)")
+    if t == 1 and window is None:  # one query after every viewed key: nothing to mask
+        return Span(0, view, None, window)
     qpos = torch.arange(start, start + t)
-    if view is None:
-        kpos = torch.arange(lo, start + t)[None, :]
+    if view.dim() == 2:  # per KV head: kpos [n_kv, 1, B + T], the mask [n_kv, T, B + T]
+        kpos = torch.cat((view, qpos.expand(view.shape[0], t)), 1)[:, None, :]
     else:
-        view = view.to(torch.long)
-        if view.dim() > 2:
-            raise VeridraftError("a view is a [B] or [n_kv_heads, B] tensor of cached positions")
-        if view.numel() and not 0 <= int(view.min()) <= int(view.max()) < start:
-            raise VeridraftError(f"view positions must lie in [0, {start}) (the cached ones)")
-        lo = 0
-        if t == 1 and window is None:  # one query after every viewed key: nothing to mask
-            return Span(lo, view, None, window)
-        if view.dim() == 2:  # per KV head: kpos [n_kv, 1, B + T], the mask [n_kv, T, B + T]
-            kpos = torch.cat((view, qpos.expand(view.shape[0], t)), 1)[:, None, :]
-        else:
-            kpos = torch.cat((view, qpos))[None, :]
+        kpos = torch.cat((view, qpos))[None, :]
     allowed = kpos <= qpos[:, None]
     if window is not None:
         allowed &= kpos > qpos[:, None] - window
-    return Span(lo, view, None if bool(allowed.all()) else allowed, window)
+    return Span(0, view, None if bool(allowed.all()) else allowed, window)
 
 
 def make_tree_span(start: int, tree: TreeAttn, window: int | None) -> Span:
@@ -371,12 +369,19 @@ def attend(
     cache, start, t = step.cache, step.start, step.t
     span = step.spans[layer]
     cache.write(layer, start, k, v)
+    k, v = k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype)
     if span.index is not None:
         keys, vals = _view_keys(cache, layer, span.index, k, v)
     if step.capture is not None and step.capture.attn_rows > 0:
+        mask = span.mask
         if span.index is None:
             keys = cache.k[layer][:, :, span.lo : start + t]
-        _capture_attn(q, keys, span.mask, scale, softcap, step.capture, layer)
+            if mask is None and span.causal:  # the tiled path builds no mask: the rows need one
+                kpos, qpos = torch.arange(span.lo, start + t), torch.arange(start, start + t)
+                mask = kpos[None, :] <= qpos[:, None]
+                if span.window is not None:
+                    mask &= kpos[None, :] > qpos[:, None] - span.window
+        _capture_attn(q, keys, mask, scale, softcap, step.capture, layer)
     if step.rowwise and 1 < t <= ROWWISE_MAX_T and span.index is None and step.tree is not None:
         return _attend_tree_rows(q, step, layer, span.window, scale, softcap)
     if step.rowwise and 1 < t <= ROWWISE_MAX_T and span.index is None:
@@ -397,6 +402,8 @@ def attend(
                 )
             )
         return torch.cat(rows, 0)
+    if span.index is None and span.causal:
+        return _attend_causal(q, cache, layer, start, span.window, scale, softcap)
     if span.index is None:
         keys = cache.k[layer][:, :, span.lo : start + t]
         vals = cache.v[layer][:, :, span.lo : start + t]
@@ -427,7 +434,8 @@ def _capture_attn(
     n_kv = keys.shape[1]
     rows = q[0, :, t - r :]  # [n_h, r, hd]
     g = n_h // n_kv
-    scores = rows.reshape(n_kv, g * r, -1) @ keys[0].transpose(-1, -2) * scale
+    rows = rows.float()
+    scores = rows.reshape(n_kv, g * r, -1) @ keys[0].float().transpose(-1, -2) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.view(n_h, r, -1)
@@ -465,12 +473,66 @@ def _attend_tree_rows(
     return torch.cat(out, 0)
 
 
+# Prefill rows are attended in tiles that start at multiples of this many positions: a chunked
+# prefill whose chunks are multiples of it makes the same kernel calls as a one-block prefill
+# (bitwise the same cache), and no [T, L] mask or score matrix is ever built.
+PREFILL_TILE = 512
+_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend_causal(
+    q: Tensor, cache: KVCache, layer: int, start: int, window: int | None, scale: float, softcap
+) -> Tensor:
+    """Rows start..start+T, each over the cached keys up to itself (within its window).
+
+    A tile [a, b) of a global layer is two flash calls merged by their log-sum-exp: the keys
+    before a, all visible (no mask), and the square [a, b) with is_causal (SDPA's causal mask is
+    aligned top-left, right for a square). Its cost follows the FLOPs of causal attention; one
+    [T, L] masked call costs ~25% more and holds the mask. Sliding-window layers (and softcap)
+    take one masked call per tile over the window's keys only, a [tile, tile + window] mask."""
+    t = q.shape[2]
+    kc, vc = cache.k[layer], cache.v[layer]
+    q = q.to(kc.dtype)
+    outs = []
+    a = start
+    while a < start + t:
+        b = min(start + t, (a // PREFILL_TILE + 1) * PREFILL_TILE)
+        qt = q[:, :, a - start : b - start]
+        if window is None and softcap is None and _flash is not None:
+            o, lse = _flash(qt, kc[:, :, a:b], vc[:, :, a:b], 0.0, True, scale=scale)
+            if a > 0:
+                o0, lse0 = _flash(qt, kc[:, :, :a], vc[:, :, :a], 0.0, False, scale=scale)
+                top = torch.maximum(lse, lse0)
+                w, w0 = (lse - top).exp().unsqueeze(-1), (lse0 - top).exp().unsqueeze(-1)
+                o = (o.float() * w + o0.float() * w0) / (w + w0)
+            outs.append(o[0].transpose(0, 1).reshape(b - a, -1).float())
+        else:
+            lo = first_key(a, window)
+            qpos, kpos = torch.arange(a, b), torch.arange(lo, b)
+            allowed = kpos[None, :] <= qpos[:, None]
+            if window is not None:
+                allowed &= kpos[None, :] > qpos[:, None] - window
+            outs.append(_attend(qt, kc[:, :, lo:b], vc[:, :, lo:b], allowed, scale, softcap))
+        a = b
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
 def _attend(
     q: Tensor, keys: Tensor, vals: Tensor, mask: Tensor | None, scale: float, softcap
 ) -> Tensor:
     t = q.shape[2]
     if mask is not None and mask.dim() == 3:  # a per-KV-head mask -> per query head
         mask = mask.repeat_interleave(q.shape[1] // keys.shape[1], 0)
+    q = q.to(keys.dtype)
+    if softcap is None and t == 1 and mask is None and q.shape[1] != keys.shape[1]:
+        # One row with GQA: the q heads sharing a kv head become that head's query rows, so the
+        # cache is read once per kv head with no repeat_interleave copy (enable_gqa on one row
+        # is 1.3x slower in float32 and 8x in bfloat16 on a Zen 5 core).
+        n_h, n_kv = q.shape[1], keys.shape[1]
+        out = F.scaled_dot_product_attention(
+            q.reshape(1, n_kv, n_h // n_kv, q.shape[-1]), keys, vals, scale=scale
+        )
+        return out.reshape(1, -1).float()
     if softcap is None:
         out = F.scaled_dot_product_attention(
             q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=True
@@ -482,7 +544,7 @@ def _attend(
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         out = scores.softmax(-1) @ vals
-    return out[0].transpose(0, 1).reshape(t, -1)
+    return out[0].transpose(0, 1).reshape(t, -1).float()
 
 
 class Attention(nn.Module):
@@ -539,6 +601,10 @@ class Transformer(nn.Module):
         # The packed modes set this (apply_precision); fp32's MKL matmuls are not row-exact
         # anyway, so it keeps the batched kernel.
         self.rowwise_attention = False
+        # The KV cache's element type. float32 in every mode: bfloat16 halves the cache, but
+        # CPU flash attention widens it block by block and was no faster at 200..7.4k positions
+        # (docs/performance.md); set it before new_cache to trade speed for memory.
+        self.cache_dtype = torch.float32
 
     layers: nn.ModuleList
 
@@ -549,7 +615,7 @@ class Transformer(nn.Module):
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config
         self.rope.ensure(max_len)
-        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, torch.float32)
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, self.cache_dtype)
 
     @torch.no_grad()
     def forward(
