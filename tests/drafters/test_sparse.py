@@ -23,7 +23,7 @@ from veridraft.sampling import SamplingParams
 SAMPLING = SamplingParams(temperature=1.0)
 GREEDY = SamplingParams()
 PROMPT = [3, 7, 1, 9, 12, 4, 3, 7, 1, 0, 2, 5, 6, 8, 10, 11, 13, 14, 15]
-N_SAMPLES = 1000
+N_SAMPLES = 600
 SPECS = {
     "streaming": "streaming:budget=8,sinks=2",
     "snapkv": "snapkv:budget=10,window=4",
@@ -206,13 +206,13 @@ def _check_real(real_model, plain_greedy, specs, n_prompt, n_new):
 @pytest.mark.real
 def test_greedy_exact_on_smollm2(real_model, plain_greedy):
     specs = [
-        "streaming:budget=65",
-        "snapkv:budget=65",
-        "topk:budget=65",
-        "retrieval:budget=64,refresh=2",
+        "streaming:budget=49",
+        "snapkv:budget=49",
+        "topk:budget=49",
+        "retrieval:budget=48,refresh=2",
         "pruned:refresh=2",
     ]
-    _check_real(real_model, plain_greedy, specs, 400, 24)
+    _check_real(real_model, plain_greedy, specs, 300, 16)
 
 
 @pytest.mark.slow
