@@ -41,13 +41,44 @@ class Prefill:
     logits: torch.Tensor  # [V] logits after the last prompt id
 
 
+# Prompt positions per prefill forward. Activations (the MLP's hidden rows above all) grow with
+# the rows of a forward, so a chunk bounds the prefill's peak memory whatever the prompt length;
+# 1024 was the fastest of 512..4096 on smollm2-135m at 8k (docs/performance.md). A multiple of
+# the attention tile (models/base.py PREFILL_TILE) keeps chunked prefill bitwise equal to a
+# one-block prefill in the batch-invariant modes.
+PREFILL_CHUNK = 1024
+# a tail this short joins the chunk before it: short forwards take the verification kernels
+TAIL_MIN = 65
+
+
+def run_prompt(
+    target, ids: Sequence[int], cache: KVCache, chunk: int | None = PREFILL_CHUNK
+) -> torch.Tensor:
+    """Run ids through target into cache (from its current length) in chunks of `chunk`
+    positions (None or 0: one forward); return the logits of the last position [V]."""
+    ids = list(ids)
+    if chunk is not None and chunk < 0:
+        raise VeridraftError(f"prefill chunk must be a positive number of tokens, got {chunk}")
+    bounds = [0]
+    if chunk:
+        while len(ids) - bounds[-1] > chunk + TAIL_MIN - 1:
+            bounds.append(bounds[-1] + chunk)
+    bounds.append(len(ids))
+    logits = None
+    for a, b in zip(bounds, bounds[1:]):
+        logits = target(torch.tensor(ids[a:b], dtype=torch.long), cache, num_logits=1)
+    return logits[-1]
+
+
 @torch.inference_mode()
-def prefill(target, prompt_ids: Sequence[int], max_len: int) -> Prefill:
+def prefill(
+    target, prompt_ids: Sequence[int], max_len: int, chunk: int | None = PREFILL_CHUNK
+) -> Prefill:
     """Run prompt_ids through target into a new cache of max_len positions."""
     ids = list(prompt_ids)
     cache = target.new_cache(max_len)
-    logits = target(torch.tensor(ids, dtype=torch.long), cache, num_logits=1)
-    return Prefill(ids=ids, cache=cache, logits=logits[-1].clone())
+    logits = run_prompt(target, ids, cache, chunk)
+    return Prefill(ids=ids, cache=cache, logits=logits.clone())
 
 
 def _update_fn(drafter) -> Callable[[Round], None]:
@@ -81,6 +112,8 @@ def decode(
     max_draft: int = 16,
     prefilled: Prefill | None = None,
     rule: Rule | None = None,
+    segments: Sequence[tuple[str, int, int]] = (),
+    prefill_chunk: int | None = PREFILL_CHUNK,
 ) -> tuple[list[int], Stats]:
     """Generate up to max_new_tokens after prompt_ids; return (new ids, stats).
 
@@ -89,6 +122,8 @@ def decode(
     should_stop(new_ids) returns the number of new ids to keep when a stop condition is met
     (e.g. a stop string completed), or None to go on. on_tokens receives committed ids.
     prefilled: the prompt's cache and last logits from `prefill` (its ids must be prompt_ids).
+    segments: (kind, start, end) parts of the prompt for the drafter (DecodeContext.segments).
+    prefill_chunk: prompt positions per prefill forward (None: the whole prompt at once).
     """
     stats = Stats(prompt_tokens=len(prompt_ids), method=getattr(drafter, "name", "ar"))
     rule = rule or STRICT
@@ -97,8 +132,7 @@ def decode(
     need = len(prompt_ids) + max_new_tokens + max_draft + 1
     if prefilled is None:
         cache = target.new_cache(need)
-        logits = target(torch.tensor(list(prompt_ids), dtype=torch.long), cache, num_logits=1)
-        last = logits[-1]
+        last = run_prompt(target, prompt_ids, cache, prefill_chunk)
     else:
         if prefilled.ids != list(prompt_ids):
             raise VeridraftError("the prefilled prompt differs from prompt_ids; prefill this one")
@@ -122,13 +156,16 @@ def decode(
         generator=generator,
         tokenizer=tokenizer,
         max_new_tokens=max_new_tokens,
+        segments=check_segments(segments, len(prompt_ids)),
     )
     keep = _finish_point(new, eos_ids, should_stop, max_new_tokens)
     update = None
     wants_scores = False
+    verify_capture = None
     if drafter is not None:
         update = _update_fn(drafter)
         wants_scores = bool(getattr(drafter, "wants_scores", False))
+        verify_capture = getattr(drafter, "verify_capture", None)
     if drafter is not None and keep is None:
         t = time.perf_counter()
         cache.mark()
@@ -151,8 +188,12 @@ def decode(
                 raise ValueError(f"drafter {stats.method} proposed more tokens than allowed")
         t1 = time.perf_counter()
         tokens = torch.tensor([ids[-1], *draft.tokens], dtype=torch.long)
+        cap = None
         if draft.parents is None:
-            logits = target(tokens, cache)
+            cap = verify_capture(ctx) if verify_capture is not None else None
+            logits = (
+                target(tokens, cache, capture=cap) if cap is not None else target(tokens, cache)
+            )
         else:  # a token tree: one forward over all nodes, each seeing its ancestors only
             logits = target(tokens, cache, tree=tree_attn(draft.parents))
         path, nxt, relaxed = rule.accept(logits, draft, sampling, generator)
@@ -176,6 +217,7 @@ def decode(
                     draft_s=t1 - t0,
                     verify_s=t2 - t1,
                     scores=logits if wants_scores else None,
+                    capture=cap,
                 )
             )
         keep = _finish_point(new, eos_ids, should_stop, max_new_tokens)
@@ -190,6 +232,28 @@ def decode(
     stats.new_tokens = len(new)
     stats.total_s = time.perf_counter() - t_start
     return new, stats
+
+
+def check_segments(segments, n: int) -> list[tuple[str, int, int]]:
+    """Segments as (kind, start, end) tuples inside the prompt, in order, not overlapping."""
+    out: list[tuple[str, int, int]] = []
+    end = 0
+    for seg in segments:
+        try:
+            kind, a, b = seg
+            a, b = int(a), int(b)
+        except (TypeError, ValueError):
+            raise VeridraftError(
+                f"segment {seg!r} is not (kind, start, end); pass a list of such tuples"
+            ) from None
+        if not isinstance(kind, str) or not kind or not end <= a <= b <= n:
+            raise VeridraftError(
+                f"segment {seg!r} must name a kind and lie in the prompt's {n} ids, in order, "
+                "without overlapping the previous one"
+            )
+        out.append((kind, a, b))
+        end = b
+    return out
 
 
 def _check_cache(cache: KVCache, length: int, method: str, step: str) -> None:

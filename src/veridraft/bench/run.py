@@ -17,7 +17,7 @@ from ..errors import VeridraftError
 from ..generate import prompt_ids_for
 from ..loader import load
 from ..profiles import recorded_path
-from . import humaneval, passk
+from . import humaneval, long, passk
 from .ar_speed import bandwidth_bound
 from .base import DEFAULT_METHODS, PEER_ENGINES
 from .environment import environment, loadavg
@@ -29,7 +29,7 @@ from .protocol import Protocol, run_protocol
 from .questions import default_questions_path, load_questions, select
 from .report import write_all
 
-SUITES = ("spec-bench", "humaneval", "retrieval")
+SUITES = ("spec-bench", "humaneval", "retrieval", "long")
 
 
 def default_out_dir(model_name: str) -> Path:
@@ -59,12 +59,16 @@ def run_bench(
     precision: str = "fp32",
     suite: str = "spec-bench",
     split: str = "even",
+    context: str | Sequence[int] | None = None,
+    tasks: str | Sequence[str] | None = None,
 ) -> dict:
     """Benchmark `methods` on `model` (a catalog name, path, or a loaded model); write
     results.json, report.md and speedup.png into `out` (None: no files). Returns the results.
 
     suite "spec-bench" reads `questions` (a Spec-Bench-format file); "humaneval" uses the
-    HumanEval problems of `split` (even | odd | all) and adds pass@1 per method."""
+    HumanEval problems of `split` (even | odd | all) and adds pass@1 per method; "long" builds
+    the long-document tasks (bench/long.py) at the `context` lengths from `questions` (default
+    shared/data/long/austen.jsonl) and adds prefill and KV figures per context length."""
     log = log or (lambda s: print(s, file=sys.stderr))
     if repeats < 1:
         raise VeridraftError(f"--repeats must be at least 1, got {repeats}")
@@ -97,14 +101,36 @@ def run_bench(
             raise VeridraftError("--questions and --suite humaneval exclude each other: drop one")
         qpath = humaneval.data_path()
         all_q = humaneval.questions(split, qpath)
+    elif suite == "long":
+        qpath = Path(questions) if questions else long.default_data_path()
+        books = long.load_books(qpath)
+        contexts = long.parse_context(context or long.DEFAULT_CONTEXTS)
+        long_tasks = long.parse_tasks(tasks or long.DEFAULT_TASKS)
     else:
         qpath = Path(questions) if questions else default_questions_path()
         all_q = load_questions(qpath)
-    chosen = select(all_q, list(groups) if groups else None, limit)
 
     torch.set_num_threads(threads)
     if isinstance(model, str | Path):
         model = load(str(model), precision=precision)
+    raw_ids: dict[str, list[int]] = {}
+    if suite == "long":
+        tk = model.tokenizer
+        all_q, raw_ids = long.build_tasks(
+            books,
+            tk.encode,
+            lambda ids: tk.decode(ids, skip_special_tokens=True),
+            lambda msgs: prompt_ids_for(model, msgs),
+            contexts=contexts,
+            tasks=long_tasks,
+            max_new_tokens=max_new_tokens,
+            context_limit=getattr(model, "context_length", None),
+            chat=bool(tk.has_chat_template),
+            limit=limit,
+            log=log,
+        )
+        limit = None  # long: --limit is the number of chapters summarised
+    chosen = select(all_q, list(groups) if groups else None, limit)
     meths = [make_method(n, model, threads=threads) for n in names]
     load_peak_mb = peak_rss_mb(True)  # models of every method loaded: the run's resident floor
     tok = model.tokenizer
@@ -148,11 +174,14 @@ def run_bench(
         records = run_protocol(
             chosen,
             meths,
-            # retrieval prompts are completion-style raw text, for base and chat models alike
-            encode=(
-                (lambda msgs: tok.encode(msgs[-1]["content"]))
+            # retrieval prompts are completion-style raw text, for base and chat models alike;
+            # long-suite continuations are raw book text, pre-tokenised
+            encode=lambda msgs: (
+                tok.encode(msgs[-1]["content"])
                 if suite == "retrieval"
-                else (lambda msgs: prompt_ids_for(model, msgs))
+                else raw_ids[msgs[0]["content"]]
+                if len(msgs) == 1 and msgs[0]["content"] in raw_ids
+                else prompt_ids_for(model, msgs)
             ),
             decode_text=lambda ids: tok.decode(ids, skip_special_tokens=True),
             protocol=prot,
@@ -218,6 +247,10 @@ def run_bench(
         "summary": summary,
         "records": records,
     }
+    if suite == "long":
+        results["settings"]["context"] = contexts
+        results["settings"]["tasks"] = long_tasks
+        results["long"] = long.long_summary(records, model.net)
     if out is not None:
         results["files"] = write_all(results, Path(out))
         if partial is not None:

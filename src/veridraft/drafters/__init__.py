@@ -7,6 +7,8 @@
     make_drafter("model:smollm2-135m-l8", model)              # a separate draft model
     make_drafter("model:NAME:k=4,mode=fixed", model)
     make_drafter("universal:smollm2-135m:align=lcd", model)   # a draft with another tokenizer
+    make_drafter("snapkv:budget=513,layerskip=true", model)   # sparse-cache self-speculation
+    make_drafter("streaming:qwen2.5-coder-0.5b", model)      # a draft model on a sparse view
     make_drafter(my_drafter, model)                           # a Drafter instance: itself
     make_drafter(None, model)                                 # plain decoding: None
 
@@ -86,6 +88,11 @@ DRAFTERS: MutableMapping[str, type] = _Registry(
         "layerskip": ".layerskip:LayerSkipDrafter",
         "model": ".model:ModelDrafter",
         "universal": ".universal:UniversalDrafter",
+        "streaming": ".streaming:StreamingDrafter",
+        "snapkv": ".snapkv:SnapKVDrafter",
+        "retrieval": ".retrieval:RetrievalDrafter",
+        "topk": ".topk:TopKDrafter",
+        "pruned": ".pruned:PrunedDrafter",
     }
 )
 _CLASSES = {
@@ -201,7 +208,7 @@ def make_drafter(spec, model, env: DraftEnv | None = None, **options) -> Drafter
         )
     if cls.takes_arg and arg is None:
         raise VeridraftError(f"{name} needs an argument: {cls.usage}")
-    if not cls.takes_arg and arg is not None:
+    if cls.takes_arg is False and arg is not None:  # None: an optional argument
         raise VeridraftError(
             f"{name} takes no argument, got {arg!r}; parameters go as {name}:KEY=VALUE,... "
             f"(valid: {', '.join(cls.params)})"

@@ -162,17 +162,19 @@ def draft_step(
     sampled: bool,
     generator: torch.Generator | None,
     target_vocab: int | None = None,
+    view=None,
 ) -> tuple[int, float, Tensor | None]:
     """One draft forward of `tokens` (usually one id; more when a drafter catches up): (next
     draft token, its draft probability, q or None).
 
     The probability is the softmax of the raw draft logits at the chosen token (the confidence
     that Draft & Verify and HF's assistant threshold compare); q is `probs()` of the draft logits
-    under `sampling` when `sampled`, else None (argmax, a point mass).
+    under `sampling` when `sampled`, else None (argmax, a point mass). view: the forward's
+    `view=` (a sparse draft context).
     """
     x = torch.tensor(tokens, dtype=torch.long)
     if head is None:
-        logits = net(x, cache, skip=skip, num_logits=1)[-1]
+        logits = net(x, cache, skip=skip, view=view, num_logits=1)[-1]
         if target_vocab is not None and logits.shape[-1] != target_vocab:
             logits = _fit(logits, target_vocab)
         if sampled:
@@ -184,7 +186,7 @@ def draft_step(
         conf = float(torch.exp(logits[tok] - torch.logsumexp(logits, -1)))
         return tok, conf, q
     cap = Capture(hidden_layers=(-1,))
-    net(x, cache, skip=skip, capture=cap, num_logits=0)
+    net(x, cache, skip=skip, view=view, capture=cap, num_logits=0)
     sub = head.logits(cap.hidden[-1][-1])
     if sampled:
         q = probs(head.full(sub), sampling)

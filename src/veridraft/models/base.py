@@ -184,10 +184,22 @@ class Skip:
 @dataclass
 class Capture:
     """Ask a forward for hidden states: layer i -> output of block i; -1 or n_layers -> final
-    normed hidden. Filled in place: `hidden[layer]` is [T, dim]."""
+    normed hidden. Filled in place: `hidden[layer]` is [T, dim].
+
+    attn_rows = r > 0 also asks, for every attention layer that runs, the attention weights of
+    the last r query rows, summed over those rows: `attn[layer]` is [n_heads, n_keys], columns
+    in the order the layer read its keys (without a view: positions lo .. start+T-1, lo = 0 on
+    global layers; with a view: the view's positions, then the forward's own rows); with
+    `queries`, `query[layer]` holds those rows' rotated queries [n_heads, r, head_dim]. Computed
+    only when asked, as a separate product: the forward's own output does not change."""
 
     hidden_layers: tuple[int, ...] = ()
     hidden: dict[int, Tensor] = field(default_factory=dict)
+    # sparse-cache drafters read the attention of chosen rows: see _capture_attn
+    attn_rows: int = 0
+    queries: bool = False
+    attn: dict[int, Tensor] = field(default_factory=dict)
+    query: dict[int, Tensor] = field(default_factory=dict)
     # KV compression (presses) reads the prefill's attention: see capture_press_attention
     press_rows: int = 0  # > 0: attention of the last press_rows query rows, summed [n_h, L]
     press_colsum: bool = False  # also the attention every key receives from all rows [n_h, L]
@@ -287,6 +299,9 @@ class Span:
     index: Tensor | None  # explicit cached positions (a view) instead of [lo, start)
     mask: Tensor | None  # [T, L] bool, True = may attend; None = every key allowed
     window: int | None = None  # sliding window of the layer (None = global)
+    # contiguous rows start..start+T over keys [lo, start+T) with the causal (and window) rule:
+    # attended in tiles (_attend_causal), never through one [T, L] mask
+    causal: bool = False
 
 
 def first_key(pos: int, window: int | None) -> int:
@@ -295,22 +310,27 @@ def first_key(pos: int, window: int | None) -> int:
 
 
 def make_span(start: int, t: int, window: int | None, view: Tensor | None) -> Span:
+    """view: cached positions [B] read by every head, or [n_kv_heads, B] one row per KV head
+    (a per-head view; the same count B for each head)."""
     if view is None:
         lo = first_key(start, window)
-        if t == 1:
-            return Span(lo, None, None, window)
+        return Span(lo, None, None, window, causal=t > 1)
+    view = view.to(torch.long)
+    if view.dim() > 2:
+        raise VeridraftError("a view is a [B] or [n_kv_heads, B] tensor of cached positions")
+    if view.numel() and not 0 <= int(view.min()) <= int(view.max()) < start:
+        raise VeridraftError(f"view positions must lie in [0, {start}) (the cached ones)")
+    if t == 1 and window is None:  # one query after every viewed key: nothing to mask
+        return Span(0, view, None, window)
     qpos = torch.arange(start, start + t)
-    if view is None:
-        kpos = torch.arange(lo, start + t)
+    if view.dim() == 2:  # per KV head: kpos [n_kv, 1, B + T], the mask [n_kv, T, B + T]
+        kpos = torch.cat((view, qpos.expand(view.shape[0], t)), 1)[:, None, :]
     else:
-        view = view.to(torch.long).flatten()
-        if view.numel() and not 0 <= int(view.min()) <= int(view.max()) < start:
-            raise VeridraftError(f"view positions must lie in [0, {start}) (the cached ones)")
-        lo, kpos = 0, torch.cat((view, qpos))
-    allowed = kpos[None, :] <= qpos[:, None]
+        kpos = torch.cat((view, qpos))[None, :]
+    allowed = kpos <= qpos[:, None]
     if window is not None:
-        allowed &= kpos[None, :] > qpos[:, None] - window
-    return Span(lo, view, None if bool(allowed.all()) else allowed, window)
+        allowed &= kpos > qpos[:, None] - window
+    return Span(0, view, None if bool(allowed.all()) else allowed, window)
 
 
 def make_tree_span(start: int, tree: TreeAttn, window: int | None) -> Span:
@@ -338,7 +358,7 @@ class Step:
     spans: list[Span | None]  # per layer
     rowwise: bool = False  # attend query row by row (see Transformer.rowwise_attention)
     tree: TreeAttn | None = None  # rows are token-tree nodes (tree.py), not a chain
-    capture: Capture | None = None
+    capture: Capture | None = None  # attention to report (attn_rows / press_rows)
 
 
 # Row-wise attention covers verification forwards (a draft plus one token); longer forwards are
@@ -361,6 +381,19 @@ def attend(
     if hasattr(cache, "attend"):  # a compacted (lossy) cache attends over its own layout
         return cache.attend(q, k, v, step, layer, scale, softcap)
     cache.write(layer, start, k, v)
+    k, v = k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype)
+    if span.index is not None:
+        keys, vals = _view_keys(cache, layer, span.index, k, v)
+    if step.capture is not None and step.capture.attn_rows > 0:
+        mask = span.mask
+        if span.index is None:
+            keys = cache.k[layer][:, :, span.lo : start + t]
+            if mask is None and span.causal:  # the tiled path builds no mask: the rows need one
+                kpos, qpos = torch.arange(span.lo, start + t), torch.arange(start, start + t)
+                mask = kpos[None, :] <= qpos[:, None]
+                if span.window is not None:
+                    mask &= kpos[None, :] > qpos[:, None] - span.window
+        _capture_attn(q, keys, mask, scale, softcap, step.capture, layer)
     if step.rowwise and 1 < t <= ROWWISE_MAX_T and span.index is None and step.tree is not None:
         return _attend_tree_rows(q, step, layer, span.window, scale, softcap)
     if step.rowwise and 1 < t <= ROWWISE_MAX_T and span.index is None:
@@ -381,13 +414,51 @@ def attend(
                 )
             )
         return torch.cat(rows, 0)
+    if span.index is None and span.causal:
+        return _attend_causal(q, cache, layer, start, span.window, scale, softcap)
     if span.index is None:
         keys = cache.k[layer][:, :, span.lo : start + t]
         vals = cache.v[layer][:, :, span.lo : start + t]
-    else:
-        keys = torch.cat((cache.k[layer].index_select(2, span.index), k), dim=2)
-        vals = torch.cat((cache.v[layer].index_select(2, span.index), v), dim=2)
     return _attend(q, keys, vals, span.mask, scale, softcap)
+
+
+def _view_keys(cache: KVCache, layer: int, index: Tensor, k: Tensor, v: Tensor):
+    """The viewed cached keys/values, then this forward's own: [1, n_kv, B + T, hd] each (a
+    copy of B rows per head; the cache is only read)."""
+    ck, cv = cache.k[layer], cache.v[layer]
+    n_kv, max_len, hd = ck.shape[1], ck.shape[2], ck.shape[3]
+    # one row gather over the flattened [n_kv * max_len, hd] cache: ~20x faster on a CPU than
+    # index_select/gather along dim 2; row h of a per-head index picks head h's positions
+    flat = (torch.arange(n_kv)[:, None] * max_len + index).flatten()
+    b = flat.numel() // n_kv
+    sk = ck.reshape(-1, hd).index_select(0, flat).view(1, n_kv, b, hd)
+    sv = cv.reshape(-1, hd).index_select(0, flat).view(1, n_kv, b, hd)
+    return torch.cat((sk, k), dim=2), torch.cat((sv, v), dim=2)
+
+
+def _capture_attn(
+    q: Tensor, keys: Tensor, mask: Tensor | None, scale: float, softcap, cap: Capture, layer: int
+) -> None:
+    """Attention weights of the last cap.attn_rows query rows over `keys`, summed over the rows
+    (an explicit product, outside the forward's own attention)."""
+    n_h, t = q.shape[1], q.shape[2]
+    r = min(cap.attn_rows, t)
+    n_kv = keys.shape[1]
+    rows = q[0, :, t - r :]  # [n_h, r, hd]
+    g = n_h // n_kv
+    rows = rows.float()
+    scores = rows.reshape(n_kv, g * r, -1) @ keys[0].float().transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(n_h, r, -1)
+    if mask is not None:
+        m = mask[..., t - r :, :]
+        if m.dim() == 3:  # per KV head -> per query head
+            m = m.repeat_interleave(g, 0)
+        scores = scores.masked_fill(~m, float("-inf"))
+    cap.attn[layer] = scores.softmax(-1).sum(1)
+    if cap.queries:
+        cap.query[layer] = rows.clone()
 
 
 def _attend_tree_rows(
@@ -414,10 +485,66 @@ def _attend_tree_rows(
     return torch.cat(out, 0)
 
 
+# Prefill rows are attended in tiles that start at multiples of this many positions: a chunked
+# prefill whose chunks are multiples of it makes the same kernel calls as a one-block prefill
+# (bitwise the same cache), and no [T, L] mask or score matrix is ever built.
+PREFILL_TILE = 512
+_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend_causal(
+    q: Tensor, cache: KVCache, layer: int, start: int, window: int | None, scale: float, softcap
+) -> Tensor:
+    """Rows start..start+T, each over the cached keys up to itself (within its window).
+
+    A tile [a, b) of a global layer is two flash calls merged by their log-sum-exp: the keys
+    before a, all visible (no mask), and the square [a, b) with is_causal (SDPA's causal mask is
+    aligned top-left, right for a square). Its cost follows the FLOPs of causal attention; one
+    [T, L] masked call costs ~25% more and holds the mask. Sliding-window layers (and softcap)
+    take one masked call per tile over the window's keys only, a [tile, tile + window] mask."""
+    t = q.shape[2]
+    kc, vc = cache.k[layer], cache.v[layer]
+    q = q.to(kc.dtype)
+    outs = []
+    a = start
+    while a < start + t:
+        b = min(start + t, (a // PREFILL_TILE + 1) * PREFILL_TILE)
+        qt = q[:, :, a - start : b - start]
+        if window is None and softcap is None and _flash is not None:
+            o, lse = _flash(qt, kc[:, :, a:b], vc[:, :, a:b], 0.0, True, scale=scale)
+            if a > 0:
+                o0, lse0 = _flash(qt, kc[:, :, :a], vc[:, :, :a], 0.0, False, scale=scale)
+                top = torch.maximum(lse, lse0)
+                w, w0 = (lse - top).exp().unsqueeze(-1), (lse0 - top).exp().unsqueeze(-1)
+                o = (o.float() * w + o0.float() * w0) / (w + w0)
+            outs.append(o[0].transpose(0, 1).reshape(b - a, -1).float())
+        else:
+            lo = first_key(a, window)
+            qpos, kpos = torch.arange(a, b), torch.arange(lo, b)
+            allowed = kpos[None, :] <= qpos[:, None]
+            if window is not None:
+                allowed &= kpos[None, :] > qpos[:, None] - window
+            outs.append(_attend(qt, kc[:, :, lo:b], vc[:, :, lo:b], allowed, scale, softcap))
+        a = b
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
 def _attend(
     q: Tensor, keys: Tensor, vals: Tensor, mask: Tensor | None, scale: float, softcap
 ) -> Tensor:
     t = q.shape[2]
+    if mask is not None and mask.dim() == 3:  # a per-KV-head mask -> per query head
+        mask = mask.repeat_interleave(q.shape[1] // keys.shape[1], 0)
+    q = q.to(keys.dtype)
+    if softcap is None and t == 1 and mask is None and q.shape[1] != keys.shape[1]:
+        # One row with GQA: the q heads sharing a kv head become that head's query rows, so the
+        # cache is read once per kv head with no repeat_interleave copy (enable_gqa on one row
+        # is 1.3x slower in float32 and 8x in bfloat16 on a Zen 5 core).
+        n_h, n_kv = q.shape[1], keys.shape[1]
+        out = F.scaled_dot_product_attention(
+            q.reshape(1, n_kv, n_h // n_kv, q.shape[-1]), keys, vals, scale=scale
+        )
+        return out.reshape(1, -1).float()
     if softcap is None:
         out = F.scaled_dot_product_attention(
             q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=True
@@ -429,7 +556,7 @@ def _attend(
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         out = scores.softmax(-1) @ vals
-    return out[0].transpose(0, 1).reshape(t, -1)
+    return out[0].transpose(0, 1).reshape(t, -1).float()
 
 
 class Attention(nn.Module):
@@ -522,6 +649,10 @@ class Transformer(nn.Module):
         # The packed modes set this (apply_precision); fp32's MKL matmuls are not row-exact
         # anyway, so it keeps the batched kernel.
         self.rowwise_attention = False
+        # The KV cache's element type. float32 in every mode: bfloat16 halves the cache, but
+        # CPU flash attention widens it block by block and was no faster at 200..7.4k positions
+        # (docs/performance.md); set it before new_cache to trade speed for memory.
+        self.cache_dtype = torch.float32
 
     layers: nn.ModuleList
 
@@ -532,7 +663,7 @@ class Transformer(nn.Module):
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config
         self.rope.ensure(max_len)
-        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, torch.float32)
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, self.cache_dtype)
 
     @torch.no_grad()
     def forward(
@@ -565,7 +696,7 @@ class Transformer(nn.Module):
             )
 
         spans: list[Span | None] = []
-        shared: dict[int | None, Span] = {}  # layers with the same window share one mask
+        shared: dict = {}  # layers with the same window (and view) share one span
         for i, w in enumerate(self.windows):
             v = view.get(i) if isinstance(view, dict) else view
             if i in skip_attn:
@@ -575,7 +706,10 @@ class Transformer(nn.Module):
                     shared[w] = make_tree_span(start, tree, w)
                 spans.append(shared[w])
             elif v is not None:
-                spans.append(make_span(start, t, w, v))
+                # layers given the same view tensor share its span (one check, one mask)
+                if (w, id(v)) not in shared:
+                    shared[(w, id(v))] = make_span(start, t, w, v)
+                spans.append(shared[(w, id(v))])
             else:
                 if w not in shared:
                     shared[w] = make_span(start, t, w, None)
@@ -585,7 +719,9 @@ class Transformer(nn.Module):
         else:
             qpos = start + tree.depth
             rope = [self.rope.at(j, qpos) for j in range(len(self.rope.inv_freq))]
-        step = Step(cache, start, t, rope, spans, self.rowwise_attention, tree, capture)
+        wants_attn = capture is not None and (capture.attn_rows > 0 or capture.press_rows > 0)
+        attn_cap = capture if wants_attn else None
+        step = Step(cache, start, t, rope, spans, self.rowwise_attention, tree, attn_cap)
 
         want = set(capture.hidden_layers) if capture is not None else ()
         n_layers = self.config.n_layers
