@@ -42,10 +42,11 @@ class Prefill:
 
 
 # Prompt positions per prefill forward. Activations (the MLP's hidden rows above all) grow with
-# the rows of a forward, so a chunk bounds the prefill's peak memory whatever the prompt length;
-# 1024 was the fastest of 512..4096 on smollm2-135m at 8k (docs/performance.md). A multiple of
-# the attention tile (models/base.py PREFILL_TILE) keeps chunked prefill bitwise equal to a
-# one-block prefill in the batch-invariant modes.
+# the rows of a forward, so a chunk bounds the prefill's peak memory whatever the prompt length:
+# at 1024 rows qwen2.5-coder-0.5b's widest activation (the fused gate/up rows) is ~40 MB, and
+# matmuls over 1024 rows already run at their many-row speed. A multiple of the attention tile
+# (models/base.py PREFILL_TILE) keeps chunked prefill bitwise equal to a one-block prefill in
+# the batch-invariant modes.
 PREFILL_CHUNK = 1024
 # a tail this short joins the chunk before it: short forwards take the verification kernels
 TAIL_MIN = 65

@@ -499,9 +499,11 @@ def _attend_causal(
 
     A tile [a, b) of a global layer is two flash calls merged by their log-sum-exp: the keys
     before a, all visible (no mask), and the square [a, b) with is_causal (SDPA's causal mask is
-    aligned top-left, right for a square). Its cost follows the FLOPs of causal attention; one
-    [T, L] masked call costs ~25% more and holds the mask. Sliding-window layers (and softcap)
-    take one masked call per tile over the window's keys only, a [tile, tile + window] mask."""
+    aligned top-left, right for a square). Its cost follows the FLOPs of causal attention: one
+    [T, L] masked call took 1.7x as long at T = 2k and 2x at 4k (docs/performance.md) and holds
+    the mask. Sliding-window layers (and softcap) take one masked call per tile over the
+    window's keys only, a [tile, tile + window] mask; so does a verification forward (T <= 64),
+    for which one small call beats two and a merge."""
     t = q.shape[2]
     kc, vc = cache.k[layer], cache.v[layer]
     q = q.to(kc.dtype)
@@ -509,8 +511,10 @@ def _attend_causal(
     a = start
     while a < start + t:
         b = min(start + t, (a // PREFILL_TILE + 1) * PREFILL_TILE)
+        if t <= ROWWISE_MAX_T:  # a verification forward: one small masked call is cheaper
+            b = start + t
         qt = q[:, :, a - start : b - start]
-        if window is None and softcap is None and _flash is not None:
+        if window is None and softcap is None and _flash is not None and t > ROWWISE_MAX_T:
             o, lse = _flash(qt, kc[:, :, a:b], vc[:, :, a:b], 0.0, True, scale=scale)
             if a > 0:
                 o0, lse0 = _flash(qt, kc[:, :, :a], vc[:, :, :a], 0.0, False, scale=scale)

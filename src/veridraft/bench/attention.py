@@ -1,0 +1,94 @@
+"""`python -m veridraft.bench.attention`: the attention kernels at long contexts, interleaved in
+one process: one-row decode (the grouped kernel vs SDPA's enable_gqa, float32 and bfloat16
+caches) and prompt attention (the tiled causal kernel vs one masked call over [T, L]).
+
+Shapes default to smollm2-135m's (30 layers, 9 query heads, 3 kv heads, head_dim 64); figures
+are milliseconds for all layers, medians of the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..cache import KVCache
+from ..models.base import _attend, _attend_causal
+
+
+def _median_ms(fns: dict, repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():  # warm-up
+        f()
+    for _ in range(repeats):
+        for k, f in fns.items():  # interleaved: every variant sees the same load
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def decode_figures(ctx: int, layers: int, n_h: int, n_kv: int, hd: int, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, n_h, 1, hd, generator=g)
+    fns = {}
+    for dt, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+        ks = [torch.randn(1, n_kv, ctx, hd, generator=g).to(dt) for _ in range(layers)]
+        vs = [torch.randn(1, n_kv, ctx, hd, generator=g).to(dt) for _ in range(layers)]
+        fns[f"{name} enable_gqa"] = lambda ks=ks, vs=vs, dt=dt: [
+            F.scaled_dot_product_attention(q.to(dt), k, v, enable_gqa=True) for k, v in zip(ks, vs)
+        ]
+        fns[f"{name} grouped"] = lambda ks=ks, vs=vs: [
+            _attend(q, k, v, None, hd**-0.5, None) for k, v in zip(ks, vs)
+        ]
+    return _median_ms(fns, repeats)
+
+
+def prefill_figures(t: int, layers: int, n_h: int, n_kv: int, hd: int, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(layers, n_kv, hd, t)
+    for i in range(layers):
+        cache.k[i].copy_(torch.randn(cache.k[i].shape, generator=g))
+        cache.v[i].copy_(torch.randn(cache.v[i].shape, generator=g))
+    q = torch.randn(1, n_h, t, hd, generator=g)
+    mask = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def masked():
+        for i in range(layers):
+            F.scaled_dot_product_attention(
+                q, cache.k[i], cache.v[i], attn_mask=mask, scale=hd**-0.5, enable_gqa=True
+            )
+
+    def tiled():
+        for i in range(layers):
+            _attend_causal(q, cache, i, 0, None, hd**-0.5, None)
+
+    return _median_ms({"one [T, L] mask": masked, "tiled causal": tiled}, repeats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m veridraft.bench.attention")
+    p.add_argument("--contexts", default="200,2048,7400", help="decode contexts (positions)")
+    p.add_argument("--prompts", default="2048,4096", help="prompt lengths for prefill attention")
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--heads", default="9,3,64", help="query heads, kv heads, head_dim")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    n_h, n_kv, hd = (int(x) for x in a.heads.split(","))
+    print(f"{a.layers} layers, {n_h}/{n_kv} heads, head_dim {hd}, {a.threads} threads; ms, median")
+    for ctx in (int(x) for x in a.contexts.split(",")):
+        r = decode_figures(ctx, a.layers, n_h, n_kv, hd, a.repeats)
+        print(f"decode @{ctx}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
+    for t in (int(x) for x in a.prompts.split(",")):
+        r = prefill_figures(t, a.layers, n_h, n_kv, hd, max(1, a.repeats // 2))
+        print(f"prompt attention T={t}: " + ", ".join(f"{k} {v:.0f}" for k, v in r.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
