@@ -117,6 +117,27 @@ class CostModel:
                 best, best_s = k, s
         return best
 
+    def best_nodes(
+        self,
+        path_probs: list[float],
+        node_cost: float = 0.0,
+        context: int | None = None,
+    ) -> int:
+        """How many nodes of a token tree to verify (0: drafting does not pay).
+
+        `path_probs` are the candidate nodes' probabilities of lying on the accepted path, in
+        best-first order (each node after its parent, so every prefix is a tree). n nodes are
+        expected to commit 1 + sum(path_probs[:n]) tokens for a forward over n + 1 rows; the
+        n with the most tokens per unit of measured cost wins. Chains are the one-branch case.
+        """
+        best, best_s, mass = 0, 1.0, 1.0
+        for n, p in enumerate(path_probs, start=1):
+            mass += p
+            s = mass / (self.relative(n + 1, context) + n * node_cost)
+            if s > best_s + 1e-9:
+                best, best_s = n, s
+        return best
+
     def break_even_alpha(
         self, k: int, draft_cost: float = 0.0, context: int | None = None
     ) -> float | None:

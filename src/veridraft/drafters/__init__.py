@@ -7,6 +7,8 @@
     make_drafter("model:smollm2-135m-l8", model)              # a separate draft model
     make_drafter("model:NAME:k=4,mode=fixed", model)
     make_drafter("universal:smollm2-135m:align=lcd", model)   # a draft with another tokenizer
+    make_drafter("recycle", model)                            # Token Recycling (token trees)
+    make_drafter("suffix:datastore=stdlib", model)            # SuffixDecoding, plus retrieval
     make_drafter(my_drafter, model)                           # a Drafter instance: itself
     make_drafter(None, model)                                 # plain decoding: None
 
@@ -43,6 +45,8 @@ __all__ = [
     "LayerSkipDrafter",
     "ModelDrafter",
     "NgramDrafter",
+    "RecycleDrafter",
+    "SuffixDrafter",
     "UniversalDrafter",
     "make_drafter",
     "parse_spec",
@@ -86,6 +90,8 @@ DRAFTERS: MutableMapping[str, type] = _Registry(
         "layerskip": ".layerskip:LayerSkipDrafter",
         "model": ".model:ModelDrafter",
         "universal": ".universal:UniversalDrafter",
+        "recycle": ".recycle:RecycleDrafter",
+        "suffix": ".suffix:SuffixDrafter",
     }
 )
 _CLASSES = {
@@ -93,6 +99,8 @@ _CLASSES = {
     "LayerSkipDrafter": "layerskip",
     "ModelDrafter": "model",
     "UniversalDrafter": "universal",
+    "RecycleDrafter": "recycle",
+    "SuffixDrafter": "suffix",
 }
 
 
