@@ -77,7 +77,7 @@ class SuffixTrie:
             nxt = []
             # active[i] is the node of the suffix of length len(active) - i; the longest sits
             # first and is dropped once it reaches max_depth
-            for node in (*active[len(active) - (depth - 1) :], self.root):
+            for node in (*active[max(0, len(active) - (depth - 1)) :], self.root):
                 child = node.kids.get(tok)
                 if child is None:
                     child = node.kids[tok] = _Node()
