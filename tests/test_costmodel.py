@@ -181,3 +181,8 @@ def test_best_nodes_grows_the_tree_while_a_node_pays_for_itself():
     assert steep.best_nodes([0.01, 0.01]) == 0  # nothing pays: no draft
     # a per-node draft cost shrinks the tree
     assert _cost(0.1).best_nodes(probs, node_cost=0.5) < _cost(0.1).best_nodes(probs)
+    # measured tree forwards (tree attention) take precedence over chain forwards
+    treed = _cost(0.0)
+    treed.tree_ms = {100: {t: 10.0 * (1 + 0.5 * (t - 1)) for t in (1, 2, 4, 8, 16)}}
+    assert treed.best_nodes(probs) == n
+    assert CostModel.from_json(treed.to_json()).tree_ms == treed.tree_ms

@@ -89,7 +89,9 @@ def test_update_counts_ranks_and_writes_the_scores_rows():
     scores[:, 1] = 1.0
     # the target accepted 5 (rank 0 of row 3), then emitted 7 (rank 1 of row 5)
     ctx.ids.extend([5, 7])
-    d.update(Round(n_accepted=1, next_token=7, drafted=len(draft.tokens), ids=ctx.ids, scores=scores))
+    d.update(
+        Round(n_accepted=1, next_token=7, drafted=len(draft.tokens), ids=ctx.ids, scores=scores)
+    )
     assert d._hits == [1.0, 1.0] and d._trials == 2.0
     for tok in [3, *draft.tokens]:
         assert d._table[tok].tolist() == [4, 1]
