@@ -166,3 +166,23 @@ def test_ngram_default_draft_length_comes_from_the_cost_model(tiny_dir):
     assert make_drafter("ngram:num_tokens=3", model).num_tokens == 3  # the user's choice wins
     cost_paths(model)[0].unlink()
     assert make_drafter("ngram", model).num_tokens == 10  # no profile: the static default
+
+
+def test_best_nodes_grows_the_tree_while_a_node_pays_for_itself():
+    # each node on the accepted path with probability p commits p tokens on average
+    probs = [0.9, 0.8, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02]
+    assert _cost(0.0).best_nodes(probs) == len(probs)  # flat cost: every node is free
+    steep = _cost(0.5)  # each row costs half a one-token forward more
+    n = steep.best_nodes(probs)
+    mass = [1 + sum(probs[:i]) for i in range(len(probs) + 1)]
+    want = max(range(len(probs) + 1), key=lambda i: mass[i] / (1 + 0.5 * i))
+    assert n == want and 0 < n < len(probs)
+    assert _cost(0.2).best_nodes(probs) > n  # a flatter curve affords a larger tree
+    assert steep.best_nodes([0.01, 0.01]) == 0  # nothing pays: no draft
+    # a per-node draft cost shrinks the tree
+    assert _cost(0.1).best_nodes(probs, node_cost=0.5) < _cost(0.1).best_nodes(probs)
+    # measured tree forwards (tree attention) take precedence over chain forwards
+    treed = _cost(0.0)
+    treed.tree_ms = {100: {t: 10.0 * (1 + 0.5 * (t - 1)) for t in (1, 2, 4, 8, 16)}}
+    assert treed.best_nodes(probs) == n
+    assert CostModel.from_json(treed.to_json()).tree_ms == treed.tree_ms

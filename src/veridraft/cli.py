@@ -126,6 +126,33 @@ def _add_profile_parser(sub) -> None:
     p.set_defaults(func=_profile)
 
 
+def _datastore(args: argparse.Namespace) -> int:
+    from .datastore import build
+
+    info = build(args.tokenizer, args.src, args.name, pattern=args.pattern)
+    print(
+        f"datastore {info['name']}: {info['files']} files, {info['text_bytes'] / 1e6:.1f} MB of "
+        f"text -> {info['tokens']:,} tokens ({args.tokenizer} tokenizer); "
+        f"{info['bytes'] / 1e6:.1f} MB on disk; built in {info['build_s']:.1f} s "
+        f"(tokenizing {info['tokenize_s']:.1f} s, suffix array {info['sa_build_s']:.1f} s)"
+    )
+    return 0
+
+
+def _add_datastore_parser(sub) -> None:
+    d = sub.add_parser("datastore", help="build retrieval datastores (suffix:datastore=NAME)")
+    dsub = d.add_subparsers(dest="datastore_cmd", required=True)
+    b = dsub.add_parser(
+        "build",
+        help="tokenize a folder of files into a datastore under $VERIDRAFT_HOME/datastores",
+    )
+    b.add_argument("--tokenizer", required=True, help="catalog model or folder whose tokenizer")
+    b.add_argument("--from", dest="src", required=True, help="folder of files to index")
+    b.add_argument("--name", required=True, help="the datastore's name")
+    b.add_argument("--pattern", default="*.py", help="file glob (default *.py)")
+    d.set_defaults(func=_datastore)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="veridraft",
@@ -182,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_data_parser(sub)
     _add_profile_parser(sub)
+    _add_datastore_parser(sub)
     add_tune_parser(sub)
     add_serve_parser(sub)
     return p

@@ -58,6 +58,9 @@ class CostModel:
     forward_ms: dict[int, dict[int, float]]
     # drafter name -> median ms of one draft step ("ngram": one propose() call)
     draft_ms: dict[str, float] = field(default_factory=dict)
+    # context -> T -> median ms of a forward over a root and T - 1 token-tree nodes (tree
+    # attention gathers each row's ancestors, so it may cost more than a chain of T)
+    tree_ms: dict[int, dict[int, float]] = field(default_factory=dict)
     cpu: str = ""
     torch: str = ""
     command: str = ""
@@ -71,9 +74,11 @@ class CostModel:
             return ctxs[0]
         return min(ctxs, key=lambda c: abs(c - context))
 
-    def forward(self, t: float, context: int | None = None) -> float:
-        """ms of a forward over t new tokens (linear between measured T, flat beyond)."""
-        row = self.forward_ms[self.context_for(context)]
+    def forward(self, t: float, context: int | None = None, tree: bool = False) -> float:
+        """ms of a forward over t new tokens (linear between measured T, proportional beyond);
+        tree=True: over a root and t - 1 tree nodes, when the profile measured trees."""
+        table = self.tree_ms if tree and self.tree_ms else self.forward_ms
+        row = table[min(table, key=lambda c: abs(c - (context or min(table))))]
         ts = sorted(row)
         if t <= ts[0]:
             return row[ts[0]]
@@ -82,9 +87,9 @@ class CostModel:
                 return row[a] + (row[b] - row[a]) * (t - a) / (b - a)
         return row[ts[-1]] * t / ts[-1]  # beyond the table: proportional (pessimistic)
 
-    def relative(self, t: float, context: int | None = None) -> float:
-        """cost(T=t) / cost(T=1)."""
-        return self.forward(t, context) / self.forward(1, context)
+    def relative(self, t: float, context: int | None = None, tree: bool = False) -> float:
+        """cost(T=t) / cost(T=1) (of the same kind: a chain, or a tree)."""
+        return self.forward(t, context, tree) / self.forward(1, context, tree)
 
     def draft_cost(self, drafter: str, context: int | None = None) -> float | None:
         """One step of `drafter` as a fraction of a one-token target forward."""
@@ -117,6 +122,27 @@ class CostModel:
                 best, best_s = k, s
         return best
 
+    def best_nodes(
+        self,
+        path_probs: list[float],
+        node_cost: float = 0.0,
+        context: int | None = None,
+    ) -> int:
+        """How many nodes of a token tree to verify (0: drafting does not pay).
+
+        `path_probs` are the candidate nodes' probabilities of lying on the accepted path, in
+        best-first order (each node after its parent, so every prefix is a tree). n nodes are
+        expected to commit 1 + sum(path_probs[:n]) tokens for a forward over n + 1 rows; the
+        n with the most tokens per unit of measured cost wins. Chains are the one-branch case.
+        """
+        best, best_s, mass = 0, 1.0, 1.0
+        for n, p in enumerate(path_probs, start=1):
+            mass += p
+            s = mass / (self.relative(n + 1, context, tree=True) + n * node_cost)
+            if s > best_s + 1e-9:
+                best, best_s = n, s
+        return best
+
     def break_even_alpha(
         self, k: int, draft_cost: float = 0.0, context: int | None = None
     ) -> float | None:
@@ -138,9 +164,10 @@ class CostModel:
     def to_json(self) -> dict:
         d = asdict(self)
         d["format"] = FORMAT
-        d["forward_ms"] = {
-            str(c): {str(t): v for t, v in row.items()} for c, row in self.forward_ms.items()
-        }
+        for key in ("forward_ms", "tree_ms"):
+            d[key] = {
+                str(c): {str(t): v for t, v in row.items()} for c, row in getattr(self, key).items()
+            }
         return d
 
     @classmethod
@@ -148,9 +175,11 @@ class CostModel:
         if d.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} file (format {d.get('format')!r})")
         d = {k: v for k, v in d.items() if k != "format"}
-        d["forward_ms"] = {
-            int(c): {int(t): float(v) for t, v in row.items()} for c, row in d["forward_ms"].items()
-        }
+        for key in ("forward_ms", "tree_ms"):
+            d[key] = {
+                int(c): {int(t): float(v) for t, v in row.items()}
+                for c, row in d.get(key, {}).items()
+            }
         d["draft_ms"] = {str(k): float(v) for k, v in d.get("draft_ms", {}).items()}
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})

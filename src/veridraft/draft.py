@@ -129,13 +129,16 @@ class DraftEnv:
     load(name, precision) -> a loaded model (with .net and .tokenizer); knows(name) says whether
     `name` is a catalog model or a path `load` accepts; profile(model, spec) -> the tuned
     layerskip profile (spec None: the default lookup; "none": no profile; else a path) or None;
-    cost(model) -> the model's cost model on this machine (veridraft.costmodel) or None.
+    cost(model) -> the model's cost model on this machine (veridraft.costmodel) or None;
+    datastore(name, model) -> the retrieval datastore `name` checked against the model's
+    tokenizer (veridraft.datastore).
     """
 
     load: Callable[[str, str | None], Any] | None = None
     knows: Callable[[str], bool] = _never
     profile: Callable[[Any, str | None], Any] | None = None
     cost: Callable[[Any], Any] | None = None
+    datastore: Callable[[str, Any], Any] | None = None
 
 
 _default_env: Callable[[Any], DraftEnv] | None = None

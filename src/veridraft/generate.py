@@ -87,7 +87,12 @@ def draft_env(model) -> DraftEnv:
             costs[id(target)] = load_cost(target) if hasattr(target, "path") else None
         return costs[id(target)]
 
-    return DraftEnv(load=load, knows=knows, profile=profile, cost=cost)
+    def datastore(name: str, target):
+        from .datastore import load as load_store
+
+        return load_store(name, getattr(target, "tokenizer", None))
+
+    return DraftEnv(load=load, knows=knows, profile=profile, cost=cost, datastore=datastore)
 
 
 _WARNED: set[str] = set()

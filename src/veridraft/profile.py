@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 import torch
 
 from .costmodel import CostModel, machine_id
+from .tree import tree_attn
 
 TS = (1, 2, 4, 8, 16)
 CONTEXTS = (100, 1000)
@@ -37,7 +38,7 @@ class ForwardTimer:
     """Prefilled caches at each context; `round()` times one forward per T (in alternating
     order) and rolls the cache back. Several timers can be interleaved round by round."""
 
-    def __init__(self, net, ts=TS, contexts=CONTEXTS, seed: int = 0) -> None:
+    def __init__(self, net, ts=TS, contexts=CONTEXTS, seed: int = 0, tree: bool = False) -> None:
         gen = torch.Generator().manual_seed(seed)
         vocab = net.config.vocab_size
         limit = int(net.config.max_position_embeddings) - max(ts) - 1
@@ -50,6 +51,9 @@ class ForwardTimer:
                 net(torch.randint(0, vocab, (ctx,), generator=gen), cache, num_logits=1)
                 self.caches[ctx] = cache
         self.toks = {t: torch.randint(0, vocab, (t,), generator=gen) for t in ts}
+        # tree=True: the T rows are a root and a 3-ary token tree (Token Recycling's and
+        # SuffixDecoding's trees are bushy near the root), verified with tree attention
+        self.trees = {t: tree_attn(bushy(t - 1)) for t in ts if tree and t > 1}
         self.times = {c: {t: [] for t in ts} for c in self.caches}
         self.rounds = 0
 
@@ -60,7 +64,7 @@ class ForwardTimer:
             for ctx, cache in self.caches.items():
                 for t in order:
                     s = time.perf_counter()
-                    self.net(self.toks[t], cache)
+                    self.net(self.toks[t], cache, tree=self.trees.get(t))
                     dt = time.perf_counter() - s
                     cache.truncate(ctx)
                     if record:
@@ -70,10 +74,24 @@ class ForwardTimer:
         return {c: {t: _median_ms(v) for t, v in row.items()} for c, row in self.times.items()}
 
 
-def forward_costs(net, ts=TS, contexts=CONTEXTS, repeats: int = 7, warmup: int = 2, seed: int = 0):
+def bushy(n: int) -> list[int]:
+    """Parents of an n-node tree in which every node has up to 3 children, breadth first."""
+    return [i // 3 - 1 for i in range(n)]
+
+
+def forward_costs(
+    net,
+    ts=TS,
+    contexts=CONTEXTS,
+    repeats: int = 7,
+    warmup: int = 2,
+    seed: int = 0,
+    tree: bool = False,
+):
     """{context: {T: median ms}} for target forwards over T new tokens after `context` cached
-    positions. Contexts longer than the model's window are clipped."""
-    timer = ForwardTimer(net, ts, contexts, seed)
+    positions (tree=True: a root and T - 1 token-tree nodes). Contexts longer than the model's
+    window are clipped."""
+    timer = ForwardTimer(net, ts, contexts, seed, tree=tree)
     for r in range(warmup + repeats):
         timer.round(record=r >= warmup)
     return timer.medians_ms()
@@ -150,6 +168,7 @@ def measure(model, repeats: int = 7, contexts=CONTEXTS, ts=TS, command: str = ""
     net = model.net
     threads = torch.get_num_threads()
     fwd = forward_costs(net, ts, contexts, repeats)
+    trees = forward_costs(net, ts, contexts[:1], repeats, tree=True)
     drafts = draft_costs(model, context=min(fwd), repeats=repeats)
     cpu = ""
     try:
@@ -165,6 +184,7 @@ def measure(model, repeats: int = 7, contexts=CONTEXTS, ts=TS, command: str = ""
         machine=machine_id(threads),
         threads=threads,
         forward_ms=fwd,
+        tree_ms=trees,
         draft_ms=drafts,
         cpu=f"{cpu} ({threads} threads)",
         torch=torch.__version__,

@@ -26,6 +26,8 @@ NEW_TOKENS = 32
         ("smollm2-135m", "layerskip"),
         ("smollm2-135m", "model:smollm2-135m-l8"),
         ("gemma3-270m", "universal:smollm2-135m:mode=fixed"),
+        ("smollm2-135m", "recycle"),
+        ("smollm2-135m", "suffix"),
     ],
 )
 def test_greedy_equals_plain_short(real_model, plain_greedy, target, spec):

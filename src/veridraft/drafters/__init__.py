@@ -9,6 +9,8 @@
     make_drafter("universal:smollm2-135m:align=lcd", model)   # a draft with another tokenizer
     make_drafter("snapkv:budget=513,layerskip=true", model)   # sparse-cache self-speculation
     make_drafter("streaming:qwen2.5-coder-0.5b", model)      # a draft model on a sparse view
+    make_drafter("recycle", model)                            # Token Recycling (token trees)
+    make_drafter("suffix:datastore=stdlib", model)            # SuffixDecoding, plus retrieval
     make_drafter(my_drafter, model)                           # a Drafter instance: itself
     make_drafter(None, model)                                 # plain decoding: None
 
@@ -45,6 +47,8 @@ __all__ = [
     "LayerSkipDrafter",
     "ModelDrafter",
     "NgramDrafter",
+    "RecycleDrafter",
+    "SuffixDrafter",
     "UniversalDrafter",
     "make_drafter",
     "parse_spec",
@@ -93,6 +97,8 @@ DRAFTERS: MutableMapping[str, type] = _Registry(
         "retrieval": ".retrieval:RetrievalDrafter",
         "topk": ".topk:TopKDrafter",
         "pruned": ".pruned:PrunedDrafter",
+        "recycle": ".recycle:RecycleDrafter",
+        "suffix": ".suffix:SuffixDrafter",
     }
 )
 _CLASSES = {
@@ -100,6 +106,8 @@ _CLASSES = {
     "LayerSkipDrafter": "layerskip",
     "ModelDrafter": "model",
     "UniversalDrafter": "universal",
+    "RecycleDrafter": "recycle",
+    "SuffixDrafter": "suffix",
 }
 
 

@@ -163,6 +163,8 @@ def draft_step(
     generator: torch.Generator | None,
     target_vocab: int | None = None,
     view=None,
+    alts: int = 0,
+    alt_out: list | None = None,
 ) -> tuple[int, float, Tensor | None]:
     """One draft forward of `tokens` (usually one id; more when a drafter catches up): (next
     draft token, its draft probability, q or None).
@@ -170,7 +172,9 @@ def draft_step(
     The probability is the softmax of the raw draft logits at the chosen token (the confidence
     that Draft & Verify and HF's assistant threshold compare); q is `probs()` of the draft logits
     under `sampling` when `sampled`, else None (argmax, a point mass). view: the forward's
-    `view=` (a sparse draft context).
+    `view=` (a sparse draft context). With `alts` > 0 and greedy drafting, the next `alts` most
+    likely tokens and their draft probabilities are appended to `alt_out` as (token, prob)
+    pairs (the siblings of a top-k token tree).
     """
     x = torch.tensor(tokens, dtype=torch.long)
     if head is None:
@@ -184,6 +188,8 @@ def draft_step(
             q = None
             tok = int(logits.argmax())
         conf = float(torch.exp(logits[tok] - torch.logsumexp(logits, -1)))
+        if alts and not sampled and alt_out is not None:
+            _alternatives(logits, alts, alt_out, None)
         return tok, conf, q
     cap = Capture(hidden_layers=(-1,))
     net(x, cache, skip=skip, view=view, capture=cap, num_logits=0)
@@ -201,7 +207,17 @@ def draft_step(
         conf = float(torch.exp(row[tok] - torch.logsumexp(sub, -1)))
     else:
         conf = float(torch.exp(sub[idx] - torch.logsumexp(sub, -1)))
+        if alts and alt_out is not None:
+            _alternatives(sub, alts, alt_out, head)
     return tok, conf, q
+
+
+def _alternatives(logits: Tensor, alts: int, out: list, head: SubsetHead | None) -> None:
+    """The ranks 2 .. alts + 1 of `logits` as (token, softmax probability)."""
+    top = logits.topk(min(alts + 1, logits.shape[-1]))
+    p = torch.exp(top.values - torch.logsumexp(logits, -1)).tolist()
+    for i, pr in zip(top.indices.tolist()[1:], p[1:]):
+        out.append((head.token(i) if head is not None else int(i), pr))
 
 
 def _fit(logits: Tensor, v: int) -> Tensor:

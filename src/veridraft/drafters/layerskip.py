@@ -27,6 +27,9 @@ point masses.
 `draft_vocab=N` scores draft tokens over the first N ids plus the ids of the context only
 (drafters/draft_head.py): a cheaper draft step, same verification. The default, "auto", uses
 16384 ids for vocabularies of 32768 ids or more (both catalog models), 0 (the full head) below.
+
+`branches=N` (alias `topk`; greedy decoding only) makes a token tree: the greedy draft chain plus,
+at each depth, the draft's next N - 1 most likely tokens as leaves (drafters/branches.py).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch
 from ..draft import DecodeContext, Draft, DraftEnv, Round, as_round
 from ..errors import VeridraftError
 from ..models.base import Skip
+from .branches import branch_tree
 from .draft_head import SubsetHead, draft_step, resolve_draft_vocab
 from .params import as_bool, as_float, as_int, as_layers, format_layers
 
@@ -86,8 +90,10 @@ class LayerSkipDrafter:
         "beta2",
         "draft_vocab",
         "profile",
+        "branches",
     )
     aliases = {
+        "topk": "branches",
         "k": "num_tokens",
         "max_step_draft": "num_tokens",
         "th_stop_draft": "gamma",
@@ -112,6 +118,7 @@ class LayerSkipDrafter:
         beta2: float = 0.9,
         draft_vocab: int | str = "auto",
         note: str | None = None,
+        branches: int = 1,
     ) -> None:
         m = "layerskip"
         self.skip = skip
@@ -129,6 +136,9 @@ class LayerSkipDrafter:
         self._head: SubsetHead | None = None
         self._head_net = None
         self.note = note
+        # > 1: a token tree, the draft's next branches - 1 choices as leaves (drafters/branches.py)
+        self.branches = as_int(m, "branches", branches, lo=1, hi=16)
+        self.cost = None  # the cost model (CostModel) cuts a branched tree when set
         self.expected_slowdown: str | None = None  # why plain decoding may be faster here
         self.ar = 0.0  # smoothed acceptance rate (the paper's "matchness")
         self._drafted = 0
@@ -190,6 +200,8 @@ class LayerSkipDrafter:
         if len(skip.attn) == n_layers and len(skip.mlp) == n_layers:
             raise VeridraftError("layerskip: the skip set bypasses every layer; keep some")
         d = cls(skip, note=note, **p)
+        if d.branches > 1 and env is not None and env.cost is not None:
+            d.cost = env.cost(model)
         speedup = prof.figures.get("speedup") if prof is not None else None
         if isinstance(speedup, int | float) and speedup < 1.0:
             where = f" ({prof.path.name})" if prof.path is not None else ""
@@ -242,9 +254,13 @@ class LayerSkipDrafter:
             head.observe(ctx.ids)
         tokens: list[int] = []
         qs: list[torch.Tensor] = []
+        confs: list[float] = []
+        alts: list[list[tuple[int, float]]] = []
+        branched = self.branches > 1 and not sampled
         x = ctx.ids[-1]
         try:
             for _ in range(k):
+                alts.append([])
                 x, conf, q = draft_step(
                     net,
                     [x],
@@ -254,8 +270,11 @@ class LayerSkipDrafter:
                     sampling=ctx.sampling,
                     sampled=sampled,
                     generator=ctx.generator,
+                    alts=self.branches - 1 if branched else 0,
+                    alt_out=alts[-1],
                 )
                 tokens.append(x)
+                confs.append(conf)
                 if q is not None:
                     qs.append(q)
                 # draft confidence: softmax of the raw draft logits at the drafted token
@@ -264,6 +283,8 @@ class LayerSkipDrafter:
         finally:
             cache.truncate(start)
         self._drafted = len(tokens)
+        if branched:
+            return branch_tree(tokens, confs, alts, max_tokens, self.cost, len(ctx.ids))
         return Draft(tokens=tokens, q=torch.stack(qs) if sampled else None)
 
     def update(self, rnd: Round | int, next_token: int | None = None) -> None:

@@ -33,6 +33,9 @@ token - the raw logits when drafting greedily, the processed distribution q when
 weights, no copy); with NAME the target itself this is the same-vocabulary real pair used in the
 tests and benchmarks (e.g. `model:smollm2-135m-l8`).
 
+`branches=N` (alias `topk`; greedy decoding only) makes a token tree: the greedy draft chain plus,
+at each depth, the draft's next N - 1 most likely tokens as leaves (drafters/branches.py).
+
 `precision=fp32|fp16w|bf16|q4` (default: the target's mode): a draft loaded on its own runs in
 that mode; a draft that is the target or a `NAME-lN` truncation of it shares the target's weights.
 It changes which tokens are proposed, never what is accepted.
@@ -48,6 +51,7 @@ from torch import nn
 
 from ..draft import DecodeContext, Draft, DraftEnv, Round, as_round
 from ..errors import VeridraftError
+from .branches import branch_tree
 from .draft_head import SubsetHead, draft_step, resolve_draft_vocab
 from .params import as_bool, as_choice, as_float, as_int
 
@@ -217,8 +221,17 @@ class ModelDrafter:
         "model:NAME (a catalog name, an HF folder or GGUF path, or NAME-lN for NAME's first N "
         "layers), e.g. model:smollm2-135m-l8 or model:NAME:k=4,mode=fixed"
     )
-    params = ("num_tokens", "mode", "threshold", "draft_sampling", "draft_vocab", "precision")
+    params = (
+        "num_tokens",
+        "mode",
+        "threshold",
+        "draft_sampling",
+        "draft_vocab",
+        "precision",
+        "branches",
+    )
     aliases = {
+        "topk": "branches",
         "k": "num_tokens",
         "num_assistant_tokens": "num_tokens",
         "assistant_confidence_threshold": "threshold",
@@ -235,6 +248,7 @@ class ModelDrafter:
         draft_vocab: int | str = "auto",
         label: str = "model",
         target_vocab: int | None = None,
+        branches: int = 1,
     ) -> None:
         m = "model"
         self.net = draft_net
@@ -250,6 +264,9 @@ class ModelDrafter:
         )
         self.name = label if label.startswith("model") else f"model:{label}"
         self.target_vocab = target_vocab
+        # > 1: a token tree, the draft's next branches - 1 choices as leaves (drafters/branches.py)
+        self.branches = as_int(m, "branches", branches, lo=1, hi=16)
+        self.cost = None  # the cost model (CostModel) cuts a branched tree when set
         self._k = self.num_tokens  # current length (heuristic mode)
         self._hist_p: list[float] = []
         self._hist_m: list[int] = []
@@ -266,12 +283,15 @@ class ModelDrafter:
         env = env or DraftEnv()
         draft, label = resolve_draft_in("model", arg, model, params.pop("precision", None), env)
         check_same_vocab(model, draft, label)
-        return cls(
+        d = cls(
             _net_of(draft),
             label=f"model:{label}",
             target_vocab=_net_of(model).config.vocab_size,
             **params,
         )
+        if d.branches > 1 and env.cost is not None:
+            d.cost = env.cost(model)
+        return d
 
     @property
     def cost_key(self) -> str:
@@ -323,7 +343,10 @@ class ModelDrafter:
         feed = ids[n:]
         tokens: list[int] = []
         qs: list[torch.Tensor] = []
+        alts: list[list[tuple[int, float]]] = []
+        branched = self.branches > 1 and not sampled
         for step in range(k):
+            alts.append([])
             x, conf, q = draft_step(
                 self.net,
                 feed,
@@ -333,6 +356,8 @@ class ModelDrafter:
                 sampled=sampled,
                 generator=ctx.generator,
                 target_vocab=self.target_vocab,
+                alts=self.branches - 1 if branched else 0,
+                alt_out=alts[-1],
             )
             self._cached_ids.extend(feed)
             if q is not None:
@@ -345,13 +370,19 @@ class ModelDrafter:
             if step + 1 < k:
                 feed = [x]
         self._drafted = tokens
+        if branched:
+            return branch_tree(tokens, self._round_conf, alts, max_tokens, self.cost, len(ids))
         return Draft(tokens=tokens, q=torch.stack(qs) if sampled else None)
 
     def update(self, rnd: Round | int, next_token: int | None = None) -> None:
-        n_accepted = as_round(rnd, next_token).n_accepted
+        rnd = as_round(rnd, next_token)
+        n_accepted = rnd.n_accepted
         drafted = self._drafted
         if not drafted:
             return
+        if self.branches > 1 and rnd.ids:
+            # a tree's accepted path may leave the trunk at a leaf: count trunk matches only
+            n_accepted = _common_prefix(drafted, rnd.committed[:-1], n_accepted)
         # The draft cache holds ..., d1 .. d_{k-1}: keep the accepted ones.
         fed_drafts = len(drafted) - 1
         keep = self.cache.length - fed_drafts + min(n_accepted, fed_drafts)

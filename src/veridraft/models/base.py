@@ -359,6 +359,7 @@ class Step:
     rowwise: bool = False  # attend query row by row (see Transformer.rowwise_attention)
     tree: TreeAttn | None = None  # rows are token-tree nodes (tree.py), not a chain
     capture: Capture | None = None  # attention to report (attn_rows / press_rows)
+    tree_keys: dict = field(default_factory=dict)  # window -> per-row keys (_tree_row_keys)
 
 
 # Row-wise attention covers verification forwards (a draft plus one token); longer forwards are
@@ -467,18 +468,13 @@ def _attend_tree_rows(
     """Row-wise attention over a token tree: row i reads the cached prefix in its window and its
     ancestors, in position order, in the call shape of a one-token forward at its position. A
     node on a chain-shaped path reads the same contiguous slice as plain decoding would."""
-    cache, start, tree = step.cache, step.start, step.tree
-    depth = tree.depth.tolist()
+    cache = step.cache
     out = []
-    for i, anc in enumerate(tree.rows):
-        pos = start + depth[i]
-        lo = first_key(pos, window)
-        phys = [*range(lo, start), *(start + r for r in anc if start + depth[r] >= lo)]
-        if phys == list(range(lo, pos + 1)):
-            keys = cache.k[layer][:, :, lo : pos + 1]
-            vals = cache.v[layer][:, :, lo : pos + 1]
+    for i, (lo, hi, idx) in enumerate(_tree_row_keys(step, window)):
+        if idx is None:
+            keys = cache.k[layer][:, :, lo:hi]
+            vals = cache.v[layer][:, :, lo:hi]
         else:
-            idx = torch.tensor(phys, dtype=torch.long)
             keys = cache.k[layer].index_select(2, idx)
             vals = cache.v[layer].index_select(2, idx)
         out.append(_attend(q[:, :, i : i + 1], keys, vals, None, scale, softcap))
@@ -531,6 +527,30 @@ def _attend_causal(
             outs.append(_attend(qt, kc[:, :, lo:b], vc[:, :, lo:b], allowed, scale, softcap))
         a = b
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+def _tree_row_keys(step: Step, window: int | None) -> list[tuple[int, int, Tensor | None]]:
+    """Per tree row: the key slice [lo, hi) when its keys are contiguous, else an index tensor.
+    Computed once per forward and window, not per layer: building the index in Python for every
+    layer cost more than the attention itself."""
+    memo = step.tree_keys.get(window)
+    if memo is not None:
+        return memo
+    start, tree = step.start, step.tree
+    depth = tree.depth.tolist()
+    memo = []
+    for i, anc in enumerate(tree.rows):
+        pos = start + depth[i]
+        lo = first_key(pos, window)
+        # ancestors sit at rows 0..depth exactly when the path is the chain of first rows
+        if anc == list(range(depth[i] + 1)):
+            memo.append((lo, pos + 1, None))
+            continue
+        news = [start + r for r in anc if start + depth[r] >= lo]
+        idx = torch.cat((torch.arange(lo, start), torch.tensor(news, dtype=torch.long)))
+        memo.append((lo, pos + 1, idx))
+    step.tree_keys[window] = memo
+    return memo
 
 
 def _attend(
