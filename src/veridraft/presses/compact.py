@@ -198,8 +198,14 @@ class CompactKVCache:
         start, t = step.start, step.t
         self.write(layer, start, k, v)
         d = start + t - self.base  # new-token rows, these T included
-        # the span's mask covers keys [0, start + T); the kept prompt rows are all visible
-        dec_mask = None if span.mask is None else span.mask[:, self.base :]
+        # the span's mask covers keys [0, start + T); the kept prompt rows are all visible. A
+        # contiguous forward of several rows carries no mask, only `causal` (the full-cache path
+        # attends it in tiles): build the causal rule over the new-token rows here.
+        mask = span.mask
+        if mask is None and span.causal and t > 1:
+            kpos, qpos = torch.arange(start + t), torch.arange(start, start + t)
+            mask = kpos[None, :] <= qpos[:, None]
+        dec_mask = None if mask is None else mask[:, self.base :]
         n_kv = k.shape[1]
         g = q.shape[1] // n_kv
         if self.uniform[layer]:
