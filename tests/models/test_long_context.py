@@ -12,6 +12,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from veridraft.bench import long
+from veridraft.data.books import read_lines
 from veridraft.decode import decode, prefill, run_prompt
 from veridraft.drafters import make_drafter
 from veridraft.errors import VeridraftError
@@ -188,7 +189,7 @@ def smollm2_bf16(real_model_dir):
 
     real_model_dir("smollm2-135m")
     model = load("smollm2-135m", precision="bf16")
-    book = json.loads(long.default_data_path().read_text().splitlines()[0])
+    book = json.loads(read_lines(long.default_data_path())[0])
     text = "\n\n".join(f"{c['title']}\n\n{c['text']}" for c in book["chapters"][:4])
     return model, model.tokenizer.encode(text)[:2100]
 

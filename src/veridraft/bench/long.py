@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.books import books_path, read_lines
 from ..errors import VeridraftError
 from .questions import Question
 
@@ -93,26 +94,14 @@ def label(n: int) -> str:
 
 
 def default_data_path() -> Path:
-    """`shared/data/long/austen.jsonl`, looked up like the Spec-Bench questions file."""
-    rel = Path("shared") / "data" / "long" / "austen.jsonl"
-    here = Path(__file__).resolve()
-    for b in [Path.cwd(), *Path.cwd().parents[:2], *here.parents[2:6]]:
-        for c in (b / ".." / rel, b / rel):
-            if c.resolve().is_file():
-                return c.resolve()
-    raise VeridraftError(
-        "the long-document data shared/data/long/austen.jsonl was not found; pass --questions "
-        "FILE with the austen.jsonl file"
-    )
+    """`shared/data/long/austen.jsonl` next to the repository, else the copy in the package."""
+    return books_path()
 
 
 def load_books(path: str | Path) -> list[Book]:
     """Read austen.jsonl: one {"book", "key", "chapters": [{"title", "text"}]} per line."""
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise VeridraftError(f"cannot read {path}: {e}; pass the austen.jsonl file") from e
+    lines = read_lines(path)
     books = []
     for i, line in enumerate(lines, 1):
         if not line.strip():

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..errors import VeridraftError
 from ..tokenizer import Tokenizer
+from .books import books_path, read_lines
 
 TASKS = ("single", "multikey", "multivalue", "multiquery")
 CONTEXTS = {"2k": 2048, "4k": 4096, "8k": 8192, "16k": 16384, "32k": 32768}
@@ -126,18 +127,8 @@ def parse_context(value: int | str) -> int:
 
 
 def default_haystack_path() -> Path:
-    """`shared/data/long/austen.jsonl`, looked up from the working directory and from the
-    package's repository (like the default questions file)."""
-    rel = Path("shared") / "data" / "long" / "austen.jsonl"
-    here = Path(__file__).resolve()
-    for b in [Path.cwd(), *Path.cwd().parents[:2], *here.parents[2:6]]:
-        for c in (b / ".." / rel, b / rel):
-            if c.is_file():
-                return c.resolve()
-    raise VeridraftError(
-        "the haystack text ../shared/data/long/austen.jsonl was not found; pass --haystack FILE "
-        "(JSONL, one book per line: {'key': ..., 'chapters': [{'text': ...}, ...]})"
-    )
+    """`shared/data/long/austen.jsonl` next to the repository, else the copy in the package."""
+    return books_path()
 
 
 def load_books(
@@ -148,10 +139,7 @@ def load_books(
     path = Path(path) if path else default_haystack_path()
     want = None if books is None else list(books)
     out: dict[str, str] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise VeridraftError(f"cannot read the haystack file {path}: {e}") from e
+    lines = read_lines(path)
     for line in lines:
         if not line.strip():
             continue
