@@ -1,5 +1,6 @@
-"""precision="q4" (models/q4.py): GGUF blocks decoded exactly, repacked for the int4 kernel,
-batch-invariant, close to the de-quantized model, and a clear error for a type with no path.
+"""precision="q4" (models/q4.py): GGUF blocks decoded exactly, packed for veridraft's kernel
+(models/q4kernel.cpp) or torch's int4 kernel, batch-invariant in both, close to the de-quantized
+model, and a clear error for a type with no path.
 
 The hermetic tests write a tiny GGUF whose blocks come from gguf's own quantizer; the real ones
 (marked `real`) read the catalog models' GGUFs (tests/models/test_precision.py runs the
@@ -18,12 +19,14 @@ from safetensors.torch import save_file
 
 from veridraft.errors import VeridraftError
 from veridraft.models import from_hf_config_and_state_dict
+from veridraft.models import q4kernel
 from veridraft.models.q4 import (
     BLOCKS,
     Q4Linear,
     _llama_rows,
     apply_q4,
     decode_blocks,
+    group_of,
     read_gguf_tensors,
 )
 
@@ -122,43 +125,94 @@ def test_catalog_blocks_decode_exactly(real_model_dir, name):
         seen.add(kind)
         cols, rows = int(t.shape[0]), int(t.shape[1])
         u, s, z = decode_blocks(kind, t.data, rows, cols)
-        got = u.astype(np.float32) * np.repeat(s, 32, 1) + np.repeat(z, 32, 1)
+        g = group_of(kind)
+        got = u.astype(np.float32) * np.repeat(s, g, 1) + np.repeat(z, g, 1)
         assert np.array_equal(got, quants.dequantize(t.data, t.tensor_type).reshape(rows, cols))
+        assert int(u.max()) < 2 ** BLOCKS[kind][2]
     assert seen
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_q4_linear_rows_do_not_depend_on_the_other_rows(bits):
+@pytest.fixture(params=["veridraft", "aten-int4"])
+def kernel(request, monkeypatch):
+    """Run a test with each of q4 mode's two kernels. The own kernel is required wherever the
+    CPU has AVX512-BF16: a build failure there fails the test rather than skipping it."""
+    if request.param == "veridraft":
+        if not q4kernel.cpu_supported():
+            pytest.skip("this CPU has no AVX512-BF16: q4 mode uses torch's int4 kernel")
+        monkeypatch.delenv("VERIDRAFT_Q4_KERNEL", raising=False)
+        monkeypatch.setattr(q4kernel, "_loaded", {"module": q4kernel._build()})
+    else:
+        monkeypatch.setattr(q4kernel, "_loaded", {"module": None})
+    return request.param
+
+
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (5, 32), (8, 32), (6, 16), (4, 16)])
+def test_q4_linear_rows_do_not_depend_on_the_other_rows(kernel, bits, group):
+    if kernel == "aten-int4" and group != 32:
+        pytest.skip("torch's int4 kernel has 32-wide groups only")
     g = torch.Generator().manual_seed(0)
     n, k = 640, 576
     u = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
-    s = torch.rand(n, k // 32, generator=g) * 0.02
-    z = -torch.rand(n, k // 32, generator=g) * 0.05
-    lin = Q4Linear(u, s, z, torch.randn(n, generator=g))
-    assert lin.planes == (1 if bits == 4 else 2)
+    s = torch.rand(n, k // group, generator=g) * 0.02
+    z = -torch.rand(n, k // group, generator=g) * 0.05
+    lin = Q4Linear(u, s, z, torch.randn(n, generator=g), group)
+    assert lin.kernel == kernel
     x = torch.randn(17, k, generator=g) * torch.exp2(torch.randint(-6, 7, (17, k), generator=g))
     one = torch.cat([lin(x[i : i + 1]) for i in range(17)])
     for m in range(2, 18):
         assert torch.equal(lin(x[:m]), one[:m]), m
-    w = u.float() * s.repeat_interleave(32, 1) + z.repeat_interleave(32, 1)
+    w = u.float() * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)
     want = torch.nn.functional.linear(x, w, lin.bias)
     err = (lin(x) - want).abs().max() / want.abs().max()
-    assert 0 < err < 2e-2  # bfloat16 activations, scales and outputs: close, not exact
+    assert 0 < err < 2e-2  # bfloat16 activations: close, not exact
+    if kernel == "veridraft":
+        # float32 scales and sums: what is left is the rounding of x to bfloat16
+        xb = x.bfloat16().double()
+        exact = torch.nn.functional.linear(xb, w.double(), lin.bias.double())
+        assert (lin(x).double() - exact).abs().max() / exact.abs().max() < 1e-6
+        assert lin(x[:0]).shape == (0, n)
 
 
-def test_tiny_model_q4_matches_dequantized_and_is_row_invariant(tmp_path):
+def test_fused_parts_of_different_types_run_as_segments(kernel):
+    if kernel != "veridraft":
+        pytest.skip("segments are the own kernel's layout")
+    g = torch.Generator().manual_seed(1)
+    k = 256
+    parts = []
+    for rows, bits, group in ((64, 4, 32), (32, 4, 32), (48, 6, 16), (16, 8, 32)):
+        u = torch.randint(0, 2**bits, (rows, k), generator=g, dtype=torch.uint8)
+        s = torch.rand(rows, k // group, generator=g) * 0.02
+        z = -torch.rand(rows, k // group, generator=g) * 0.05
+        parts.append((u, s, z, group))
+    lin = Q4Linear.from_parts(parts, torch.randn(160, generator=g))
+    assert [seg[1:3] for seg in lin._segments] == [(0, 32), (1, 16), (2, 32)]  # q|k merged
+    w = torch.cat([u.float() * s.repeat_interleave(gr, 1) + z.repeat_interleave(gr, 1)
+                   for u, s, z, gr in parts])  # fmt: skip
+    x = torch.randn(5, k, generator=g)
+    exact = torch.nn.functional.linear(x.bfloat16().double(), w.double(), lin.bias.double())
+    assert (lin(x).double() - exact).abs().max() / exact.abs().max() < 1e-6
+    assert (lin.dequantized() - w).abs().max() < 1e-6
+
+
+def test_tiny_model_q4_matches_dequantized_and_is_row_invariant(kernel, tmp_path):
     kinds = {"token_embd": "Q8_0", "attn_v": "Q5_0", "ffn_down": "Q4_0"}
     ref, model, path = _tiny(tmp_path, kinds)
     apply_q4(model, path)
-    assert isinstance(model.output, Q4Linear) and model.output.planes == 2
-    assert model.layers[0].attention.wqkv.planes == 2  # q|k Q4_1 with v Q5_0
-    assert model.layers[0].feed_forward.w13.planes == 1
+    assert isinstance(model.output, Q4Linear) and model.output.kernel == kernel
+    if kernel == "aten-int4":
+        assert model.output.planes == 2
+        assert model.layers[0].attention.wqkv.planes == 2  # q|k Q4_1 with v Q5_0
+        assert model.layers[0].feed_forward.w13.planes == 1
+    else:
+        assert len(model.layers[0].attention.wqkv._segments) == 2  # q|k nibbles, v bytes
+        assert len(model.layers[0].feed_forward.w13._segments) == 1
     for lin, want in (
         (model.layers[1].attention.wqkv, ref.layers[1].attention.wqkv.weight),
         (model.layers[1].feed_forward.w2, ref.layers[1].feed_forward.w2.weight),
     ):
         got = lin.dequantized()
-        assert (got - want).abs().max() < 0.02 * want.abs().max()
+        tol = 0.02 if kernel == "aten-int4" else 1e-6  # bfloat16 scales vs the GGUF's own
+        assert (got - want).abs().max() <= tol * want.abs().max()
     ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         a = ref(ids, ref.new_cache(64))
@@ -169,6 +223,25 @@ def test_tiny_model_q4_matches_dequantized_and_is_row_invariant(tmp_path):
         for t in (2, 5, 10):
             cache.truncate(30)
             assert torch.equal(model(ids[30 : 30 + t], cache), steps[:t]), t
+
+
+def test_the_kernel_is_built_once_per_machine(tmp_path):
+    """A second process loads the cached library instead of compiling again."""
+    import subprocess
+    import sys
+
+    if not q4kernel.cpu_supported():
+        pytest.skip("this CPU has no AVX512-BF16")
+    code = (
+        "import time; from veridraft.models import q4kernel; t = time.perf_counter(); "
+        "m = q4kernel.load(); print(m is not None, round(time.perf_counter() - t, 2))"
+    )
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert first.stdout.startswith("True"), first.stderr[-2000:]
+    folder = q4kernel.build_dir()
+    assert any(folder.glob("*.so"))
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert second.stdout.startswith("True") and "compiling" not in second.stderr
 
 
 def test_a_type_without_a_path_is_a_clear_error(tmp_path):

@@ -1,38 +1,41 @@
-"""`precision="q4"`: the GGUF's own quantized blocks, kept quantized, multiplied by a 4-bit kernel.
+"""`precision="q4"`: the GGUF's own quantized blocks, kept quantized, multiplied as they are.
 
 The catalog's float32 weights are the de-quantized values of the GGUF's blocks; this mode reads
-the blocks themselves from the GGUF the model was converted from and repacks them for
-`torch.ops.aten._weight_int4pack_mm_for_cpu` (group-wise scale and zero, group 32, bfloat16
-activations: the only activation type that is fast on the CPU). The kernel computes
+the blocks themselves from the GGUF the model was converted from. Every supported block format
+is `w = u * s + z`: an unsigned code u and one float32 scale and zero per group of a row (32
+weights; Q6_K's sub-blocks are 16 wide, Q4_K's 32). Two kernels multiply them:
 
-    w = (code - 8) * scale + zero          code in 0..15, one scale and zero per 32 weights of a row
+**veridraft's own kernel** (models/q4kernel.cpp, compiled once per machine; AVX512-BF16 CPUs).
+Scale and zero stay the GGUF's exact float32 values; the codes are expanded to bfloat16 once per
+16 outputs x group and multiplied into up to 8 activation rows at a time (vdpbf16ps: exact
+products, float32 sums), so a forward over 8 tokens reads the weights once.
 
-Every supported block format is `w = u * s + z` with an unsigned code u and one (s, z) per 32
-weights (Q4_K's sub-blocks are 32 wide), so:
+| GGUF type             | codes        | bytes read per weight (codes + float32 scale and zero) |
+|-----------------------|--------------|------------------------------------------------------|
+| Q4_0, Q4_1, Q4_K      | 4-bit pairs  | 0.75                                                 |
+| Q5_0, Q5_1            | one byte     | 1.25                                                 |
+| Q8_0                  | one byte     | 1.25                                                 |
+| Q6_K (16-wide groups) | one byte     | 1.5                                                  |
 
-| GGUF type          | bits of u | kernel planes | bytes read per weight |
-|--------------------|-----------|---------------|-----------------------|
-| Q4_0, Q4_1, Q4_K   | 4         | 1             | 0.625 (4 bits + bf16 scale and zero per 32) |
-| Q5_0, Q5_1, Q8_0   | 5, 8      | 2             | 1.25                  |
+A fused linear (q|k|v, gate|up) keeps each part in its own layout (one call per run of parts
+that share one).
 
-A wider code is split into two 4-bit planes, u = lo + 16 * hi, multiplied as one matmul over twice
-the rows (plane `hi` with scale 16 s) whose two halves are summed in float32. A fused linear
-(q|k|v, gate|up) takes the planes of its widest part. Q6_K has 16-wide sub-blocks (the kernel's
-smallest group is 32) and no group-wise 8-bit kernel exists in torch: a linear with a Q6_K part
-falls back to `bf16` mode's kernel on its de-quantized weights (2 bytes per weight; gemma3-270m's
-down projections). F16/BF16/F32 matrices and the other K- and I-quants have no path: loading
-fails naming the tensor and its type.
+**torch's int4 kernel** (`aten._weight_int4pack_mm_for_cpu`, group 32, bfloat16 activations),
+where the own kernel cannot be built or the CPU lacks AVX512-BF16 (q4kernel.load says why). Its
+scale and zero are bfloat16 (8-bit mantissa, where the GGUF stores float16 d, m, dmin and Q4_K's
+up-to-17-bit products), each plane's output is rounded to bfloat16, a wider code is split into two
+4-bit planes (u = lo + 16 hi, 1.25 bytes per weight), and a linear with a Q6_K part runs `bf16`
+mode's kernel on its de-quantized weights. It re-expands the codes for every block of rows, so a
+forward over 8 tokens costs ~2.5 one-token forwards.
 
-Where the kernel cannot hold the GGUF's values exactly: scale and zero are bfloat16 (8-bit
-mantissa) where the GGUF stores float16 (11 bits) d, m, dmin, and Q4_K's d*sc, dmin*m products
-(up to 17 bits); the activations are rounded to bfloat16 as in `bf16` mode and each plane's output
-is rounded to bfloat16. docs/precision.md gives the measured difference from the de-quantized
-float32 model. The embedding table is the de-quantized table in bfloat16 (one row read per
-token), as in `bf16` mode.
+Both round the activations to bfloat16, as in `bf16` mode. docs/precision.md gives the measured
+difference from the de-quantized float32 model. F16/BF16/F32 matrices and the other K- and
+I-quants have no path: loading fails naming the tensor and its type. The embedding table is the
+de-quantized table in bfloat16 (one row read per token), as in `bf16` mode.
 
-Batch-invariant: the kernel's row i does not depend on the other rows (checked for M = 1..17 on
-the catalog shapes by tests/models/test_q4.py), and attention runs row by row as in the other
-packed modes, so speculative decoding in q4 reproduces plain q4 decoding exactly.
+Batch-invariant: either kernel's row i does not depend on the other rows (checked for M = 1..17
+by tests/models/test_q4.py), and attention runs row by row as in the other packed modes, so
+speculative decoding in q4 reproduces plain q4 decoding exactly.
 """
 
 from __future__ import annotations
@@ -46,19 +49,28 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import VeridraftError
+from . import q4kernel
 from .precision import PackedLinear
 
-GROUP = 32
-# GGUF type name -> (bytes per block, weights per block, bits of the unsigned code)
+GROUP = 32  # the group of torch's int4 kernel, and of every block format but Q6_K
+# GGUF type name -> (bytes per block, weights per block, bits of the unsigned code, group)
 BLOCKS = {
-    "Q4_0": (18, 32, 4),
-    "Q4_1": (20, 32, 4),
-    "Q4_K": (144, 256, 4),
-    "Q5_0": (22, 32, 5),
-    "Q5_1": (24, 32, 5),
-    "Q8_0": (34, 32, 8),
+    "Q4_0": (18, 32, 4, 32),
+    "Q4_1": (20, 32, 4, 32),
+    "Q4_K": (144, 256, 4, 32),
+    "Q5_0": (22, 32, 5, 32),
+    "Q5_1": (24, 32, 5, 32),
+    "Q8_0": (34, 32, 8, 32),
+    "Q6_K": (210, 256, 6, 16),
 }
-BF16_FALLBACK = ("Q6_K",)  # no 4-bit path; the linear runs bf16 mode's kernel (docstring)
+# types only the veridraft kernel takes (16-wide groups); with torch's kernel such a linear runs
+# bf16 mode's kernel on its de-quantized weights
+KERNEL_ONLY = ("Q6_K",)
+
+
+def group_of(kind: str) -> int:
+    """Weights per (scale, zero) pair of a block type."""
+    return BLOCKS[kind][3]
 
 
 def _f16(raw: np.ndarray, at: int) -> np.ndarray:
@@ -77,13 +89,48 @@ def _high_bits(qh: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint8) << 4
 
 
+def _q6k(raw: np.ndarray):
+    """Q6_K: 128 bytes of low nibbles, 64 of 2-bit high parts, 16 int8 scales, float16 d.
+    Weight i of a block is d * sc[i / 16] * (q - 32), q = 6 bits (ggml's dequantize_row_q6_K)."""
+    ql, qh = raw[:, :128].reshape(-1, 2, 64), raw[:, 128:192].reshape(-1, 2, 32)
+    sc = raw[:, 192:208].copy().view(np.int8).astype(np.float32)
+    lo = np.stack(
+        (ql[:, :, :32] & 15, ql[:, :, 32:] & 15, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4), axis=2
+    )
+    hi = np.stack([(qh >> (2 * j)) & 3 for j in range(4)], axis=2)
+    u = (lo | (hi << 4)).reshape(-1, 256).astype(np.uint8)
+    s = _f16(raw, 208)[:, None] * sc  # exact: an 11-bit by 8-bit product
+    return u, s, -32 * s
+
+
+def two_level(kind: str, raw: np.ndarray, rows: int, cols: int):
+    """A K-quant's scales as stored: (D, c, M, m) with s = D * c and z = M * m, D and M float32
+    [rows, cols / 256], c and m int8 [rows, cols / group]; None for the other types."""
+    if kind not in ("Q4_K", "Q6_K"):
+        return None
+    nbytes = BLOCKS[kind][0]
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, nbytes)
+    if kind == "Q6_K":
+        d = _f16(raw, 208)
+        sc = raw[:, 192:208].copy().view(np.int8)
+        out = (d, sc, -32 * d, sc)
+    else:
+        q = raw[:, 4:16]
+        sc = np.concatenate((q[:, 0:4] & 63, (q[:, 8:12] & 15) | ((q[:, 0:4] >> 6) << 4)), 1)
+        mn = np.concatenate((q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)), 1)
+        out = (_f16(raw, 0), sc.astype(np.int8), -_f16(raw, 2), mn.astype(np.int8))
+    return tuple(a.reshape(rows, -1) for a in out)
+
+
 def decode_blocks(kind: str, raw: np.ndarray, rows: int, cols: int):
     """GGUF blocks of a [rows, cols] matrix -> (u uint8 [rows, cols], s, z float32
-    [rows, cols/32]) with weight = u * s + z exactly (float32 arithmetic, as GGUF's own
-    de-quantization)."""
+    [rows, cols / group_of(kind)]) with weight = u * s + z exactly (float32 arithmetic, as
+    GGUF's own de-quantization)."""
     if kind not in BLOCKS:
         raise KeyError(kind)
-    nbytes, per, _ = BLOCKS[kind]
+    nbytes, per, _, group = BLOCKS[kind]
+    if cols % per:
+        raise VeridraftError(f"a {kind} row of {cols} weights is not whole blocks of {per}")
     raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, nbytes)
     if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
         d = _f16(raw, 0)
@@ -99,6 +146,8 @@ def decode_blocks(kind: str, raw: np.ndarray, rows: int, cols: int):
         else:  # Q5_1
             u, z = _nibbles(raw[:, 8:]) | _high_bits(raw[:, 4:8]), _f16(raw, 2)
         s = d
+    elif kind == "Q6_K":
+        u, s, z = _q6k(raw)
     else:  # Q4_K: d, dmin, 12 bytes of 6-bit sub-block scales and mins, 128 bytes of codes
         d, dmin = _f16(raw, 0), _f16(raw, 2)
         q = raw[:, 4:16].astype(np.uint8)
@@ -111,24 +160,82 @@ def decode_blocks(kind: str, raw: np.ndarray, rows: int, cols: int):
         u = np.stack((qs & 15, qs >> 4), axis=2).reshape(-1, 256)
         s = d[:, None] * sc.astype(np.float32)
         z = -(dmin[:, None] * mn.astype(np.float32))
-    if cols % per:
-        raise VeridraftError(f"a {kind} row of {cols} weights is not whole blocks of {per}")
     return (
         u.reshape(rows, cols),
-        s.reshape(rows, cols // GROUP).astype(np.float32),
-        z.reshape(rows, cols // GROUP).astype(np.float32),
+        s.reshape(rows, cols // group).astype(np.float32),
+        z.reshape(rows, cols // group).astype(np.float32),
     )
 
 
 class Q4Linear(nn.Module):
-    """y = x @ W.T + b with W as 4-bit codes in one or two planes (see the module docstring);
-    x and y are float32 [M, in] / [M, out]."""
+    """y = x @ W.T + b with W as the GGUF's codes (see the module docstring); x and y are
+    float32 [M, in] / [M, out]. `Q4Linear(u, s, z, bias, group)` holds one matrix;
+    `Q4Linear.from_parts` a fused one (q|k|v, gate|up) whose parts may differ in block type."""
 
     precision = "q4"
 
-    def __init__(self, u: Tensor, s: Tensor, z: Tensor, bias: Tensor | None) -> None:
+    def __init__(
+        self, u: Tensor, s: Tensor, z: Tensor, bias: Tensor | None = None, group: int = GROUP
+    ) -> None:
         super().__init__()
-        self.out_features, self.in_features = u.shape
+        self._build([(u, s, z, group)], bias)  # one matrix; scales as float16 or float32
+
+    @classmethod
+    def from_parts(cls, parts: list[tuple], bias: Tensor | None = None) -> Q4Linear:
+        """parts: (u, s, z, group) or (u, s, z, group, two_level) per stacked matrix, in output
+        order (two_level: see `two_level`)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._build(parts, bias)
+        return self
+
+    def _build(self, parts: list[tuple], bias: Tensor | None) -> None:
+        self.out_features = sum(int(p[0].shape[0]) for p in parts)
+        self.in_features = int(parts[0][0].shape[1])
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
+        tiles = self.in_features % 32 == 0 and all(p[0].shape[0] % 16 == 0 for p in parts)
+        self._kernel = q4kernel.load() if tiles else None
+        if self._kernel is None and any(p[3] != GROUP for p in parts):
+            raise VeridraftError(
+                "a q4 linear with 16-wide groups (Q6_K) needs veridraft's q4 kernel "
+                "(docs/precision.md); use precision='bf16'"
+            )
+        if self._kernel is not None:
+            self._build_segments(parts)
+        else:
+            self._build_int4pack(parts)
+
+    def _build_segments(self, parts: list[tuple]) -> None:
+        # adjacent parts with the same layout and group run as one kernel call
+        merged: list[list] = []
+        for part in parts:
+            u, s, z = (np.asarray(t.numpy() if isinstance(t, Tensor) else t) for t in part[:3])
+            group, two = part[3], part[4] if len(part) > 4 else None
+            top = int(u.max()) if u.size else 0
+            kind = (0 if top <= 15 else 1 if top <= 63 else 2, group, two is not None)
+            if merged and merged[-1][0] == kind:
+                last = merged[-1]
+                last[1:4] = [np.concatenate((a, b)) for a, b in zip(last[1:4], (u, s, z))]
+                if two is not None:
+                    last[4] = tuple(np.concatenate((a, b)) for a, b in zip(last[4], two))
+            else:
+                merged.append([kind, u, s, z, two])
+        self._segments, col = [], 0
+        for i, ((_, group, _), u, s, z, two) in enumerate(merged):
+            mode, scales, codes, sa, sb = q4kernel.pack(u, s, z, group, two)
+            for name, t in (("codes", codes), ("sa", sa), ("sb", sb)):
+                self.register_buffer(f"{name}{i}", t)
+            n = u.shape[0]
+            bias = None if self.bias is None else self.bias.data[col : col + n]
+            self._segments.append((col, mode, group, scales, i, bias))
+            col += n
+        self.planes = 0  # int4pack's planes: none
+
+    def _build_int4pack(self, parts: list[tuple]) -> None:
+        u = torch.cat([torch.as_tensor(p[0]) for p in parts])
+        s = torch.cat([torch.as_tensor(p[1]) for p in parts])
+        z = torch.cat([torch.as_tensor(p[2]) for p in parts])
+        self._segments = None
         self.planes = 2 if int(u.max()) > 15 else 1
         u32 = u.to(torch.int32)
         if self.planes == 1:
@@ -150,16 +257,29 @@ class Q4Linear(nn.Module):
         # [in/32, rows, 2] as the kernel wants it
         sz = torch.stack((scale, zero), -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.register_buffer("scales_zeros", sz)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
+
+    @property
+    def kernel(self) -> str:
+        """Which kernel runs this linear: "veridraft" or "aten-int4"."""
+        return "aten-int4" if self._segments is None else "veridraft"
 
     @property
     def weight_nbytes(self) -> int:
         """Bytes of codes, scales and zeros one forward reads."""
-        b = self.packed.numel() * self.packed.element_size()
-        b += self.scales_zeros.numel() * self.scales_zeros.element_size()
+        b = sum(t.numel() * t.element_size() for t in self.buffers())
         return b + (0 if self.bias is None else 4 * self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._segments is not None:
+            if x.dtype != torch.float32 or not x.is_contiguous():
+                x = x.float().contiguous()
+            y = x.new_empty(x.shape[0], self.out_features)
+            run = self._kernel.q4_linear
+            buf = self._buffers
+            for col, mode, group, scales, i, bias in self._segments:
+                run(x, y, col, buf[f"codes{i}"], buf[f"sa{i}"], buf[f"sb{i}"], bias,
+                    mode, group, scales)  # fmt: skip
+            return y
         if x.shape[0] == 0:
             return x.new_zeros(0, self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -176,15 +296,18 @@ class Q4Linear(nn.Module):
         """The float32 weights this module multiplies by (for tests and error reports)."""
         eye = torch.eye(self.in_features)
         b, self.bias = self.bias, None
+        segments = self._segments
+        if segments is not None:
+            self._segments = [(*seg[:-1], None) for seg in segments]
         try:
             return self.forward(eye).t().contiguous()
         finally:
-            self.bias = b
+            self.bias, self._segments = b, segments
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, precision=q4, planes={self.planes}"
+            f"bias={self.bias is not None}, precision=q4, kernel={self.kernel}"
         )
 
 
@@ -345,16 +468,16 @@ def apply_q4(model: nn.Module, gguf_path: str | Path) -> nn.Module:
                 if part not in tensors:
                     raise VeridraftError(f"{gguf_path} lacks tensor {part!r}; re-pull the model")
                 kind = tensors[part].kind
-                if kind not in BLOCKS and kind not in BF16_FALLBACK:
+                if kind not in BLOCKS:
                     raise VeridraftError(
                         f"{part} in {gguf_path} is {kind}: precision 'q4' has no kernel for "
-                        f"that type (it takes {', '.join((*BLOCKS, *BF16_FALLBACK))}); "
-                        "use precision='bf16'"
+                        f"that type (it takes {', '.join(BLOCKS)}); use precision='bf16'"
                     )
-            if any(tensors[p].kind in BF16_FALLBACK for p in parts):
+            kinds = {tensors[p].kind for p in parts}
+            if kinds & set(KERNEL_ONLY) and q4kernel.load() is None:
                 setattr(parent, cname, PackedLinear(w32, child.bias, "bf16"))
                 continue
-            us, ss, zs, row = [], [], [], 0
+            pieces, row = [], 0
             for part in parts:
                 t = tensors[part]
                 kind = t.kind
@@ -367,17 +490,11 @@ def apply_q4(model: nn.Module, gguf_path: str | Path) -> nn.Module:
                         f"{part} in {gguf_path} does not de-quantize to the model's {name} "
                         "weights: the GGUF is not the one this folder was converted from"
                     )
-                us.append(u[order])
-                ss.append(s[order])
-                zs.append(z[order])
+                two = two_level(kind, t.data, rows, cols)
+                two = None if two is None else tuple(a[order] for a in two)
+                pieces.append((u[order], s[order], z[order], group_of(kind), two))
                 row += rows
-            bias = child.bias
-            q = Q4Linear(
-                torch.from_numpy(np.concatenate(us)),
-                torch.from_numpy(np.concatenate(ss)),
-                torch.from_numpy(np.concatenate(zs)),
-                bias,
-            )
+            q = Q4Linear.from_parts(pieces, child.bias)
             setattr(parent, cname, q)
     emb = getattr(model, "tok_embeddings", None)
     if isinstance(emb, nn.Embedding):
@@ -397,7 +514,8 @@ def _match_rows(u, s, z, ref: Tensor, heads: int | None) -> np.ndarray | None:
     sample = np.unique(np.linspace(0, rows - 1, 9).astype(int))
     for order in orders:
         r = order[sample]
-        w = u[r].astype(np.float32) * np.repeat(s[r], GROUP, 1) + np.repeat(z[r], GROUP, 1)
+        group = u.shape[1] // s.shape[1]
+        w = u[r].astype(np.float32) * np.repeat(s[r], group, 1) + np.repeat(z[r], group, 1)
         want = ref[sample].numpy()
         if np.allclose(w, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max() + 1e-30)):
             return order

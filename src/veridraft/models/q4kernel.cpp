@@ -1,0 +1,249 @@
+// A CPU kernel for q4 mode: y[:, col:col+N] = x @ W.T (+ bias), W kept as the GGUF's own codes.
+//
+// Why not aten._weight_int4pack_mm_for_cpu: it re-expands the 4-bit codes for every block of
+// rows (a forward over 8 tokens costs ~2.5x one, which eats speculative decoding's gain), and its
+// scale and zero are bfloat16 where the GGUF's are exact float32 products. Here each 16-output x
+// group tile of codes is expanded once into bfloat16 vectors and multiplied into up to 8 rows
+// held in registers, and scale and zero stay float32.
+//
+// Weights: w[n, k] = u[n, k] * s[n, g] + z[n, g], g = k / G, G = 16 or 32, u an unsigned code.
+// Per row and group: acc = sum_k x[k] * u[n, k] (bfloat16 products, exact in float32, summed in
+// float32 by vdpbf16ps), then y += acc * s + z * sum_k x[k]. Every row runs the same instruction
+// sequence whatever the number of rows, so row i of the result does not depend on the others
+// (speculative verification over T rows reproduces T one-row forwards bit for bit).
+//
+// Layout (built by models/q4.py): outputs in blocks of 16, then groups, then
+//   NIB   (u <= 15): G/4 chunks of 32 bytes; byte e of chunk c holds element e of k-pair vector
+//                    2c in its low nibble and of vector 2c+1 in its high nibble;
+//   BYTE6 (u <= 63): G/2 vectors of 32 bytes, one code per byte;
+//   INT8  (signed):  G/2 vectors of 32 int8 (u - 128; the zero carries the + 128 s).
+// Element 2o+p of k-pair vector j is the code of output o at k = 2j + p (vdpbf16ps pairs).
+// Scale and zero of group g, per 16 outputs (all exact: the GGUF's own values or products):
+//   F32: s, z float32 [N/16, K/G, 16];
+//   F16: s, z float16 [N/16, K/G, 16] (formats whose per-block values are float16: Q4_0..Q8_0);
+//   K2:  two levels, as K-quants store them: sa float32 [N/16, K/256, 2, 16] (D, M per 256
+//        weights) and sb int8 [N/16, K/G, 2, 16] (c, m per group); s = D * c, z = M * m.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+enum Mode : int64_t { NIB = 0, BYTE6 = 1, INT8 = 2 };
+enum Scales : int64_t { F32 = 0, F16 = 1, K2 = 2 };
+constexpr int64_t MAX_ROWS = 4;  // rows per register tile
+// accumulators per row: a fixed number (the order of the sums must not depend on the rows)
+constexpr int CHAINS = 4;
+
+uint16_t bf16_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return static_cast<uint16_t>(b >> 16);  // small integers are exact in bfloat16
+}
+
+struct Tables {
+  __m512i nib, lo, hi;
+  Tables() {
+    alignas(64) uint16_t t[96];
+    for (int i = 0; i < 32; ++i) t[i] = bf16_bits(static_cast<float>(i & 15));
+    for (int i = 0; i < 64; ++i) t[32 + i] = bf16_bits(static_cast<float>(i));
+    nib = _mm512_load_si512(t);
+    lo = _mm512_load_si512(t + 32);
+    hi = _mm512_load_si512(t + 64);
+  }
+};
+
+inline __m512 dp(__m512 acc, __m512i w, uint32_t xpair) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_set1_epi32(static_cast<int>(xpair)));
+}
+
+// One block of 16 outputs for R rows starting at row r0.
+template <int SC>
+inline void group_scales(int64_t g, int64_t gps, const uint8_t* sa, const uint8_t* sb, __m512& sv,
+                         __m512& zv) {
+  if constexpr (SC == F32) {
+    sv = _mm512_loadu_ps(reinterpret_cast<const float*>(sa) + g * 16);
+    zv = _mm512_loadu_ps(reinterpret_cast<const float*>(sb) + g * 16);
+  } else if constexpr (SC == F16) {
+    sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sa + g * 32)));
+    zv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + g * 32)));
+  } else {
+    const float* dm = reinterpret_cast<const float*>(sa) + (g / gps) * 32;
+    const uint8_t* cm = sb + g * 32;
+    const __m512 c = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cm))));
+    const __m512 m = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cm + 16))));
+    sv = _mm512_mul_ps(_mm512_loadu_ps(dm), c);
+    zv = _mm512_mul_ps(_mm512_loadu_ps(dm + 16), m);
+  }
+}
+
+template <int R, int MODE, int G, int SC>
+void tile(const Tables& tb, const uint32_t* xb, const float* xs, int64_t K, const uint8_t* codes,
+          const uint8_t* sa, const uint8_t* sb, const float* bias, float* y, int64_t ldy) {
+  constexpr int64_t BPG = MODE == NIB ? G * 8 : G * 16;  // code bytes per 16 outputs x G
+  const int64_t ng = K / G, kp = K / 2;                   // groups, k-pairs per row
+  __m512 tot[R];
+  for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const uint8_t* c = codes + g * BPG;
+    const int64_t p0 = g * (G / 2);
+    // A accumulators per row, vector j feeding chain j % A: enough independent chains of
+    // vdpbf16ps in flight to cover its latency when the tile has few rows
+    constexpr int A = CHAINS;
+    __m512 acc[R][A];
+    for (int r = 0; r < R; ++r)
+      for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
+    if constexpr (MODE == NIB) {
+      // unrolled in full: chain indices must be constants for the accumulators to stay in
+      // registers
+#pragma GCC unroll 8
+      for (int q = 0; q < G / 4; ++q) {
+        const __m512i w = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * q)));
+        const __m512i a = _mm512_permutexvar_epi16(w, tb.nib);
+        const __m512i b = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), tb.nib);
+        for (int r = 0; r < R; ++r) {
+          __m512* ar = acc[r];
+          ar[(2 * q) % A] = dp(ar[(2 * q) % A], a, xb[r * kp + p0 + 2 * q]);
+          ar[(2 * q + 1) % A] = dp(ar[(2 * q + 1) % A], b, xb[r * kp + p0 + 2 * q + 1]);
+        }
+      }
+    } else {
+#pragma GCC unroll 16
+      for (int j = 0; j < G / 2; ++j) {
+        const uint8_t* v = c + 32 * j;
+        __m512i w;
+        if constexpr (MODE == BYTE6) {
+          w = _mm512_permutex2var_epi16(
+              tb.lo, _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))),
+              tb.hi);
+        } else {
+          const __m512 f0 = _mm512_cvtepi32_ps(
+              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v))));
+          const __m512 f1 = _mm512_cvtepi32_ps(
+              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16))));
+          w = (__m512i)_mm512_cvtne2ps_pbh(f1, f0);  // low half from f0: elements 0..15
+        }
+        for (int r = 0; r < R; ++r) acc[r][j % A] = dp(acc[r][j % A], w, xb[r * kp + p0 + j]);
+      }
+    }
+    __m512 sv, zv;
+    group_scales<SC>(g, 256 / G, sa, sb, sv, zv);
+    for (int r = 0; r < R; ++r) {
+      // a fixed pairwise sum of the chains: the same for every number of rows
+      for (int w = A / 2; w >= 1; w /= 2)
+        for (int a = 0; a < w; ++a) acc[r][a] = _mm512_add_ps(acc[r][a], acc[r][a + w]);
+      tot[r] = _mm512_fmadd_ps(acc[r][0], sv, tot[r]);
+      tot[r] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[r * ng + g]), tot[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (bias) tot[r] = _mm512_add_ps(tot[r], _mm512_loadu_ps(bias));
+    _mm512_storeu_ps(y + r * ldy, tot[r]);
+  }
+}
+
+template <int MODE, int G, int SC>
+void rows(int64_t R, const Tables& tb, const uint32_t* xb, const float* xs, int64_t K,
+          const uint8_t* codes, const uint8_t* sa, const uint8_t* sb, const float* bias, float* y,
+          int64_t ldy) {
+  switch (R) {
+#define VERIDRAFT_ROWS(n) \
+  case n:                 \
+    return tile<n, MODE, G, SC>(tb, xb, xs, K, codes, sa, sb, bias, y, ldy);
+    VERIDRAFT_ROWS(1) VERIDRAFT_ROWS(2) VERIDRAFT_ROWS(3) VERIDRAFT_ROWS(4)
+
+#undef VERIDRAFT_ROWS
+  }
+}
+
+using RowsFn = void (*)(int64_t, const Tables&, const uint32_t*, const float*, int64_t,
+                        const uint8_t*, const uint8_t*, const uint8_t*, const float*, float*,
+                        int64_t);
+
+// The variants the GGUF block types need (models/q4.py picks one per fused part).
+RowsFn pick(int64_t mode, int64_t group, int64_t scales) {
+#define VERIDRAFT_PICK(m, g, sc) \
+  if (mode == m && group == g && scales == sc) return rows<m, g, sc>;
+  VERIDRAFT_PICK(NIB, 32, F32) VERIDRAFT_PICK(NIB, 32, F16) VERIDRAFT_PICK(NIB, 32, K2)
+  VERIDRAFT_PICK(NIB, 16, F32) VERIDRAFT_PICK(NIB, 16, K2)
+  VERIDRAFT_PICK(BYTE6, 32, F32) VERIDRAFT_PICK(BYTE6, 32, F16)
+  VERIDRAFT_PICK(BYTE6, 16, F32) VERIDRAFT_PICK(BYTE6, 16, K2)
+  VERIDRAFT_PICK(INT8, 32, F32) VERIDRAFT_PICK(INT8, 32, F16) VERIDRAFT_PICK(INT8, 16, F32)
+#undef VERIDRAFT_PICK
+  TORCH_CHECK(false, "q4 kernel: no variant for layout ", mode, ", group ", group, ", scales ",
+              scales);
+}
+
+// x float32 [M, K] -> bfloat16 bits (round to nearest even, as Tensor.to(torch.bfloat16) does
+// for finite values) and the float32 sum of each group's rounded values.
+void prepare(const float* x, int64_t M, int64_t K, int64_t G, uint16_t* xb, float* xs) {
+  const int64_t ng = K / G;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < ng; ++g) {
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+        const __m512i b = _mm512_castps_si512(_mm512_loadu_ps(x + m * K + k));
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+        const __m512i r = _mm512_srli_epi32(
+            _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + m * K + k), _mm512_cvtepi32_epi16(r));
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(r, 16)));
+      }
+      xs[m * ng + g] = _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
+void q4_linear(const at::Tensor& x, at::Tensor& y, int64_t col, const at::Tensor& codes,
+               const at::Tensor& sa, const at::Tensor& sb, const c10::optional<at::Tensor>& bias,
+               int64_t mode, int64_t group, int64_t scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "q4 kernel: x must be contiguous float32 [M, K]");
+  TORCH_CHECK(y.dim() == 2 && y.scalar_type() == at::kFloat && y.stride(1) == 1,
+              "q4 kernel: y must be float32 [M, *] with unit column stride");
+  const int64_t M = x.size(0), K = x.size(1), nb = codes.size(0), N = nb * 16;
+  TORCH_CHECK(K % 32 == 0 && K % group == 0 && codes.size(1) * group == K,
+              "q4 kernel: K does not match the codes");
+  TORCH_CHECK(scales != K2 || K % 256 == 0, "q4 kernel: two-level scales need K % 256 == 0");
+  TORCH_CHECK(codes.is_contiguous() && sa.is_contiguous() && sb.is_contiguous() &&
+                  sa.size(0) == nb && sb.size(0) == nb,
+              "q4 kernel: codes and scales must be contiguous, one block per 16 outputs");
+  TORCH_CHECK(y.size(0) == M && col + N <= y.size(1), "q4 kernel: y is too small");
+  if (M == 0) return;
+  static const Tables tb;
+  const RowsFn fn = pick(mode, group, scales);
+  const int64_t ng = K / group, bpb = codes.size(1) * codes.size(2);
+  std::vector<uint16_t> xb(M * K);
+  std::vector<float> xs(M * ng);
+  prepare(x.data_ptr<float>(), M, K, group, xb.data(), xs.data());
+  const auto* xp = reinterpret_cast<const uint32_t*>(xb.data());
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const auto* sap = static_cast<const uint8_t*>(sa.data_ptr());
+  const auto* sbp = static_cast<const uint8_t*>(sb.data_ptr());
+  const int64_t sas = sa.nbytes() / nb, sbs = sb.nbytes() / nb;  // bytes per block of outputs
+  const float* bp = bias && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>() + col;
+  const int64_t ldy = y.stride(0);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
+        fn(std::min(MAX_ROWS, M - r0), tb, xp + r0 * (K / 2), xs.data() + r0 * ng, K,
+           cp + b * bpb, sap + b * sas, sbp + b * sbs, bp ? bp + b * 16 : nullptr,
+           yp + r0 * ldy + b * 16, ldy);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q4_linear", &q4_linear, "y[:, col:col+N] = x @ W.T (+ bias) from packed codes");
+}

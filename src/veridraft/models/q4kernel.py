@@ -1,0 +1,165 @@
+"""Build, cache and load q4 mode's own CPU kernel (q4kernel.cpp), and pack weights for it.
+
+The kernel needs AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and
+later) and a C++ compiler. It is compiled once per source, torch version and compiler into
+``$VERIDRAFT_HOME/kernels/`` (about a minute on two cores; later processes load the built
+library). Where it cannot be built or the CPU lacks the instructions, q4 mode falls back to
+torch's int4 kernel, says why once, and stays correct. ``VERIDRAFT_Q4_KERNEL=aten`` forces
+the fallback (for comparisons)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOURCE = Path(__file__).with_name("q4kernel.cpp")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+NIB, BYTE6, INT8 = 0, 1, 2  # code layouts, as in q4kernel.cpp
+F32, F16, K2 = 0, 1, 2  # scale layouts
+
+_loaded: dict[str, object] = {}
+
+
+def cpu_supported() -> bool:
+    """True when the CPU has the AVX512-BF16 instructions the kernel uses (Linux /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags and " avx512bw" in flags
+
+
+def _home() -> Path:
+    return Path(os.environ.get("VERIDRAFT_HOME", "~/.cache/veridraft")).expanduser()
+
+
+def _compiler_id() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+
+
+def build_dir() -> Path:
+    """Where the built kernel lives: one folder per source, torch version, compiler and flags."""
+    key = hashlib.sha256(
+        SOURCE.read_bytes()
+        + torch.__version__.encode()
+        + _compiler_id().encode()
+        + " ".join(FLAGS).encode()
+    ).hexdigest()[:16]
+    return _home() / "kernels" / f"q4-{key}"
+
+
+def load() -> object | None:
+    """The compiled kernel module, or None (with a one-time warning saying why) when q4 mode has
+    to use torch's int4 kernel instead."""
+    if "module" in _loaded:
+        return _loaded["module"]
+    module, why = None, None
+    if os.environ.get("VERIDRAFT_Q4_KERNEL", "").lower() == "aten":
+        why = ""  # asked for: no warning
+    elif not cpu_supported():
+        why = "this CPU has no AVX512-BF16"
+    else:
+        try:
+            module = _build()
+        except Exception as e:  # compiler missing or failing: q4 still works, slower
+            why = f"building it failed ({str(e).strip().splitlines()[-1][:200]})"
+    if why:
+        warnings.warn(
+            f"q4 mode uses torch's int4 kernel: {why}; its forwards over several tokens cost "
+            "several one-token forwards (docs/performance.md)",
+            stacklevel=3,
+        )
+    _loaded["module"] = module
+    return module
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    folder = build_dir()
+    name = "veridraft_q4_" + folder.name.split("-")[1]
+    built = any(folder.glob(f"{name}*.so"))
+    if not built:
+        print(
+            "veridraft: compiling q4 mode's CPU kernel once for this machine "
+            f"(about a minute; cached in {folder})",
+            file=sys.stderr,
+            flush=True,
+        )
+    # The ninja from PyPI lives next to the interpreter, which need not be on PATH.
+    bindir = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is None and (Path(bindir) / "ninja").exists():
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    folder.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=FLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(folder),
+        verbose=False,
+    )
+
+
+def _fp16_exact(*arrays: np.ndarray) -> bool:
+    with np.errstate(over="ignore"):
+        return all(np.array_equal(a.astype(np.float16).astype(np.float32), a) for a in arrays)
+
+
+def pack(u: np.ndarray, s: np.ndarray, z: np.ndarray, group: int, two_level=None):
+    """Codes u (uint8 [N, K]) with float32 scale s and zero z ([N, K/group]), weight = u * s + z,
+    -> (layout, scale layout, codes, sa, sb) as q4kernel.cpp reads them. `two_level` = (D, c,
+    M, m), D and M float32 [N, K/256], c and m integers [N, K/group] with s = D * c and z = M * m
+    (K-quants): stored so, 0.09 bytes per weight instead of 0.25. Otherwise s and z go as
+    float16 where that holds them exactly, else float32."""
+    n, k = u.shape
+    nb, ng = n // 16, k // group
+    if n % 16 or k % 32 or k % group:
+        raise ValueError(f"a {n} x {k} matrix does not tile into 16 outputs x {group} inputs")
+    top = int(u.max()) if u.size else 0
+    # [nb, ng, G/2 k-pairs, 16 outputs, 2] -> one 32-element vector per k-pair
+    v = u.reshape(nb, 16, ng, group // 2, 2).transpose(0, 2, 3, 1, 4).reshape(nb, ng, -1, 32)
+    s, z = s.astype(np.float32), z.astype(np.float32)
+    if top <= 15:
+        mode = NIB
+        v = v.reshape(nb, ng, group // 4, 2, 32)
+        codes = v[:, :, :, 0] | (v[:, :, :, 1] << 4)
+    elif top <= 63:
+        mode, codes = BYTE6, v
+    else:  # signed bytes u - 128; the zero takes the 128 s
+        mode = INT8
+        codes = (v.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+        z = (z + np.float32(128) * s).astype(np.float32)
+
+    def tiles(a: np.ndarray, dtype) -> torch.Tensor:  # [N, X] -> [nb, X, 16]
+        x = a.reshape(nb, 16, -1).transpose(0, 2, 1)
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype))
+
+    codes = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.uint8).reshape(nb, ng, -1))
+    if two_level is not None and mode != INT8 and k % 256 == 0:
+        d, c, m_, mm = (np.asarray(t) for t in two_level)
+        d, m_ = d.astype(np.float32), m_.astype(np.float32)
+        c8, mm8 = c.astype(np.int8), mm.astype(np.int8)
+        per = 256 // group
+        same = np.array_equal(np.repeat(d, per, 1) * c8.astype(np.float32), s) and np.array_equal(
+            np.repeat(m_, per, 1) * mm8.astype(np.float32), z
+        )
+        if same:
+            sa = torch.stack((tiles(d, np.float32), tiles(m_, np.float32)), 2)
+            sb = torch.stack((tiles(c8, np.int8), tiles(mm8, np.int8)), 2)
+            return mode, K2, codes, sa.contiguous(), sb.contiguous()
+    if _fp16_exact(s, z):
+        return mode, F16, codes, tiles(s, np.float16), tiles(z, np.float16)
+    return mode, F32, codes, tiles(s, np.float32), tiles(z, np.float32)
