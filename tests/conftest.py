@@ -72,3 +72,15 @@ def plain_greedy():
         return list(cache[key])
 
     return get
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: thousands of tiny ops, where OpenMP wake-ups on a busy
+    two-core machine would cost more than the work (modules opt in with `usefixtures`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,13 +18,7 @@ ACCEPT_P = 1e-3  # a correct rule must not be rejected at this level (fixed seed
 REJECT_P = 1e-6  # a wrong rule must be rejected at least this strongly
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Thousands of tiny ops: one thread avoids OpenMP wake-up costs on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chi2_pvalue(counts: np.ndarray, expected_p: np.ndarray) -> float:

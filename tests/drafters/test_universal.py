@@ -96,12 +96,7 @@ def draft_tokenizer() -> Tokenizer:
 PROMPT_TEXT = "ab ca bc a b cab a"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
