@@ -3,7 +3,14 @@ pytest), into $VERIDRAFT_HOME (default ~/.cache/veridraft); nothing is skipped."
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# The shared helpers (tiny random models, exact distributions, chi-square) live beside the drafter
+# tests; every test folder imports them by name.
+sys.path.insert(0, str(Path(__file__).parent / "drafters"))
 
 REAL_FIXTURES = {"real_model_dir", "real_model"}
 

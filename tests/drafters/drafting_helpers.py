@@ -18,6 +18,11 @@ from veridraft.sampling import SamplingParams, probs
 
 DEV = default_questions_path()
 TINY_VOCAB = 16
+# a prompt in which every id of the tiny vocabulary occurs
+PROMPT = [3, 7, 1, 9, 12, 4, 3, 7, 1, 0, 2, 5, 6, 8, 10, 11, 13, 14, 15]
+SAMPLING = SamplingParams(temperature=1.0)
+ACCEPT_P = 1e-3  # a correct rule must not be rejected at this level (fixed seeds: no flakiness)
+REJECT_P = 1e-6  # a wrong rule must be rejected at least this strongly
 
 
 def tiny_llama(
@@ -117,10 +122,10 @@ def chi2_pvalue(counts, expected_p) -> float:
     if small.any():
         obs.append(counts[small].sum())
         e.append(exp[small].sum())
-    if len(obs) == 1:
+    if len(obs) == 1:  # all the mass in one cell, nothing outside it: a perfect fit
         return 1.0
     e = np.asarray(e)
-    e *= sum(obs) / e.sum()
+    e *= sum(obs) / e.sum()  # exact normalisation for scipy
     return float(sps.chisquare(obs, e).pvalue)
 
 
