@@ -26,10 +26,17 @@ REJECT_P = 1e-6  # a wrong rule must be rejected at least this strongly
 
 
 def tiny_llama(
-    folder: Path, seed: int = 0, layers: int = 4, vocab: int = TINY_VOCAB, tie: bool = False
+    folder: Path,
+    seed: int = 0,
+    layers: int = 4,
+    vocab: int = TINY_VOCAB,
+    tie: bool = False,
+    positions: int = 128,
+    init_range: float = 0.25,
 ):
     """A random Llama with peaked-enough next-token distributions for statistical tests
-    (`tie`: the head shares the embedding table, as in both catalog models)."""
+    (`tie`: the head shares the embedding table, as in both catalog models; `init_range` 0.02,
+    transformers' default, gives flat ones)."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         vocab_size=vocab,
@@ -38,8 +45,8 @@ def tiny_llama(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.25,
+        max_position_embeddings=positions,
+        initializer_range=init_range,
         tie_word_embeddings=tie,
     )
     hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
