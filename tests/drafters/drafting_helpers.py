@@ -55,6 +55,22 @@ def tiny_llama(
     return from_folder(folder)
 
 
+def count_trees(drafter) -> dict[str, int]:
+    """Counts the tree proposals of `drafter` in the returned dict's "trees", so that a test
+    knows trees were verified. Its own propose is wrapped in place: the decode loop still sees
+    the drafter itself, with all its attributes."""
+    counts = {"trees": 0}
+    inner = drafter.propose
+
+    def propose(ctx, max_tokens):
+        d = inner(ctx, max_tokens)
+        counts["trees"] += d.parents is not None
+        return d
+
+    drafter.propose = propose
+    return counts
+
+
 def exact_joint(net, prompt: list[int], n: int, sampling: SamplingParams) -> np.ndarray:
     """P(first n generated tokens) as an array of shape [V] * n (exhaustive, tiny V only)."""
     v = net.config.vocab_size
