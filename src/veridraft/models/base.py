@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -651,7 +652,7 @@ def capture_press_attention(
     cap.press_input[layer] = (float(x.mean()), float(x.std()))
 
 
-class Transformer(nn.Module):
+class Transformer(nn.Module, ABC):
     """Embedding -> blocks -> final norm -> head. Subclasses set `layers` and `convert()`, and may override `embed()`."""
 
     def __init__(self, config: ModelConfig, precision: str = "fp32") -> None:
@@ -775,9 +776,9 @@ class Transformer(nn.Module):
 
     # -- loading --
 
+    @abstractmethod
     def convert(self, take: Any) -> dict[str, Tensor]:
         """Map HF tensors (fetched by name through `take`) to this module's state dict."""
-        raise NotImplementedError
 
     def load_hf(self, sd: dict[str, Tensor], source: str) -> None:
         def take(name: str) -> Tensor:

@@ -3,6 +3,7 @@ the step that turns a full prompt cache into a CompactKVCache (lossy)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,7 +60,7 @@ def to_float(value: str, name: str, key: str, lo: float, hi: float) -> float:
 
 
 @dataclass
-class Press:
+class Press(ABC):
     """A KV-compression policy (lossy). Subclasses set `name`, `params`, what they need from the
     prefill (`rows`, `colsum`) and implement `select`."""
 
@@ -89,9 +90,9 @@ class Press:
     def capture(self) -> Capture:
         return Capture(press_rows=self.rows, press_colsum=self.colsum)
 
+    @abstractmethod
     def select(self, net, cache: KVCache, cap: Capture) -> list[list[Tensor]]:
         """Per layer, per KV head: the prompt positions to keep (sorted)."""
-        raise NotImplementedError
 
     def compress(self, net, cache: KVCache, cap: Capture, room: int) -> CompactKVCache:
         kept = self.select(net, cache, cap)
