@@ -3,7 +3,14 @@ pytest), into $VERIDRAFT_HOME (default ~/.cache/veridraft); nothing is skipped."
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# The shared helpers (tiny random models, exact distributions, chi-square) live beside the drafter
+# tests; every test folder imports them by name.
+sys.path.insert(0, str(Path(__file__).parent / "drafters"))
 
 REAL_FIXTURES = {"real_model_dir", "real_model"}
 
@@ -72,3 +79,49 @@ def plain_greedy():
         return list(cache[key])
 
     return get
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: thousands of tiny ops, where OpenMP wake-ups on a busy
+    two-core machine would cost more than the work (modules opt in with `usefixtures`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm2_dir(tmp_path_factory, real_model_dir):
+    """Callable: (folder name, layers, positions) -> a new folder holding a random Llama (seed 0)
+    with SmolLM2's vocabulary and tokenizer files: fast forwards, but real text in and out."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(name: str, layers: int = 2, positions: int = 256) -> Path:
+        src = real_model_dir("smollm2-135m")
+        out = tmp_path_factory.mktemp(name)
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=49152,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=positions,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        LlamaForCausalLM(cfg).eval().save_pretrained(out)
+        for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (src / file).exists():
+                shutil.copy(src / file, out / file)
+        return out
+
+    return make

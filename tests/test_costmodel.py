@@ -3,8 +3,6 @@ ngram default draft length, and `veridraft profile` end to end on a tiny model."
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -110,29 +108,8 @@ def test_explain_names_the_acceptance_this_machine_needs():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, real_model_dir):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    src = real_model_dir("smollm2-135m")
-    out = tmp_path_factory.mktemp("tiny-llama-cost")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(cfg).eval().save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
-    return out
+def tiny_dir(tiny_smollm2_dir):
+    return tiny_smollm2_dir("tiny-llama-cost")
 
 
 @pytest.mark.filterwarnings("ignore:layerskip")

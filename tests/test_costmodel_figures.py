@@ -5,32 +5,17 @@ was measured for, and says when it has none (universal drafting) instead of coun
 import warnings
 
 import pytest
-import torch
-import transformers
+from drafting_helpers import tiny_llama
 
 from veridraft.costmodel import CostModel, explain
 from veridraft.drafters import make_drafter
-from veridraft.models import from_folder
 from veridraft.profile import draft_costs
 from veridraft.stats import Stats
 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    folder = tmp_path_factory.mktemp("tiny-cost")
-    hf.save_pretrained(folder)
-    return from_folder(folder)
+    return tiny_llama(tmp_path_factory.mktemp("tiny-cost"), vocab=64, init_range=0.02)
 
 
 def test_draft_costs_are_stored_under_each_drafters_cost_key(net):

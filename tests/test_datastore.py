@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from drafting_helpers import tiny_llama
 
 from veridraft import datastore
 from veridraft.datastore import build_from_ids, load, suffix_array
@@ -104,12 +105,6 @@ def test_errors_name_the_problem_and_the_fix(tmp_path):
 
 
 def test_suffix_with_a_datastore_equals_plain_decoding(tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent / "drafters"))
-    from drafting_helpers import tiny_llama
-
     net = tiny_llama(tmp_path / "m", vocab=16)
     prompt = torch.randint(0, 16, (30,), generator=torch.Generator().manual_seed(2)).tolist()
     plain, _ = decode(

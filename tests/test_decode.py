@@ -4,12 +4,11 @@ a reusable prefilled prompt."""
 
 import pytest
 import torch
-import transformers
+from drafting_helpers import tiny_llama
 
 from veridraft.decode import decode, prefill
 from veridraft.draft import Draft, Round
 from veridraft.errors import VeridraftError
-from veridraft.models import from_folder
 from veridraft.sampling import SamplingParams
 
 PROMPT = [1, 5, 3, 7, 2, 9, 4]
@@ -18,22 +17,7 @@ GREEDY = SamplingParams()
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=16,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.25,
-    )
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    hf.generation_config.eos_token_id = None
-    folder = tmp_path_factory.mktemp("tiny-decode")
-    hf.save_pretrained(folder)
-    return from_folder(folder)
+    return tiny_llama(tmp_path_factory.mktemp("tiny-decode"), layers=2)
 
 
 def run(net, drafter=None, n=12, **kw):

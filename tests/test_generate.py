@@ -1,8 +1,6 @@
 """generate(): the decode loop's bookkeeping, stops, streaming and errors, on a tiny model with
 the real smollm2 tokenizer (fast, but real text)."""
 
-import shutil
-
 import pytest
 import torch
 
@@ -12,29 +10,8 @@ from veridraft.cli import main
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, real_model_dir):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    src = real_model_dir("smollm2-135m")
-    out = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(cfg).eval().save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
-    return veridraft.load(out)
+def tiny(tiny_smollm2_dir):
+    return veridraft.load(tiny_smollm2_dir("tiny-llama"))
 
 
 def _reference_greedy(net, ids, n):

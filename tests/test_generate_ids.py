@@ -1,7 +1,6 @@
 """generate_ids(): ids in, ids out, the same loop generate() runs; and the warning a drafter
 gets when its tuned profile or the cost model says it is slower than plain decoding here."""
 
-import shutil
 import sys
 
 import pytest
@@ -19,29 +18,8 @@ from veridraft.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, real_model_dir):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    src = real_model_dir("smollm2-135m")
-    out = tmp_path_factory.mktemp("tiny-llama-ids")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(cfg).eval().save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
-    return veridraft.load(out)
+def tiny(tiny_smollm2_dir):
+    return veridraft.load(tiny_smollm2_dir("tiny-llama-ids"))
 
 
 generate_mod = sys.modules["veridraft.generate"]  # the module; veridraft.generate is the function

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from drafting_helpers import tiny_llama
 
 from veridraft.decode import decode
 from veridraft.draft import Draft
@@ -145,25 +146,7 @@ class Replay:
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    import transformers
-
-    from veridraft.models import from_folder
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.25,
-    )
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    folder = tmp_path_factory.mktemp("tiny-loose")
-    hf.save_pretrained(folder)
-    return from_folder(folder)
+    return tiny_llama(tmp_path_factory.mktemp("tiny-loose"), layers=2, vocab=V)
 
 
 def test_decode_with_zero_tolerance_equals_strict(net):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from drafting_helpers import tiny_llama
 
 from veridraft.profile import accounting_line, precision_advice, step_accounting
 
@@ -38,9 +36,6 @@ def test_another_verification_size():
 
 
 def test_step_accounting_counts_the_matmuls_and_the_bound(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent / "drafters"))
-    from drafting_helpers import tiny_llama
-
     net = tiny_llama(tmp_path)
     acc = step_accounting(net, context=20, steps=3, bandwidth=10e9)
     assert acc["aten_ops"] > 10 and acc["ms"] > 0

@@ -3,10 +3,8 @@ weights): the search runs with a small budget, writes a valid profile and a tria
 from that file, and `draft="layerskip"` then loads the profile."""
 
 import json
-import shutil
 
 import pytest
-import torch
 
 import veridraft
 from veridraft import VeridraftError
@@ -16,29 +14,8 @@ from veridraft.tune import Config, Space, calibration_questions, probe_configs, 
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, real_model_dir):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    src = real_model_dir("smollm2-135m")
-    out = tmp_path_factory.mktemp("tiny-llama-tune")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(cfg).eval().save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
-    return veridraft.load(out)
+def tiny(tiny_smollm2_dir):
+    return veridraft.load(tiny_smollm2_dir("tiny-llama-tune", layers=4, positions=512))
 
 
 @pytest.fixture

@@ -7,47 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import stats as sps
+from drafting_helpers import ACCEPT_P, REJECT_P, chi2_pvalue
 
 from veridraft.drafters.base import Draft
 from veridraft.sampling import SamplingParams, probs, sample
 from veridraft.verify import verify, verify_greedy, verify_speculative
 
 N_DRAWS = 10_000
-ACCEPT_P = 1e-3  # a correct rule must not be rejected at this level (fixed seeds: no flakiness)
-REJECT_P = 1e-6  # a wrong rule must be rejected at least this strongly
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Thousands of tiny ops: one thread avoids OpenMP wake-up costs on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def chi2_pvalue(counts: np.ndarray, expected_p: np.ndarray) -> float:
-    """Goodness of fit of counts to expected_p; cells with p = 0 must be empty (else 0.0).
-    Cells expecting fewer than 5 draws are pooled into one."""
-    counts = np.asarray(counts, dtype=np.float64)
-    expected_p = np.asarray(expected_p, dtype=np.float64)
-    n = counts.sum()
-    if counts[expected_p <= 0].sum() > 0:
-        return 0.0
-    exp = expected_p * n
-    big = exp >= 5
-    obs = list(counts[big])
-    e = list(exp[big])
-    small = (~big) & (expected_p > 0)
-    if small.any():
-        obs.append(counts[small].sum())
-        e.append(exp[small].sum())
-    if len(obs) == 1:  # all the mass in one cell, nothing outside it: a perfect fit
-        return 1.0
-    e = np.asarray(e)
-    e *= sum(obs) / e.sum()  # exact normalisation for scipy
-    return float(sps.chisquare(obs, e).pvalue)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_logits(v: int, rows: int, seed: int, scale: float = 1.5) -> torch.Tensor:

@@ -3,18 +3,14 @@ compressed plain decoding."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from drafting_helpers import tiny_llama
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "drafters"))
-from drafting_helpers import tiny_llama  # noqa: E402
-
-from veridraft.bench.methods import VeridraftMethod, split_methods  # noqa: E402
-from veridraft.errors import VeridraftError  # noqa: E402
-from veridraft.generate import generate_ids  # noqa: E402
+from veridraft.bench.methods import VeridraftMethod, split_methods
+from veridraft.errors import VeridraftError
+from veridraft.generate import generate_ids
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,25 @@ from veridraft.sampling import SamplingParams, probs
 
 DEV = default_questions_path()
 TINY_VOCAB = 16
+# a prompt in which every id of the tiny vocabulary occurs
+PROMPT = [3, 7, 1, 9, 12, 4, 3, 7, 1, 0, 2, 5, 6, 8, 10, 11, 13, 14, 15]
+SAMPLING = SamplingParams(temperature=1.0)
+ACCEPT_P = 1e-3  # a correct rule must not be rejected at this level (fixed seeds: no flakiness)
+REJECT_P = 1e-6  # a wrong rule must be rejected at least this strongly
 
 
 def tiny_llama(
-    folder: Path, seed: int = 0, layers: int = 4, vocab: int = TINY_VOCAB, tie: bool = False
+    folder: Path,
+    seed: int = 0,
+    layers: int = 4,
+    vocab: int = TINY_VOCAB,
+    tie: bool = False,
+    positions: int = 128,
+    init_range: float = 0.25,
 ):
     """A random Llama with peaked-enough next-token distributions for statistical tests
-    (`tie`: the head shares the embedding table, as in both catalog models)."""
+    (`tie`: the head shares the embedding table, as in both catalog models; `init_range` 0.02,
+    transformers' default, gives flat ones)."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         vocab_size=vocab,
@@ -33,14 +45,30 @@ def tiny_llama(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.25,
+        max_position_embeddings=positions,
+        initializer_range=init_range,
         tie_word_embeddings=tie,
     )
     hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     hf.generation_config.eos_token_id = None
     hf.save_pretrained(folder)
     return from_folder(folder)
+
+
+def count_trees(drafter) -> dict[str, int]:
+    """Counts the tree proposals of `drafter` in the returned dict's "trees", so that a test
+    knows trees were verified. Its own propose is wrapped in place: the decode loop still sees
+    the drafter itself, with all its attributes."""
+    counts = {"trees": 0}
+    inner = drafter.propose
+
+    def propose(ctx, max_tokens):
+        d = inner(ctx, max_tokens)
+        counts["trees"] += d.parents is not None
+        return d
+
+    drafter.propose = propose
+    return counts
 
 
 def exact_joint(net, prompt: list[int], n: int, sampling: SamplingParams) -> np.ndarray:
@@ -117,10 +145,10 @@ def chi2_pvalue(counts, expected_p) -> float:
     if small.any():
         obs.append(counts[small].sum())
         e.append(exp[small].sum())
-    if len(obs) == 1:
+    if len(obs) == 1:  # all the mass in one cell, nothing outside it: a perfect fit
         return 1.0
     e = np.asarray(e)
-    e *= sum(obs) / e.sum()
+    e *= sum(obs) / e.sum()  # exact normalisation for scipy
     return float(sps.chisquare(obs, e).pvalue)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from drafting_helpers import tiny_llama
+from drafting_helpers import count_trees, tiny_llama
 
 from veridraft.decode import decode
 from veridraft.drafters import make_drafter
@@ -61,16 +61,7 @@ def test_greedy_branches_equal_plain_on_a_tiny_model(tmp_path):
         "layerskip": make_drafter("layerskip:attn=1,mlp=1,branches=3,profile=none", net),
     }
     for name, drafter in drafters.items():
-        trees = 0
-        inner = drafter.propose
-
-        def counting(ctx, k, inner=inner):
-            nonlocal trees
-            d = inner(ctx, k)
-            trees += d.parents is not None
-            return d
-
-        drafter.propose = counting
+        counted = count_trees(drafter)
         out, stats = decode(
             net,
             prompt,
@@ -80,7 +71,7 @@ def test_greedy_branches_equal_plain_on_a_tiny_model(tmp_path):
             drafter=drafter,
         )
         assert out == plain, name
-        assert trees > 0 and stats.accepted > 0, name
+        assert counted["trees"] > 0 and stats.accepted > 0, name
 
 
 def test_sampling_keeps_the_chain(tmp_path):

@@ -11,6 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 from drafting_helpers import (
+    ACCEPT_P,
+    PROMPT,
+    REJECT_P,
+    SAMPLING,
     chi2_pvalue,
     dev_questions,
     exact_joint,
@@ -26,19 +30,10 @@ from veridraft.drafters.model import truncate_layers
 from veridraft.models.base import Skip
 from veridraft.sampling import SamplingParams
 
-SAMPLING = SamplingParams(temperature=1.0)
 N_TOKENS = 3
-PROMPT = [3, 7, 1, 9, 12, 4, 3, 7, 1, 0, 2, 5, 6, 8, 10, 11, 13, 14, 15]  # every id occurs
-ACCEPT_P = 1e-3
-REJECT_P = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards: thread wake-ups would dominate
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

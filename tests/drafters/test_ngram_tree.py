@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
-from drafting_helpers import dev_questions, prompt_ids
+from drafting_helpers import dev_questions, prompt_ids, tiny_llama
 
 from veridraft.decode import decode
 from veridraft.drafters import NgramDrafter, make_drafter
 from veridraft.drafters.base import DecodeContext
 from veridraft.errors import VeridraftError
-from veridraft.models import from_folder
 from veridraft.sampling import SamplingParams
 from veridraft.tree import check_parents
 
@@ -70,22 +68,7 @@ def test_branches_must_be_positive():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=16,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.25,
-    )
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    hf.generation_config.eos_token_id = None
-    folder = tmp_path_factory.mktemp("tiny-ngram-tree")
-    hf.save_pretrained(folder)
-    return from_folder(folder)
+    return tiny_llama(tmp_path_factory.mktemp("tiny-ngram-tree"), layers=2, positions=256)
 
 
 class CountTrees:

@@ -11,7 +11,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from drafting_helpers import chi2_pvalue, dev_questions, exact_joint, sample_first, tiny_llama
+from drafting_helpers import (
+    ACCEPT_P,
+    PROMPT,
+    REJECT_P,
+    SAMPLING,
+    chi2_pvalue,
+    dev_questions,
+    exact_joint,
+    sample_first,
+    tiny_llama,
+)
 
 from veridraft.decode import decode
 from veridraft.drafters import make_drafter
@@ -20,9 +30,7 @@ from veridraft.drafters.streaming import StreamingDrafter
 from veridraft.errors import VeridraftError
 from veridraft.sampling import SamplingParams
 
-SAMPLING = SamplingParams(temperature=1.0)
 GREEDY = SamplingParams()
-PROMPT = [3, 7, 1, 9, 12, 4, 3, 7, 1, 0, 2, 5, 6, 8, 10, 11, 13, 14, 15]
 N_SAMPLES = 600
 SPECS = {
     "streaming": "streaming:budget=8,sinks=2",
@@ -33,12 +41,7 @@ SPECS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +66,14 @@ class LyingStreaming(StreamingDrafter):
 def test_sampling_matches_exact(tiny, which):
     net, joint = tiny
     counts = sample_first(net, PROMPT, make_drafter(SPECS[which], net), N_SAMPLES, 3, SAMPLING, 1)
-    assert chi2_pvalue(counts, joint) > 1e-3
+    assert chi2_pvalue(counts, joint) > ACCEPT_P
 
 
 def test_sampling_control_is_caught(tiny):
     net, joint = tiny
     liar = LyingStreaming(budget=8, sinks=2, num_tokens=3)
     counts = sample_first(net, PROMPT, liar, N_SAMPLES, 3, SAMPLING, 1)
-    assert chi2_pvalue(counts, joint) < 1e-6
+    assert chi2_pvalue(counts, joint) < REJECT_P
 
 
 def _decode(net, drafter, n=40, sampling=GREEDY, segments=()):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from drafting_helpers import tiny_llama
+from drafting_helpers import count_trees, tiny_llama
 
 from veridraft.decode import decode
 from veridraft.draft import DecodeContext
@@ -152,15 +152,7 @@ def test_greedy_equals_plain_on_a_tiny_model(tmp_path):
                 net, prompt, max_new_tokens=40, sampling=sampling, generator=torch.Generator()
             )
             drafter = make_drafter(spec, net)
-            inner_propose = drafter.propose
-
-            def counting(ctx, k, inner=inner_propose):
-                nonlocal trees
-                d = inner(ctx, k)
-                trees += d.parents is not None
-                return d
-
-            drafter.propose = counting
+            counted = count_trees(drafter)
             out, stats = decode(
                 net,
                 prompt,
@@ -171,4 +163,5 @@ def test_greedy_equals_plain_on_a_tiny_model(tmp_path):
             )
             assert out == plain, spec
             assert stats.accepted > 0
+            trees += counted["trees"]
         assert (trees > 0) == (spec == "suffix")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 from drafting_helpers import (
+    ACCEPT_P,
+    SAMPLING,
     chi2_pvalue,
     dev_questions,
     exact_joint,
@@ -30,10 +32,8 @@ from veridraft.errors import VeridraftError
 from veridraft.sampling import SamplingParams
 from veridraft.tokenizer import Tokenizer
 
-SAMPLING = SamplingParams(temperature=1.0)
 GREEDY = SamplingParams()
 N_TOKENS = 3
-ACCEPT_P = 1e-3
 
 # ------------------------------------------------------------------ a tiny pair of tokenizers
 
@@ -96,12 +96,7 @@ def draft_tokenizer() -> Tokenizer:
 PROMPT_TEXT = "ab ca bc a b cab a"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

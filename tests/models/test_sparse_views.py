@@ -9,28 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+from drafting_helpers import tiny_llama
 
-from veridraft.models import from_folder
 from veridraft.models.base import Capture
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.25,
-    )
-    folder = tmp_path_factory.mktemp("tiny-views")
-    transformers.AutoModelForCausalLM.from_config(cfg).float().eval().save_pretrained(folder)
-    return from_folder(folder)
+    return tiny_llama(tmp_path_factory.mktemp("tiny-views"), layers=3, vocab=32)
 
 
 def test_per_head_view_equals_explicit_compact_cache(tiny):

@@ -3,19 +3,14 @@ compacted cache holds the full cache's rows bitwise, in less memory."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from drafting_helpers import tiny_llama
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "drafters"))
-from drafting_helpers import tiny_llama  # noqa: E402
-
-from veridraft.decode import decode  # noqa: E402
-from veridraft.presses import PRESSES, make_press, prefill_compressed  # noqa: E402
-from veridraft.presses.pyramidkv import layer_budgets  # noqa: E402
-from veridraft.sampling import SamplingParams  # noqa: E402
+from veridraft.decode import decode
+from veridraft.presses import PRESSES, make_press, prefill_compressed
+from veridraft.presses.pyramidkv import layer_budgets
+from veridraft.sampling import SamplingParams
 
 N = 90  # prompt length
 ROOM = 30

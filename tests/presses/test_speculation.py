@@ -5,36 +5,34 @@ and the full model's distribution, which the compressed target does not have).""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from drafting_helpers import (
+    ACCEPT_P,
+    PROMPT,
+    REJECT_P,
+    SAMPLING,
+    chi2_pvalue,
+    exact_joint,
+    tiny_llama,
+)
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "drafters"))
-from drafting_helpers import chi2_pvalue, exact_joint, tiny_llama  # noqa: E402
+from veridraft.decode import decode
+from veridraft.drafters import ModelDrafter, NgramDrafter
+from veridraft.drafters.base import Draft
+from veridraft.drafters.model import truncate_layers
+from veridraft.generate import generate_ids
+from veridraft.presses import PRESSES, make_press, prefill_compressed
+from veridraft.sampling import SamplingParams, probs
 
-from veridraft.decode import decode  # noqa: E402
-from veridraft.drafters import ModelDrafter, NgramDrafter  # noqa: E402
-from veridraft.drafters.base import Draft  # noqa: E402
-from veridraft.drafters.model import truncate_layers  # noqa: E402
-from veridraft.generate import generate_ids  # noqa: E402
-from veridraft.presses import PRESSES, make_press, prefill_compressed  # noqa: E402
-from veridraft.sampling import SamplingParams, probs  # noqa: E402
-
-SAMPLING = SamplingParams(temperature=1.0)
-PROMPT = [3, 7, 1, 9, 12, 4, 3, 7, 1, 0, 2, 5, 6, 8, 10, 11, 13, 14, 15]
 KV = "snapkv:budget=8,window=4"
 N_TOKENS = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -122,16 +120,16 @@ def test_sampling_on_a_compressed_target_fits_its_distribution(tiny, joints, whi
         "model": lambda: ModelDrafter(truncate_layers(tiny, 2), mode="fixed", num_tokens=3),
     }[which]
     counts = sample_counts(tiny, make, 800, seed=1)
-    assert chi2_pvalue(counts, compressed) > 1e-3
+    assert chi2_pvalue(counts, compressed) > ACCEPT_P
 
 
 def test_the_sampling_test_can_fail(tiny, joints):
     compressed, full = joints
     lying = sample_counts(tiny, LyingDrafter, 800, seed=1)
-    assert chi2_pvalue(lying, compressed) < 1e-6
+    assert chi2_pvalue(lying, compressed) < REJECT_P
     # the compressed target really samples from another distribution than the full model
     plain = sample_counts(tiny, lambda: None, 800, seed=2)
-    assert chi2_pvalue(plain, full) < 1e-6
+    assert chi2_pvalue(plain, full) < REJECT_P
 
 
 @pytest.mark.parametrize("name", list(PRESSES))

@@ -33,6 +33,7 @@ probability is lower); greedy drafts are point masses, sampled drafts return the
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -134,7 +135,7 @@ def top_positions(scores: Tensor, n: int, forced: Tensor) -> Tensor:
     return idx.sort(dim=-1).values
 
 
-class SparseDrafter:
+class SparseDrafter(ABC):
     """Draft with a sparse view of a cache: the target's own, or a draft model's."""
 
     name = "sparse"
@@ -221,8 +222,9 @@ class SparseDrafter:
 
     # -- selection hooks (the rule files) --
 
+    @abstractmethod
     def select(self, sc: SelectContext) -> Selection:
-        raise NotImplementedError
+        """The cached positions the draft reads, chosen by the rule file."""
 
     def refresh(self, sc: SelectContext, start: int, capture) -> Selection | None:
         """A new selection before drafting from a cache holding `start` positions (`capture`:

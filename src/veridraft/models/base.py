@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,6 +231,20 @@ class RMSNorm(nn.Module):
 def make_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
     """The one place linear layers are made, so a precision can later swap in packed weights."""
     return nn.Linear(in_features, out_features, bias=bias)
+
+
+class GatedMLP(nn.Module):
+    """w2(act(gate) * up), gate and up from one fused matmul: SwiGLU (Llama) or GeGLU (Gemma)."""
+
+    def __init__(self, cfg: ModelConfig, act: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.act = act
+        self.w13 = make_linear(cfg.dim, 2 * cfg.intermediate_size, cfg.mlp_bias)  # gate | up
+        self.w2 = make_linear(cfg.intermediate_size, cfg.dim, cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(self.act(gate) * up)
 
 
 def _inv_freq(p: dict[str, Any], head_dim: int) -> Tensor:
@@ -651,7 +667,7 @@ def capture_press_attention(
     cap.press_input[layer] = (float(x.mean()), float(x.std()))
 
 
-class Transformer(nn.Module):
+class Transformer(nn.Module, ABC):
     """Embedding -> blocks -> final norm -> head. Subclasses set `layers` and `convert()`, and may override `embed()`."""
 
     def __init__(self, config: ModelConfig, precision: str = "fp32") -> None:
@@ -775,9 +791,9 @@ class Transformer(nn.Module):
 
     # -- loading --
 
+    @abstractmethod
     def convert(self, take: Any) -> dict[str, Tensor]:
         """Map HF tensors (fetched by name through `take`) to this module's state dict."""
-        raise NotImplementedError
 
     def load_hf(self, sd: dict[str, Tensor], source: str) -> None:
         def take(name: str) -> Tensor:

@@ -8,6 +8,7 @@ layers, optional logit softcapping.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -16,25 +17,14 @@ from torch import Tensor, nn
 
 from .base import (
     Attention,
+    GatedMLP,
     ModelConfig,
     RMSNorm,
     Step,
     Transformer,
     attention_tensors,
-    make_linear,
     mlp_tensors,
 )
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.w13 = make_linear(cfg.dim, 2 * cfg.intermediate_size, cfg.mlp_bias)  # gate | up
-        self.w2 = make_linear(cfg.intermediate_size, cfg.dim, cfg.mlp_bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.gelu(gate, approximate="tanh") * up)
 
 
 class Block(nn.Module):
@@ -44,7 +34,7 @@ class Block(nn.Module):
         self.attention = Attention(cfg, layer, rope_index)
         self.post_attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.pre_ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = MLP(cfg)
+        self.feed_forward = GatedMLP(cfg, partial(F.gelu, approximate="tanh"))
         self.post_ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x: Tensor, step: Step, do_attn: bool, do_mlp: bool) -> Tensor:

@@ -13,25 +13,14 @@ from torch import Tensor, nn
 
 from .base import (
     Attention,
+    GatedMLP,
     ModelConfig,
     RMSNorm,
     Step,
     Transformer,
     attention_tensors,
-    make_linear,
     mlp_tensors,
 )
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.w13 = make_linear(cfg.dim, 2 * cfg.intermediate_size, cfg.mlp_bias)  # gate | up
-        self.w2 = make_linear(cfg.intermediate_size, cfg.dim, cfg.mlp_bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -40,7 +29,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg, layer, rope_index)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = MLP(cfg)
+        self.feed_forward = GatedMLP(cfg, F.silu)
 
     def forward(self, x: Tensor, step: Step, do_attn: bool, do_mlp: bool) -> Tensor:
         if do_attn:

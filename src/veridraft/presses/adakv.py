@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..cache import KVCache
 from ..models.base import Capture
-from .base import Press, split_exact, to_float, tokens_of, top_plus_window, window_scores
+from .base import Press, split_exact, to_float, window_select
 from .snapkv import snap_options
 
 
@@ -37,18 +37,16 @@ class AdaKVPress(Press):
         return Capture(press_rows=self.window)
 
     def select(self, net, cache: KVCache, cap: Capture) -> list[list[Tensor]]:
-        n, n_kv = cache.length, cache.k[0].shape[1]
-        b = tokens_of(self.budget, n)
-        w = min(self.window, b)
-        out = []
-        for layer in range(len(cache.k)):
-            s = window_scores(cap, layer, n_kv, w, self.kernel, self.pooling)
-            per = b - w
-            won = torch.zeros(n_kv)
-            if per > 0:
-                flat = s.flatten().topk(n_kv * per).indices
-                won = torch.bincount(flat // s.shape[1], minlength=n_kv).float()
-            want = won * (1 - self.alpha) + self.alpha * per
-            budgets = split_exact(want, n_kv * per, cap=s.shape[1])
-            out.append([top_plus_window(s[h], budgets[h], n, w) for h in range(n_kv)])
-        return out
+        return window_select(
+            cache, cap, self.budget, self.window, self.kernel, self.pooling, self.head_budgets
+        )
+
+    def head_budgets(self, layer: int, s: Tensor, b: int, w: int) -> list[int]:
+        """The layer's H * (b - w) non-window slots, split over its KV heads by the scores."""
+        n_kv, per = len(s), b - w
+        won = torch.zeros(n_kv)
+        if per > 0:
+            flat = s.flatten().topk(n_kv * per).indices
+            won = torch.bincount(flat // s.shape[1], minlength=n_kv).float()
+        want = won * (1 - self.alpha) + self.alpha * per
+        return split_exact(want, n_kv * per, cap=s.shape[1])

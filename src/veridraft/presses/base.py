@@ -3,6 +3,8 @@ the step that turns a full prompt cache into a CompactKVCache (lossy)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +60,7 @@ def to_float(value: str, name: str, key: str, lo: float, hi: float) -> float:
 
 
 @dataclass
-class Press:
+class Press(ABC):
     """A KV-compression policy (lossy). Subclasses set `name`, `params`, what they need from the
     prefill (`rows`, `colsum`) and implement `select`."""
 
@@ -88,9 +90,9 @@ class Press:
     def capture(self) -> Capture:
         return Capture(press_rows=self.rows, press_colsum=self.colsum)
 
+    @abstractmethod
     def select(self, net, cache: KVCache, cap: Capture) -> list[list[Tensor]]:
         """Per layer, per KV head: the prompt positions to keep (sorted)."""
-        raise NotImplementedError
 
     def compress(self, net, cache: KVCache, cap: Capture, room: int) -> CompactKVCache:
         kept = self.select(net, cache, cap)
@@ -127,6 +129,29 @@ def top_plus_window(scores: Tensor, n_top: int, length: int, window: int) -> Ten
     """Sorted positions: the n_top best-scored (of the first length - window) + the window."""
     top = scores.topk(n_top).indices if n_top > 0 else torch.empty(0, dtype=torch.long)
     return torch.cat((top.sort().values, torch.arange(length - window, length)))
+
+
+def window_select(
+    cache: KVCache,
+    cap: Capture,
+    budget: float,
+    window: int,
+    kernel: int,
+    pooling: str,
+    kept: Callable[[int, Tensor, int, int], list[int]],
+) -> list[list[Tensor]]:
+    """SnapKV-style selection, layer by layer: per KV head, the window plus its best-scored
+    earlier positions. `kept(layer, scores, b, w)` says how many of those each head keeps
+    (scores [n_kv, L - w] from `window_scores`, b the token budget, w the window used)."""
+    n, n_kv = cache.length, cache.k[0].shape[1]
+    b = tokens_of(budget, n)
+    w = min(window, b)
+    out = []
+    for layer in range(len(cache.k)):
+        s = window_scores(cap, layer, n_kv, w, kernel, pooling)
+        counts = kept(layer, s, b, w)
+        out.append([top_plus_window(s[h], counts[h], n, w) for h in range(n_kv)])
+    return out
 
 
 def split_exact(weights: Tensor, total: int, cap: int | None = None) -> list[int]:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..cache import KVCache
 from ..models.base import Capture
-from .base import Press, to_int, tokens_of, top_plus_window, window_scores
+from .base import Press, to_int, window_select
 from .snapkv import snap_options
 
 
@@ -47,12 +47,9 @@ class PyramidKVPress(Press):
         return Capture(press_rows=self.window)
 
     def select(self, net, cache: KVCache, cap: Capture) -> list[list[Tensor]]:
-        n, n_kv = cache.length, cache.k[0].shape[1]
-        b = tokens_of(self.budget, n)
-        w = min(self.window, b)
-        per_layer = layer_budgets(b, w, n, len(cache.k), self.beta)
-        out = []
-        for layer, bl in enumerate(per_layer):
-            s = window_scores(cap, layer, n_kv, w, self.kernel, self.pooling)
-            out.append([top_plus_window(s[h], bl, n, w) for h in range(n_kv)])
-        return out
+        n, n_layers = cache.length, len(cache.k)
+
+        def kept(layer: int, s: Tensor, b: int, w: int) -> list[int]:
+            return [layer_budgets(b, w, n, n_layers, self.beta)[layer]] * len(s)
+
+        return window_select(cache, cap, self.budget, self.window, self.kernel, self.pooling, kept)

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..cache import KVCache
 from ..errors import VeridraftError
 from ..models.base import Capture
-from .base import Press, to_int, tokens_of, top_plus_window, window_scores
+from .base import Press, to_int, window_select
 
 
 def snap_options(name: str, params: dict[str, str], kernel: str, pooling: str) -> dict:
@@ -42,11 +42,7 @@ class SnapKVPress(Press):
         return Capture(press_rows=self.window)
 
     def select(self, net, cache: KVCache, cap: Capture) -> list[list[Tensor]]:
-        n, n_kv = cache.length, cache.k[0].shape[1]
-        b = tokens_of(self.budget, n)
-        w = min(self.window, b)
-        out = []
-        for layer in range(len(cache.k)):
-            s = window_scores(cap, layer, n_kv, w, self.kernel, self.pooling)
-            out.append([top_plus_window(s[h], b - w, n, w) for h in range(n_kv)])
-        return out
+        def kept(layer: int, s: Tensor, b: int, w: int) -> list[int]:
+            return [b - w] * len(s)
+
+        return window_select(cache, cap, self.budget, self.window, self.kernel, self.pooling, kept)

@@ -58,6 +58,12 @@ def _usage(gen: Generation) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
 
 
+def _response(head: dict, gen: Generation, content: dict) -> dict:
+    """A whole (not streamed) response in OpenAI's shape: one choice holding `content`."""
+    choice = {"index": 0, **content, "logprobs": None, "finish_reason": _finish_reason(gen)}
+    return {**head, "choices": [choice], "usage": _usage(gen), "veridraft": request_stats(gen)}
+
+
 def request_stats(gen: Generation) -> dict:
     """The per-request statistics sent in the `veridraft` field of a response."""
     st = gen.stats
@@ -315,19 +321,7 @@ def create_app(model, config: ServerConfig) -> FastAPI:
         gen = await outcome(request, job)
         if gen is None:
             return Response(status_code=499)
-        return {
-            **head,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": gen.text},
-                    "logprobs": None,
-                    "finish_reason": _finish_reason(gen),
-                }
-            ],
-            "usage": _usage(gen),
-            "veridraft": request_stats(gen),
-        }
+        return _response(head, gen, {"message": {"role": "assistant", "content": gen.text}})
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -352,19 +346,7 @@ def create_app(model, config: ServerConfig) -> FastAPI:
         gen = await outcome(request, job)
         if gen is None:
             return Response(status_code=499)
-        return {
-            **head,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": gen.text,
-                    "logprobs": None,
-                    "finish_reason": _finish_reason(gen),
-                }
-            ],
-            "usage": _usage(gen),
-            "veridraft": request_stats(gen),
-        }
+        return _response(head, gen, {"text": gen.text})
 
     @app.get("/v1/models")
     async def models(request: Request):
