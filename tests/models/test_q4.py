@@ -18,8 +18,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from safetensors.torch import save_file
 
 from veridraft.errors import VeridraftError
-from veridraft.models import from_hf_config_and_state_dict
-from veridraft.models import q4kernel
+from veridraft.models import from_hf_config_and_state_dict, q4kernel
 from veridraft.models.q4 import (
     BLOCKS,
     Q4Linear,
