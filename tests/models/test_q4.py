@@ -184,7 +184,9 @@ def test_fused_parts_of_different_types_run_as_segments(kernel):
         z = -torch.rand(rows, k // group, generator=g) * 0.05
         parts.append((u, s, z, group))
     lin = Q4Linear.from_parts(parts, torch.randn(160, generator=g))
-    assert [seg[1:3] for seg in lin._segments] == [(0, 32), (1, 16), (2, 32)]  # q|k merged
+    # q|k merged (4-bit pairs), then 6-bit codes, then signed bytes
+    layouts = [seg[1:3] for seg in lin._segments]
+    assert layouts == [(q4kernel.NIB, 32), (q4kernel.NIB6, 16), (q4kernel.INT8, 32)]
     w = torch.cat([u.float() * s.repeat_interleave(gr, 1) + z.repeat_interleave(gr, 1)
                    for u, s, z, gr in parts])  # fmt: skip
     x = torch.randn(5, k, generator=g)
@@ -203,7 +205,7 @@ def test_tiny_model_q4_matches_dequantized_and_is_row_invariant(kernel, tmp_path
         assert model.layers[0].attention.wqkv.planes == 2  # q|k Q4_1 with v Q5_0
         assert model.layers[0].feed_forward.w13.planes == 1
     else:
-        assert len(model.layers[0].attention.wqkv._segments) == 2  # q|k nibbles, v bytes
+        assert len(model.layers[0].attention.wqkv._segments) == 2  # q|k 4-bit, v 5-bit codes
         assert len(model.layers[0].feed_forward.w13._segments) == 1
     for lin, want in (
         (model.layers[1].attention.wqkv, ref.layers[1].attention.wqkv.weight),
@@ -289,3 +291,42 @@ def test_tensor_table_is_gguf_readers(tmp_path):
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_catalog_tensor_table_is_gguf_readers(real_model_dir, name):
     _same_table(real_model_dir(name) / "source.gguf")
+
+
+def test_q4_head_rows_and_the_subset_draft_head(kernel, tmp_path):
+    """The draft's subset head reads the q4 head's own codes: its first rows are a view whose
+    logits equal the full head's, other rows come back one at a time; drafting with it stays
+    lossless."""
+    from veridraft.decode import decode
+    from veridraft.drafters.draft_head import SubsetHead
+    from veridraft.drafters.model import ModelDrafter
+    from veridraft.sampling import SamplingParams
+
+    _, model, path = _tiny(tmp_path, {"token_embd": "Q8_0"})
+    apply_q4(model, path)
+    head = model.output
+    if kernel == "aten-int4":
+        assert head.rows_view(0, 32) is None and head.row(3) is None
+        return
+    w = head.dequantized()
+    for t in (0, 17, VOCAB - 1):
+        assert torch.equal(head.row(t), w[t])
+    assert head.rows_view(0, 20) is None  # not a multiple of 16
+    x = torch.randn(3, DIM)
+    assert torch.equal(head.rows_view(32, 64)(x), head(x)[:, 32:64])
+    sub = SubsetHead(model, 40)  # rounded down to whole blocks of 16
+    assert sub.n == 32 and sub.base.out_features == 32
+    sub.observe([5, 70, 90, 70])
+    assert sub.extra_ids == [70, 90] and torch.equal(sub.extra[1], w[90])
+
+    prompt = [1, 5, 2, 9, 4, 4, 7, 3, 0, 11, 5, 2, 9]
+
+    def run(drafter=None):
+        return decode(model, prompt, max_new_tokens=24, sampling=SamplingParams(),
+                      generator=torch.Generator(), drafter=drafter)  # fmt: skip
+
+    plain, _ = run()
+    drafter = ModelDrafter(model, num_tokens=4, mode="fixed", draft_vocab=32, target_vocab=VOCAB)
+    assert drafter._head is not None and drafter._head.base is not None
+    out, stats = run(drafter)
+    assert out == plain and stats.drafted > 0

@@ -36,10 +36,22 @@ def resolve_draft_vocab(method: str, value, net) -> int:
 
     if isinstance(value, str) and value.strip().lower() == "auto":
         vocab = net.config.vocab_size
-        if vocab >= 2 * AUTO_DRAFT_VOCAB and head_weight(net) is not None:
+        reachable = head_weight(net) is not None or _q4_head(net) is not None
+        if vocab >= 2 * AUTO_DRAFT_VOCAB and reachable:
             return AUTO_DRAFT_VOCAB
         return 0
     return as_int(method, "draft_vocab", value, lo=0)
+
+
+def _q4_head(net):
+    """The output linear of a q4 model when its rows can be viewed without a copy (veridraft's
+    kernel, no bias, one block type), else None."""
+    from ..models.q4 import Q4Linear
+
+    out = getattr(net, "output", None)
+    if isinstance(out, Q4Linear) and out.bias is None and out.rows_view(0, 16) is not None:
+        return out
+    return None
 
 
 def head_weight(net) -> Tensor | None:
@@ -77,26 +89,38 @@ def _read_back(lin, rows: int = 128) -> Tensor:
 
 class SubsetHead:
     def __init__(self, net, n_first: int, target_vocab: int | None = None) -> None:
-        w = head_weight(net)
-        if w is None:
+        q4 = _q4_head(net)
+        w = None if q4 is not None else head_weight(net)
+        if w is None and q4 is None:
             raise VeridraftError(
                 f"draft_vocab: the head of this model is not reachable in precision "
                 f"{getattr(net, 'precision', '?')} (untied and packed); use draft_vocab=0"
             )
         self.w = w
-        self.vocab = target_vocab or w.shape[0]
-        self.n = min(n_first, w.shape[0], self.vocab)
-        base = w[: self.n]
+        rows, dim = (q4.out_features, q4.in_features) if q4 is not None else w.shape
+        self.rows = rows
+        self.vocab = target_vocab or rows
+        self.n = min(n_first, rows, self.vocab)
         precision = getattr(net, "precision", "fp32")
-        if precision in ("fp16w", "bf16"):
+        if q4 is not None:
+            # the q4 head's own codes: its first rows are a view, other rows read back one at a
+            # time (a float32 copy of 16384 rows would read 4x the bytes)
+            self.n = max(16, self.n // 16 * 16)
+            self.base = q4.rows_view(0, self.n)
+            self._row = q4.row
+        elif precision in ("fp16w", "bf16"):
+            base = w[: self.n]
             # the target's own kernel: a float32 copy of 16384 rows reads twice the bytes, and
             # more than the packed full head of smollm2-135m does
             from ..models.precision import PackedLinear
 
             self.base = PackedLinear(base.float(), None, precision)
         else:
+            base = w[: self.n]
             self.base = base.float() if base.dtype != torch.float32 else base
-        self.extra = torch.empty(256, w.shape[1])
+        if q4 is None:
+            self._row = lambda t: self.w[t].float()
+        self.extra = torch.empty(256, dim)
         self.extra_ids: list[int] = []
         self._known: set[int] = set()
         self.softcap = getattr(net.config, "final_logit_softcapping", None)
@@ -114,7 +138,7 @@ class SubsetHead:
         if ids is not self._ids_obj or len(ids) < self._seen:
             self.reset()
             self._ids_obj = ids
-        limit = min(self.vocab, self.w.shape[0])
+        limit = min(self.vocab, self.rows)
         for t in ids[self._seen :]:
             if self.n <= t < limit and t not in self._known:
                 self._known.add(t)
@@ -123,7 +147,7 @@ class SubsetHead:
                     grown = torch.empty(2 * e, self.extra.shape[1])
                     grown[:e] = self.extra
                     self.extra = grown
-                self.extra[e] = self.w[t].float()
+                self.extra[e] = self._row(t)
                 self.extra_ids.append(t)
         self._seen = len(ids)
 

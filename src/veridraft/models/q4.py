@@ -13,7 +13,7 @@ products, float32 sums), so a forward over 8 tokens reads the weights once.
 | GGUF type             | codes        | bytes read per weight (codes + float32 scale and zero) |
 |-----------------------|--------------|------------------------------------------------------|
 | Q4_0, Q4_1, Q4_K      | 4-bit pairs  | 0.75                                                 |
-| Q5_0, Q5_1            | one byte     | 1.25                                                 |
+| Q5_0, Q5_1            | 4 bits + 1   | 0.625 + float16 scales: 0.75                          |
 | Q8_0                  | one byte     | 1.25                                                 |
 | Q6_K (16-wide groups) | one byte     | 1.5                                                  |
 
@@ -212,7 +212,11 @@ class Q4Linear(nn.Module):
             u, s, z = (np.asarray(t.numpy() if isinstance(t, Tensor) else t) for t in part[:3])
             group, two = part[3], part[4] if len(part) > 4 else None
             top = int(u.max()) if u.size else 0
-            kind = (0 if top <= 15 else 1 if top <= 63 else 2, group, two is not None)
+            kind = (
+                0 if top <= 15 else 1 if top <= 31 else 2 if top <= 63 else 3,
+                group,
+                two is not None,
+            )
             if merged and merged[-1][0] == kind:
                 last = merged[-1]
                 last[1:4] = [np.concatenate((a, b)) for a, b in zip(last[1:4], (u, s, z))]
@@ -291,6 +295,40 @@ class Q4Linear(nn.Module):
             n = self.out_features
             y = y[:, :n].float() + y[:, n:].float()
         return y if self.bias is None else y + self.bias
+
+    def rows_view(self, start: int, stop: int) -> Q4Linear | None:
+        """Outputs start..stop of this linear as a Q4Linear sharing its packed buffers (no copy;
+        no bias), or None where that is not a view: torch's kernel, bounds not multiples of 16,
+        or a range across two parts of a fused linear."""
+        if self._segments is None or start % 16 or stop % 16 or not 0 <= start < stop:
+            return None
+        ends = [seg[0] for seg in self._segments[1:]] + [self.out_features]
+        for (col, mode, group, scales, i, _), end in zip(self._segments, ends):
+            if col <= start and stop <= end:
+                sub = Q4Linear.__new__(Q4Linear)
+                nn.Module.__init__(sub)
+                sub.out_features, sub.in_features, sub.bias, sub.planes = (
+                    stop - start,
+                    self.in_features,
+                    None,
+                    0,
+                )
+                sub._kernel = self._kernel
+                a, b = (start - col) // 16, (stop - col) // 16
+                for name in ("codes", "sa", "sb"):
+                    sub.register_buffer(f"{name}0", self._buffers[f"{name}{i}"][a:b])
+                sub._segments = [(0, mode, group, scales, 0, None)]
+                return sub
+        return None
+
+    def row(self, t: int) -> Tensor | None:
+        """Weights of output t, float32 [in], as the kernel multiplies by them (the identity
+        through its block of 16 outputs), or None where no view exists (see rows_view)."""
+        start = t // 16 * 16
+        block = self.rows_view(start, start + 16)
+        if block is None:
+            return None
+        return block(torch.eye(self.in_features))[:, t - start].contiguous()
 
     def dequantized(self) -> Tensor:
         """The float32 weights this module multiplies by (for tests and error reports)."""

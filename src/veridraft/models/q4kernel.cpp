@@ -16,7 +16,9 @@
 // Layout (built by models/q4.py): outputs in blocks of 16, then groups, then
 //   NIB   (u <= 15): G/4 chunks of 32 bytes; byte e of chunk c holds element e of k-pair vector
 //                    2c in its low nibble and of vector 2c+1 in its high nibble;
-//   BYTE6 (u <= 63): G/2 vectors of 32 bytes, one code per byte;
+//   NIB5  (u <= 31): NIB's chunks for the low 4 bits, then G/2 32-bit masks: bit e of mask j is
+//                    bit 4 of element e of vector j (5-bit types at 0.625 bytes per weight);
+//   NIB6  (u <= 63): as NIB5 with two masks per vector (bits 4 and 5): 0.75 bytes per weight;
 //   INT8  (signed):  G/2 vectors of 32 int8 (u - 128; the zero carries the + 128 s).
 // Element 2o+p of k-pair vector j is the code of output o at k = 2j + p (vdpbf16ps pairs).
 // Scale and zero of group g, per 16 outputs (all exact: the GGUF's own values or products):
@@ -34,7 +36,7 @@
 
 namespace {
 
-enum Mode : int64_t { NIB = 0, BYTE6 = 1, INT8 = 2 };
+enum Mode : int64_t { NIB = 0, NIB5 = 1, NIB6 = 2, INT8 = 3 };
 enum Scales : int64_t { F32 = 0, F16 = 1, K2 = 2 };
 constexpr int64_t MAX_ROWS = 8;  // rows per register tile
 // accumulators per row: a fixed number (the order of the sums must not depend on the rows)
@@ -88,7 +90,11 @@ inline void group_scales(int64_t g, int64_t gps, const uint8_t* sa, const uint8_
 template <int R, int MODE, int G, int SC>
 void tile(const Tables& tb, const uint32_t* xb, const float* xs, int64_t K, const uint8_t* codes,
           const uint8_t* sa, const uint8_t* sb, const float* bias, float* y, int64_t ldy) {
-  constexpr int64_t BPG = MODE == NIB ? G * 8 : G * 16;  // code bytes per 16 outputs x G
+  // code bytes per 16 outputs x G
+  constexpr int64_t BPG = MODE == NIB    ? G * 8
+                         : MODE == NIB5 ? G * 10
+                         : MODE == NIB6 ? G * 12
+                                        : G * 16;
   const int64_t ng = K / G, kp = K / 2;                   // groups, k-pairs per row
   __m512 tot[R];
   for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
@@ -105,37 +111,52 @@ void tile(const Tables& tb, const uint32_t* xb, const float* xs, int64_t K, cons
     __m512 acc[R][A];
     for (int r = 0; r < R; ++r)
       for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
-    if constexpr (MODE == NIB) {
+    if constexpr (MODE == NIB || MODE == NIB5 || MODE == NIB6) {
       // unrolled in full: chain indices must be constants for the accumulators to stay in
       // registers
 #pragma GCC unroll 8
       for (int q = 0; q < G / 4; ++q) {
         const __m512i w = _mm512_cvtepu8_epi16(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * q)));
-        const __m512i a = _mm512_permutexvar_epi16(w, tb.nib);
-        const __m512i b = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), tb.nib);
+        __m512i a, b;
+        if constexpr (MODE == NIB) {
+          a = _mm512_permutexvar_epi16(w, tb.nib);
+          b = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), tb.nib);
+        } else if constexpr (MODE == NIB6) {
+          const uint32_t* hb = reinterpret_cast<const uint32_t*>(c + G * 8) + 4 * q;
+          __m512i ia = _mm512_and_si512(w, _mm512_set1_epi16(15));
+          __m512i ib = _mm512_srli_epi16(w, 4);
+          ia = _mm512_mask_add_epi16(ia, _cvtu32_mask32(hb[0]), ia, _mm512_set1_epi16(16));
+          ia = _mm512_mask_add_epi16(ia, _cvtu32_mask32(hb[1]), ia, _mm512_set1_epi16(32));
+          ib = _mm512_mask_add_epi16(ib, _cvtu32_mask32(hb[2]), ib, _mm512_set1_epi16(16));
+          ib = _mm512_mask_add_epi16(ib, _cvtu32_mask32(hb[3]), ib, _mm512_set1_epi16(32));
+          a = _mm512_permutex2var_epi16(tb.lo, ia, tb.hi);
+          b = _mm512_permutex2var_epi16(tb.lo, ib, tb.hi);
+        } else {
+          const uint32_t* hb = reinterpret_cast<const uint32_t*>(c + G * 8) + 2 * q;
+          const __m512i sixteen = _mm512_set1_epi16(16);
+          __m512i ia = _mm512_and_si512(w, _mm512_set1_epi16(15));
+          __m512i ib = _mm512_srli_epi16(w, 4);
+          ia = _mm512_mask_add_epi16(ia, _cvtu32_mask32(hb[0]), ia, sixteen);
+          ib = _mm512_mask_add_epi16(ib, _cvtu32_mask32(hb[1]), ib, sixteen);
+          a = _mm512_permutexvar_epi16(ia, tb.lo);
+          b = _mm512_permutexvar_epi16(ib, tb.lo);
+        }
         for (int r = 0; r < R; ++r) {
           __m512* ar = acc[r];
           ar[(2 * q) % A] = dp(ar[(2 * q) % A], a, xb[r * kp + p0 + 2 * q]);
           ar[(2 * q + 1) % A] = dp(ar[(2 * q + 1) % A], b, xb[r * kp + p0 + 2 * q + 1]);
         }
       }
-    } else {
+    } else {  // INT8
 #pragma GCC unroll 16
       for (int j = 0; j < G / 2; ++j) {
         const uint8_t* v = c + 32 * j;
-        __m512i w;
-        if constexpr (MODE == BYTE6) {
-          w = _mm512_permutex2var_epi16(
-              tb.lo, _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))),
-              tb.hi);
-        } else {
-          const __m512 f0 = _mm512_cvtepi32_ps(
-              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v))));
-          const __m512 f1 = _mm512_cvtepi32_ps(
-              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16))));
-          w = (__m512i)_mm512_cvtne2ps_pbh(f1, f0);  // low half from f0: elements 0..15
-        }
+        const __m512 f0 = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v))));
+        const __m512 f1 = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16))));
+        const __m512i w = (__m512i)_mm512_cvtne2ps_pbh(f1, f0);  // low half from f0: 0..15
         for (int r = 0; r < R; ++r) acc[r][j % A] = dp(acc[r][j % A], w, xb[r * kp + p0 + j]);
       }
     }
@@ -180,8 +201,8 @@ RowsFn pick(int64_t mode, int64_t group, int64_t scales) {
   if (mode == m && group == g && scales == sc) return rows<m, g, sc>;
   VERIDRAFT_PICK(NIB, 32, F32) VERIDRAFT_PICK(NIB, 32, F16) VERIDRAFT_PICK(NIB, 32, K2)
   VERIDRAFT_PICK(NIB, 16, F32) VERIDRAFT_PICK(NIB, 16, K2)
-  VERIDRAFT_PICK(BYTE6, 32, F32) VERIDRAFT_PICK(BYTE6, 32, F16)
-  VERIDRAFT_PICK(BYTE6, 16, F32) VERIDRAFT_PICK(BYTE6, 16, K2)
+  VERIDRAFT_PICK(NIB5, 32, F32) VERIDRAFT_PICK(NIB5, 32, F16)
+  VERIDRAFT_PICK(NIB6, 16, F32) VERIDRAFT_PICK(NIB6, 16, K2) VERIDRAFT_PICK(NIB6, 32, F32)
   VERIDRAFT_PICK(INT8, 32, F32) VERIDRAFT_PICK(INT8, 32, F16) VERIDRAFT_PICK(INT8, 16, F32)
 #undef VERIDRAFT_PICK
   TORCH_CHECK(false, "q4 kernel: no variant for layout ", mode, ", group ", group, ", scales ",

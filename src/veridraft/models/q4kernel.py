@@ -22,7 +22,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("q4kernel.cpp")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
-NIB, BYTE6, INT8 = 0, 1, 2  # code layouts, as in q4kernel.cpp
+NIB, NIB5, NIB6, INT8 = 0, 1, 2, 3  # code layouts, as in q4kernel.cpp
 F32, F16, K2 = 0, 1, 2  # scale layouts
 
 _loaded: dict[str, object] = {}
@@ -137,7 +137,13 @@ def pack(u: np.ndarray, s: np.ndarray, z: np.ndarray, group: int, two_level=None
         v = v.reshape(nb, ng, group // 4, 2, 32)
         codes = v[:, :, :, 0] | (v[:, :, :, 1] << 4)
     elif top <= 63:
-        mode, codes = BYTE6, v
+        # low nibbles as NIB, then per vector a 32-bit mask of bit 4 (and of bit 5 for 6 bits)
+        mode = NIB5 if top <= 31 else NIB6
+        lo = (v & 15).reshape(nb, ng, group // 4, 2, 32)
+        nib = (lo[:, :, :, 0] | (lo[:, :, :, 1] << 4)).reshape(nb, ng, -1)
+        bits = [(v >> 4) & 1] if mode == NIB5 else [(v >> 4) & 1, (v >> 5) & 1]
+        masks = np.stack([np.packbits(b, axis=-1, bitorder="little") for b in bits], axis=3)
+        codes = np.concatenate((nib, masks.reshape(nb, ng, -1)), axis=2)
     else:  # signed bytes u - 128; the zero takes the 128 s
         mode = INT8
         codes = (v.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
