@@ -330,3 +330,27 @@ def test_q4_head_rows_and_the_subset_draft_head(kernel, tmp_path):
     assert drafter._head is not None and drafter._head.base is not None
     out, stats = run(drafter)
     assert out == plain and stats.drafted > 0
+
+
+def test_step_accounting_sees_the_q4_kernel(kernel, tmp_path):
+    """`veridraft profile`'s share of a step outside the weight matmuls counts q4's kernel as
+    matmul time (an extension call the profiler would otherwise not see: share 100%)."""
+    from veridraft.profile import step_accounting
+
+    _, model, path = _tiny(tmp_path, {})
+    apply_q4(model, path)
+    acc = step_accounting(model, context=20, steps=3, bandwidth=10e9)
+    assert 0.0 < acc["outside_matmuls"] < 0.995
+
+
+def test_a_failed_kernel_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A build that fails (here: a flag the compiler rejects) falls back to torch's kernel with
+    a warning saying why, and leaves no folder a later process would take for a kernel."""
+    monkeypatch.setenv("VERIDRAFT_HOME", str(tmp_path))
+    monkeypatch.delenv("VERIDRAFT_Q4_KERNEL", raising=False)
+    monkeypatch.setattr(q4kernel, "FLAGS", [*q4kernel.FLAGS, "-fno-such-flag-in-any-compiler"])
+    monkeypatch.setattr(q4kernel, "_loaded", {})
+    monkeypatch.setattr(q4kernel, "cpu_supported", lambda: True)
+    with pytest.warns(UserWarning, match="building it failed"):
+        assert q4kernel.load() is None
+    assert list((tmp_path / "kernels").iterdir()) == []

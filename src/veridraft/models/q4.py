@@ -6,16 +6,13 @@ is `w = u * s + z`: an unsigned code u and one float32 scale and zero per group 
 weights; Q6_K's sub-blocks are 16 wide, Q4_K's 32). Two kernels multiply them:
 
 **veridraft's own kernel** (models/q4kernel.cpp, compiled once per machine; AVX512-BF16 CPUs).
-Scale and zero stay the GGUF's exact float32 values; the codes are expanded to bfloat16 once per
-16 outputs x group and multiplied into up to 8 activation rows at a time (vdpbf16ps: exact
-products, float32 sums), so a forward over 8 tokens reads the weights once.
-
-| GGUF type             | codes        | bytes read per weight (codes + float32 scale and zero) |
-|-----------------------|--------------|------------------------------------------------------|
-| Q4_0, Q4_1, Q4_K      | 4-bit pairs  | 0.75                                                 |
-| Q5_0, Q5_1            | 4 bits + 1   | 0.625 + float16 scales: 0.75                          |
-| Q8_0                  | one byte     | 1.25                                                 |
-| Q6_K (16-wide groups) | one byte     | 1.5                                                  |
+Scale and zero stay the GGUF's exact values; the codes are expanded to bfloat16 once per 16
+outputs x group and multiplied into up to 8 activation rows at a time (vdpbf16ps: exact
+products, float32 sums), so a forward over 8 tokens reads the weights once. Codes are 4-bit
+pairs, plus one or two bit masks for 5- and 6-bit codes; scales are float16 where that holds
+the GGUF's values exactly (Q4_0..Q5_1, Q8_0), the K-quants' two levels as stored (Q4_K, Q6_K),
+else float32. Bytes read per weight: Q4_K 0.59, Q4_0/Q4_1 0.625, Q5_x 0.75, Q6_K 0.91, Q8_0
+1.125 (signed bytes).
 
 A fused linear (q|k|v, gate|up) keeps each part in its own layout (one call per run of parts
 that share one).

@@ -2,7 +2,7 @@
 
 The kernel needs AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and
 later) and a C++ compiler. It is compiled once per source, torch version and compiler into
-``$VERIDRAFT_HOME/kernels/`` (about a minute on two cores; later processes load the built
+``$VERIDRAFT_HOME/kernels/`` (about 20 s on two cores; later processes import the built
 library). Where it cannot be built or the CPU lacks the instructions, q4 mode falls back to
 torch's int4 kernel, says why once, and stays correct. ``VERIDRAFT_Q4_KERNEL=aten`` forces
 the fallback (for comparisons)."""
@@ -10,10 +10,12 @@ the fallback (for comparisons)."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -85,32 +87,52 @@ def load() -> object | None:
     return module
 
 
+def _import(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _build():
+    """Import the built kernel, building it first when this machine has none. The build runs in
+    a folder of its own that is renamed into place only once the library is complete, so an
+    interrupted or failed build leaves nothing that a later process would take for a kernel."""
     from torch.utils import cpp_extension
 
     folder = build_dir()
     name = "veridraft_q4_" + folder.name.split("-")[1]
-    built = any(folder.glob(f"{name}*.so"))
-    if not built:
-        print(
-            "veridraft: compiling q4 mode's CPU kernel once for this machine "
-            f"(about a minute; cached in {folder})",
-            file=sys.stderr,
-            flush=True,
-        )
+    if (folder / f"{name}.so").is_file():
+        return _import(name, folder / f"{name}.so")
+    print(
+        "veridraft: compiling q4 mode's CPU kernel once for this machine "
+        f"(about 20 s on two cores; cached in {folder})",
+        file=sys.stderr,
+        flush=True,
+    )
     # The ninja from PyPI lives next to the interpreter, which need not be on PATH.
     bindir = str(Path(sys.executable).parent)
     if shutil.which("ninja") is None and (Path(bindir) / "ninja").exists():
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    folder.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=name,
-        sources=[str(SOURCE)],
-        extra_cflags=FLAGS,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(folder),
-        verbose=False,
-    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(work),
+            verbose=False,
+        )
+        try:
+            work.rename(folder)
+        except OSError:  # another process finished first: its library is the same
+            pass
+        return module
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _fp16_exact(*arrays: np.ndarray) -> bool:
