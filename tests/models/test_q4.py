@@ -145,10 +145,16 @@ def kernel(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize(("bits", "group"), [(4, 32), (5, 32), (8, 32), (6, 16), (4, 16)])
+LAYOUTS = [(4, 32), (5, 32), (8, 32), (6, 16), (4, 16)]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "bits", "group"),
+    [("veridraft", b, g) for b, g in LAYOUTS]
+    + [("aten-int4", b, g) for b, g in LAYOUTS if g == 32],  # its groups are 32 wide only
+    indirect=["kernel"],
+)
 def test_q4_linear_rows_do_not_depend_on_the_other_rows(kernel, bits, group):
-    if kernel == "aten-int4" and group != 32:
-        pytest.skip("torch's int4 kernel has 32-wide groups only")
     g = torch.Generator().manual_seed(0)
     n, k = 640, 576
     u = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
@@ -172,9 +178,8 @@ def test_q4_linear_rows_do_not_depend_on_the_other_rows(kernel, bits, group):
         assert lin(x[:0]).shape == (0, n)
 
 
+@pytest.mark.parametrize("kernel", ["veridraft"], indirect=True)  # segments are its layout
 def test_fused_parts_of_different_types_run_as_segments(kernel):
-    if kernel != "veridraft":
-        pytest.skip("segments are the own kernel's layout")
     g = torch.Generator().manual_seed(1)
     k = 256
     parts = []
