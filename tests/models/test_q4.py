@@ -94,6 +94,7 @@ def _tiny(tmp_path, kinds: dict[str, str]):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    save_file(sd, tmp_path / "weights.safetensors")  # the checkpoint, for from_folder's tests
     ref = from_hf_config_and_state_dict(_hf_config(), sd)
     q4 = from_hf_config_and_state_dict(_hf_config(), {k: v.clone() for k, v in sd.items()})
     return ref, q4, tmp_path / "tiny.gguf"
@@ -359,3 +360,35 @@ def test_a_failed_kernel_build_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="building it failed"):
         assert q4kernel.load() is None
     assert list((tmp_path / "kernels").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "kinds", [{}, {"token_embd": "Q8_0", "attn_v": "Q5_0", "ffn_down": "Q4_0"}]
+)
+def test_loading_a_folder_in_q4_never_builds_the_float32_linears(tmp_path, kinds):
+    """from_folder builds a q4 model from meta linears, checking the GGUF against rows read from
+    the checkpoint: the same model, bit for bit, as converting a float32 model."""
+    import shutil
+
+    from veridraft.models import _LazyStateDict, _WithoutLinears, from_folder
+
+    _, model, path = _tiny(tmp_path, kinds)
+    apply_q4(model, path)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(_hf_config()))
+    shutil.copy(tmp_path / "weights.safetensors", folder / "model.safetensors")
+    shutil.copy(path, folder / "source.gguf")
+    loaded = from_folder(folder, precision="q4")
+    ids = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(model(ids, model.new_cache(16)), loaded(ids, loaded.new_cache(16)))
+    sd = _WithoutLinears(_LazyStateDict([folder / "model.safetensors"]))
+    assert sd["model.layers.0.self_attn.q_proj.weight"].is_meta
+    assert not sd["model.layers.0.input_layernorm.weight"].is_meta
+    # a GGUF that does not match the checkpoint's rows is still refused
+    (tmp_path / "other").mkdir()
+    _, _, other = _tiny(tmp_path / "other", {"attn_output": "Q4_0"})
+    shutil.copy(other, folder / "source.gguf")
+    with pytest.raises(VeridraftError, match="not the one this folder was converted from"):
+        from_folder(folder, precision="q4")

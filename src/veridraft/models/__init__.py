@@ -8,6 +8,7 @@ logits = model(tokens, cache, skip=None, view=None, capture=None, num_logits=Non
 from __future__ import annotations
 
 import ctypes
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,55 @@ class _LazyStateDict(Mapping):
     def __len__(self) -> int:
         return len(self._where)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def meta(self, key: str) -> torch.Tensor:
+        """A float32 tensor of `key`'s shape on the meta device (no data read)."""
+        file = self._where[key]
+        try:
+            with safe_open(file, framework="pt") as h:
+                shape = h.get_slice(key).get_shape()
+        except Exception as e:
+            raise _unreadable(file, e) from e
+        return torch.empty(shape, dtype=torch.float32, device="meta")
+
+    def rows(self, key: str, index) -> torch.Tensor:
+        """Rows `index` of the 2-D tensor `key`, float32 (only those rows are read)."""
+        file = self._where[key]
+        try:
+            with safe_open(file, framework="pt") as h:
+                sl = h.get_slice(key)
+                out = [sl[int(i) : int(i) + 1] for i in index]
+        except Exception as e:
+            raise _unreadable(file, e) from e
+        return torch.cat(out).float()
+
+
+# The HF names of the weights q4 mode replaces with the GGUF's blocks.
+_Q4_REPLACED = re.compile(r"(\.(q|k|v|o|gate|up|down)_proj\.weight|^lm_head\.weight)$")
+
+
+class _WithoutLinears(Mapping):
+    """A _LazyStateDict whose linear weights are meta tensors: q4 builds its model without them
+    (it reads the GGUF's blocks instead and checks them against a few rows of each weight), so
+    loading never holds the float32 model (7 GB for the 1.5B model)."""
+
+    def __init__(self, sd: _LazyStateDict) -> None:
+        self.sd = sd
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.sd.meta(key) if _Q4_REPLACED.search(key) else self.sd[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.sd
+
+    def __iter__(self):
+        return iter(self.sd)
+
+    def __len__(self) -> int:
+        return len(self.sd)
+
 
 def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
     """Load an HF model folder: config.json + model.safetensors (or shards with an index)."""
@@ -156,6 +206,7 @@ def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
         return from_hf_config_and_state_dict(cfg, sd, precision, source)
     from .q4 import apply_q4
 
-    model = from_hf_config_and_state_dict(cfg, sd, "fp32", source)
-    del sd  # the float32 linears go as each is replaced
-    return apply_q4(model, gguf)
+    model = from_hf_config_and_state_dict(cfg, _WithoutLinears(sd), "fp32", source)
+    model = apply_q4(model, gguf, reference=sd)
+    _return_freed_memory()
+    return model

@@ -480,10 +480,45 @@ def _llama_rows(n: int, heads: int) -> np.ndarray:
     return idx.reshape(heads, -1, 2).swapaxes(1, 2).reshape(n)
 
 
-def apply_q4(model: nn.Module, gguf_path: str | Path) -> nn.Module:
+# GGUF tensor of a layer -> its HF name inside model.layers.N (the model's own weights)
+_HF_OF = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _hf_name(part: str) -> str:
+    if part == "output.weight":
+        return "lm_head.weight"
+    if part == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    _, i, short, _ = part.split(".")
+    return f"model.layers.{i}.{_HF_OF[short]}.weight"
+
+
+def _reference_key(reference, part: str) -> str:
+    """The checkpoint's name for the model's own weight of GGUF tensor `part`."""
+    if reference is None:
+        raise ValueError(f"the model has no weights for {part}: pass apply_q4(reference=...)")
+    name = _hf_name(part)
+    for key in (name, name.replace("model.", "model.language_model.", 1)):
+        if key in reference:
+            return key
+    raise VeridraftError(f"the checkpoint lacks tensor {name!r}; re-pull the model")
+
+
+def apply_q4(model: nn.Module, gguf_path: str | Path, reference=None) -> nn.Module:
     """Swap every linear of a float32 model for a Q4Linear built from the GGUF's blocks (in
     place). Each part is checked against the model's own float32 weights (the de-quantized
-    blocks, in the row order the converter chose), so a wrong file or layout fails loudly."""
+    blocks, in the row order the converter chose), so a wrong file or layout fails loudly.
+
+    A linear whose weight is a meta tensor (models.from_folder builds q4 models so, never holding
+    the float32 linears) is checked against a few rows read from `reference`, the checkpoint."""
     cfg = model.config
     try:
         tensors = read_gguf_tensors(gguf_path)
@@ -510,6 +545,8 @@ def apply_q4(model: nn.Module, gguf_path: str | Path) -> nn.Module:
                     )
             kinds = {tensors[p].kind for p in parts}
             if kinds & set(KERNEL_ONLY) and q4kernel.load() is None:
+                if w32.is_meta:  # bf16 mode's kernel needs the whole matrix
+                    w32 = torch.cat([reference[_reference_key(reference, p)] for p in parts])
                 setattr(parent, cname, PackedLinear(w32, child.bias, "bf16"))
                 continue
             pieces, row = [], 0
@@ -518,8 +555,12 @@ def apply_q4(model: nn.Module, gguf_path: str | Path) -> nn.Module:
                 kind = t.kind
                 cols, rows = (int(x) for x in t.shape[:2])
                 u, s, z = decode_blocks(kind, t.data, rows, cols)
-                ref = w32[row : row + rows]
-                order = _match_rows(u, s, z, ref, heads.get(part.split(".")[-2]))
+                if w32.is_meta:
+                    key = _reference_key(reference, part)
+                    want = lambda idx, key=key: reference.rows(key, idx).numpy()  # noqa: E731
+                else:
+                    want = lambda idx, row=row, w=w32: w[row + idx].numpy()  # noqa: E731
+                order = _match_rows(u, s, z, want, heads.get(part.split(".")[-2]))
                 if order is None:
                     raise VeridraftError(
                         f"{part} in {gguf_path} does not de-quantize to the model's {name} "
@@ -539,7 +580,7 @@ def apply_q4(model: nn.Module, gguf_path: str | Path) -> nn.Module:
     return model
 
 
-def _match_rows(u, s, z, ref: Tensor, heads: int | None) -> np.ndarray | None:
+def _match_rows(u, s, z, want_rows, heads: int | None) -> np.ndarray | None:
     """The GGUF row for each of the model's rows (identity, or llama's q/k order), checked on a
     sample of rows against the float32 weights; None when neither matches."""
     rows = u.shape[0]
@@ -547,11 +588,11 @@ def _match_rows(u, s, z, ref: Tensor, heads: int | None) -> np.ndarray | None:
     if heads and rows % (2 * heads) == 0:
         orders.append(_llama_rows(rows, heads))
     sample = np.unique(np.linspace(0, rows - 1, 9).astype(int))
+    want = want_rows(sample)
+    group = u.shape[1] // s.shape[1]
     for order in orders:
         r = order[sample]
-        group = u.shape[1] // s.shape[1]
         w = u[r].astype(np.float32) * np.repeat(s[r], group, 1) + np.repeat(z[r], group, 1)
-        want = ref[sample].numpy()
         if np.allclose(w, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max() + 1e-30)):
             return order
     return None
