@@ -1,6 +1,6 @@
 """A packed precision mode keeps no float32 weights: not in the model, not as a mapped file, and
-not all at once while packing (peak = float32 model + one packed linear, not + the whole packed
-model). Tiny random Qwen2 checkpoints; the real figures are in the benchmark reports."""
+not all at once while packing (from a folder one float32 matrix is read at a time; from a float32
+model, peak = float32 model + one packed linear, not + the whole packed model). Tiny random Qwen2 checkpoints; the real figures are in the benchmark reports."""
 
 from __future__ import annotations
 

@@ -186,3 +186,26 @@ def test_agreement_with_fp32(real_model, loaded, plain_greedy, name, precision):
     assert got["argmax_agreement"] >= floor["argmax_agreement"], got
     assert got["max_logit_diff"] <= floor["max_logit_diff"], got
     assert got["max_logit_diff"] > 0  # a packed mode is an approximation, not a copy
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("precision", PACKED)
+def test_a_packed_folder_loads_one_float32_matrix_at_a_time(tmp_path, precision, tie):
+    """from_folder packs each linear as it reads it from the checkpoint (meta linears until
+    then): the same model, bit for bit, as packing a whole float32 model."""
+    from drafting_helpers import tiny_llama
+    from safetensors.torch import load_file
+
+    from veridraft.models import from_folder, from_hf_config_and_state_dict
+    from veridraft.models.base import read_json
+
+    tiny_llama(tmp_path, seed=5, layers=2, vocab=64, tie=tie)
+    streamed = from_folder(tmp_path, precision=precision)
+    assert not any(p.is_meta for p in streamed.parameters())
+    assert not any(b.is_meta for b in streamed.buffers())
+    whole = from_hf_config_and_state_dict(
+        read_json(tmp_path / "config.json"), load_file(tmp_path / "model.safetensors"), precision
+    )
+    ids = torch.randint(0, 64, (9,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(streamed(ids, streamed.new_cache(16)), whole(ids, whole.new_cache(16)))

@@ -153,20 +153,21 @@ class _LazyStateDict(Mapping):
         return torch.cat(out).float()
 
 
-# The HF names of the weights q4 mode replaces with the GGUF's blocks.
-_Q4_REPLACED = re.compile(r"(\.(q|k|v|o|gate|up|down)_proj\.weight|^lm_head\.weight)$")
+# The HF names of the linear weights: the packed modes and q4 replace them, so a model for those
+# is built without them (meta tensors) and reads them one at a time.
+_LINEAR_WEIGHTS = re.compile(r"(\.(q|k|v|o|gate|up|down)_proj\.weight|^lm_head\.weight)$")
 
 
 class _WithoutLinears(Mapping):
-    """A _LazyStateDict whose linear weights are meta tensors: q4 builds its model without them
-    (it reads the GGUF's blocks instead and checks them against a few rows of each weight), so
+    """A _LazyStateDict whose linear weights are meta tensors. The packed modes read each one
+    when they pack it, q4 reads the GGUF's blocks and checks them against a few rows of each: so
     loading never holds the float32 model (7 GB for the 1.5B model)."""
 
     def __init__(self, sd: _LazyStateDict) -> None:
         self.sd = sd
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self.sd.meta(key) if _Q4_REPLACED.search(key) else self.sd[key]
+        return self.sd.meta(key) if _LINEAR_WEIGHTS.search(key) else self.sd[key]
 
     def __contains__(self, key: object) -> bool:
         return key in self.sd
@@ -202,8 +203,13 @@ def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
     files = _weight_files(folder)
     sd = _LazyStateDict(files)
     source = str(files[0]) if len(files) == 1 else f"the shards in {folder}"
-    if gguf is None:
+    if gguf is None and precision == "fp32":
         return from_hf_config_and_state_dict(cfg, sd, precision, source)
+    if gguf is None:  # a packed mode: one float32 matrix at a time, packed as it is read
+        model = from_hf_config_and_state_dict(cfg, _WithoutLinears(sd), "fp32", source)
+        model = apply_precision(model, precision, reference=sd)
+        _return_freed_memory()
+        return model
     from .q4 import apply_q4
 
     model = from_hf_config_and_state_dict(cfg, _WithoutLinears(sd), "fp32", source)

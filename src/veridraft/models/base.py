@@ -838,6 +838,21 @@ def attention_tensors(
     return out
 
 
+def hf_linear_parts(cfg: ModelConfig, name: str) -> list[str]:
+    """The checkpoint (HF) weights a native linear is fused from, in fusion order, e.g.
+    "layers.3.attention.wqkv" -> the q, k and v projections of layer 3."""
+    if name == "output":
+        return ["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
+    _, i, _, lin = name.split(".")
+    table = {
+        "wqkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        "wo": ["self_attn.o_proj"],
+        "w13": ["mlp.gate_proj", "mlp.up_proj"],
+        "w2": ["mlp.down_proj"],
+    }
+    return [f"model.layers.{i}.{part}.weight" for part in table[lin]]
+
+
 def mlp_tensors(take: Any, cfg: ModelConfig, i: int, p: str) -> dict[str, Tensor]:
     m = f"model.layers.{i}.mlp."
     out = {

@@ -210,12 +210,14 @@ def _onednn_pack(w: Tensor):
         return None
 
 
-def apply_precision(model: nn.Module, precision: str) -> nn.Module:
+def apply_precision(model: nn.Module, precision: str, reference=None) -> nn.Module:
     """Swap model's linears (in place) for `precision`'s kernels; fp32 leaves it as it is.
 
     A tied head is packed from the embedding table, and the table itself is replaced by a
     half-size copy in the mode's 16-bit type (rows widened to float32 at lookup), so a packed
-    model never holds the float32 table.
+    model never holds the float32 table. A linear whose weight is a meta tensor (models.
+    from_folder builds packed models so) reads its float32 weight from `reference`, the
+    checkpoint, just before packing it: loading holds one float32 matrix at a time.
     """
     if precision == "fp32":
         return model
@@ -227,18 +229,39 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
     # Only the parents are listed: a list of every module would keep each replaced nn.Linear,
     # and so all the float32 weights, alive until the end (peak = float32 + packed model). The
     # head, the largest, is packed last, into the room its predecessors' float32 weights left.
-    parents = [m for m in model.modules() if any(isinstance(c, nn.Linear) for c in m.children())]
-    parents.sort(key=lambda m: m is model)
-    for parent in parents:
+    parents = [
+        (name, m)
+        for name, m in model.named_modules()
+        if any(isinstance(c, nn.Linear) for c in m.children())
+    ]
+    parents.sort(key=lambda nm: nm[1] is model)
+    for prefix, parent in parents:
         for name in [n for n, c in parent.named_children() if isinstance(c, nn.Linear)]:
             child = getattr(parent, name)
-            setattr(parent, name, PackedLinear(child.weight, child.bias, precision))
-            del child  # its float32 weight goes now, before the next one is packed
+            weight = child.weight
+            if weight.is_meta:
+                weight = _from_checkpoint(model, reference, f"{prefix}.{name}".lstrip("."))
+            setattr(parent, name, PackedLinear(weight, child.bias, precision))
+            del child, weight  # its float32 weight goes now, before the next one is packed
     if isinstance(emb, nn.Embedding):
         emb.weight = nn.Parameter(emb.weight.detach().to(_HALF[precision]), requires_grad=False)
     model.precision = precision
     model.rowwise_attention = True  # see Transformer.rowwise_attention
     return model
+
+
+def _from_checkpoint(model: nn.Module, reference, name: str) -> Tensor:
+    """The float32 weight of native linear `name`, fused from the checkpoint's tensors."""
+    from .base import hf_linear_parts
+
+    if reference is None:
+        raise ValueError(f"{name} has no weights (meta): pass apply_precision(reference=...)")
+    parts = []
+    for key in hf_linear_parts(model.config, name):
+        alt = key.replace("model.", "model.language_model.", 1)
+        t = reference[key if key in reference else alt]
+        parts.append(t.float() if t.dtype != torch.float32 else t)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def weight_nbytes_per_token(model: nn.Module) -> int:
