@@ -3,6 +3,7 @@ CLI can build its help from here without loading torch)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 DEFAULT_METHODS = "ar,ngram,layerskip,hf:ar,hf:pld"
@@ -24,7 +25,7 @@ class RunOutput:
     peak_rss_mb: float | None = None  # set by methods that run in another process
 
 
-class Method:
+class Method(ABC):
     """One benchmarked method. Subclasses implement `run` (and `prepare` to load things once)."""
 
     engine = "veridraft"
@@ -35,15 +36,16 @@ class Method:
         self.lossless = True
         self.skip_reason: str | None = None
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 (an optional hook: by default nothing to load)
         """Load what the method needs (outside any timing); set skip_reason to skip it."""
 
+    @abstractmethod
     def run(
         self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float, seed: int
     ) -> RunOutput:
-        raise NotImplementedError
+        """One timed generation of `prompt_ids`."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook: by default nothing to release)
         """Release what `prepare` loaded (a worker process, say); called once at the end."""
 
     def info(self) -> dict:

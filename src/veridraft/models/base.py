@@ -797,10 +797,8 @@ class Transformer(nn.Module, ABC):
 
     def load_hf(self, sd: dict[str, Tensor], source: str) -> None:
         def take(name: str) -> Tensor:
-            for key in (name, name.replace("model.", "model.language_model.", 1)):
-                if key in sd:
-                    return sd[key].float() if sd[key].dtype != torch.float32 else sd[key]
-            raise VeridraftError(f"{source} lacks tensor {name!r}; re-pull or re-convert the model")
+            t = sd[checkpoint_key(sd, name, source)]
+            return t.float() if t.dtype != torch.float32 else t
 
         native = self.convert(take)
         if self.config.tie_embeddings:
@@ -836,6 +834,15 @@ def attention_tensors(
         k = take(f"{a}k_norm.weight") + norm_offset
         out[f"{p}qk_weight"] = fuse(q.expand(cfg.n_heads, -1), k.expand(cfg.n_kv_heads, -1))
     return out
+
+
+def checkpoint_key(sd, name: str, source: str = "the checkpoint") -> str:
+    """The key of HF tensor `name` in a checkpoint: as named, or under the multimodal
+    checkpoints' "model.language_model." prefix."""
+    for key in (name, name.replace("model.", "model.language_model.", 1)):
+        if key in sd:
+            return key
+    raise VeridraftError(f"{source} lacks tensor {name!r}; re-pull or re-convert the model")
 
 
 def hf_linear_parts(cfg: ModelConfig, name: str) -> list[str]:

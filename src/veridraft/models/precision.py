@@ -252,15 +252,12 @@ def apply_precision(model: nn.Module, precision: str, reference=None) -> nn.Modu
 
 def _from_checkpoint(model: nn.Module, reference, name: str) -> Tensor:
     """The float32 weight of native linear `name`, fused from the checkpoint's tensors."""
-    from .base import hf_linear_parts
+    from .base import checkpoint_key, hf_linear_parts
 
     if reference is None:
         raise ValueError(f"{name} has no weights (meta): pass apply_precision(reference=...)")
-    parts = []
-    for key in hf_linear_parts(model.config, name):
-        alt = key.replace("model.", "model.language_model.", 1)
-        t = reference[key if key in reference else alt]
-        parts.append(t.float() if t.dtype != torch.float32 else t)
+    parts = [reference[checkpoint_key(reference, k)] for k in hf_linear_parts(model.config, name)]
+    parts = [t.float() if t.dtype != torch.float32 else t for t in parts]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from ..errors import VeridraftError
 from . import q4kernel
+from .base import checkpoint_key, hf_linear_parts
 from .precision import PackedLinear
 
 GROUP = 32  # the group of torch's int4 kernel, and of every block format but Q6_K
@@ -209,11 +210,7 @@ class Q4Linear(nn.Module):
             u, s, z = (np.asarray(t.numpy() if isinstance(t, Tensor) else t) for t in part[:3])
             group, two = part[3], part[4] if len(part) > 4 else None
             top = int(u.max()) if u.size else 0
-            kind = (
-                0 if top <= 15 else 1 if top <= 31 else 2 if top <= 63 else 3,
-                group,
-                two is not None,
-            )
+            kind = (q4kernel.layout(top), group, two is not None)
             if merged and merged[-1][0] == kind:
                 last = merged[-1]
                 last[1:4] = [np.concatenate((a, b)) for a, b in zip(last[1:4], (u, s, z))]
@@ -480,38 +477,6 @@ def _llama_rows(n: int, heads: int) -> np.ndarray:
     return idx.reshape(heads, -1, 2).swapaxes(1, 2).reshape(n)
 
 
-# GGUF tensor of a layer -> its HF name inside model.layers.N (the model's own weights)
-_HF_OF = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
-
-def _hf_name(part: str) -> str:
-    if part == "output.weight":
-        return "lm_head.weight"
-    if part == "token_embd.weight":
-        return "model.embed_tokens.weight"
-    _, i, short, _ = part.split(".")
-    return f"model.layers.{i}.{_HF_OF[short]}.weight"
-
-
-def _reference_key(reference, part: str) -> str:
-    """The checkpoint's name for the model's own weight of GGUF tensor `part`."""
-    if reference is None:
-        raise ValueError(f"the model has no weights for {part}: pass apply_q4(reference=...)")
-    name = _hf_name(part)
-    for key in (name, name.replace("model.", "model.language_model.", 1)):
-        if key in reference:
-            return key
-    raise VeridraftError(f"the checkpoint lacks tensor {name!r}; re-pull the model")
-
-
 def apply_q4(model: nn.Module, gguf_path: str | Path, reference=None) -> nn.Module:
     """Swap every linear of a float32 model for a Q4Linear built from the GGUF's blocks (in
     place). Each part is checked against the model's own float32 weights (the de-quantized
@@ -543,20 +508,23 @@ def apply_q4(model: nn.Module, gguf_path: str | Path, reference=None) -> nn.Modu
                         f"{part} in {gguf_path} is {kind}: precision 'q4' has no kernel for "
                         f"that type (it takes {', '.join(BLOCKS)}); use precision='bf16'"
                     )
+            hf_names = hf_linear_parts(cfg, name)  # the same matrices, in the same order
             kinds = {tensors[p].kind for p in parts}
             if kinds & set(KERNEL_ONLY) and q4kernel.load() is None:
                 if w32.is_meta:  # bf16 mode's kernel needs the whole matrix
-                    w32 = torch.cat([reference[_reference_key(reference, p)] for p in parts])
+                    w32 = torch.cat([reference[checkpoint_key(reference, k)] for k in hf_names])
                 setattr(parent, cname, PackedLinear(w32, child.bias, "bf16"))
                 continue
             pieces, row = [], 0
-            for part in parts:
+            for part, hf in zip(parts, hf_names):
                 t = tensors[part]
                 kind = t.kind
                 cols, rows = (int(x) for x in t.shape[:2])
                 u, s, z = decode_blocks(kind, t.data, rows, cols)
                 if w32.is_meta:
-                    key = _reference_key(reference, part)
+                    if reference is None:
+                        raise ValueError(f"{name} has no weights: pass apply_q4(reference=...)")
+                    key = checkpoint_key(reference, hf)
                     want = lambda idx, key=key: reference.rows(key, idx).numpy()  # noqa: E731
                 else:
                     want = lambda idx, row=row, w=w32: w[row + idx].numpy()  # noqa: E731

@@ -135,6 +135,12 @@ def _build():
             shutil.rmtree(work, ignore_errors=True)
 
 
+def layout(top: int) -> int:
+    """The code layout for codes up to `top`: 4-bit pairs, plus one or two bit masks, or signed
+    bytes."""
+    return NIB if top <= 15 else NIB5 if top <= 31 else NIB6 if top <= 63 else INT8
+
+
 def _fp16_exact(*arrays: np.ndarray) -> bool:
     with np.errstate(over="ignore"):
         return all(np.array_equal(a.astype(np.float16).astype(np.float32), a) for a in arrays)
@@ -154,20 +160,18 @@ def pack(u: np.ndarray, s: np.ndarray, z: np.ndarray, group: int, two_level=None
     # [nb, ng, G/2 k-pairs, 16 outputs, 2] -> one 32-element vector per k-pair
     v = u.reshape(nb, 16, ng, group // 2, 2).transpose(0, 2, 3, 1, 4).reshape(nb, ng, -1, 32)
     s, z = s.astype(np.float32), z.astype(np.float32)
-    if top <= 15:
-        mode = NIB
+    mode = layout(top)
+    if mode == NIB:
         v = v.reshape(nb, ng, group // 4, 2, 32)
         codes = v[:, :, :, 0] | (v[:, :, :, 1] << 4)
-    elif top <= 63:
+    elif mode in (NIB5, NIB6):
         # low nibbles as NIB, then per vector a 32-bit mask of bit 4 (and of bit 5 for 6 bits)
-        mode = NIB5 if top <= 31 else NIB6
         lo = (v & 15).reshape(nb, ng, group // 4, 2, 32)
         nib = (lo[:, :, :, 0] | (lo[:, :, :, 1] << 4)).reshape(nb, ng, -1)
         bits = [(v >> 4) & 1] if mode == NIB5 else [(v >> 4) & 1, (v >> 5) & 1]
         masks = np.stack([np.packbits(b, axis=-1, bitorder="little") for b in bits], axis=3)
         codes = np.concatenate((nib, masks.reshape(nb, ng, -1)), axis=2)
     else:  # signed bytes u - 128; the zero takes the 128 s
-        mode = INT8
         codes = (v.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
         z = (z + np.float32(128) * s).astype(np.float32)
 
