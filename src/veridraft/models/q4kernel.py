@@ -9,21 +9,17 @@ the fallback (for comparisons)."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import kernels
+
 SOURCE = Path(__file__).with_name("q4kernel.cpp")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+FLAGS = list(kernels.FLAGS)
 NIB, NIB5, NIB6, INT8 = 0, 1, 2, 3  # code layouts, as in q4kernel.cpp
 F32, F16, K2 = 0, 1, 2  # scale layouts
 
@@ -32,34 +28,12 @@ _loaded: dict[str, object] = {}
 
 def cpu_supported() -> bool:
     """True when the CPU has the AVX512-BF16 instructions the kernel uses (Linux /proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags and " avx512bw" in flags
-
-
-def _home() -> Path:
-    return Path(os.environ.get("VERIDRAFT_HOME", "~/.cache/veridraft")).expanduser()
-
-
-def _compiler_id() -> str:
-    cxx = os.environ.get("CXX", "c++")
-    try:
-        return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    except OSError:
-        return ""
+    return kernels.cpu_supported()
 
 
 def build_dir() -> Path:
     """Where the built kernel lives: one folder per source, torch version, compiler and flags."""
-    key = hashlib.sha256(
-        SOURCE.read_bytes()
-        + torch.__version__.encode()
-        + _compiler_id().encode()
-        + " ".join(FLAGS).encode()
-    ).hexdigest()[:16]
-    return _home() / "kernels" / f"q4-{key}"
+    return kernels.build_dir("q4", SOURCE, FLAGS)
 
 
 def load() -> object | None:
@@ -87,52 +61,9 @@ def load() -> object | None:
     return module
 
 
-def _import(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _build():
-    """Import the built kernel, building it first when this machine has none. The build runs in
-    a folder of its own that is renamed into place only once the library is complete, so an
-    interrupted or failed build leaves nothing that a later process would take for a kernel."""
-    from torch.utils import cpp_extension
-
-    folder = build_dir()
-    name = "veridraft_q4_" + folder.name.split("-")[1]
-    if (folder / f"{name}.so").is_file():
-        return _import(name, folder / f"{name}.so")
-    print(
-        "veridraft: compiling q4 mode's CPU kernel once for this machine "
-        f"(about 20 s on two cores; cached in {folder})",
-        file=sys.stderr,
-        flush=True,
-    )
-    # The ninja from PyPI lives next to the interpreter, which need not be on PATH.
-    bindir = str(Path(sys.executable).parent)
-    if shutil.which("ninja") is None and (Path(bindir) / "ninja").exists():
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        module = cpp_extension.load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(work),
-            verbose=False,
-        )
-        try:
-            work.rename(folder)
-        except OSError:  # another process finished first: its library is the same
-            pass
-        return module
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+    """Import the built kernel, building it first when this machine has none (kernels.build)."""
+    return kernels.build("q4", SOURCE, FLAGS, "q4 mode's CPU kernel")
 
 
 def layout(top: int) -> int:

@@ -1,0 +1,102 @@
+"""Build, cache and import veridraft's own CPU kernels (C++ torch extensions next to this file).
+
+Each kernel is compiled once per source, torch version, compiler and flags into
+``$VERIDRAFT_HOME/kernels/<stem>-<hash>`` and imported directly by later processes. The build
+runs in a folder of its own that is renamed into place only once the library is complete, so an
+interrupted or failed build leaves nothing that a later process would take for a kernel."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+# AVX512-BF16 is the newest instruction set the kernels use (vdpbf16ps: exact bfloat16 products
+# summed in float32); every CPU with it has the rest of AVX-512 they use.
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+
+
+def cpu_supported() -> bool:
+    """True when the CPU has the AVX512-BF16 instructions the kernels use (/proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags and " avx512bw" in flags
+
+
+def home() -> Path:
+    return Path(os.environ.get("VERIDRAFT_HOME", "~/.cache/veridraft")).expanduser()
+
+
+def _compiler_id() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+
+
+def build_dir(stem: str, source: Path, flags: list[str]) -> Path:
+    """Where a kernel lives: one folder per source, torch version, compiler and flags."""
+    key = hashlib.sha256(
+        source.read_bytes()
+        + torch.__version__.encode()
+        + _compiler_id().encode()
+        + " ".join(flags).encode()
+    ).hexdigest()[:16]
+    return home() / "kernels" / f"{stem}-{key}"
+
+
+def _import(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(stem: str, source: Path, flags: list[str], what: str):
+    """Import the kernel built from `source`, compiling it first when this machine has none
+    (printing one line that says so: `what` names the kernel)."""
+    from torch.utils import cpp_extension
+
+    folder = build_dir(stem, source, flags)
+    name = f"veridraft_{stem}_" + folder.name.rsplit("-", 1)[1]
+    if (folder / f"{name}.so").is_file():
+        return _import(name, folder / f"{name}.so")
+    print(
+        f"veridraft: compiling {what} once for this machine (about 20 s on two cores; "
+        f"cached in {folder})",
+        file=sys.stderr,
+        flush=True,
+    )
+    # The ninja from PyPI lives next to the interpreter, which need not be on PATH.
+    bindir = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is None and (Path(bindir) / "ninja").exists():
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(work),
+            verbose=False,
+        )
+        try:
+            work.rename(folder)
+        except OSError:  # another process finished first: its library is the same
+            pass
+        return module
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
