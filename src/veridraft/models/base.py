@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..cache import KVCache
 from ..errors import VeridraftError
 from ..tree import TreeAttn
+from . import attnkernel
 from .precision import PRECISIONS  # noqa: F401  (re-exported)
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -318,6 +319,8 @@ class Span:
     # contiguous rows start..start+T over keys [lo, start+T) with the causal (and window) rule:
     # attended in tiles (_attend_causal), never through one [T, L] mask
     causal: bool = False
+    # the decode kernel's key ranges for these rows (_kernel_keys), made once per forward
+    kernel_keys: tuple | None = None
 
 
 def first_key(pos: int, window: int | None) -> int:
@@ -399,7 +402,8 @@ def attend(
         return cache.attend(q, k, v, step, layer, scale, softcap)
     cache.write(layer, start, k, v)
     k, v = k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype)
-    if span.index is not None:
+    kernel = t <= ROWWISE_MAX_T and _decode_kernel(cache, layer, q.shape[-1])
+    if span.index is not None and not (kernel and step.capture is None):
         keys, vals = _view_keys(cache, layer, span.index, k, v)
     if step.capture is not None and step.capture.attn_rows > 0:
         mask = span.mask
@@ -411,6 +415,12 @@ def attend(
                 if span.window is not None:
                     mask &= kpos[None, :] > qpos[:, None] - span.window
         _capture_attn(q, keys, mask, scale, softcap, step.capture, layer)
+    if kernel:
+        # Every row in one call, each bitwise what a one-token forward at its position gives
+        # (attnkernel.cpp): decoding, verification, trees and views alike.
+        lo, hi, ext = _kernel_keys(step, span)
+        kc, vc = cache.k[layer], cache.v[layer]
+        return attnkernel.rows(q[0].float(), kc, vc, lo, hi, ext, scale, softcap)
     if step.rowwise and 1 < t <= ROWWISE_MAX_T and span.index is None and step.tree is not None:
         return _attend_tree_rows(q, step, layer, span.window, scale, softcap)
     if step.rowwise and 1 < t <= ROWWISE_MAX_T and span.index is None:
@@ -437,6 +447,59 @@ def attend(
         keys = cache.k[layer][:, :, span.lo : start + t]
         vals = cache.v[layer][:, :, span.lo : start + t]
     return _attend(q, keys, vals, span.mask, scale, softcap)
+
+
+def _decode_kernel(cache: KVCache, layer: int, head_dim: int) -> bool:
+    """Whether this layer's rows go through veridraft's decode attention kernel."""
+    kc = cache.k[layer]
+    return (
+        head_dim <= 256
+        and kc.dtype in (torch.float32, torch.bfloat16)
+        and kc.is_contiguous()
+        and attnkernel.load() is not None
+    )
+
+
+def _kernel_keys(step: Step, span: Span) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per query row, the keys it reads as the kernel takes them: cached positions [lo, hi),
+    then ext (positions, -1 = none). A chain row reads [first key, itself]; a tree node its
+    prefix and then its ancestors (a node on the chain of first rows: the chain's slice, so
+    its keys are those of plain decoding); a view row its own new rows, then the viewed ones."""
+    if span.kernel_keys is not None:
+        return span.kernel_keys
+    start, t, window = step.start, step.t, span.window
+    ext = None
+    if step.tree is not None:
+        depth = step.tree.depth.tolist()
+        lo, hi, news = [], [], []
+        for i, anc in enumerate(step.tree.rows):
+            pos = start + depth[i]
+            first = first_key(pos, window)
+            if anc == list(range(depth[i] + 1)):
+                lo.append(first), hi.append(pos + 1), news.append([])
+            else:
+                lo.append(min(first, start)), hi.append(start)
+                news.append([start + r for r in anc if start + depth[r] >= first])
+        width = max(len(n) for n in news)
+        if width:
+            ext = torch.full((1, t, width), -1, dtype=torch.long)
+            for i, n in enumerate(news):
+                ext[0, i, : len(n)] = torch.tensor(n, dtype=torch.long)
+        lo_t, hi_t = torch.tensor(lo, dtype=torch.long), torch.tensor(hi, dtype=torch.long)
+    else:
+        qpos = torch.arange(start, start + t)
+        hi_t = qpos + 1
+        lo_t = qpos - window + 1 if window is not None else torch.zeros(t, dtype=torch.long)
+        lo_t = lo_t.clamp(min=0)
+        if span.index is not None:
+            lo_t = lo_t.clamp(min=start)
+            view = (span.index if span.index.dim() == 2 else span.index[None]).contiguous()
+            ext = view[:, None, :].expand(view.shape[0], t, view.shape[1])
+            if window is not None:
+                ext = torch.where(ext > (qpos - window)[None, :, None], ext, -1)
+            ext = ext.contiguous() if window is not None else view[:, None, :]
+    span.kernel_keys = (lo_t, hi_t, ext)
+    return span.kernel_keys
 
 
 def _view_keys(cache: KVCache, layer: int, index: Tensor, k: Tensor, v: Tensor):

@@ -1,0 +1,368 @@
+// Attention of a few query rows over a long KV cache: veridraft's decode and verification path.
+//
+// A decode step reads every cached key and value once: at long contexts those bytes, not the
+// weights, are the step. This kernel reads each cached row once per KV head for all the query
+// heads of its GQA group, in float32 or bfloat16 (half the bytes), split into blocks of BLOCK
+// keys that run in parallel and are merged by their log-sum-exp in a fixed order.
+//
+// Row-invariance, by construction: a query row's output depends only on its own query, the
+// sequence of keys it reads and their values. Its keys are split into blocks at fixed offsets
+// of that sequence (0, BLOCK, 2 BLOCK, ...), each block is reduced with the same arithmetic
+// whoever else shares the call, and the blocks are merged in order. So row i of a verification
+// forward over T rows is bitwise the row of a one-token forward at its position, whatever T,
+// the thread count or the other rows; a token-tree node whose keys are its prefix and then its
+// ancestors reads the same sequence as the chain of its path.
+//
+// A row's key sequence: the contiguous cached positions [lo, hi), then ext[h, t, :] (explicit
+// positions, per KV head h; entries < 0 are skipped: they mask a key and only pad the end of a
+// tree row or drop a viewed key out of a sliding window).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK = 128;  // keys per block: ~30 blocks per KV head at 4k, enough to split
+
+// Lanes of 16-wide chunk c that hold one of the hd head dims (the last chunk may be partial).
+inline __mmask16 tail(int64_t hd, int c) {
+    const int64_t n = hd - 16 * c;
+    return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+inline __m512 widen_bf16(const void* p, __mmask16 m) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// e^x for x <= 0: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial to r^7 (relative
+// error ~5e-9 before float32 rounding), then 2^n by vscalefps. Inputs below -87 are clamped
+// (e^-87 ~ 1e-38, nothing a softmax sum notices); masked keys are zeroed by the caller.
+inline __m512 exp_neg(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+struct Rows {
+    const float* q;  // [n_h, T, hd] through its strides
+    int64_t q_head, q_row;
+    const void* k;
+    const void* v;  // [n_kv, max_len, hd] contiguous
+    bool bf16;
+    int64_t max_len, n_kv, group, T, hd;  // hd <= HD (the padded head dim of the template)
+    const int64_t* lo;
+    const int64_t* hi;
+    const int64_t* ext;  // [n_kv?, T?, E] through strides (0 for a broadcast dimension)
+    int64_t ext_h, ext_t, n_ext;
+    float scale, softcap;
+};
+
+// Lane i of the result = the sum of d[i]'s lanes (a fixed tree: the same for every call).
+inline __m512 hsum16(const __m512 d[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)  // per 128-bit lane: d[2i] and d[2i+1], pairs of elements added
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(d[2 * i], d[2 * i + 1]),
+                             _mm512_unpackhi_ps(d[2 * i], d[2 * i + 1]));
+    for (int i = 0; i < 4; ++i)  // per 128-bit lane: keys 4i .. 4i+3, one partial sum each
+        b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 2; ++i)  // the four 128-bit lanes' partials added, two at a time
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                         _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+template <int HD>
+struct Scratch {
+    alignas(64) float kb[BLOCK * HD];   // keys, row-major
+    alignas(64) float vb[BLOCK * HD];   // values, row-major
+    alignas(64) float s[4 * BLOCK];     // one pass's scores, then weights
+    bool live[BLOCK];
+    int64_t lo = -1, n = 0;  // which contiguous run the buffers hold (lo = -1: none, or gathered)
+};
+
+// Position of key s of row t's sequence (< 0: masked).
+inline int64_t key_pos(const Rows& R, int64_t t, int64_t h, int64_t s) {
+    const int64_t contiguous = R.hi[t] - R.lo[t];
+    return s < contiguous ? R.lo[t] + s : R.ext[h * R.ext_h + t * R.ext_t + (s - contiguous)];
+}
+
+// Widen keys [j0, j0 + nk) of row t's sequence (KV head h) into the scratch as float32 rows.
+// Masked keys and the padding to 16 are zero rows.
+template <int HD>
+void fill(const Rows& R, int64_t t, int64_t h, int64_t j0, int64_t nk, Scratch<HD>& S) {
+    constexpr int C = HD / 16;
+    const size_t esize = R.bf16 ? 2 : 4;
+    const int64_t hd = R.hd;
+    const char* kbase = static_cast<const char*>(R.k) + h * R.max_len * hd * esize;
+    const char* vbase = static_cast<const char*>(R.v) + h * R.max_len * hd * esize;
+    const int64_t contiguous = R.hi[t] - R.lo[t];
+    const int64_t nk16 = (nk + 15) / 16 * 16;
+    for (int64_t j = 0; j < nk16; ++j) {
+        const int64_t sq = j0 + j;
+        int64_t pos = -1;
+        if (j < nk) pos = sq < contiguous ? R.lo[t] + sq : R.ext[h * R.ext_h + t * R.ext_t + (sq - contiguous)];
+        S.live[j] = pos >= 0;
+        float* krow = S.kb + j * HD;
+        float* vrow = S.vb + j * HD;
+        if (pos < 0) {
+            for (int c = 0; c < C; ++c) {
+                _mm512_store_ps(krow + c * 16, _mm512_setzero_ps());
+                _mm512_store_ps(vrow + c * 16, _mm512_setzero_ps());
+            }
+        } else if (R.bf16) {
+            const char* kp = kbase + pos * hd * 2;
+            const char* vp = vbase + pos * hd * 2;
+            // the next block's rows (contiguous runs): in cache by the time this one is reduced
+            if (pos + BLOCK < R.max_len)
+                for (int64_t c = 0; c < hd * 2; c += 64) {
+                    _mm_prefetch(kp + BLOCK * hd * 2 + c, _MM_HINT_T1);
+                    _mm_prefetch(vp + BLOCK * hd * 2 + c, _MM_HINT_T1);
+                }
+            for (int c = 0; c < C; ++c) {
+                _mm512_store_ps(krow + c * 16, widen_bf16(kp + c * 32, tail(hd, c)));
+                _mm512_store_ps(vrow + c * 16, widen_bf16(vp + c * 32, tail(hd, c)));
+            }
+        } else {
+            const float* kp = reinterpret_cast<const float*>(kbase) + pos * hd;
+            const float* vp = reinterpret_cast<const float*>(vbase) + pos * hd;
+            if (pos + BLOCK < R.max_len)
+                for (int64_t c = 0; c < hd; c += 16) {
+                    _mm_prefetch(reinterpret_cast<const char*>(kp + BLOCK * hd + c), _MM_HINT_T1);
+                    _mm_prefetch(reinterpret_cast<const char*>(vp + BLOCK * hd + c), _MM_HINT_T1);
+                }
+            for (int c = 0; c < C; ++c) {
+                _mm512_store_ps(krow + c * 16, _mm512_maskz_loadu_ps(tail(hd, c), kp + c * 16));
+                _mm512_store_ps(vrow + c * 16, _mm512_maskz_loadu_ps(tail(hd, c), vp + c * 16));
+            }
+        }
+    }
+}
+
+// Query heads a0 .. a0 + NA of KV head h's group, row t, over the nk keys in the scratch: each
+// head's block maximum, sum of weights and weighted sum of values. NA is a template parameter so
+// that the accumulators live in registers.
+template <int HD, int NA>
+void heads(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratch<HD>& S,
+           float* m_out, float* l_out, float* acc_out, int64_t part_stride, int64_t acc_stride) {
+    constexpr int C = HD / 16;
+    const int64_t nk16 = (nk + 15) / 16 * 16;
+    const float NEG = -std::numeric_limits<float>::infinity();
+    const float* qp[NA];
+    for (int a = 0; a < NA; ++a) qp[a] = R.q + (h * R.group + a0 + a) * R.q_head + t * R.q_row;
+    // scores: s[a][j] = q[a] . k[j], as 16 lanes of products summed over the head dim in
+    // order, then the lanes summed by hsum16's fixed tree; 16 keys per vector
+    for (int a = 0; a < NA; ++a) {
+        __m512 qv[C];
+        for (int c = 0; c < C; ++c) qv[c] = _mm512_maskz_loadu_ps(tail(R.hd, c), qp[a] + c * 16);
+        for (int64_t j = 0; j < nk16; j += 16) {
+            __m512 d[16];
+            for (int i = 0; i < 16; ++i) {
+                const float* kr = S.kb + (j + i) * HD;
+                d[i] = _mm512_mul_ps(qv[0], _mm512_load_ps(kr));
+                for (int c = 1; c < C; ++c) d[i] = _mm512_fmadd_ps(qv[c], _mm512_load_ps(kr + c * 16), d[i]);
+            }
+            __mmask16 live = 0;
+            for (int e = 0; e < 16; ++e)  // keys past nk belong to a longer row's fill
+                if (j + e < nk && S.live[j + e]) live |= static_cast<__mmask16>(1u << e);
+            __m512 x = _mm512_mul_ps(hsum16(d), _mm512_set1_ps(R.scale));
+            if (R.softcap > 0) {
+                alignas(64) float tmp[16];
+                _mm512_store_ps(tmp, x);
+                for (int e = 0; e < 16; ++e) tmp[e] = std::tanh(tmp[e] / R.softcap) * R.softcap;
+                x = _mm512_load_ps(tmp);
+            }
+            _mm512_store_ps(S.s + a * BLOCK + j, _mm512_mask_blend_ps(live, _mm512_set1_ps(NEG), x));
+        }
+    }
+    // weights e^(s - max), exactly zero where masked
+    for (int a = 0; a < NA; ++a) {
+        float* s = S.s + a * BLOCK;
+        __m512 vm = _mm512_set1_ps(NEG);
+        for (int64_t j = 0; j < nk16; j += 16) vm = _mm512_max_ps(vm, _mm512_load_ps(s + j));
+        const float mx = _mm512_reduce_max_ps(vm);
+        __m512 lsum = _mm512_setzero_ps();
+        if (mx != NEG) {
+            const __m512 vmx = _mm512_set1_ps(mx);
+            for (int64_t j = 0; j < nk16; j += 16) {
+                const __m512 x = _mm512_load_ps(s + j);
+                const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(NEG), _CMP_NEQ_OQ);
+                const __m512 p = _mm512_maskz_mov_ps(keep, exp_neg(_mm512_sub_ps(x, vmx)));
+                _mm512_store_ps(s + j, p);
+                lsum = _mm512_add_ps(lsum, p);
+            }
+        }
+        const int64_t head = h * R.group + a0 + a;
+        m_out[head * part_stride] = mx;
+        l_out[head * part_stride] = _mm512_reduce_add_ps(lsum);
+    }
+    // values: acc[a] = sum over j of p[a][j] v[j], j in order (masked keys have p = 0, v = 0)
+    __m512 acc[NA][C];
+    for (int a = 0; a < NA; ++a)
+        for (int c = 0; c < C; ++c) acc[a][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nk; ++j) {
+        for (int c = 0; c < C; ++c) {
+            const __m512 vv = _mm512_load_ps(S.vb + j * HD + c * 16);
+            for (int a = 0; a < NA; ++a)
+                acc[a][c] = _mm512_fmadd_ps(_mm512_set1_ps(S.s[a * BLOCK + j]), vv, acc[a][c]);
+        }
+    }
+    for (int a = 0; a < NA; ++a) {
+        float* dst = acc_out + (h * R.group + a0 + a) * acc_stride;
+        for (int c = 0; c < C; ++c) _mm512_storeu_ps(dst + c * 16, acc[a][c]);
+    }
+}
+
+// Row t over its keys in the scratch, every query head of KV head h's group, a few at a time.
+template <int HD>
+void reduce(const Rows& R, int64_t t, int64_t h, int64_t nk, Scratch<HD>& S, float* m_out,
+            float* l_out, float* acc_out, int64_t part_stride, int64_t acc_stride) {
+    constexpr int HC = HD <= 64 ? 4 : HD == 128 ? 2 : 1;  // heads per pass: <= 16 accumulators
+    for (int64_t a0 = 0; a0 < R.group; a0 += HC) {
+        const int64_t na = std::min<int64_t>(R.group - a0, HC);
+#define VD_HEADS(N) heads<HD, N>(R, t, h, a0, nk, S, m_out, l_out, acc_out, part_stride, acc_stride)
+        if (na == 1) VD_HEADS(1);
+        if constexpr (HC >= 2) if (na == 2) VD_HEADS(2);
+        if constexpr (HC >= 4) {
+            if (na == 3) VD_HEADS(3);
+            if (na == 4) VD_HEADS(4);
+        }
+#undef VD_HEADS
+    }
+}
+
+template <int HD>
+void run(const Rows& R, float* out) {
+    const int64_t n_h = R.n_kv * R.group;
+    std::vector<int64_t> nb(R.T);
+    int64_t max_nb = 0;
+    for (int64_t t = 0; t < R.T; ++t) {
+        const int64_t n = R.hi[t] - R.lo[t] + R.n_ext;
+        nb[t] = (n + BLOCK - 1) / BLOCK;
+        max_nb = std::max(max_nb, nb[t]);
+    }
+    // partials [T, n_h, max_nb] (+ hd for the value sums)
+    std::vector<float> m(R.T * n_h * max_nb), l(R.T * n_h * max_nb);
+    std::vector<float> acc(R.T * n_h * max_nb * HD);
+    // One work unit per (KV head, block) serves every row that reaches the block: rows whose
+    // keys there are the same contiguous run (a chain's rows, all but their last block) reuse
+    // the widened keys, so a verification forward reads and widens the cache once.
+    at::parallel_for(0, R.n_kv * max_nb, 1, [&](int64_t u0, int64_t u1) {
+        auto S = std::make_unique<Scratch<HD>>();
+        for (int64_t u = u0; u < u1; ++u) {
+            const int64_t h = u / max_nb, b = u % max_nb;
+            S->lo = -1;
+            for (int64_t t = R.T - 1; t >= 0; --t) {  // the longest rows first
+                if (b >= nb[t]) continue;
+                const int64_t contiguous = R.hi[t] - R.lo[t];
+                const int64_t j0 = b * BLOCK;
+                const int64_t nk = std::min(contiguous + R.n_ext, j0 + BLOCK) - j0;
+                const bool run = j0 + nk <= contiguous;
+                if (!(run && S->lo == R.lo[t] && nk <= S->n)) {
+                    fill<HD>(R, t, h, j0, nk, *S);
+                    S->lo = run ? R.lo[t] : -1;
+                    S->n = nk;
+                }
+                const int64_t base = t * n_h * max_nb + b;
+                reduce<HD>(R, t, h, nk, *S, m.data() + base, l.data() + base,
+                           acc.data() + base * HD, max_nb, max_nb * HD);
+            }
+        }
+    });
+    // Merge each (row, head)'s blocks in order.
+    at::parallel_for(0, R.T * n_h, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t t = r / n_h, head = r % n_h;
+            const int64_t base = (t * n_h + head) * max_nb;
+            float top = -std::numeric_limits<float>::infinity();
+            for (int64_t b = 0; b < nb[t]; ++b) top = std::max(top, m[base + b]);
+            float total = 0.0f;
+            __m512 o[HD / 16];
+            for (int c = 0; c < HD / 16; ++c) o[c] = _mm512_setzero_ps();
+            for (int64_t b = 0; b < nb[t]; ++b) {
+                if (m[base + b] == -std::numeric_limits<float>::infinity()) continue;
+                const float w = std::exp(m[base + b] - top);
+                total += l[base + b] * w;
+                const __m512 vw = _mm512_set1_ps(w);
+                for (int c = 0; c < HD / 16; ++c)
+                    o[c] = _mm512_fmadd_ps(vw, _mm512_loadu_ps(&acc[(base + b) * HD + c * 16]),
+                                           o[c]);
+            }
+            const __m512 inv = _mm512_set1_ps(total > 0 ? 1.0f / total : 0.0f);
+            float* dst = out + (t * n_h + head) * R.hd;
+            for (int c = 0; c < HD / 16; ++c)
+                _mm512_mask_storeu_ps(dst + c * 16, tail(R.hd, c), _mm512_mul_ps(o[c], inv));
+        }
+    });
+}
+
+at::Tensor rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& lo, const at::Tensor& hi, const c10::optional<at::Tensor>& ext,
+                double scale, double softcap) {
+    TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1,
+                "attnkernel.rows: q must be float32 [n_h, T, hd] with a contiguous last dim");
+    TORCH_CHECK(k.dim() == 4 && k.size(0) == 1 && k.is_contiguous() && v.is_contiguous() &&
+                    k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type(),
+                "attnkernel.rows: k and v must be contiguous [1, n_kv, max_len, hd] of one dtype");
+    TORCH_CHECK(k.scalar_type() == at::kBFloat16 || k.scalar_type() == at::kFloat,
+                "attnkernel.rows: the cache must be bfloat16 or float32");
+    const int64_t n_h = q.size(0), T = q.size(1), hd = q.size(2), n_kv = k.size(1);
+    TORCH_CHECK(k.size(3) == hd && n_h % n_kv == 0, "attnkernel.rows: q and cache shapes differ");
+    TORCH_CHECK(lo.scalar_type() == at::kLong && hi.scalar_type() == at::kLong &&
+                    lo.is_contiguous() && hi.is_contiguous() && lo.numel() == T && hi.numel() == T,
+                "attnkernel.rows: lo and hi must be contiguous int64 [T]");
+    Rows R{q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
+           k.scalar_type() == at::kBFloat16, k.size(2), n_kv, n_h / n_kv, T, hd,
+           lo.data_ptr<int64_t>(), hi.data_ptr<int64_t>(), nullptr, 0, 0, 0,
+           static_cast<float>(scale), static_cast<float>(softcap)};
+    for (int64_t t = 0; t < T; ++t)
+        TORCH_CHECK(0 <= R.lo[t] && R.lo[t] <= R.hi[t] && R.hi[t] <= R.max_len,
+                    "attnkernel.rows: key range out of the cache");
+    if (ext.has_value() && ext->numel() > 0) {
+        const at::Tensor& e = *ext;
+        TORCH_CHECK(e.dim() == 3 && e.scalar_type() == at::kLong && e.stride(2) == 1 &&
+                        (e.size(0) == 1 || e.size(0) == n_kv) && (e.size(1) == 1 || e.size(1) == T),
+                    "attnkernel.rows: ext must be int64 [1 or n_kv, 1 or T, E]");
+        TORCH_CHECK(e.max().item<int64_t>() < R.max_len, "attnkernel.rows: ext beyond the cache");
+        R.ext = e.data_ptr<int64_t>();
+        R.ext_h = e.size(0) == 1 ? 0 : e.stride(0);
+        R.ext_t = e.size(1) == 1 ? 0 : e.stride(1);
+        R.n_ext = e.size(2);
+    }
+    at::Tensor out = at::empty({T, n_h * hd}, q.options());
+    R.hd = hd;
+    if (hd <= 16) run<16>(R, out.data_ptr<float>());
+    else if (hd <= 32) run<32>(R, out.data_ptr<float>());
+    else if (hd <= 64) run<64>(R, out.data_ptr<float>());
+    else if (hd <= 128) run<128>(R, out.data_ptr<float>());
+    else if (hd <= 256) run<256>(R, out.data_ptr<float>());
+    else TORCH_CHECK(false, "attnkernel.rows: head_dim ", hd, " above 256");
+    return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("rows", &rows, "attention of query rows over cached keys, row-invariant",
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lo"), py::arg("hi"), py::arg("ext"),
+          py::arg("scale"), py::arg("softcap"));
+}
