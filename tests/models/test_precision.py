@@ -111,6 +111,19 @@ def test_packed_rows_do_not_depend_on_the_other_rows(precision, shape):
     assert 0 < err < KERNEL_TOL[precision]  # 16-bit rounding: close, and not the fp32 kernel
 
 
+@pytest.mark.parametrize("precision", PACKED)
+def test_prefill_sized_rows_do_not_depend_on_the_chunking(precision):
+    # a prompt in 1024-row chunks gives the rows of one 2100-row call (AMX oneDNN splits a
+    # matmul between threads by its rows; precision.ROW_BLOCK); 1536x576 was measured to move
+    g = torch.Generator().manual_seed(1)
+    n, k = 1536, 576
+    w = torch.randn(n, k, generator=g) * torch.exp2(torch.randint(-8, 9, (n, k), generator=g))
+    x = torch.randn(2100, k, generator=g) * torch.exp2(torch.randint(-8, 9, (2100, k), generator=g))
+    lin = PackedLinear(w * 0.05, None, precision)
+    whole = lin(x)
+    assert torch.equal(whole, torch.cat([lin(x[:1024]), lin(x[1024:2048]), lin(x[2048:])]))
+
+
 @pytest.mark.real
 def test_unknown_precision_is_refused():
     from veridraft.loader import load

@@ -2,7 +2,7 @@
 
 The transformers reference runs with the same call pattern (prefill, then one token at a time
 on its cache): a full-sequence forward differs from its own cached decoding by ~5e-5 in float32
-(matmul blocking depends on the row count), which would eat most of the 1e-4 budget.
+(matmul blocking depends on the row count), which would eat a quarter of the 2e-4 budget.
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ GREEDY_MODELS = MODELS[:2]  # transformers' generate on the Qwen model costs min
 CATEGORIES = ["writing", "translation", "summarization", "math_reasoning", "rag"]
 MAX_QUESTION_TOKENS = 180
 DECODE, GREEDY_TOKENS = 32, 64
-ATOL = 1e-4
+# Two float32 implementations with different attention kernels (veridraft's decode kernel sums in
+# another order than SDPA): each is within ~1e-4 of a float64 run of transformers (qwen2.5-coder-
+# 0.5b: 7e-5 on prompt rows, 2e-5 on decode rows, for both of veridraft's attention paths), so
+# they differ from each other by up to twice that.
+ATOL = 2e-4
 
 
 @functools.lru_cache(maxsize=1)  # one pair at a time: the Qwen pair alone is ~5 GB

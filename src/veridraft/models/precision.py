@@ -72,6 +72,14 @@ def _quiet_fbgemm() -> None:
 
 _HALF = {"fp16w": torch.float16, "bf16": torch.bfloat16}
 VERIFY_ROWS = 17  # rows of the largest verification forward (decode's max_draft 16, + 1)
+# Prefill-sized bf16 matmuls run in blocks of this many rows from the call's first row. With AMX
+# (Intel Xeon), oneDNN splits a matmul between threads by its number of rows, so a row's result
+# depended on the call's size (a 1536x576 matmul: rows 0..17 moved between 64 and 768 rows), and
+# a prompt prefilled in 1024-token chunks differed from one prefilled in one block. A block's
+# rows depend only on the block, and every chunk boundary (decode.PREFILL_CHUNK) is a block
+# boundary. Measured cost: the linears of a 2048-row smollm2-135m layer ~18% slower, ~3% of an
+# 8k prefill (docs/precision.md).
+ROW_BLOCK = 512
 # (out, in, bias), threads -> rows bf16 matmuls of that shape are padded to (PackedLinear)
 _ROW_FLOORS: dict[tuple, int] = {}
 
@@ -132,6 +140,8 @@ class PackedLinear(nn.Module):
             floor = self._floor
             if m < floor:
                 return self._mm(F.pad(xb, (0, 0, 0, floor - m)))[:m].float()
+        if m > ROW_BLOCK:
+            return torch.cat([self._mm(b) for b in xb.split(ROW_BLOCK)]).float()
         return self._mm(xb).float()
 
     @property
