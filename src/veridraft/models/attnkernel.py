@@ -43,6 +43,16 @@ def load() -> object | None:
     return module
 
 
+def cache_dtype(activations: torch.dtype) -> torch.dtype:
+    """The KV cache's element type for a mode whose activations are `activations`: bfloat16 for
+    the bf16 modes where this kernel runs (half the bytes every long-context step reads), else
+    float32. Without the kernel torch's attention widens a bfloat16 cache on every call, and
+    decoding was no faster with it."""
+    if activations == torch.bfloat16 and load() is not None:
+        return torch.bfloat16
+    return torch.float32
+
+
 def rows(
     q: torch.Tensor,
     k: torch.Tensor,

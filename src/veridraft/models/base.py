@@ -752,9 +752,10 @@ class Transformer(nn.Module, ABC):
         # The packed modes set this (apply_precision); fp32's MKL matmuls are not row-exact
         # anyway, so it keeps the batched kernel.
         self.rowwise_attention = False
-        # The KV cache's element type. float32 in every mode: bfloat16 halves the cache, but
-        # CPU flash attention widens it block by block and was no faster at 200..7.4k positions
-        # (docs/performance.md); set it before new_cache to trade speed for memory.
+        # The KV cache's element type: float32 here and in fp16w; the bf16 and q4 modes set
+        # bfloat16 where veridraft's decode kernel runs (attnkernel.cache_dtype): half the bytes
+        # a long-context step reads, and with AMX a prefill twice as fast (docs/performance.md).
+        # Set it before new_cache to trade speed for memory.
         self.cache_dtype = torch.float32
 
     layers: nn.ModuleList

@@ -4,7 +4,8 @@ Chosen at load (`veridraft.load(name, precision=...)`, `from_folder(..., precisi
 `--precision`). The model is always built and loaded in float32; `apply_precision` then swaps
 every `nn.Linear` (and the tied output head) for a `PackedLinear` and, for the packed modes, the
 embedding table for a half-size copy (looked up, then widened to float32). Norms, RoPE,
-attention, the residual stream and the KV cache stay float32 in every mode.
+attention and the residual stream stay float32 in every mode; the KV cache is bfloat16 in `bf16`
+(and `q4`) where veridraft's decode attention kernel runs (models/attnkernel.py), else float32.
 
 | mode    | weights                         | activations into the matmul | accumulation |
 |---------|---------------------------------|-----------------------------|--------------|
@@ -44,6 +45,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import attnkernel
 
 PRECISIONS = ("fp32", "fp16w", "bf16")  # the modes packed from the float32 weights
 # modes built from the GGUF's own quantized blocks (models/q4.py): they need the source GGUF
@@ -257,6 +260,7 @@ def apply_precision(model: nn.Module, precision: str, reference=None) -> nn.Modu
         emb.weight = nn.Parameter(emb.weight.detach().to(_HALF[precision]), requires_grad=False)
     model.precision = precision
     model.rowwise_attention = True  # see Transformer.rowwise_attention
+    model.cache_dtype = attnkernel.cache_dtype(_HALF[precision])  # see Transformer.cache_dtype
     return model
 
 

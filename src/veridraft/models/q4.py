@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import VeridraftError
-from . import q4kernel
+from . import attnkernel, q4kernel
 from .base import checkpoint_key, hf_linear_parts
 from .precision import PackedLinear
 
@@ -545,6 +545,7 @@ def apply_q4(model: nn.Module, gguf_path: str | Path, reference=None) -> nn.Modu
         emb.weight = nn.Parameter(emb.weight.detach().to(torch.bfloat16), requires_grad=False)
     model.precision = "q4"
     model.rowwise_attention = True  # see Transformer.rowwise_attention
+    model.cache_dtype = attnkernel.cache_dtype(torch.bfloat16)  # see Transformer.cache_dtype
     return model
 
 
