@@ -59,7 +59,7 @@ for pi, key in enumerate(a.books.split(",")[: a.prompts]):
         print(f"  {mm:45s} {r['tps']:6.2f} tok/s  tau {st.tau:.2f}  alpha {st.alpha if st.alpha is None else round(st.alpha,2)}  exact {r['exact']}  draft {st.draft_s:.1f}s verify {st.verify_s:.1f}s", flush=True)
     del pf
 cpu = [l for l in open("/proc/cpuinfo") if l.startswith("model name")][0].split(":")[1].strip()
-print(f"\n{a.model} {a.precision}, context {a.context}, {a.new} new tokens, {a.prompts} prompts, {a.threads} thread(s), {cpu} (shared machine)")
+print(f"\n{a.model} {a.precision}, context {a.context}, {a.new} new tokens, {a.prompts} prompts, {a.threads} thread(s), {cpu}")
 print(f"{'method':45s} {'tok/s':>7s} {'speedup':>8s} {'tau':>5s} {'exact':>6s}")
 ar = statistics.mean(r["tps"] for r in rows["ar"])
 summary = []
