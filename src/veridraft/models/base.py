@@ -402,7 +402,13 @@ def attend(
         return cache.attend(q, k, v, step, layer, scale, softcap)
     cache.write(layer, start, k, v)
     k, v = k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype)
-    kernel = t <= ROWWISE_MAX_T and _decode_kernel(cache, layer, q.shape[-1])
+    # a tree over a view has no caller and keeps the general masked path (_kernel_keys reads a
+    # tree's keys from the cache's prefix)
+    kernel = (
+        t <= ROWWISE_MAX_T
+        and not (step.tree is not None and span.index is not None)
+        and _decode_kernel(cache, layer, q.shape[-1])
+    )
     if span.index is not None and not (kernel and step.capture is None):
         keys, vals = _view_keys(cache, layer, span.index, k, v)
     if step.capture is not None and step.capture.attn_rows > 0:
