@@ -18,9 +18,14 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # llama-cpp-python for the llamacpp:* peers of `veridraft bench`. Not -march=native: that build
-# dies with "Illegal instruction" on Intel Xeons with AMX; this one runs on any AVX-512 CPU.
-LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON \
+# dies with "Illegal instruction" on Intel Xeons with AMX. The AVX-512 build runs on any AVX-512
+# CPU; CPUs without AVX-512 (it would die there too) get the AVX2 build.
+LLAMACPP_AVX512 = -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON \
 	-DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMACPP_AVX2 = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMACPP_CMAKE_ARGS ?= $(if $(shell grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null && echo y),\
+	$(LLAMACPP_AVX512),$(LLAMACPP_AVX2))
 
 # --force-reinstall rebuilds a llama-cpp-python already built with other flags; --no-deps keeps
 # it from reinstalling numpy, whose other dependencies the second line adds.

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,14 +34,9 @@ MAX_K = 16
 def machine_id(threads: int | None = None) -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from .models.kernels import cpu_name
+
+    cpu = cpu_name()
     n = threads if threads is not None else torch.get_num_threads()
     key = f"{cpu}|{os.cpu_count()}|{n}"
     return hashlib.sha1(key.encode()).hexdigest()[:10]

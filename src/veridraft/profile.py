@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 import torch
 
 from .costmodel import CostModel, machine_id
+from .models.kernels import cpu_name
 from .tree import tree_attn
 
 TS = (1, 2, 4, 8, 16)
@@ -171,14 +172,7 @@ def measure(model, repeats: int = 7, contexts=CONTEXTS, ts=TS, command: str = ""
     fwd = forward_costs(net, ts, contexts, repeats)
     trees = forward_costs(net, ts, contexts[:1], repeats, tree=True)
     drafts = draft_costs(model, context=min(fwd), repeats=repeats)
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return CostModel(
         model=model.name,
         precision=model.precision,

@@ -135,10 +135,11 @@ def test_catalog_blocks_decode_exactly(real_model_dir, name):
 @pytest.fixture(params=["veridraft", "aten-int4"])
 def kernel(request, monkeypatch):
     """Run a test with each of q4 mode's two kernels. The own kernel is required wherever the
-    CPU has AVX512-BF16: a build failure there fails the test rather than skipping it."""
+    CPU runs one of its builds (AVX512-BF16, or AVX2 with FMA and F16C): a build failure there
+    fails the test rather than skipping it."""
     if request.param == "veridraft":
         if not q4kernel.cpu_supported():
-            pytest.skip("this CPU has no AVX512-BF16: q4 mode uses torch's int4 kernel")
+            pytest.skip("this CPU has neither AVX512-BF16 nor AVX2: q4 uses torch's int4 kernel")
         monkeypatch.delenv("VERIDRAFT_Q4_KERNEL", raising=False)
         monkeypatch.setattr(q4kernel, "_loaded", {"module": q4kernel._build()})
     else:
@@ -238,7 +239,7 @@ def test_the_kernel_is_built_once_per_machine(tmp_path):
     import sys
 
     if not q4kernel.cpu_supported():
-        pytest.skip("this CPU has no AVX512-BF16")
+        pytest.skip("this CPU has neither AVX512-BF16 nor AVX2")
     code = (
         "import time; from veridraft.models import q4kernel; t = time.perf_counter(); "
         "m = q4kernel.load(); print(m is not None, round(time.perf_counter() - t, 2))"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,21 +29,12 @@ from ..drafters import make_drafter
 from ..generate import draft_env
 from ..loader import load
 from ..models.base import Capture
+from ..models.kernels import cpu_name
 from ..presses import PRESSES, full_kv_bytes, make_press
 from ..sampling import SamplingParams
 from .fidelity import first_divergence, token_agreement
 
 MAX_DRAFT = 16
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _run(net, ids, pre, tok, drafter=None, max_new=32) -> dict:
@@ -169,7 +159,7 @@ def summarize(args: argparse.Namespace, rows: dict[str, list[dict]], n_items: in
         "items": len(rows["ar"]),
         "items_planned": n_items,
         "max_new_tokens": args.max_new_tokens,
-        "cpu": _cpu(),
+        "cpu": cpu_name(),
         "threads": args.threads,
         "note": "shared machine: tokens/s are noisy; compare ratios measured in this run",
         "table": table,

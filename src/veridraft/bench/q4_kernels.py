@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..models import from_folder, q4kernel
+from ..models import from_folder, kernels, q4kernel
 from ..models.catalog import pull
 from ..models.precision import weight_nbytes_per_token
 
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cols = " | ".join(f"T={t}" for t in TS)
+    print(
+        f"{kernels.cpu_name()}, {args.threads} threads; veridraft's kernel: {kernels.isa()} build"
+    )
     print(f"| model | kernel | MB read per token | {cols} | T=8 / T=1 | T=17 / T=1 |")
     print("|---|---|--:|" + "--:|" * (len(TS) + 2))
     for name in args.models:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -21,15 +22,46 @@ import torch
 # AVX512-BF16 is the newest instruction set the kernels use (vdpbf16ps: exact bfloat16 products
 # summed in float32); every CPU with it has the rest of AVX-512 they use.
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+# The q4 kernel's build for x86 CPUs without it (AMD before Zen 4, Intel before Cooper Lake).
+AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC", ...) from /proc/cpuinfo, else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def isa() -> str | None:
+    """The newest build this CPU runs: "avx512bf16", "avx2" (with FMA and F16C), or None
+    (read from /proc/cpuinfo)."""
+    flags = _cpu_flags()
+    if {"avx512_bf16", "avx512bw", "avx512vl"} <= flags:
+        return "avx512bf16"
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "avx2"
+    return None
 
 
 def cpu_supported() -> bool:
     """True when the CPU has the AVX512-BF16 instructions the kernels use (/proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags and " avx512bw" in flags
+    return isa() == "avx512bf16"
 
 
 def home() -> Path:

@@ -5,10 +5,12 @@ the blocks themselves from the GGUF the model was converted from. Every supporte
 is `w = u * s + z`: an unsigned code u and one float32 scale and zero per group of a row (32
 weights; Q6_K's sub-blocks are 16 wide, Q4_K's 32). Two kernels multiply them:
 
-**veridraft's own kernel** (models/q4kernel.cpp, compiled once per machine; AVX512-BF16 CPUs).
-Scale and zero stay the GGUF's exact values; the codes are expanded to bfloat16 once per 16
-outputs x group and multiplied into up to 8 activation rows at a time (vdpbf16ps: exact
-products, float32 sums), so a forward over 8 tokens reads the weights once. Codes are 4-bit
+**veridraft's own kernel** (models/q4kernel.cpp, compiled once per machine; AVX512-BF16 CPUs,
+and an AVX2 + FMA build for x86 CPUs without it). Scale and zero stay the GGUF's exact values;
+the codes are expanded to bfloat16 once per 16 outputs x group and multiplied into up to 8
+activation rows at a time (vdpbf16ps: exact products, float32 sums), so a forward over 8 tokens
+reads the weights once. The AVX2 build widens the codes to float32 and multiplies them into 2
+rows at a time with FMA (the same exact products, summed in another order). Codes are 4-bit
 pairs, plus one or two bit masks for 5- and 6-bit codes; scales are float16 where that holds
 the GGUF's values exactly (Q4_0..Q5_1, Q8_0), the K-quants' two levels as stored (Q4_K, Q6_K),
 else float32. Bytes read per weight: Q4_K 0.59, Q4_0/Q4_1 0.625, Q5_x 0.75, Q6_K 0.91, Q8_0
@@ -18,7 +20,8 @@ A fused linear (q|k|v, gate|up) keeps each part in its own layout (one call per 
 that share one).
 
 **torch's int4 kernel** (`aten._weight_int4pack_mm_for_cpu`, group 32, bfloat16 activations),
-where the own kernel cannot be built or the CPU lacks AVX512-BF16 (q4kernel.load says why). Its
+where the own kernel cannot be built or the CPU has neither build's instructions (q4kernel.load
+says why). Its
 scale and zero are bfloat16 (8-bit mantissa, where the GGUF stores float16 d, m, dmin and Q4_K's
 up-to-17-bit products), each plane's output is rounded to bfloat16, a wider code is split into two
 4-bit planes (u = lo + 16 hi, 1.25 bytes per weight), and a linear with a Q6_K part runs `bf16`

@@ -13,6 +13,12 @@
 // sequence whatever the number of rows, so row i of the result does not depend on the others
 // (speculative verification over T rows reproduces T one-row forwards bit for bit).
 //
+// Two builds of this file, chosen by the CPU (models/kernels.py): AVX512-BF16 (vdpbf16ps, 8-row
+// tiles) and, for CPUs without it, AVX2 + FMA + F16C: the activations rounded to bfloat16 as
+// above but kept as float32 values, the codes widened to float32, exact products summed in
+// float32 by FMA over the (output, k-parity) lanes of each k-pair vector, then the two parities
+// of each output added once per group. Both read the same packed layout.
+//
 // Layout (built by models/q4.py): outputs in blocks of 16, then groups, then
 //   NIB   (u <= 15): G/4 chunks of 32 bytes; byte e of chunk c holds element e of k-pair vector
 //                    2c in its low nibble and of vector 2c+1 in its high nibble;
@@ -38,10 +44,18 @@ namespace {
 
 enum Mode : int64_t { NIB = 0, NIB5 = 1, NIB6 = 2, INT8 = 3 };
 enum Scales : int64_t { F32 = 0, F16 = 1, K2 = 2 };
-constexpr int64_t MAX_ROWS = 8;  // rows per register tile
 // accumulators per row: a fixed number (the order of the sums must not depend on the rows)
 constexpr int CHAINS = 2;
 constexpr int64_t PREFETCH = 4096;  // bytes ahead
+
+// code bytes per 16 outputs x G
+template <int MODE, int G>
+constexpr int64_t code_bytes = MODE == NIB ? G * 8 : MODE == NIB5 ? G * 10 : MODE == NIB6 ? G * 12 : G * 16;
+
+#if defined(__AVX512BF16__)
+
+constexpr int64_t MAX_ROWS = 8;  // rows per register tile
+using XT = uint16_t;             // activations as bfloat16 bits
 
 uint16_t bf16_bits(float f) {
   uint32_t b;
@@ -88,13 +102,10 @@ inline void group_scales(int64_t g, int64_t gps, const uint8_t* sa, const uint8_
 }
 
 template <int R, int MODE, int G, int SC>
-void tile(const Tables& tb, const uint32_t* xb, const float* xs, int64_t K, const uint8_t* codes,
+void tile(const Tables& tb, const XT* xq, const float* xs, int64_t K, const uint8_t* codes,
           const uint8_t* sa, const uint8_t* sb, const float* bias, float* y, int64_t ldy) {
-  // code bytes per 16 outputs x G
-  constexpr int64_t BPG = MODE == NIB    ? G * 8
-                         : MODE == NIB5 ? G * 10
-                         : MODE == NIB6 ? G * 12
-                                        : G * 16;
+  constexpr int64_t BPG = code_bytes<MODE, G>;
+  const auto* xb = reinterpret_cast<const uint32_t*>(xq);  // k-pairs
   const int64_t ng = K / G, kp = K / 2;                   // groups, k-pairs per row
   __m512 tot[R];
   for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
@@ -176,39 +187,6 @@ void tile(const Tables& tb, const uint32_t* xb, const float* xs, int64_t K, cons
   }
 }
 
-template <int MODE, int G, int SC>
-void rows(int64_t R, const Tables& tb, const uint32_t* xb, const float* xs, int64_t K,
-          const uint8_t* codes, const uint8_t* sa, const uint8_t* sb, const float* bias, float* y,
-          int64_t ldy) {
-  switch (R) {
-#define VERIDRAFT_ROWS(n) \
-  case n:                 \
-    return tile<n, MODE, G, SC>(tb, xb, xs, K, codes, sa, sb, bias, y, ldy);
-    VERIDRAFT_ROWS(1) VERIDRAFT_ROWS(2) VERIDRAFT_ROWS(3) VERIDRAFT_ROWS(4)
-    VERIDRAFT_ROWS(5) VERIDRAFT_ROWS(6) VERIDRAFT_ROWS(7) VERIDRAFT_ROWS(8)
-
-#undef VERIDRAFT_ROWS
-  }
-}
-
-using RowsFn = void (*)(int64_t, const Tables&, const uint32_t*, const float*, int64_t,
-                        const uint8_t*, const uint8_t*, const uint8_t*, const float*, float*,
-                        int64_t);
-
-// The variants the GGUF block types need (models/q4.py picks one per fused part).
-RowsFn pick(int64_t mode, int64_t group, int64_t scales) {
-#define VERIDRAFT_PICK(m, g, sc) \
-  if (mode == m && group == g && scales == sc) return rows<m, g, sc>;
-  VERIDRAFT_PICK(NIB, 32, F32) VERIDRAFT_PICK(NIB, 32, F16) VERIDRAFT_PICK(NIB, 32, K2)
-  VERIDRAFT_PICK(NIB, 16, F32) VERIDRAFT_PICK(NIB, 16, K2)
-  VERIDRAFT_PICK(NIB5, 32, F32) VERIDRAFT_PICK(NIB5, 32, F16)
-  VERIDRAFT_PICK(NIB6, 16, F32) VERIDRAFT_PICK(NIB6, 16, K2) VERIDRAFT_PICK(NIB6, 32, F32)
-  VERIDRAFT_PICK(INT8, 32, F32) VERIDRAFT_PICK(INT8, 32, F16) VERIDRAFT_PICK(INT8, 16, F32)
-#undef VERIDRAFT_PICK
-  TORCH_CHECK(false, "q4 kernel: no variant for layout ", mode, ", group ", group, ", scales ",
-              scales);
-}
-
 // x float32 [M, K] -> bfloat16 bits (round to nearest even, as Tensor.to(torch.bfloat16) does
 // for finite values) and the float32 sum of each group's rounded values.
 void prepare(const float* x, int64_t M, int64_t K, int64_t G, uint16_t* xb, float* xs) {
@@ -227,6 +205,174 @@ void prepare(const float* x, int64_t M, int64_t K, int64_t G, uint16_t* xb, floa
       xs[m * ng + g] = _mm512_reduce_add_ps(sum);
     }
   }
+}
+
+
+#else  // AVX2 + FMA + F16C
+
+// 2 rows per tile: 4 accumulators of 8 lanes per row (one per quarter of a k-pair vector), the
+// codes and the broadcast activations fill the 16 registers (4-row tiles spill, and were slower)
+constexpr int64_t MAX_ROWS = 2;
+using XT = float;  // activations rounded to bfloat16, kept as float32 values
+struct Tables {};
+
+template <int SC>
+inline void group_scales(int64_t g, int64_t gps, const uint8_t* sa, const uint8_t* sb,
+                         __m256 sv[2], __m256 zv[2]) {
+  for (int h = 0; h < 2; ++h) {
+    if constexpr (SC == F32) {
+      sv[h] = _mm256_loadu_ps(reinterpret_cast<const float*>(sa) + g * 16 + 8 * h);
+      zv[h] = _mm256_loadu_ps(reinterpret_cast<const float*>(sb) + g * 16 + 8 * h);
+    } else if constexpr (SC == F16) {
+      sv[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sa + g * 32 + 16 * h)));
+      zv[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + g * 32 + 16 * h)));
+    } else {
+      const float* dm = reinterpret_cast<const float*>(sa) + (g / gps) * 32;
+      const uint8_t* cm = sb + g * 32;
+      const __m256 c = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cm + 8 * h))));
+      const __m256 m = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cm + 16 + 8 * h))));
+      sv[h] = _mm256_mul_ps(_mm256_loadu_ps(dm + 8 * h), c);
+      zv[h] = _mm256_mul_ps(_mm256_loadu_ps(dm + 16 + 8 * h), m);
+    }
+  }
+}
+
+// Quarter i (elements 8i..8i+7) of k-pair vector j of a group's codes, as float32.
+template <int MODE, int G>
+inline __m256 quarter(const uint8_t* c, int j, int i) {
+  __m256i u;
+  if constexpr (MODE == INT8) {
+    u = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 32 * j + 8 * i)));
+  } else {
+    u = _mm256_cvtepu8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 32 * (j / 2) + 8 * i)));
+    // the byte's low nibble for even j, its high nibble (the byte shifted: no mask) for odd j
+    u = j & 1 ? _mm256_srli_epi32(u, 4) : _mm256_and_si256(u, _mm256_set1_epi32(15));
+    if constexpr (MODE == NIB5 || MODE == NIB6) {
+      // bit e of a mask is bit 4 (5) of element e: select this quarter's 8 bits, one per lane
+      constexpr int NM = MODE == NIB5 ? 1 : 2;
+      const uint32_t* hb = reinterpret_cast<const uint32_t*>(c + G * 8) + NM * j;
+      const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+      for (int b = 0; b < NM; ++b) {
+        const __m256i bits = _mm256_set1_epi32(static_cast<int>((hb[b] >> (8 * i)) & 255));
+        const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(bits, lane), lane);
+        u = _mm256_add_epi32(u, _mm256_and_si256(on, _mm256_set1_epi32(16 << b)));
+      }
+    }
+  }
+  return _mm256_cvtepi32_ps(u);
+}
+
+template <int R, int MODE, int G, int SC>
+void tile(const Tables&, const XT* xf, const float* xs, int64_t K, const uint8_t* codes,
+          const uint8_t* sa, const uint8_t* sb, const float* bias, float* y, int64_t ldy) {
+  constexpr int64_t BPG = code_bytes<MODE, G>;
+  const int64_t ng = K / G;
+  __m256 tot[R][2];
+  for (int r = 0; r < R; ++r) tot[r][0] = tot[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const uint8_t* c = codes + g * BPG;
+    for (int64_t off = 0; off < BPG; off += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH + off), _MM_HINT_T0);
+    // lane 2o + p of accumulator quarter i: output 4i + o at the k of parity p
+    __m256 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
+    const float* x0 = xf + g * G;
+    // unrolled in full: the accumulators stay in registers only with constant indices, and
+    // constant j drops the branch on its parity
+#pragma GCC unroll 16
+    for (int j = 0; j < G / 2; ++j) {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const __m256 w = quarter<MODE, G>(c, j, i);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          // x[k], x[k+1] of this k-pair in every lane pair
+          const __m256 xp = _mm256_castpd_ps(
+              _mm256_broadcast_sd(reinterpret_cast<const double*>(x0 + r * K + 2 * j)));
+          acc[r][i] = _mm256_fmadd_ps(w, xp, acc[r][i]);
+        }
+      }
+    }
+    __m256 sv[2], zv[2];
+    group_scales<SC>(g, 256 / G, sa, sb, sv, zv);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xsv = _mm256_set1_ps(xs[r * ng + g]);
+      for (int h = 0; h < 2; ++h) {
+        // the two parities of outputs 8h..8h+7: hadd gives [0 1 4 5 | 2 3 6 7], reordered
+        const __m256 pairs = _mm256_hadd_ps(acc[r][2 * h], acc[r][2 * h + 1]);
+        const __m256 sum = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8));
+        tot[r][h] = _mm256_fmadd_ps(sum, sv[h], tot[r][h]);
+        tot[r][h] = _mm256_fmadd_ps(zv[h], xsv, tot[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) {
+      if (bias) tot[r][h] = _mm256_add_ps(tot[r][h], _mm256_loadu_ps(bias + 8 * h));
+      _mm256_storeu_ps(y + r * ldy + 8 * h, tot[r][h]);
+    }
+}
+
+// x float32 [M, K] -> float32 values rounded to bfloat16 (nearest even, as the AVX512 build)
+// and the float32 sum of each group's rounded values, in a fixed order.
+void prepare(const float* x, int64_t M, int64_t K, int64_t G, float* xf, float* xs) {
+  const int64_t ng = K / G;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < ng; ++g) {
+      float sum = 0.f;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+        uint32_t b;
+        std::memcpy(&b, x + m * K + k, 4);
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000u;
+        float v;
+        std::memcpy(&v, &b, 4);
+        xf[m * K + k] = v;
+        sum += v;
+      }
+      xs[m * ng + g] = sum;
+    }
+  }
+}
+
+#endif
+
+template <int MODE, int G, int SC>
+void rows(int64_t R, const Tables& tb, const XT* xb, const float* xs, int64_t K,
+          const uint8_t* codes, const uint8_t* sa, const uint8_t* sb, const float* bias, float* y,
+          int64_t ldy) {
+  switch (R) {
+#define VERIDRAFT_ROWS(n)                                                  \
+  case n:                                                                  \
+    if constexpr (n <= MAX_ROWS)                                           \
+      return tile<n, MODE, G, SC>(tb, xb, xs, K, codes, sa, sb, bias, y, ldy); \
+    break;
+    VERIDRAFT_ROWS(1) VERIDRAFT_ROWS(2) VERIDRAFT_ROWS(3) VERIDRAFT_ROWS(4)
+    VERIDRAFT_ROWS(5) VERIDRAFT_ROWS(6) VERIDRAFT_ROWS(7) VERIDRAFT_ROWS(8)
+
+#undef VERIDRAFT_ROWS
+  }
+}
+
+using RowsFn = void (*)(int64_t, const Tables&, const XT*, const float*, int64_t,
+                        const uint8_t*, const uint8_t*, const uint8_t*, const float*, float*,
+                        int64_t);
+
+// The variants the GGUF block types need (models/q4.py picks one per fused part).
+RowsFn pick(int64_t mode, int64_t group, int64_t scales) {
+#define VERIDRAFT_PICK(m, g, sc) \
+  if (mode == m && group == g && scales == sc) return rows<m, g, sc>;
+  VERIDRAFT_PICK(NIB, 32, F32) VERIDRAFT_PICK(NIB, 32, F16) VERIDRAFT_PICK(NIB, 32, K2)
+  VERIDRAFT_PICK(NIB, 16, F32) VERIDRAFT_PICK(NIB, 16, K2)
+  VERIDRAFT_PICK(NIB5, 32, F32) VERIDRAFT_PICK(NIB5, 32, F16)
+  VERIDRAFT_PICK(NIB6, 16, F32) VERIDRAFT_PICK(NIB6, 16, K2) VERIDRAFT_PICK(NIB6, 32, F32)
+  VERIDRAFT_PICK(INT8, 32, F32) VERIDRAFT_PICK(INT8, 32, F16) VERIDRAFT_PICK(INT8, 16, F32)
+#undef VERIDRAFT_PICK
+  TORCH_CHECK(false, "q4 kernel: no variant for layout ", mode, ", group ", group, ", scales ",
+              scales);
 }
 
 void q4_linear(const at::Tensor& x, at::Tensor& y, int64_t col, const at::Tensor& codes,
@@ -248,10 +394,10 @@ void q4_linear(const at::Tensor& x, at::Tensor& y, int64_t col, const at::Tensor
   static const Tables tb;
   const RowsFn fn = pick(mode, group, scales);
   const int64_t ng = K / group, bpb = codes.size(1) * codes.size(2);
-  std::vector<uint16_t> xb(M * K);
+  std::vector<XT> xb(M * K);
   std::vector<float> xs(M * ng);
   prepare(x.data_ptr<float>(), M, K, group, xb.data(), xs.data());
-  const auto* xp = reinterpret_cast<const uint32_t*>(xb.data());
+  const XT* xp = xb.data();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const auto* sap = static_cast<const uint8_t*>(sa.data_ptr());
   const auto* sbp = static_cast<const uint8_t*>(sb.data_ptr());
@@ -262,7 +408,7 @@ void q4_linear(const at::Tensor& x, at::Tensor& y, int64_t col, const at::Tensor
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
-        fn(std::min(MAX_ROWS, M - r0), tb, xp + r0 * (K / 2), xs.data() + r0 * ng, K,
+        fn(std::min(MAX_ROWS, M - r0), tb, xp + r0 * K, xs.data() + r0 * ng, K,
            cp + b * bpb, sap + b * sas, sbp + b * sbs, bp ? bp + b * 16 : nullptr,
            yp + r0 * ldy + b * 16, ldy);
       }

@@ -1,9 +1,10 @@
 """Build, cache and load q4 mode's own CPU kernel (q4kernel.cpp), and pack weights for it.
 
-The kernel needs AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and
-later) and a C++ compiler. It is compiled once per source, torch version and compiler into
+The kernel has two builds, picked by the CPU: AVX512-BF16 (AMD Zen 4 and later, Intel Cooper
+Lake, Sapphire Rapids and later) and AVX2 with FMA and F16C (older x86 CPUs); either needs a C++
+compiler. It is compiled once per source, torch version, compiler and flags into
 ``$VERIDRAFT_HOME/kernels/`` (about 20 s on two cores; later processes import the built
-library). Where it cannot be built or the CPU lacks the instructions, q4 mode falls back to
+library). Where it cannot be built or the CPU has neither, q4 mode falls back to
 torch's int4 kernel, says why once, and stays correct. ``VERIDRAFT_Q4_KERNEL=aten`` forces
 the fallback (for comparisons)."""
 
@@ -19,7 +20,7 @@ import torch
 from . import kernels
 
 SOURCE = Path(__file__).with_name("q4kernel.cpp")
-FLAGS = list(kernels.FLAGS)
+FLAGS = list(kernels.AVX2_FLAGS if kernels.isa() == "avx2" else kernels.FLAGS)
 NIB, NIB5, NIB6, INT8 = 0, 1, 2, 3  # code layouts, as in q4kernel.cpp
 F32, F16, K2 = 0, 1, 2  # scale layouts
 
@@ -27,8 +28,9 @@ _loaded: dict[str, object] = {}
 
 
 def cpu_supported() -> bool:
-    """True when the CPU has the AVX512-BF16 instructions the kernel uses (Linux /proc/cpuinfo)."""
-    return kernels.cpu_supported()
+    """True when the CPU runs one of the kernel's builds: AVX512-BF16, or AVX2 with FMA and F16C
+    (Linux /proc/cpuinfo)."""
+    return kernels.isa() is not None
 
 
 def build_dir() -> Path:
@@ -45,7 +47,7 @@ def load() -> object | None:
     if os.environ.get("VERIDRAFT_Q4_KERNEL", "").lower() == "aten":
         why = ""  # asked for: no warning
     elif not cpu_supported():
-        why = "this CPU has no AVX512-BF16"
+        why = "this CPU has neither AVX512-BF16 nor AVX2 with FMA and F16C"
     else:
         try:
             module = _build()
