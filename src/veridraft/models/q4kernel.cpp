@@ -55,6 +55,7 @@ constexpr int64_t code_bytes = MODE == NIB ? G * 8 : MODE == NIB5 ? G * 10 : MOD
 #if defined(__AVX512BF16__)
 
 constexpr int64_t MAX_ROWS = 8;  // rows per register tile
+constexpr int64_t CALL_ROWS = MAX_ROWS;
 using XT = uint16_t;             // activations as bfloat16 bits
 
 uint16_t bf16_bits(float f) {
@@ -213,6 +214,7 @@ void prepare(const float* x, int64_t M, int64_t K, int64_t G, uint16_t* xb, floa
 // 2 rows per tile: 4 accumulators of 8 lanes per row (one per quarter of a k-pair vector), the
 // codes and the broadcast activations fill the 16 registers (4-row tiles spill, and were slower)
 constexpr int64_t MAX_ROWS = 2;
+constexpr int64_t CALL_ROWS = 16;  // rows per call: above MAX_ROWS, `wide`
 using XT = float;  // activations rounded to bfloat16, kept as float32 values
 struct Tables {};
 
@@ -265,6 +267,56 @@ inline __m256 quarter(const uint8_t* c, int j, int i) {
   return _mm256_cvtepi32_ps(u);
 }
 
+// The rows' FMAs over one group: w from the codes (BUF false) or from the group's widened codes
+// in buf. acc lane 2o + p of quarter i: output 4i + o at the k of parity p.
+template <int R, bool BUF, int MODE, int G>
+inline void group_rows(const uint8_t* c, const __m256* buf, const float* x0, int64_t K,
+                       __m256 (*acc)[4]) {
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
+  // unrolled in full: the accumulators stay in registers only with constant indices, and
+  // constant j drops the branch on its parity
+#pragma GCC unroll 16
+  for (int j = 0; j < G / 2; ++j) {
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m256 w = BUF ? buf[4 * j + i] : quarter<MODE, G>(c, j, i);
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) {
+        // x[k], x[k+1] of this k-pair in every lane pair
+        const __m256 xp = _mm256_castpd_ps(
+            _mm256_broadcast_sd(reinterpret_cast<const double*>(x0 + r * K + 2 * j)));
+        acc[r][i] = _mm256_fmadd_ps(w, xp, acc[r][i]);
+      }
+    }
+  }
+}
+
+// A row's group end, the same instructions on every path: the two parities of each output
+// added, then tot += sum * s + z * (sum of the group's x).
+inline void finish(const __m256* acc, const __m256* sv, const __m256* zv, float xsum,
+                   __m256* tot) {
+  const __m256 xsv = _mm256_set1_ps(xsum);
+  for (int h = 0; h < 2; ++h) {
+    // outputs 8h..8h+7: hadd gives [0 1 4 5 | 2 3 6 7], reordered
+    const __m256 pairs = _mm256_hadd_ps(acc[2 * h], acc[2 * h + 1]);
+    const __m256 sum = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8));
+    tot[h] = _mm256_fmadd_ps(sum, sv[h], tot[h]);
+    tot[h] = _mm256_fmadd_ps(zv[h], xsv, tot[h]);
+  }
+}
+
+inline void store(const __m256* tot, const float* bias, float* y) {
+  for (int h = 0; h < 2; ++h)
+    _mm256_storeu_ps(y + 8 * h, bias ? _mm256_add_ps(tot[h], _mm256_loadu_ps(bias + 8 * h)) : tot[h]);
+}
+
+inline void prefetch_group(const uint8_t* c, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH + off), _MM_HINT_T0);
+}
+
+// Up to MAX_ROWS rows, the codes widened in registers as they are used.
 template <int R, int MODE, int G, int SC>
 void tile(const Tables&, const XT* xf, const float* xs, int64_t K, const uint8_t* codes,
           const uint8_t* sa, const uint8_t* sb, const float* bias, float* y, int64_t ldy) {
@@ -274,47 +326,50 @@ void tile(const Tables&, const XT* xf, const float* xs, int64_t K, const uint8_t
   for (int r = 0; r < R; ++r) tot[r][0] = tot[r][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* c = codes + g * BPG;
-    for (int64_t off = 0; off < BPG; off += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH + off), _MM_HINT_T0);
-    // lane 2o + p of accumulator quarter i: output 4i + o at the k of parity p
+    prefetch_group(c, BPG);
     __m256 acc[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
-    const float* x0 = xf + g * G;
-    // unrolled in full: the accumulators stay in registers only with constant indices, and
-    // constant j drops the branch on its parity
-#pragma GCC unroll 16
-    for (int j = 0; j < G / 2; ++j) {
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        const __m256 w = quarter<MODE, G>(c, j, i);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          // x[k], x[k+1] of this k-pair in every lane pair
-          const __m256 xp = _mm256_castpd_ps(
-              _mm256_broadcast_sd(reinterpret_cast<const double*>(x0 + r * K + 2 * j)));
-          acc[r][i] = _mm256_fmadd_ps(w, xp, acc[r][i]);
-        }
-      }
-    }
+    group_rows<R, false, MODE, G>(c, nullptr, xf + g * G, K, acc);
     __m256 sv[2], zv[2];
     group_scales<SC>(g, 256 / G, sa, sb, sv, zv);
-    for (int r = 0; r < R; ++r) {
-      const __m256 xsv = _mm256_set1_ps(xs[r * ng + g]);
-      for (int h = 0; h < 2; ++h) {
-        // the two parities of outputs 8h..8h+7: hadd gives [0 1 4 5 | 2 3 6 7], reordered
-        const __m256 pairs = _mm256_hadd_ps(acc[r][2 * h], acc[r][2 * h + 1]);
-        const __m256 sum = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8));
-        tot[r][h] = _mm256_fmadd_ps(sum, sv[h], tot[r][h]);
-        tot[r][h] = _mm256_fmadd_ps(zv[h], xsv, tot[r][h]);
-      }
+    for (int r = 0; r < R; ++r) finish(acc[r], sv, zv, xs[r * ng + g], tot[r]);
+  }
+  for (int r = 0; r < R; ++r) store(tot[r], bias, y + r * ldy);
+}
+
+// More rows (up to CALL_ROWS): each group's codes widened once into buf (2 KB, stays in L1) and
+// read back by every pair of rows, instead of widened again per pair. Each row's sums run in the
+// same order as in tile, so its result does not depend on the path.
+template <int MODE, int G, int SC>
+void wide(int64_t R, const XT* xf, const float* xs, int64_t K, const uint8_t* codes,
+          const uint8_t* sa, const uint8_t* sb, const float* bias, float* y, int64_t ldy) {
+  constexpr int64_t BPG = code_bytes<MODE, G>;
+  const int64_t ng = K / G;
+  alignas(32) __m256 buf[2 * G];
+  __m256 tot[CALL_ROWS][2];
+  for (int64_t r = 0; r < R; ++r) tot[r][0] = tot[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const uint8_t* c = codes + g * BPG;
+    prefetch_group(c, BPG);
+#pragma GCC unroll 16
+    for (int j = 0; j < G / 2; ++j)
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) buf[4 * j + i] = quarter<MODE, G>(c, j, i);
+    __m256 sv[2], zv[2];
+    group_scales<SC>(g, 256 / G, sa, sb, sv, zv);
+    const float* x0 = xf + g * G;
+    int64_t r = 0;
+    for (; r + 2 <= R; r += 2) {
+      __m256 acc[2][4];
+      group_rows<2, true, MODE, G>(nullptr, buf, x0 + r * K, K, acc);
+      for (int q = 0; q < 2; ++q) finish(acc[q], sv, zv, xs[(r + q) * ng + g], tot[r + q]);
+    }
+    if (r < R) {
+      __m256 acc[1][4];
+      group_rows<1, true, MODE, G>(nullptr, buf, x0 + r * K, K, acc);
+      finish(acc[0], sv, zv, xs[r * ng + g], tot[r]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int h = 0; h < 2; ++h) {
-      if (bias) tot[r][h] = _mm256_add_ps(tot[r][h], _mm256_loadu_ps(bias + 8 * h));
-      _mm256_storeu_ps(y + r * ldy + 8 * h, tot[r][h]);
-    }
+  for (int64_t r = 0; r < R; ++r) store(tot[r], bias, y + r * ldy);
 }
 
 // x float32 [M, K] -> float32 values rounded to bfloat16 (nearest even, as the AVX512 build)
@@ -344,6 +399,9 @@ template <int MODE, int G, int SC>
 void rows(int64_t R, const Tables& tb, const XT* xb, const float* xs, int64_t K,
           const uint8_t* codes, const uint8_t* sa, const uint8_t* sb, const float* bias, float* y,
           int64_t ldy) {
+#if !defined(__AVX512BF16__)
+  if (R > MAX_ROWS) return wide<MODE, G, SC>(R, xb, xs, K, codes, sa, sb, bias, y, ldy);
+#endif
   switch (R) {
 #define VERIDRAFT_ROWS(n)                                                  \
   case n:                                                                  \
@@ -407,8 +465,8 @@ void q4_linear(const at::Tensor& x, at::Tensor& y, int64_t col, const at::Tensor
   const int64_t ldy = y.stride(0);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
-        fn(std::min(MAX_ROWS, M - r0), tb, xp + r0 * K, xs.data() + r0 * ng, K,
+      for (int64_t r0 = 0; r0 < M; r0 += CALL_ROWS) {
+        fn(std::min(CALL_ROWS, M - r0), tb, xp + r0 * K, xs.data() + r0 * ng, K,
            cp + b * bpb, sap + b * sas, sbp + b * sbs, bp ? bp + b * 16 : nullptr,
            yp + r0 * ldy + b * 16, ldy);
       }
