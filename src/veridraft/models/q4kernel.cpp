@@ -50,7 +50,10 @@ constexpr int64_t PREFETCH = 4096;  // bytes ahead
 
 // code bytes per 16 outputs x G
 template <int MODE, int G>
-constexpr int64_t code_bytes = MODE == NIB ? G * 8 : MODE == NIB5 ? G * 10 : MODE == NIB6 ? G * 12 : G * 16;
+constexpr int64_t code_bytes = MODE == NIB    ? G * 8
+                              : MODE == NIB5 ? G * 10
+                              : MODE == NIB6 ? G * 12
+                                             : G * 16;
 
 #if defined(__AVX512BF16__)
 
@@ -208,7 +211,6 @@ void prepare(const float* x, int64_t M, int64_t K, int64_t G, uint16_t* xb, floa
   }
 }
 
-
 #else  // AVX2 + FMA + F16C
 
 // 2 rows per tile: 4 accumulators of 8 lanes per row (one per quarter of a k-pair vector), the
@@ -226,8 +228,10 @@ inline void group_scales(int64_t g, int64_t gps, const uint8_t* sa, const uint8_
       sv[h] = _mm256_loadu_ps(reinterpret_cast<const float*>(sa) + g * 16 + 8 * h);
       zv[h] = _mm256_loadu_ps(reinterpret_cast<const float*>(sb) + g * 16 + 8 * h);
     } else if constexpr (SC == F16) {
-      sv[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sa + g * 32 + 16 * h)));
-      zv[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + g * 32 + 16 * h)));
+      const auto* s16 = reinterpret_cast<const __m128i*>(sa + g * 32 + 16 * h);
+      const auto* z16 = reinterpret_cast<const __m128i*>(sb + g * 32 + 16 * h);
+      sv[h] = _mm256_cvtph_ps(_mm_loadu_si128(s16));
+      zv[h] = _mm256_cvtph_ps(_mm_loadu_si128(z16));
     } else {
       const float* dm = reinterpret_cast<const float*>(sa) + (g / gps) * 32;
       const uint8_t* cm = sb + g * 32;
@@ -246,7 +250,8 @@ template <int MODE, int G>
 inline __m256 quarter(const uint8_t* c, int j, int i) {
   __m256i u;
   if constexpr (MODE == INT8) {
-    u = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 32 * j + 8 * i)));
+    u = _mm256_cvtepi8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 32 * j + 8 * i)));
   } else {
     u = _mm256_cvtepu8_epi32(
         _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 32 * (j / 2) + 8 * i)));
@@ -308,7 +313,8 @@ inline void finish(const __m256* acc, const __m256* sv, const __m256* zv, float 
 
 inline void store(const __m256* tot, const float* bias, float* y) {
   for (int h = 0; h < 2; ++h)
-    _mm256_storeu_ps(y + 8 * h, bias ? _mm256_add_ps(tot[h], _mm256_loadu_ps(bias + 8 * h)) : tot[h]);
+    _mm256_storeu_ps(y + 8 * h,
+                     bias ? _mm256_add_ps(tot[h], _mm256_loadu_ps(bias + 8 * h)) : tot[h]);
 }
 
 inline void prefetch_group(const uint8_t* c, int64_t bytes) {
@@ -403,9 +409,9 @@ void rows(int64_t R, const Tables& tb, const XT* xb, const float* xs, int64_t K,
   if (R > MAX_ROWS) return wide<MODE, G, SC>(R, xb, xs, K, codes, sa, sb, bias, y, ldy);
 #endif
   switch (R) {
-#define VERIDRAFT_ROWS(n)                                                  \
-  case n:                                                                  \
-    if constexpr (n <= MAX_ROWS)                                           \
+#define VERIDRAFT_ROWS(n)                                                    \
+  case n:                                                                    \
+    if constexpr (n <= MAX_ROWS)                                             \
       return tile<n, MODE, G, SC>(tb, xb, xs, K, codes, sa, sb, bias, y, ldy); \
     break;
     VERIDRAFT_ROWS(1) VERIDRAFT_ROWS(2) VERIDRAFT_ROWS(3) VERIDRAFT_ROWS(4)
