@@ -28,7 +28,10 @@ def folder(tmp_path_factory):
 def test_packed_untied_head_reads_back_exactly(folder, precision):
     ref = from_folder(folder).output.weight.detach().to(HALF[precision])
     net = from_folder(folder, precision=precision)
-    assert getattr(net.output, "weight", None) is None  # packed: no tensor of the weights
+    if net.output.packed is not None or net.output.onednn is not None:
+        assert net.output.weight is None  # packed: no tensor of the weights
+    else:  # bf16 where oneDNN cannot prepack (no AVX512-BF16): the padded bf16 tensor is kept
+        assert net.output.weight is not None
     w = head_weight(net)
     assert w is not None and w.dtype == HALF[precision]
     assert torch.equal(w, ref)

@@ -33,3 +33,24 @@ def test_the_flags_are_read_from_the_flags_line(tmp_path, monkeypatch):
     (tmp_path / "cpuinfo").write_text(text)
     assert kernels._cpu_flags() == {"fpu", "avx", "avx2", "fma", "f16c"}
     assert kernels.isa() == "avx2"
+
+
+@pytest.mark.parametrize(
+    ("flags", "cap", "isa"),
+    [
+        (AVX512, "avx2", "avx2"),  # an AVX-512 machine runs what an AVX2-only CPU would
+        (AVX512, "AVX512BF16", "avx512bf16"),
+        (AVX2, "avx512bf16", "avx2"),  # a cap never raises the build past the CPU
+        (AVX512, "none", None),
+    ],
+)
+def test_veridraft_isa_caps_the_build(monkeypatch, flags, cap, isa):
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: flags)
+    monkeypatch.setenv("VERIDRAFT_ISA", cap)
+    assert kernels.isa() == isa
+
+
+def test_an_unknown_veridraft_isa_is_named(monkeypatch):
+    monkeypatch.setenv("VERIDRAFT_ISA", "sse2")
+    with pytest.raises(ValueError, match="VERIDRAFT_ISA='sse2'.*avx2"):
+        kernels.isa()

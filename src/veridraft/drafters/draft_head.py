@@ -57,17 +57,19 @@ def _q4_head(net):
 def head_weight(net) -> Tensor | None:
     """The [vocab, dim] output matrix when it is reachable as a tensor (fp32 heads; tied heads
     through the embedding table in every precision; untied packed heads read back once)."""
+    from ..models.precision import PackedLinear
+
     out = getattr(net, "output", None)
     w = getattr(out, "weight", None)
-    if isinstance(w, Tensor) and w.dim() == 2:
+    if isinstance(w, Tensor) and w.dim() == 2 and not isinstance(out, PackedLinear):
         return w
     if getattr(net.config, "tie_embeddings", False):
         return net.tok_embeddings.weight
-    from ..models.precision import PackedLinear
-
-    if isinstance(out, PackedLinear) and out.bias is None:
+    if isinstance(out, PackedLinear) and (out.bias is None or w is not None):
         if getattr(out, "unpacked", None) is None:
-            out.unpacked = _read_back(out)
+            # a PackedLinear keeps its 16-bit tensor where oneDNN cannot prepack (no
+            # AVX512-BF16), its inner dimension padded to whole tiles: a view of it will do
+            out.unpacked = _read_back(out) if w is None else w[:, : out.in_features]
         return out.unpacked
     return None
 

@@ -48,15 +48,28 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+ISAS = ("avx512bf16", "avx2")  # newest first
+
+
 def isa() -> str | None:
     """The newest build this CPU runs: "avx512bf16", "avx2" (with FMA and F16C), or None
-    (read from /proc/cpuinfo)."""
+    (read from /proc/cpuinfo). VERIDRAFT_ISA=avx2 or =none caps it, so that an AVX-512 machine
+    runs what an older CPU would (with ONEDNN_MAX_CPU_ISA=AVX2 and FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+    for torch's own kernels: docs/precision.md)."""
     flags = _cpu_flags()
+    best = None
     if {"avx512_bf16", "avx512bw", "avx512vl"} <= flags:
-        return "avx512bf16"
-    if {"avx2", "fma", "f16c"} <= flags:
-        return "avx2"
-    return None
+        best = "avx512bf16"
+    elif {"avx2", "fma", "f16c"} <= flags:
+        best = "avx2"
+    cap = os.environ.get("VERIDRAFT_ISA", "").strip().lower()
+    if not cap:
+        return best
+    if cap not in (*ISAS, "none"):
+        raise ValueError(f"VERIDRAFT_ISA={cap!r}: use one of {', '.join(ISAS)}, none (or unset it)")
+    if cap == "none" or best is None:
+        return None
+    return ISAS[max(ISAS.index(cap), ISAS.index(best))]
 
 
 def cpu_supported() -> bool:

@@ -25,8 +25,9 @@ fp16w at M=1, slower from M=4 on) and dynamic int8 with per-token activation sca
 (`torch._int_mm`: batch-invariant and flat in M, but slower than fp16w up to M=8).
 
 Every kernel here is *batch-invariant*: row i of `linear(x)` is bitwise the same whatever the
-other rows of x are (bf16 pads small calls where oneDNN would change kernels: _probe_row_floor;
-checked for M = 1..16 on the catalog shapes by
+other rows of x are (small calls are padded where oneDNN or fbgemm would change kernels:
+_probe_row_floor; on AVX2-only CPUs that costs fp16w dearly, see docs/precision.md; checked for
+M = 1..16 on the catalog shapes by
 `python -m veridraft.models.precision`, and by tests/models/test_precision.py). That is what
 keeps speculative decoding exactly equal to plain decoding *in the same mode*: the verification
 forward over k+1 rows computes the same numbers as k+1 one-row forwards. (float32 MKL is not
@@ -75,8 +76,9 @@ def _quiet_fbgemm() -> None:
 
 _HALF = {"fp16w": torch.float16, "bf16": torch.bfloat16}
 VERIFY_ROWS = 17  # rows of the largest verification forward (decode's max_draft 16, + 1)
-# Prefill-sized bf16 matmuls run in blocks of this many rows from the call's first row. With AMX
-# (Intel Xeon), oneDNN splits a matmul between threads by its number of rows, so a row's result
+# Prefill-sized matmuls run in blocks of this many rows from the call's first row. With AMX
+# (Intel Xeon), oneDNN splits a matmul between threads by its number of rows (so does fbgemm's
+# fp16 kernel on AVX2-only CPUs, from 31 rows), so a row's result
 # depended on the call's size (a 1536x576 matmul: rows 0..17 moved between 64 and 768 rows), and
 # a prompt prefilled in 1024-token chunks differed from one prefilled in one block. A block's
 # rows depend only on the block, and every chunk boundary (decode.PREFILL_CHUNK) is a block
@@ -128,59 +130,72 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[0] == 0:  # padding zero rows up to the row floor would run the full matmul
             return x.new_zeros(0, self.out_features)
-        if self.packed is not None:
-            return torch.fbgemm_linear_fp16_weight_fp32_activation(x, self.packed, self.bias)
-        xb = x.to(torch.bfloat16)
-        if self.pad:
-            xb = F.pad(xb, (0, self.pad))
-        m = xb.shape[0]
+        if self.packed is None:
+            x = x.to(torch.bfloat16)
+            if self.pad:
+                x = F.pad(x, (0, self.pad))
+        m = x.shape[0]
         if m <= VERIFY_ROWS:
             threads = torch.get_num_threads()
             if self._floor_threads != threads:  # the kernel choice depends on the thread count
                 key = (self._shape, threads)
                 self._floor = _ROW_FLOORS[key] if key in _ROW_FLOORS else self._probe_row_floor()
                 self._floor_threads = threads
-            floor = self._floor
-            if m < floor:
-                return self._mm(F.pad(xb, (0, 0, 0, floor - m)))[:m].float()
+            if m < self._floor:
+                return self._mm(F.pad(x, (0, 0, 0, self._floor - m)))[:m].float()
         if m > ROW_BLOCK:
-            return torch.cat([self._mm(b) for b in xb.split(ROW_BLOCK)]).float()
-        return self._mm(xb).float()
+            return torch.cat([self._mm(b) for b in x.split(ROW_BLOCK)]).float()
+        return self._mm(x).float()
 
     @property
     def _shape(self) -> tuple:
-        return (self.out_features, self.in_features + self.pad, self.bias is not None)
+        return (
+            self.precision,
+            self.out_features,
+            self.in_features + self.pad,
+            self.bias is not None,
+        )
 
-    def _mm(self, xb: Tensor, weight: Tensor | None = None, packed=None, bias=None) -> Tensor:
-        """xb @ W.T + b, or with a probe's weight and bias when given."""
+    def _mm(self, x: Tensor, weight: Tensor | None = None, packed=None, bias=None) -> Tensor:
+        """x @ W.T + b in this mode's kernel, or with a probe's weight and bias when given."""
         if weight is None:
             weight, packed, bias = self.weight, self.onednn, self.bias_half
+            if self.packed is not None:
+                packed, bias = self.packed, self.bias
+        if self.packed is not None:  # fp16w: fbgemm, float32 in and out
+            return torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, bias)
         if packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(xb, packed, bias, "none", [], "")
-        return F.linear(xb, weight, bias)
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return F.linear(x, weight, bias)
 
     def _probe_row_floor(self) -> int:
         """The fewest rows to run this shape's matmuls with so that no row's result depends on
         the other rows, for up to VERIFY_ROWS rows.
 
-        oneDNN picks its kernel by the number of rows: on an AVX512-BF16 CPU without AMX (AMD
-        EPYC) one row of a 640x2048 or 576x1536 matmul takes another kernel, with another order
-        of its sums, than two or more, so a verification forward would not reproduce plain
-        decoding; padding with zero rows up to the floor keeps every call on one kernel. The
-        kernel depends on the shape, not on the numbers, so the probe packs a synthetic weight
-        of this shape whose entries span 2^-8..2^8: their sums cancel, and a different order of
-        summation shows in the bf16 output (with plain random data it mostly rounds away).
-        Measured once per shape and thread count."""
+        oneDNN and fbgemm pick their kernels by the number of rows: on an AVX512-BF16 CPU
+        without AMX (AMD EPYC) one row of a 640x2048 or 576x1536 bf16 matmul takes another
+        kernel, with another order of its sums, than two or more; on an AVX2-only CPU fbgemm's
+        fp16 kernels give other sums for 1, 2, 7 and 14 rows than for 16. A verification
+        forward would then not reproduce plain decoding; padding with zero rows up to the floor
+        keeps every call on one kernel. The kernel depends on the shape, not on the numbers, so
+        the probe packs a synthetic weight of this shape whose entries span 2^-8..2^8: their
+        sums cancel, and a different order of summation shows in the output (with plain random
+        data it mostly rounds away). Measured once per mode, shape and thread count."""
         g = torch.Generator().manual_seed(0)
         n, k = self.out_features, self.in_features + self.pad
+        half = _HALF[self.precision]
 
         def wild(*shape: int) -> Tensor:
             scale = torch.exp2(torch.randint(-8, 9, shape, generator=g).float())
-            return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+            return (torch.randn(*shape, generator=g) * scale).to(half)
 
-        w, b = wild(n, k), (None if self.bias is None else wild(n))
-        packed = _onednn_pack(w) if self.onednn is not None else None
-        x = wild(VERIFY_ROWS, k)
+        w, b, x = wild(n, k), (None if self.bias is None else wild(n)), wild(VERIFY_ROWS, k)
+        if self.packed is not None:  # fp16w: fbgemm packs float32 weights, runs float32 rows
+            w, x = w.float(), x.float()
+            b = None if b is None else b.float()
+            packed = torch.fbgemm_pack_gemm_matrix_fp16(w)
+        else:
+            packed = _onednn_pack(w) if self.onednn is not None else None
         for floor in (1, 2, 4, 8, 16, VERIFY_ROWS):
 
             def run(rows: Tensor, floor: int = floor) -> Tensor:
@@ -192,12 +207,14 @@ class PackedLinear(nn.Module):
                 break
         else:
             warnings.warn(
-                f"bf16 matmul {n}x{k} gives rows that depend on the number of rows on this CPU: "
-                "speculative decoding in bf16 may differ from plain bf16 decoding; use "
-                "precision='fp16w' or 'fp32' for exact match",
+                f"{self.precision} matmul {n}x{k} gives rows that depend on the number of rows "
+                f"on this CPU: speculative decoding in {self.precision} may differ from plain "
+                f"{self.precision} decoding; use precision='fp32' for exact match",
                 stacklevel=2,
             )
             floor = 1
+        if self.packed is not None and floor > 1:
+            _warn_fp16w_floor(floor)
         _ROW_FLOORS[(self._shape, torch.get_num_threads())] = floor
         return floor
 
@@ -205,6 +222,24 @@ class PackedLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, precision={self.precision}"
+        )
+
+
+_fp16w_floor_warned = False
+
+
+def _warn_fp16w_floor(floor: int) -> None:
+    """Say once that fp16w pays for its exactness here: fbgemm's cost grows with the rows (it is
+    flat in them for oneDNN's bf16 kernels, where a floor costs next to nothing)."""
+    global _fp16w_floor_warned
+    if not _fp16w_floor_warned:
+        _fp16w_floor_warned = True
+        warnings.warn(
+            f"fp16w on this CPU: fbgemm's fp16 kernels sum in another order for some numbers of "
+            f"rows, so matmuls of fewer than {floor} rows run padded to {floor} to keep "
+            "speculative decoding exact; one-token steps cost several times more. precision="
+            "'bf16' or 'fp32' is faster here (measure: veridraft bench --precision ...)",
+            stacklevel=2,
         )
 
 
