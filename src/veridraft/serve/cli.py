@@ -6,6 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
+
+# uvicorn's graceful-shutdown timeout is --shutdown-timeout plus this: time for a cancelled
+# job's stream to end and its connection to close before uvicorn cancels what is left
+SHUTDOWN_MARGIN_S = 10.0
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
@@ -112,11 +117,26 @@ def run_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
+    engine, timeout = app.state.engine, args.shutdown_timeout
+
+    class Server(uvicorn.Server):
+        """Starts the engine's shutdown at the signal itself: the running job gets
+        --shutdown-timeout seconds, then is cancelled and its stream ends as a stream does, so
+        the connection closes on its own. uvicorn's own timeout comes later and only catches
+        what is still open then: it cancels a request's task mid-response, which it logs as an
+        "Exception in ASGI application" traceback."""
+
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                threading.Thread(target=engine.shutdown, args=(timeout,), daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout,
+        timeout_graceful_shutdown=timeout + SHUTDOWN_MARGIN_S,
     )
+    Server(config).run()
     return 0
