@@ -82,13 +82,16 @@ def plain_greedy():
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(request):
     """Torch on one thread for the test: thousands of tiny ops, where OpenMP wake-ups on a busy
-    two-core machine would cost more than the work (modules opt in with `usefixtures`)."""
+    two-core machine would cost more than the work (modules opt in with `usefixtures`). Tests
+    marked `real` keep the session's threads: a catalog model's matmuls use both cores (on one,
+    the real-model cases of such a module took twice as long)."""
     import torch
 
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if request.node.get_closest_marker("real") is None:
+        torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 

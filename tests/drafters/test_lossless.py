@@ -175,16 +175,11 @@ def test_greedy_equals_plain_on_tiny(tiny):
 # ------------------------------------------------------------------ real models, greedy
 
 REAL_MODELS = ["smollm2-135m", "gemma3-270m"]
-QUESTIONS = dev_questions(
-    {
-        "summarization": 1,
-        "rag": 1,
-        "translation": 1,
-        "math_reasoning": 1,
-        "writing": 1,
-    }
-)
-NEW_TOKENS = 64  # 5 questions x 2 models x 3 drafters in fp32: minutes each on AVX2-only CPUs
+# 3 questions x 2 models x 3 drafters in fp32 (gemma3-270m reads 1.2 GB per token): a minute
+# or more per case on AVX2-only CPUs. Other categories and the packed modes: test_precision.py,
+# test_exact_quick.py.
+QUESTIONS = dev_questions({"summarization": 1, "translation": 1, "math_reasoning": 1})
+NEW_TOKENS = 64
 DRAFTS = {
     "ngram": "ngram",
     "layerskip": "layerskip",
@@ -200,7 +195,8 @@ def test_greedy_equals_plain_on_real_models(real_model, plain_greedy, name, draf
     model = real_model(name)
     drafter = make_drafter(DRAFTS[draft].format(name=name), model)
     drafted = accepted = 0
-    for q in QUESTIONS:
+    # a draft model pays for its full head (262,144 rows on gemma3-270m) per draft token
+    for q in QUESTIONS[:1] if (name, draft) == ("gemma3-270m", "model") else QUESTIONS:
         prompt = prompt_ids(model, q)
         ref = plain_greedy(model, prompt, NEW_TOKENS)
         out, stats = decode(

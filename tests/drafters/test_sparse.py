@@ -222,13 +222,12 @@ def test_greedy_exact_on_smollm2(real_model, plain_greedy):
 @pytest.mark.real
 @pytest.mark.filterwarnings("ignore:layerskip")
 def test_greedy_exact_on_smollm2_longer_with_layerskip_and_a_draft_model(real_model, plain_greedy):
+    # the self-drafting specs alone run in test_greedy_exact_on_smollm2 (shorter prompt)
     specs = [
-        "streaming:budget=129",
         "snapkv:budget=129,layerskip=true",
         "topk:budget=257,attn=14-15,mlp=14-15",
         "retrieval:budget=128,refresh=4",
-        "pruned:refresh=4",
         "streaming:smollm2-135m-l12:budget=129",
         "pruned:smollm2-135m-l12",
     ]
-    _check_real(real_model, plain_greedy, specs, 1200, 96)
+    _check_real(real_model, plain_greedy, specs, 1200, 64)

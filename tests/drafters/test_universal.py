@@ -242,9 +242,7 @@ def test_spec_errors(pair):
 
 # ------------------------------------------------------------------ the real pair
 
-REAL_Q = dev_questions(
-    {"summarization": 1, "rag": 1, "translation": 1, "qa": 1, "math_reasoning": 1}
-)
+REAL_Q = dev_questions({"summarization": 1, "translation": 1, "math_reasoning": 1})
 NEW = 64  # gemma3-270m in fp32 reads ~1.2 GB per token: minutes per test on AVX2-only CPUs
 
 
@@ -295,7 +293,7 @@ def test_real_pair_greedy_equals_plain_dtw(real_model, plain_greedy):
 )
 def test_real_pair_greedy_equals_plain_variants(real_model, plain_greedy, spec):
     gemma = real_model("gemma3-270m")
-    _check_greedy(plain_greedy, gemma, spec, REAL_Q[:2], 64)
+    _check_greedy(plain_greedy, gemma, spec, REAL_Q[:1], 64)
 
 
 @pytest.mark.real

@@ -191,14 +191,14 @@ def smollm2_bf16(real_model_dir):
     model = load("smollm2-135m", precision="bf16")
     book = json.loads(read_lines(long.default_data_path())[0])
     text = "\n\n".join(f"{c['title']}\n\n{c['text']}" for c in book["chapters"][:4])
-    return model, model.tokenizer.encode(text)[:2100]
+    return model, model.tokenizer.encode(text)[:1700]
 
 
 @pytest.mark.slow
 def test_smollm2_chunked_prefill_is_bitwise_one_block(smollm2_bf16):
     model, prompt = smollm2_bf16
     one = prefill(model.net, prompt, len(prompt) + 1, chunk=None)
-    chunked = prefill(model.net, prompt, len(prompt) + 1)  # the default chunk: 1024, then 1076
+    chunked = prefill(model.net, prompt, len(prompt) + 1)  # the default chunk: 1024, then 676
     assert torch.equal(one.logits, chunked.logits)
     assert torch.equal(one.cache.k[-1], chunked.cache.k[-1])
 
@@ -206,7 +206,9 @@ def test_smollm2_chunked_prefill_is_bitwise_one_block(smollm2_bf16):
 @pytest.mark.slow
 @pytest.mark.parametrize("draft", ["ngram", "layerskip"])
 @pytest.mark.filterwarnings("ignore:layerskip")
-def test_smollm2_greedy_speculative_equals_plain_at_2k(smollm2_bf16, plain_greedy, draft):
+def test_smollm2_greedy_speculative_equals_plain_after_two_chunks(
+    smollm2_bf16, plain_greedy, draft
+):
     model, prompt = smollm2_bf16
     out, stats = decode(
         model.net,

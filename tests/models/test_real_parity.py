@@ -91,7 +91,7 @@ def test_logits_match_over_chat_prompt_and_cached_decode(models):
 @pytest.mark.parametrize("models", GREEDY_MODELS, indirect=True)
 def test_greedy_ids_match_generate(models):
     native, hf, tok = models
-    for text in questions():
+    for text in questions()[:3]:  # transformers' generate in float32: ~10 s a question on AVX2
         ids = prompt_ids(tok, text)
         with torch.no_grad():
             out = hf.generate(
