@@ -238,7 +238,7 @@ def _warn_fp16w_floor(floor: int) -> None:
             f"fp16w on this CPU: fbgemm's fp16 kernels sum in another order for some numbers of "
             f"rows, so matmuls of fewer than {floor} rows run padded to {floor} to keep "
             "speculative decoding exact; one-token steps cost several times more. precision="
-            "'bf16' or 'fp32' is faster here (measure: veridraft bench --precision ...)",
+            "'q4' or 'bf16' is faster here (measure: veridraft bench --precision ...)",
             stacklevel=2,
         )
 
