@@ -158,12 +158,12 @@ class PackedLinear(nn.Module):
 
     def _mm(self, x: Tensor, weight: Tensor | None = None, packed=None, bias=None) -> Tensor:
         """x @ W.T + b in this mode's kernel, or with a probe's weight and bias when given."""
+        if self.packed is not None:  # fp16w: fbgemm, float32 in and out
+            if weight is None:
+                packed, bias = self.packed, self.bias
+            return torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, bias)
         if weight is None:
             weight, packed, bias = self.weight, self.onednn, self.bias_half
-            if self.packed is not None:
-                packed, bias = self.packed, self.bias
-        if self.packed is not None:  # fp16w: fbgemm, float32 in and out
-            return torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, bias)
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return F.linear(x, weight, bias)
