@@ -180,6 +180,78 @@ def test_q4_linear_rows_do_not_depend_on_the_other_rows(kernel, bits, group):
         assert lin(x[:0]).shape == (0, n)
 
 
+@pytest.fixture
+def a8_kernel(monkeypatch):
+    """q4a8 needs the own kernel's AVX512 build (AVX512-VNNI and AVX512-BF16)."""
+    from veridraft.models import kernels
+
+    if kernels.isa() != "avx512bf16":
+        pytest.skip("this CPU has no AVX512-VNNI/AVX512-BF16: no q4a8")
+    monkeypatch.delenv("VERIDRAFT_Q4_KERNEL", raising=False)
+    monkeypatch.setattr(q4kernel, "_loaded", {"module": q4kernel._build()})
+
+
+def _a8_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """q4a8's activations by its stated rule (per 32 inputs: d = max|x| / 127, bytes =
+    round-half-even(x * 127 / max|x|) in float32), then float64 products and sums."""
+    b = x.reshape(x.shape[0], -1, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    q = torch.round(b * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))
+    assert q.abs().max() <= 127
+    xhat = (q.double() * (amax / 127.0).double()).reshape(x.shape)
+    return torch.nn.functional.linear(xhat, w.double(), bias.double())
+
+
+@pytest.mark.parametrize(("bits", "group"), LAYOUTS)
+def test_q4a8_rows_do_not_depend_on_the_other_rows(a8_kernel, bits, group):
+    g = torch.Generator().manual_seed(0)
+    n, k = 640, 576
+    u = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    s = torch.rand(n, k // group, generator=g) * 0.02
+    z = -torch.rand(n, k // group, generator=g) * 0.05
+    lin = Q4Linear(u, s, z, torch.randn(n, generator=g), group)
+    lin.a8 = True
+    x = torch.randn(17, k, generator=g) * torch.exp2(torch.randint(-6, 7, (17, k), generator=g))
+    one = torch.cat([lin(x[i : i + 1]) for i in range(17)])
+    for m in range(2, 18):
+        assert torch.equal(lin(x[:m]), one[:m]), m
+    w = u.float() * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)
+    exact = _a8_reference(x, w, lin.bias)
+    # integer sums, float32 scales: what is left is float32 rounding
+    assert (one.double() - exact).abs().max() / exact.abs().max() < 1e-5
+    # and bytes are not bfloat16: the q4 result differs by the activations' rounding
+    lin.a8 = False
+    assert not torch.allclose(lin(x), one, rtol=0, atol=1e-4 * float(exact.abs().max()))
+    # the weights the module reports stay exact (the identity is not run through bytes)
+    lin.a8 = True
+    assert (lin.dequantized() - w).abs().max() < 1e-6
+
+
+def test_tiny_model_q4a8_is_row_invariant_and_close(a8_kernel, tmp_path):
+    kinds = {"token_embd": "Q8_0", "attn_v": "Q5_0", "ffn_down": "Q4_0"}
+    ref, model, path = _tiny(tmp_path, kinds)
+    apply_q4(model, path, a8=True)
+    assert model.precision == "q4a8" and model.output.a8
+    assert "precision=q4a8" in repr(model.output)
+    ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a = ref(ids, ref.new_cache(64))
+        cache = model.new_cache(64)
+        b = model(ids[:30], cache)
+        assert (a[:30].argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+        steps = torch.cat([model(ids[30 + i : 31 + i], cache) for i in range(10)])
+        for t in (2, 5, 10):
+            cache.truncate(30)
+            assert torch.equal(model(ids[30 : 30 + t], cache), steps[:t]), t
+
+
+def test_q4a8_without_the_kernel_is_a_clear_error(tmp_path, monkeypatch):
+    ref, model, path = _tiny(tmp_path, {})
+    monkeypatch.setattr(q4kernel, "_loaded", {"module": None})
+    with pytest.raises(VeridraftError, match="q4a8.*AVX512-VNNI.*precision='q4'"):
+        apply_q4(model, path, a8=True)
+
+
 @pytest.mark.parametrize("kernel", ["veridraft"], indirect=True)  # segments are its layout
 def test_fused_parts_of_different_types_run_as_segments(kernel):
     g = torch.Generator().manual_seed(1)

@@ -127,7 +127,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="fp32",
         help="veridraft's precision mode: fp32 (default), fp16w, bf16, q4 (the GGUF's own 4-bit "
-        "blocks); the others approximate fp32. hf: peers run float32, llamacpp: peers the GGUF",
+        "blocks), q4a8 (q4 with 8-bit activations); the others approximate fp32. hf: peers run "
+        "float32, llamacpp: peers the GGUF",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -20,7 +20,7 @@ from ..errors import VeridraftError
 from .base import PRECISIONS, Capture, ModelConfig, Skip, Transformer, read_json
 from .gemma3 import Gemma3
 from .llama import Llama
-from .precision import ALL_PRECISIONS, apply_precision
+from .precision import ALL_PRECISIONS, GGUF_PRECISIONS, apply_precision
 
 __all__ = [
     "Capture",
@@ -41,9 +41,10 @@ def from_hf_config_and_state_dict(
     source: str = "the state dict",
 ) -> Transformer:
     """Build a native model from an HF config (dict or ModelConfig) and HF-named tensors."""
-    if precision == "q4":
+    if precision in GGUF_PRECISIONS:
         raise VeridraftError(
-            "precision 'q4' is built from the model's GGUF: load the folder or the .gguf file"
+            f"precision {precision!r} is built from the model's GGUF: load the folder or the "
+            ".gguf file"
         )
     if precision not in PRECISIONS:
         raise VeridraftError(f"unknown precision {precision!r}; supported: {', '.join(PRECISIONS)}")
@@ -189,7 +190,7 @@ def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
             f"unknown precision {precision!r}; supported: {', '.join(ALL_PRECISIONS)}"
         )
     gguf = None
-    if precision == "q4":  # fail before reading the weights when the GGUF is not there
+    if precision in GGUF_PRECISIONS:  # fail before reading the weights without the GGUF
         from .q4 import gguf_source
 
         gguf = gguf_source(folder)
@@ -213,6 +214,6 @@ def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
     from .q4 import apply_q4
 
     model = from_hf_config_and_state_dict(cfg, _WithoutLinears(sd), "fp32", source)
-    model = apply_q4(model, gguf, reference=sd)
+    model = apply_q4(model, gguf, reference=sd, a8=precision == "q4a8")
     _return_freed_memory()
     return model

@@ -21,7 +21,7 @@ import torch
 
 # AVX512-BF16 is the newest instruction set the kernels use (vdpbf16ps: exact bfloat16 products
 # summed in float32); every CPU with it has the rest of AVX-512 they use.
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-fopenmp"]
 # The q4 kernel's build for x86 CPUs without it (AMD before Zen 4, Intel before Cooper Lake).
 AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
@@ -58,7 +58,7 @@ def isa() -> str | None:
     for torch's own kernels: docs/precision.md)."""
     flags = _cpu_flags()
     best = None
-    if {"avx512_bf16", "avx512bw", "avx512vl"} <= flags:
+    if {"avx512_bf16", "avx512_vnni", "avx512bw", "avx512vl"} <= flags:
         best = "avx512bf16"
     elif {"avx2", "fma", "f16c"} <= flags:
         best = "avx2"

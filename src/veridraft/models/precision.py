@@ -5,7 +5,7 @@ Chosen at load (`veridraft.load(name, precision=...)`, `from_folder(..., precisi
 every `nn.Linear` (and the tied output head) for a `PackedLinear` and, for the packed modes, the
 embedding table for a half-size copy (looked up, then widened to float32). Norms, RoPE,
 attention and the residual stream stay float32 in every mode; the KV cache is bfloat16 in `bf16`
-(and `q4`) where veridraft's decode attention kernel runs (models/attnkernel.py), else float32.
+(and `q4`, `q4a8`) where veridraft's decode attention kernel runs (models/attnkernel.py), else float32.
 
 | mode    | weights                         | activations into the matmul | accumulation |
 |---------|---------------------------------|-----------------------------|--------------|
@@ -13,6 +13,7 @@ attention and the residual stream stay float32 in every mode; the KV cache is bf
 | `fp16w` | float16, fbgemm-packed          | float32                     | float32      |
 | `bf16`  | bfloat16, oneDNN-prepacked      | bfloat16 (rounded)          | float32, output rounded to bfloat16 |
 | `q4`    | the GGUF's own 4-bit blocks (models/q4.py), int4-packed | bfloat16 (rounded) | float32, output rounded to bfloat16 |
+| `q4a8`  | the same blocks as `q4` | signed bytes, one float32 scale per 32 (AVX512-VNNI) | int32 per group, then float32 |
 
 `bf16` is the fast mode on CPUs with AMX or AVX-512 BF16: with the weights reordered once into
 oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, batch-size hint 16) a matmul
@@ -51,7 +52,7 @@ from . import attnkernel
 
 PRECISIONS = ("fp32", "fp16w", "bf16")  # the modes packed from the float32 weights
 # modes built from the GGUF's own quantized blocks (models/q4.py): they need the source GGUF
-GGUF_PRECISIONS = ("q4",)
+GGUF_PRECISIONS = ("q4", "q4a8")
 ALL_PRECISIONS = PRECISIONS + GGUF_PRECISIONS
 RECOMMENDED_PRECISION = "bf16"  # for speculative decoding (docs/precision.md); load() keeps fp32
 

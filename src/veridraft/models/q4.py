@@ -174,6 +174,8 @@ class Q4Linear(nn.Module):
     `Q4Linear.from_parts` a fused one (q|k|v, gate|up) whose parts may differ in block type."""
 
     precision = "q4"
+    # q4a8: the activations as signed bytes per 32 inputs (AVX512-VNNI; apply_q4(a8=True))
+    a8 = False
 
     def __init__(
         self, u: Tensor, s: Tensor, z: Tensor, bias: Tensor | None = None, group: int = GROUP
@@ -277,9 +279,10 @@ class Q4Linear(nn.Module):
             y = x.new_empty(x.shape[0], self.out_features)
             run = self._kernel.q4_linear
             buf = self._buffers
+            flag = q4kernel.A8 if self.a8 else 0
             for col, mode, group, scales, i, bias in self._segments:
                 run(x, y, col, buf[f"codes{i}"], buf[f"sa{i}"], buf[f"sb{i}"], bias,
-                    mode, group, scales)  # fmt: skip
+                    mode | flag, group, scales)  # fmt: skip
             return y
         if x.shape[0] == 0:
             return x.new_zeros(0, self.out_features)
@@ -311,6 +314,7 @@ class Q4Linear(nn.Module):
                     0,
                 )
                 sub._kernel = self._kernel
+                sub.a8 = self.a8
                 a, b = (start - col) // 16, (stop - col) // 16
                 for name in ("codes", "sa", "sb"):
                     sub.register_buffer(f"{name}0", self._buffers[f"{name}{i}"][a:b])
@@ -320,29 +324,33 @@ class Q4Linear(nn.Module):
 
     def row(self, t: int) -> Tensor | None:
         """Weights of output t, float32 [in], as the kernel multiplies by them (the identity
-        through its block of 16 outputs), or None where no view exists (see rows_view)."""
+        through its block of 16 outputs, with bfloat16 activations: exact), or None where no
+        view exists (see rows_view)."""
         start = t // 16 * 16
         block = self.rows_view(start, start + 16)
         if block is None:
             return None
+        block.a8 = False
         return block(torch.eye(self.in_features))[:, t - start].contiguous()
 
     def dequantized(self) -> Tensor:
         """The float32 weights this module multiplies by (for tests and error reports)."""
         eye = torch.eye(self.in_features)
         b, self.bias = self.bias, None
-        segments = self._segments
+        segments, a8 = self._segments, self.a8
         if segments is not None:
             self._segments = [(*seg[:-1], None) for seg in segments]
+        self.a8 = False  # the identity through bfloat16 activations is exact, through bytes not
         try:
             return self.forward(eye).t().contiguous()
         finally:
-            self.bias, self._segments = b, segments
+            self.bias, self._segments, self.a8 = b, segments, a8
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, precision=q4, kernel={self.kernel}"
+            f"bias={self.bias is not None}, precision={'q4a8' if self.a8 else 'q4'}, "
+            f"kernel={self.kernel}"
         )
 
 
@@ -480,14 +488,22 @@ def _llama_rows(n: int, heads: int) -> np.ndarray:
     return idx.reshape(heads, -1, 2).swapaxes(1, 2).reshape(n)
 
 
-def apply_q4(model: nn.Module, gguf_path: str | Path, reference=None) -> nn.Module:
+def apply_q4(
+    model: nn.Module, gguf_path: str | Path, reference=None, a8: bool = False
+) -> nn.Module:
     """Swap every linear of a float32 model for a Q4Linear built from the GGUF's blocks (in
     place). Each part is checked against the model's own float32 weights (the de-quantized
     blocks, in the row order the converter chose), so a wrong file or layout fails loudly.
+    `a8`: precision 'q4a8', the activations multiplied as signed bytes (q4kernel.a8_supported).
 
     A linear whose weight is a meta tensor (models.from_folder builds q4 models so, never holding
     the float32 linears) is checked against a few rows read from `reference`, the checkpoint."""
     cfg = model.config
+    if a8 and not q4kernel.a8_supported():
+        raise VeridraftError(
+            "precision 'q4a8' needs veridraft's q4 kernel on a CPU with AVX512-VNNI and "
+            "AVX512-BF16 (this one has not, or the kernel cannot be built); use precision='q4'"
+        )
     try:
         tensors = read_gguf_tensors(gguf_path)
     except VeridraftError:
@@ -542,11 +558,12 @@ def apply_q4(model: nn.Module, gguf_path: str | Path, reference=None) -> nn.Modu
                 pieces.append((u[order], s[order], z[order], group_of(kind), two))
                 row += rows
             q = Q4Linear.from_parts(pieces, child.bias)
+            q.a8 = a8
             setattr(parent, cname, q)
     emb = getattr(model, "tok_embeddings", None)
     if isinstance(emb, nn.Embedding):
         emb.weight = nn.Parameter(emb.weight.detach().to(torch.bfloat16), requires_grad=False)
-    model.precision = "q4"
+    model.precision = "q4a8" if a8 else "q4"
     model.rowwise_attention = True  # see Transformer.rowwise_attention
     model.cache_dtype = attnkernel.cache_dtype(torch.bfloat16)  # see Transformer.cache_dtype
     return model

@@ -44,6 +44,7 @@ namespace {
 
 enum Mode : int64_t { NIB = 0, NIB5 = 1, NIB6 = 2, INT8 = 3 };
 enum Scales : int64_t { F32 = 0, F16 = 1, K2 = 2 };
+constexpr int64_t A8 = 8;  // mode flag: 8-bit activations (q4a8)
 // accumulators per row: a fixed number (the order of the sums must not depend on the rows)
 constexpr int CHAINS = 2;
 constexpr int64_t PREFETCH = 4096;  // bytes ahead
@@ -210,6 +211,165 @@ void prepare(const float* x, int64_t M, int64_t K, int64_t G, uint16_t* xb, floa
     }
   }
 }
+
+// ---- q4a8: the activations as signed bytes (W4A8, AVX512-VNNI) ----
+//
+// Each row's activations are quantized per 32 inputs: d = max|x| / 127, q = round(x / d) in
+// -127..127 (llama.cpp's Q8_0 rule). A group's dot product is then an exact int32 sum of code x
+// byte products (vpdpbusd: 64 per instruction, twice vdpbf16ps's 32), and
+//   y += (isum * s) * d + z * (d * sum q).
+// Integer sums are exact in any order, and the float32 steps run in one fixed sequence per row,
+// so row i still does not depend on the other rows.
+//
+// The same packed layouts: the codes of 16 outputs x 4 consecutive inputs become one 32-bit lane
+// per output (bytes k, k+1, k+2, k+3), the unsigned operand of vpdpbusd.
+
+// quad vector q (inputs 4q .. 4q+3 of the group) of a group's codes as 16 lanes of 4 bytes
+template <int MODE, int G>
+inline __m512i quad(const uint8_t* c, int q) {
+  if constexpr (MODE == NIB) {
+    // lane o = bytes 2o, 2o+1 of chunk q: low nibbles are inputs 4q, 4q+1, high ones 4q+2, 4q+3
+    const __m512i w =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * q)));
+    return _mm512_and_si512(_mm512_or_si512(w, _mm512_slli_epi32(w, 12)),
+                            _mm512_set1_epi32(0x0F0F0F0F));
+  } else if constexpr (MODE == INT8) {
+    // k-pair vectors 2q and 2q+1, signed bytes u - 128: the sign bit flipped gives u
+    const __m512i a = _mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * (2 * q))));
+    const __m512i b = _mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * (2 * q + 1))));
+    return _mm512_xor_si512(_mm512_or_si512(a, _mm512_slli_epi32(b, 16)),
+                            _mm512_set1_epi32(static_cast<int>(0x80808080u)));
+  } else {
+    // as the bfloat16 path: 16-bit codes of k-pair vectors 2q (ia) and 2q+1 (ib) with their
+    // high bits added, then each lane's two 16-bit elements narrowed to bytes
+    const __m512i w =
+        _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * q)));
+    __m512i ia = _mm512_and_si512(w, _mm512_set1_epi16(15));
+    __m512i ib = _mm512_srli_epi16(w, 4);
+    if constexpr (MODE == NIB6) {
+      const uint32_t* hb = reinterpret_cast<const uint32_t*>(c + G * 8) + 4 * q;
+      ia = _mm512_mask_add_epi16(ia, _cvtu32_mask32(hb[0]), ia, _mm512_set1_epi16(16));
+      ia = _mm512_mask_add_epi16(ia, _cvtu32_mask32(hb[1]), ia, _mm512_set1_epi16(32));
+      ib = _mm512_mask_add_epi16(ib, _cvtu32_mask32(hb[2]), ib, _mm512_set1_epi16(16));
+      ib = _mm512_mask_add_epi16(ib, _cvtu32_mask32(hb[3]), ib, _mm512_set1_epi16(32));
+    } else {
+      const uint32_t* hb = reinterpret_cast<const uint32_t*>(c + G * 8) + 2 * q;
+      ia = _mm512_mask_add_epi16(ia, _cvtu32_mask32(hb[0]), ia, _mm512_set1_epi16(16));
+      ib = _mm512_mask_add_epi16(ib, _cvtu32_mask32(hb[1]), ib, _mm512_set1_epi16(16));
+    }
+    const __m512i lo = _mm512_and_si512(_mm512_or_si512(ia, _mm512_srli_epi32(ia, 8)),
+                                        _mm512_set1_epi32(0xFFFF));
+    const __m512i hi = _mm512_slli_epi32(_mm512_or_si512(ib, _mm512_srli_epi32(ib, 8)), 16);
+    return _mm512_or_si512(lo, hi);
+  }
+}
+
+template <int R, int MODE, int G, int SC>
+void tile_a8(const int8_t* xq, const float* xd, const float* xs, int64_t K, const uint8_t* codes,
+             const uint8_t* sa, const uint8_t* sb, const float* bias, float* y, int64_t ldy) {
+  constexpr int64_t BPG = code_bytes<MODE, G>;
+  constexpr int NQ = G / 4;
+  // independent dot-product chains per row: integer sums, so their number changes nothing
+  constexpr int CH = R <= 2 ? 4 : R <= 4 ? 2 : 1;
+  const auto* xw = reinterpret_cast<const int32_t*>(xq);  // 4 bytes per broadcast
+  const int64_t ng = K / G, kq = K / 4, nd = K / 32;
+  __m512 tot[R];
+  for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const uint8_t* c = codes + g * BPG;
+    for (int64_t off = 0; off < BPG; off += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH + off), _MM_HINT_T0);
+    __m512i w[NQ];
+#pragma GCC unroll 8
+    for (int q = 0; q < NQ; ++q) w[q] = quad<MODE, G>(c, q);
+    __m512 sv, zv;
+    group_scales<SC>(g, 256 / G, sa, sb, sv, zv);
+    // signed-byte codes are multiplied as u = stored + 128: the packed zero (which carries the
+    // + 128 s for stored codes) gives it back
+    if constexpr (MODE == INT8) zv = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), sv, zv);
+    const int64_t q0 = g * NQ;
+    for (int r = 0; r < R; ++r) {
+      __m512i acc[CH];
+      for (int a = 0; a < CH; ++a) acc[a] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int q = 0; q < NQ; ++q)
+        acc[q % CH] = _mm512_dpbusd_epi32(acc[q % CH], w[q], _mm512_set1_epi32(xw[r * kq + q0 + q]));
+      for (int a = 1; a < CH; ++a) acc[0] = _mm512_add_epi32(acc[0], acc[a]);
+      const __m512 prod = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[0]), sv);
+      tot[r] = _mm512_fmadd_ps(prod, _mm512_set1_ps(xd[r * nd + g * G / 32]), tot[r]);
+      tot[r] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[r * ng + g]), tot[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (bias) tot[r] = _mm512_add_ps(tot[r], _mm512_loadu_ps(bias));
+    _mm512_storeu_ps(y + r * ldy, tot[r]);
+  }
+}
+
+// x float32 [M, K] -> signed bytes per 32 inputs (xq), their scales d (xd [M, K/32]) and, per
+// group of G, d times the sum of the group's bytes (xs [M, K/G]).
+void prepare_a8(const float* x, int64_t M, int64_t K, int64_t G, int8_t* xq, float* xd,
+                float* xs) {
+  const int64_t nd = K / 32, ng = K / G;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nd; ++b) {
+      const float* xp = x + m * K + 32 * b;
+      const __m512 x0 = _mm512_loadu_ps(xp), x1 = _mm512_loadu_ps(xp + 16);
+      const float amax = _mm512_reduce_max_ps(
+          _mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+      const float d = amax / 127.0f;
+      const __m512 id = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+      // nearest, ties to even (the default rounding mode)
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, id));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, id));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + 32 * b), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + 32 * b + 16),
+                       _mm512_cvtsepi32_epi8(q1));
+      xd[m * nd + b] = d;
+      if (G == 32) {
+        xs[m * ng + b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+      } else {  // G == 16
+        xs[m * ng + 2 * b] = d * static_cast<float>(_mm512_reduce_add_epi32(q0));
+        xs[m * ng + 2 * b + 1] = d * static_cast<float>(_mm512_reduce_add_epi32(q1));
+      }
+    }
+  }
+}
+
+template <int MODE, int G, int SC>
+void rows_a8(int64_t R, const int8_t* xq, const float* xd, const float* xs, int64_t K,
+             const uint8_t* codes, const uint8_t* sa, const uint8_t* sb, const float* bias,
+             float* y, int64_t ldy) {
+  switch (R) {
+#define VERIDRAFT_ROWS(n) \
+  case n:                 \
+    return tile_a8<n, MODE, G, SC>(xq, xd, xs, K, codes, sa, sb, bias, y, ldy);
+    VERIDRAFT_ROWS(1) VERIDRAFT_ROWS(2) VERIDRAFT_ROWS(3) VERIDRAFT_ROWS(4)
+    VERIDRAFT_ROWS(5) VERIDRAFT_ROWS(6) VERIDRAFT_ROWS(7) VERIDRAFT_ROWS(8)
+#undef VERIDRAFT_ROWS
+  }
+}
+
+using RowsA8Fn = void (*)(int64_t, const int8_t*, const float*, const float*, int64_t,
+                          const uint8_t*, const uint8_t*, const uint8_t*, const float*, float*,
+                          int64_t);
+
+RowsA8Fn pick_a8(int64_t mode, int64_t group, int64_t scales) {
+#define VERIDRAFT_PICK(m, g, sc) \
+  if (mode == m && group == g && scales == sc) return rows_a8<m, g, sc>;
+  VERIDRAFT_PICK(NIB, 32, F32) VERIDRAFT_PICK(NIB, 32, F16) VERIDRAFT_PICK(NIB, 32, K2)
+  VERIDRAFT_PICK(NIB, 16, F32) VERIDRAFT_PICK(NIB, 16, K2)
+  VERIDRAFT_PICK(NIB5, 32, F32) VERIDRAFT_PICK(NIB5, 32, F16)
+  VERIDRAFT_PICK(NIB6, 16, F32) VERIDRAFT_PICK(NIB6, 16, K2) VERIDRAFT_PICK(NIB6, 32, F32)
+  VERIDRAFT_PICK(INT8, 32, F32) VERIDRAFT_PICK(INT8, 32, F16) VERIDRAFT_PICK(INT8, 16, F32)
+#undef VERIDRAFT_PICK
+  TORCH_CHECK(false, "q4 kernel: no 8-bit-activation variant for layout ", mode, ", group ",
+              group, ", scales ", scales);
+}
+
+#define VERIDRAFT_HAS_A8 1
 
 #else  // AVX2 + FMA + F16C
 
@@ -455,6 +615,34 @@ void q4_linear(const at::Tensor& x, at::Tensor& y, int64_t col, const at::Tensor
               "q4 kernel: codes and scales must be contiguous, one block per 16 outputs");
   TORCH_CHECK(y.size(0) == M && col + N <= y.size(1), "q4 kernel: y is too small");
   if (M == 0) return;
+  const bool a8 = mode & A8;
+  mode &= ~A8;
+  if (a8) {
+#if defined(VERIDRAFT_HAS_A8)
+    const RowsA8Fn fa = pick_a8(mode, group, scales);
+    const int64_t ng = K / group, bpb = codes.size(1) * codes.size(2);
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> xd(M * (K / 32)), xs(M * ng);
+    prepare_a8(x.data_ptr<float>(), M, K, group, xq.data(), xd.data(), xs.data());
+    const uint8_t* cp = codes.data_ptr<uint8_t>();
+    const auto* sap = static_cast<const uint8_t*>(sa.data_ptr());
+    const auto* sbp = static_cast<const uint8_t*>(sb.data_ptr());
+    const int64_t sas = sa.nbytes() / nb, sbs = sb.nbytes() / nb;
+    const float* bp = bias && bias->defined() ? bias->data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>() + col;
+    const int64_t ldy = y.stride(0), nd = K / 32;
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t r0 = 0; r0 < M; r0 += 8)
+          fa(std::min<int64_t>(8, M - r0), xq.data() + r0 * K, xd.data() + r0 * nd,
+             xs.data() + r0 * ng, K, cp + b * bpb, sap + b * sas, sbp + b * sbs,
+             bp ? bp + b * 16 : nullptr, yp + r0 * ldy + b * 16, ldy);
+    });
+    return;
+#else
+    TORCH_CHECK(false, "q4 kernel: 8-bit activations need the AVX512 build");
+#endif
+  }
   static const Tables tb;
   const RowsFn fn = pick(mode, group, scales);
   const int64_t ng = K / group, bpb = codes.size(1) * codes.size(2);

@@ -23,6 +23,7 @@ SOURCE = Path(__file__).with_name("q4kernel.cpp")
 FLAGS = list(kernels.AVX2_FLAGS if kernels.isa() == "avx2" else kernels.FLAGS)
 NIB, NIB5, NIB6, INT8 = 0, 1, 2, 3  # code layouts, as in q4kernel.cpp
 F32, F16, K2 = 0, 1, 2  # scale layouts
+A8 = 8  # layout flag: multiply 8-bit activations (precision "q4a8"), as in q4kernel.cpp
 
 _loaded: dict[str, object] = {}
 
@@ -61,6 +62,12 @@ def load() -> object | None:
         )
     _loaded["module"] = module
     return module
+
+
+def a8_supported() -> bool:
+    """True when precision "q4a8" can run: the kernel's AVX512 build (which needs AVX512-VNNI
+    besides AVX512-BF16) is loaded."""
+    return kernels.isa() == "avx512bf16" and load() is not None
 
 
 def _build():

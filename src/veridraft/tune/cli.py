@@ -56,7 +56,7 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument(
         "--precision",
         default="fp32",
-        help="precision to load and tune in: fp32 (default) | fp16w | bf16",
+        help="precision to load and tune in: fp32 (default) | fp16w | bf16 | q4 | q4a8",
     )
     t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     t.add_argument("--seed", type=int, default=1)
