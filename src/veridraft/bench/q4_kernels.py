@@ -1,7 +1,8 @@
 """`python -m veridraft.bench.q4_kernels`: q4 mode's two kernels side by side, interleaved in one
 process: milliseconds of a target forward over T new tokens after 100 cached positions, with
 veridraft's kernel (models/q4kernel.cpp) and with torch's int4 kernel, per catalog model, and the
-bytes of weights each reads per token. Medians over the rounds after two of warm-up; the order
+bytes of weights each reads per token. Where the CPU runs it, q4a8 (the same kernel, 8-bit
+activations) is a third row. Medians over the rounds after two of warm-up; the order
 of T alternates round by round.
 """
 
@@ -22,8 +23,9 @@ TS = (1, 2, 4, 8, 17)
 CONTEXT = 100
 
 
-def _load_both(name: str) -> dict:
-    """The model in q4 with each kernel (the choice is made when a linear is built)."""
+def _load_all(name: str) -> dict:
+    """The model in q4 with each kernel (the choice is made when a linear is built), and in q4a8
+    where the CPU runs it."""
     folder = pull(name)
     saved = dict(q4kernel._loaded)
     try:
@@ -31,16 +33,20 @@ def _load_both(name: str) -> dict:
         own = from_folder(folder, "q4")
         if q4kernel.load() is None:
             raise SystemExit("veridraft's q4 kernel is not available here (see the warning)")
+        a8 = from_folder(folder, "q4a8") if q4kernel.a8_supported() else None
         q4kernel._loaded["module"] = None
         aten = from_folder(folder, "q4")
     finally:
         q4kernel._loaded.clear()
         q4kernel._loaded.update(saved)
-    return {"veridraft": own, "torch-int4": aten}
+    nets = {"veridraft": own, "torch-int4": aten}
+    if a8 is not None:
+        nets["veridraft q4a8"] = a8
+    return nets
 
 
 def measure(name: str, rounds: int = 10, ts=TS) -> list[dict]:
-    nets = _load_both(name)
+    nets = _load_all(name)
     ids = torch.randint(100, 1000, (CONTEXT + max(ts),), generator=torch.Generator().manual_seed(0))
     times = {(k, t): [] for k in nets for t in ts}
     with torch.inference_mode():

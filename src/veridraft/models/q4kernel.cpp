@@ -290,6 +290,8 @@ void tile_a8(const int8_t* xq, const float* xd, const float* xs, int64_t K, cons
     // + 128 s for stored codes) gives it back
     if constexpr (MODE == INT8) zv = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), sv, zv);
     const int64_t q0 = g * NQ;
+    // unrolled: the totals stay in registers
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       __m512i acc[CH];
       for (int a = 0; a < CH; ++a) acc[a] = _mm512_setzero_si512();
