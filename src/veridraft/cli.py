@@ -118,7 +118,9 @@ def _add_profile_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", "-m", default="smollm2-135m", help="catalog name, GGUF or folder")
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16w | bf16 | q4 | q4a8 (default fp32)")
+    p.add_argument(
+        "--precision", default="fp32", help="fp32 | fp16w | bf16 | q4 | q4a8 (default fp32)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per point (default 7)")
     p.add_argument("--no-save", action="store_true", help="print only, do not store the file")

@@ -21,3 +21,10 @@ def test_the_attention_benchmark_prints_every_variant(capsys):
         for name in want:
             assert re.search(rf"{name} [0-9.]+ \([0-9.]+ GB/s\)", line), (name, line)
     assert re.search(r"T=128: one \[T, L\] mask \d+, f32 tiled causal \d+, bf16 tiled causal", out)
+
+
+def test_prompts_0_times_decode_rows_only(capsys):
+    argv = "--contexts 300 --rows 1 --prompts 0 --layers 2 --heads 4,2,16 --repeats 1"
+    assert attention.main(argv.split()) == 0
+    out = capsys.readouterr().out
+    assert "@300" in out and "prompt attention" not in out

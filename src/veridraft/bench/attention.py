@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m veridraft.bench.attention")
     p.add_argument("--contexts", default="200,2048,7400", help="decode contexts (positions)")
     p.add_argument("--rows", default="1,8", help="query rows per forward (1: a decode step)")
-    p.add_argument("--prompts", default="2048,4096", help="prompt lengths for prefill attention")
+    p.add_argument(
+        "--prompts", default="2048,4096", help="prompt lengths for prefill attention (0: none)"
+    )
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--heads", default="9,3,64", help="query heads, kv heads, head_dim")
     p.add_argument("--repeats", type=int, default=5)
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in r.items()
             ]
             print(f"{rows} row(s) @{ctx}: " + ", ".join(cells))
-    for t in (int(x) for x in a.prompts.split(",")):
+    for t in (int(x) for x in a.prompts.split(",") if x.strip() and int(x) > 0):  # 0: none
         r = prefill_figures(t, a.layers, n_h, n_kv, hd, max(1, a.repeats // 2))
         print(f"prompt attention T={t}: " + ", ".join(f"{k} {v:.0f}" for k, v in r.items()))
     return 0

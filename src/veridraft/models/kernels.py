@@ -21,7 +21,16 @@ import torch
 
 # AVX512-BF16 is the newest instruction set the kernels use (vdpbf16ps: exact bfloat16 products
 # summed in float32); every CPU with it has the rest of AVX-512 they use.
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-fopenmp"]
+FLAGS = [
+    "-O3",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-mavx512vnni",
+    "-mfma",
+    "-fopenmp",
+]
 # The q4 kernel's build for x86 CPUs without it (AMD before Zen 4, Intel before Cooper Lake).
 AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 

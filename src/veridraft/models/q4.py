@@ -29,7 +29,15 @@ mode's kernel on its de-quantized weights. It re-expands the codes for every blo
 forward over 8 tokens costs ~2.5 one-token forwards.
 
 Both round the activations to bfloat16, as in `bf16` mode. docs/precision.md gives the measured
-difference from the de-quantized float32 model. F16/BF16/F32 matrices and the other K- and
+difference from the de-quantized float32 model.
+
+**`precision="q4a8"`**: the same blocks and the same kernel, but the activations go in as signed
+bytes, one float32 scale per 32 inputs (d = max|x| / 127, llama.cpp's Q8_0 rule), multiplied with
+AVX512-VNNI's `vpdpbusd` (64 byte products per instruction, twice `vdpbf16ps`'s 32) into exact
+int32 sums per group; then `y += (isum * s) * d + z * (d * sum q)` in float32. A forward over
+several tokens costs less than in q4 where the kernel is compute-bound; the activations lose
+more than bfloat16 rounding does (agreement with fp32 in docs/precision.md). CPUs with
+AVX512-BF16 have VNNI; elsewhere q4a8 is refused with a one-line error naming q4. F16/BF16/F32 matrices and the other K- and
 I-quants have no path: loading fails naming the tensor and its type. The embedding table is the
 de-quantized table in bfloat16 (one row read per token), as in `bf16` mode.
 

@@ -27,9 +27,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument(
         "--draft", default=None, help="default drafter: ngram | layerskip | model:NAME | ..."
     )
-    s.add_argument(
-        "--precision", default="fp32", help="fp32 (default) | fp16w | bf16 | q4 | q4a8"
-    )
+    s.add_argument("--precision", default="fp32", help="fp32 (default) | fp16w | bf16 | q4 | q4a8")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
