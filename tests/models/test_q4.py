@@ -229,6 +229,7 @@ def test_q4a8_rows_do_not_depend_on_the_other_rows(a8_kernel, bits, group):
 
 def test_tiny_model_q4a8_is_row_invariant_and_close(a8_kernel, tmp_path):
     kinds = {"token_embd": "Q8_0", "attn_v": "Q5_0", "ffn_down": "Q4_0"}
+    torch.manual_seed(0)  # the tiny model's norms are drawn from torch's generator
     ref, model, path = _tiny(tmp_path, kinds)
     apply_q4(model, path, a8=True)
     assert model.precision == "q4a8" and model.output.a8
@@ -238,7 +239,10 @@ def test_tiny_model_q4a8_is_row_invariant_and_close(a8_kernel, tmp_path):
         a = ref(ids, ref.new_cache(64))
         cache = model.new_cache(64)
         b = model(ids[:30], cache)
-        assert (a[:30].argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+        # random tiny weights leave near-ties between logits: bound the logits, not the argmax
+        # (measured over unseeded draws: max difference 0.39-0.71 of logits up to 8-9)
+        assert (a[:30] - b).abs().max() < 0.15 * a.abs().max()
+        assert (a[:30].argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
         steps = torch.cat([model(ids[30 + i : 31 + i], cache) for i in range(10)])
         for t in (2, 5, 10):
             cache.truncate(30)

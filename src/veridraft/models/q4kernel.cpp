@@ -266,6 +266,8 @@ inline __m512i quad(const uint8_t* c, int q) {
   }
 }
 
+constexpr int64_t A8_ROWS = 12;  // rows per tile: 12 totals + 8 code vectors fit 32 registers
+
 template <int R, int MODE, int G, int SC>
 void tile_a8(const int8_t* xq, const float* xd, const float* xs, int64_t K, const uint8_t* codes,
              const uint8_t* sa, const uint8_t* sb, const float* bias, float* y, int64_t ldy) {
@@ -291,7 +293,7 @@ void tile_a8(const int8_t* xq, const float* xd, const float* xs, int64_t K, cons
     if constexpr (MODE == INT8) zv = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), sv, zv);
     const int64_t q0 = g * NQ;
     // unrolled: the totals stay in registers
-#pragma GCC unroll 8
+#pragma GCC unroll 12
     for (int r = 0; r < R; ++r) {
       __m512i acc[CH];
       for (int a = 0; a < CH; ++a) acc[a] = _mm512_setzero_si512();
@@ -350,6 +352,7 @@ void rows_a8(int64_t R, const int8_t* xq, const float* xd, const float* xs, int6
     return tile_a8<n, MODE, G, SC>(xq, xd, xs, K, codes, sa, sb, bias, y, ldy);
     VERIDRAFT_ROWS(1) VERIDRAFT_ROWS(2) VERIDRAFT_ROWS(3) VERIDRAFT_ROWS(4)
     VERIDRAFT_ROWS(5) VERIDRAFT_ROWS(6) VERIDRAFT_ROWS(7) VERIDRAFT_ROWS(8)
+    VERIDRAFT_ROWS(9) VERIDRAFT_ROWS(10) VERIDRAFT_ROWS(11) VERIDRAFT_ROWS(12)
 #undef VERIDRAFT_ROWS
   }
 }
@@ -635,8 +638,8 @@ void q4_linear(const at::Tensor& x, at::Tensor& y, int64_t col, const at::Tensor
     const int64_t ldy = y.stride(0), nd = K / 32;
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
-        for (int64_t r0 = 0; r0 < M; r0 += 8)
-          fa(std::min<int64_t>(8, M - r0), xq.data() + r0 * K, xd.data() + r0 * nd,
+        for (int64_t r0 = 0; r0 < M; r0 += A8_ROWS)
+          fa(std::min<int64_t>(A8_ROWS, M - r0), xq.data() + r0 * K, xd.data() + r0 * nd,
              xs.data() + r0 * ng, K, cp + b * bpb, sap + b * sas, sbp + b * sbs,
              bp ? bp + b * 16 : nullptr, yp + r0 * ldy + b * 16, ldy);
     });
