@@ -19,7 +19,7 @@ from ..models import from_folder, kernels, q4kernel
 from ..models.catalog import pull
 from ..models.precision import weight_nbytes_per_token
 
-TS = (1, 2, 4, 8, 17)
+TS = (1, 2, 4, 8, 12, 17)  # 12: a verification of 11 drafts (one q4a8 tile)
 CONTEXT = 100
 
 

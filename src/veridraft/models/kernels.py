@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 # AVX512-BF16 is the newest instruction set the kernels use (vdpbf16ps: exact bfloat16 products
-# summed in float32); every CPU with it has the rest of AVX-512 they use.
+# summed in float32); every CPU with it has the rest of AVX-512 they use, VNNI (q4a8's vpdpbusd)
+# included.
 FLAGS = [
     "-O3",
     "-mavx512f",

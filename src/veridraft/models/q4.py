@@ -37,13 +37,16 @@ AVX512-VNNI's `vpdpbusd` (64 byte products per instruction, twice `vdpbf16ps`'s 
 int32 sums per group; then `y += (isum * s) * d + z * (d * sum q)` in float32. A forward over
 several tokens costs less than in q4 where the kernel is compute-bound; the activations lose
 more than bfloat16 rounding does (agreement with fp32 in docs/precision.md). CPUs with
-AVX512-BF16 have VNNI; elsewhere q4a8 is refused with a one-line error naming q4. F16/BF16/F32 matrices and the other K- and
-I-quants have no path: loading fails naming the tensor and its type. The embedding table is the
-de-quantized table in bfloat16 (one row read per token), as in `bf16` mode.
+AVX512-BF16 have VNNI; elsewhere q4a8 is refused with a one-line error naming q4.
 
-Batch-invariant: either kernel's row i does not depend on the other rows (checked for M = 1..17
-by tests/models/test_q4.py), and attention runs row by row as in the other packed modes, so
-speculative decoding in q4 reproduces plain q4 decoding exactly.
+F16/BF16/F32 matrices and the other K- and I-quants have no path: loading fails naming the
+tensor and its type. The embedding table is the de-quantized table in bfloat16 (one row read per
+token), as in `bf16` mode.
+
+Batch-invariant: either kernel's row i does not depend on the other rows, with bfloat16 or byte
+activations (checked for M = 1..17 by tests/models/test_q4.py), and attention runs row by row as
+in the other packed modes, so speculative decoding in q4 (q4a8) reproduces plain q4 (q4a8)
+decoding exactly.
 """
 
 from __future__ import annotations
