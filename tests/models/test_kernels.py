@@ -3,7 +3,7 @@ import pytest
 from veridraft.models import kernels, q4kernel
 
 AVX2 = {"sse4_2", "avx", "avx2", "fma", "f16c"}
-AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"}
 
 
 @pytest.mark.parametrize(
