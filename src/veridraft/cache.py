@@ -51,6 +51,12 @@ class KVCache:
         self.k[layer][:, :, start : start + t] = k
         self.v[layer][:, :, start : start + t] = v
 
+    def note_write(self, start: int) -> None:
+        """Record a write at positions from `start` made without `write` (the fused forward
+        writes each layer's rows itself)."""
+        if start < self.low_water:
+            self.low_water = start
+
     def mark(self) -> None:
         """Start watching writes afresh (see low_water)."""
         self.low_water = self.max_len

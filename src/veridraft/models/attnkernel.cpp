@@ -361,8 +361,10 @@ at::Tensor rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 }  // namespace
 
+#ifndef VERIDRAFT_NO_MODULE  // fused.cpp compiles this file into its own library
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rows", &rows, "attention of query rows over cached keys, row-invariant",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lo"), py::arg("hi"), py::arg("ext"),
           py::arg("scale"), py::arg("softcap"));
 }
+#endif

@@ -220,12 +220,16 @@ class Capture:
 class RMSNorm(nn.Module):
     """x / rms(x) * weight. Gemma's (1 + w) is folded into `weight` at load, so one class serves."""
 
+    kernel = None  # fused.cpp's elementwise steps, where the model runs the fused forward
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernel is not None:
+            return self.kernel.rmsnorm(x, self.weight, self.eps, 0)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
@@ -237,6 +241,9 @@ def make_linear(in_features: int, out_features: int, bias: bool = False) -> nn.L
 class GatedMLP(nn.Module):
     """w2(act(gate) * up), gate and up from one fused matmul: SwiGLU (Llama) or GeGLU (Gemma)."""
 
+    kernel = None  # fused.cpp's steps (see RMSNorm); act_id names `act` to it
+    act_id = 0
+
     def __init__(self, cfg: ModelConfig, act: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
         self.act = act
@@ -244,6 +251,8 @@ class GatedMLP(nn.Module):
         self.w2 = make_linear(cfg.intermediate_size, cfg.dim, cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernel is not None:
+            return self.w2(self.kernel.glu(self.w13(x), self.act_id))
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(self.act(gate) * up)
 
@@ -686,13 +695,22 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.hd**-0.5
         self.softcap = cfg.attn_logit_softcapping
 
+    kernel = None  # fused.cpp's steps (see RMSNorm)
+
     def forward(self, x: Tensor, step: Step) -> Tensor:
         t, nq = x.shape[0], self.n_h + self.n_kv
         qkv = self.wqkv(x).view(t, -1, self.hd)
         qk = qkv[:, :nq]
-        if self.qk_weight is not None:
-            qk = F.rms_norm(qk, (self.hd,), eps=self.eps) * self.qk_weight
-        qk = apply_rope(qk, *step.rope[self.rope_index]).transpose(0, 1).unsqueeze(0)
+        if self.kernel is not None:
+            if self.qk_weight is not None:
+                w = self.qk_weight.reshape(-1)
+                qk = self.kernel.rmsnorm(qk.reshape(t, -1), w, self.eps, self.hd).view(t, nq, -1)
+            qk = self.kernel.rope(qk, *step.rope[self.rope_index])
+        else:
+            if self.qk_weight is not None:
+                qk = F.rms_norm(qk, (self.hd,), eps=self.eps) * self.qk_weight
+            qk = apply_rope(qk, *step.rope[self.rope_index])
+        qk = qk.transpose(0, 1).unsqueeze(0)
         v = qkv[:, nq:].transpose(0, 1).unsqueeze(0)
         out = attend(
             qk[:, : self.n_h], qk[:, self.n_h :], v, step, self.layer, self.scale, self.softcap
@@ -763,6 +781,8 @@ class Transformer(nn.Module, ABC):
         # a long-context step reads, and with AMX a prefill twice as fast (docs/performance.md).
         # Set it before new_cache to trade speed for memory.
         self.cache_dtype = torch.float32
+        # q4 modes: the C++ forward of models/fused.py for the forwards it takes (None: Python)
+        self.fused = None
 
     layers: nn.ModuleList
 
@@ -833,16 +853,23 @@ class Transformer(nn.Module, ABC):
         attn_cap = capture if wants_attn else None
         step = Step(cache, start, t, rope, spans, self.rowwise_attention, tree, attn_cap)
 
-        want = set(capture.hidden_layers) if capture is not None else ()
+        want = set(capture.hidden_layers) if capture is not None else set()
         n_layers = self.config.n_layers
+        n = t if num_logits is None else min(num_logits, t)
         x = self.embed(tokens)
+        if self.fused is not None and self.fused.takes(step, cache, capture, want):
+            mlp = [i not in skip_mlp for i in range(n_layers)]
+            logits, hidden = self.fused.run(x, step, mlp, n, bool(want))
+            cache.advance(t)
+            for key in want:
+                capture.hidden[key] = hidden
+            return self._softcap(logits) if n else logits
         for i, layer in enumerate(self.layers):
             x = layer(x, step, i not in skip_attn, i not in skip_mlp)
             if i in want:
                 capture.hidden[i] = x
         cache.advance(t)
 
-        n = t if num_logits is None else min(num_logits, t)
         if -1 in want or n_layers in want:
             x = self.norm(x)
             for key in (-1, n_layers):
@@ -853,11 +880,13 @@ class Transformer(nn.Module, ABC):
             x = self.norm(x[t - n :])
         if n == 0:  # hidden states only (a drafter's own head): the full head costs a step
             return x.new_empty(0, self.config.vocab_size)
-        logits = self.output(x)
+        return self._softcap(self.output(x)).float()
+
+    def _softcap(self, logits: Tensor) -> Tensor:
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
-        return logits.float()
+        return logits
 
     # -- loading --
 

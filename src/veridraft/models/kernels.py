@@ -99,10 +99,12 @@ def _compiler_id() -> str:
         return ""
 
 
-def build_dir(stem: str, source: Path, flags: list[str]) -> Path:
-    """Where a kernel lives: one folder per source, torch version, compiler and flags."""
+def build_dir(stem: str, source: Path, flags: list[str], deps: tuple[Path, ...] = ()) -> Path:
+    """Where a kernel lives: one folder per source (and the files it includes, `deps`), torch
+    version, compiler and flags."""
     key = hashlib.sha256(
         source.read_bytes()
+        + b"".join(d.read_bytes() for d in deps)
         + torch.__version__.encode()
         + _compiler_id().encode()
         + " ".join(flags).encode()
@@ -117,12 +119,12 @@ def _import(name: str, path: Path):
     return module
 
 
-def build(stem: str, source: Path, flags: list[str], what: str):
-    """Import the kernel built from `source`, compiling it first when this machine has none
-    (printing one line that says so: `what` names the kernel)."""
+def build(stem: str, source: Path, flags: list[str], what: str, deps: tuple[Path, ...] = ()):
+    """Import the kernel built from `source` (which includes `deps`), compiling it first when
+    this machine has none (printing one line that says so: `what` names the kernel)."""
     from torch.utils import cpp_extension
 
-    folder = build_dir(stem, source, flags)
+    folder = build_dir(stem, source, flags, deps)
     name = f"veridraft_{stem}_" + folder.name.rsplit("-", 1)[1]
     if (folder / f"{name}.so").is_file():
         return _import(name, folder / f"{name}.so")

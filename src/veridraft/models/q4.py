@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import VeridraftError
-from . import attnkernel, q4kernel
+from . import attnkernel, fused, q4kernel
 from .base import checkpoint_key, hf_linear_parts
 from .precision import PackedLinear
 
@@ -577,6 +577,7 @@ def apply_q4(
     model.precision = "q4a8" if a8 else "q4"
     model.rowwise_attention = True  # see Transformer.rowwise_attention
     model.cache_dtype = attnkernel.cache_dtype(torch.bfloat16)  # see Transformer.cache_dtype
+    fused.attach(model)  # the C++ forward for decoding steps, where it runs (models/fused.py)
     return model
 
 
