@@ -315,22 +315,23 @@ void run(const Rows& R, float* out) {
     });
 }
 
-at::Tensor rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& lo, const at::Tensor& hi, const c10::optional<at::Tensor>& ext,
-                double scale, double softcap) {
-    TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1,
-                "attnkernel.rows: q must be float32 [n_h, T, hd] with a contiguous last dim");
+// The checked description of a call: q float32 [n_h, T, hd] through its strides (last dim
+// contiguous), the rest as rows() takes them.
+Rows prepare(const float* q, int64_t n_h, int64_t T, int64_t hd, int64_t q_head, int64_t q_row,
+             const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo, const at::Tensor& hi,
+             const c10::optional<at::Tensor>& ext, double scale, double softcap) {
     TORCH_CHECK(k.dim() == 4 && k.size(0) == 1 && k.is_contiguous() && v.is_contiguous() &&
                     k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type(),
                 "attnkernel.rows: k and v must be contiguous [1, n_kv, max_len, hd] of one dtype");
     TORCH_CHECK(k.scalar_type() == at::kBFloat16 || k.scalar_type() == at::kFloat,
                 "attnkernel.rows: the cache must be bfloat16 or float32");
-    const int64_t n_h = q.size(0), T = q.size(1), hd = q.size(2), n_kv = k.size(1);
+    const int64_t n_kv = k.size(1);
     TORCH_CHECK(k.size(3) == hd && n_h % n_kv == 0, "attnkernel.rows: q and cache shapes differ");
+    TORCH_CHECK(hd <= 256, "attnkernel.rows: head_dim ", hd, " above 256");
     TORCH_CHECK(lo.scalar_type() == at::kLong && hi.scalar_type() == at::kLong &&
                     lo.is_contiguous() && hi.is_contiguous() && lo.numel() == T && hi.numel() == T,
                 "attnkernel.rows: lo and hi must be contiguous int64 [T]");
-    Rows R{q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
+    Rows R{q, q_head, q_row, k.data_ptr(), v.data_ptr(),
            k.scalar_type() == at::kBFloat16, k.size(2), n_kv, n_h / n_kv, T, hd,
            lo.data_ptr<int64_t>(), hi.data_ptr<int64_t>(), nullptr, 0, 0, 0,
            static_cast<float>(scale), static_cast<float>(softcap)};
@@ -342,20 +343,38 @@ at::Tensor rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         TORCH_CHECK(e.dim() == 3 && e.scalar_type() == at::kLong && e.stride(2) == 1 &&
                         (e.size(0) == 1 || e.size(0) == n_kv) && (e.size(1) == 1 || e.size(1) == T),
                     "attnkernel.rows: ext must be int64 [1 or n_kv, 1 or T, E]");
-        TORCH_CHECK(e.max().item<int64_t>() < R.max_len, "attnkernel.rows: ext beyond the cache");
         R.ext = e.data_ptr<int64_t>();
         R.ext_h = e.size(0) == 1 ? 0 : e.stride(0);
         R.ext_t = e.size(1) == 1 ? 0 : e.stride(1);
         R.n_ext = e.size(2);
+        for (int64_t h = 0; h < e.size(0); ++h)
+            for (int64_t t = 0; t < e.size(1); ++t)
+                for (int64_t j = 0; j < R.n_ext; ++j)
+                    TORCH_CHECK(R.ext[h * e.stride(0) + t * e.stride(1) + j] < R.max_len,
+                                "attnkernel.rows: ext beyond the cache");
     }
+    return R;
+}
+
+// out: float32 [T, n_h * hd]
+void run_into(const Rows& R, float* out) {
+    if (R.hd <= 16) run<16>(R, out);
+    else if (R.hd <= 32) run<32>(R, out);
+    else if (R.hd <= 64) run<64>(R, out);
+    else if (R.hd <= 128) run<128>(R, out);
+    else run<256>(R, out);
+}
+
+at::Tensor rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& lo, const at::Tensor& hi, const c10::optional<at::Tensor>& ext,
+                double scale, double softcap) {
+    TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1,
+                "attnkernel.rows: q must be float32 [n_h, T, hd] with a contiguous last dim");
+    const int64_t n_h = q.size(0), T = q.size(1), hd = q.size(2);
+    const Rows R = prepare(q.data_ptr<float>(), n_h, T, hd, q.stride(0), q.stride(1), k, v, lo,
+                           hi, ext, scale, softcap);
     at::Tensor out = at::empty({T, n_h * hd}, q.options());
-    R.hd = hd;
-    if (hd <= 16) run<16>(R, out.data_ptr<float>());
-    else if (hd <= 32) run<32>(R, out.data_ptr<float>());
-    else if (hd <= 64) run<64>(R, out.data_ptr<float>());
-    else if (hd <= 128) run<128>(R, out.data_ptr<float>());
-    else if (hd <= 256) run<256>(R, out.data_ptr<float>());
-    else TORCH_CHECK(false, "attnkernel.rows: head_dim ", hd, " above 256");
+    run_into(R, out.data_ptr<float>());
     return out;
 }
 

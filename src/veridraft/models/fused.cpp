@@ -13,7 +13,9 @@
 // layers call (models/fused.py sets them up), so a row computed by this forward is bitwise the
 // row the Python path computes, at any T, and the two can be mixed within one generation (a
 // prefill through Python, then steps here; a verification forward that needs attention
-// weights, which only the Python path captures, beside plain steps here). Every step is per
+// weights, which only the Python path captures, beside plain steps here). The keys and values
+// go into a bfloat16 cache rounded to nearest even, as ATen's conversion on the Python path
+// rounds every finite value. Every step is per
 // row with a fixed order of operations, so a forward over T rows gives each row what a
 // one-row forward gives it.
 
@@ -162,6 +164,28 @@ void add_rows(float* x, const float* y, int64_t n) {
   }
 }
 
+// Rows of float32 into the cache's element type: bfloat16 rounded to nearest even (what ATen's
+// conversion gives every finite value), or float32 as it is.
+void store_row(const float* src, void* dst, bool bf16, int64_t n) {
+  if (!bf16) {
+    std::memcpy(dst, src, n * sizeof(float));
+    return;
+  }
+  auto* d = static_cast<uint16_t*>(dst);
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = lanes(n - j);
+    const __m512 v = _mm512_maskz_loadu_ps(m, src + j);
+    const __m512i b = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(bias, _mm512_and_si512(
+                                                         _mm512_srli_epi32(b, 16), one)));
+    r = _mm512_srli_epi32(r, 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0xFFFF));
+    _mm256_mask_storeu_epi16(d + j, m, _mm512_cvtepi32_epi16(r));
+  }
+}
+
 void check_rows(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kFloat && t.stride(1) == 1,
               "fused.", what, ": a float32 [M, N] tensor with contiguous rows is needed");
@@ -302,6 +326,7 @@ class Net {
     at::Tensor h = at::empty({T, dim_}, opt), o = at::empty({T, dim_}, opt);
     at::Tensor qkv = at::empty({T, nqkv * hd_}, opt);
     at::Tensor gu = at::empty({T, 2 * inter_}, opt), a = at::empty({T, inter_}, opt);
+    at::Tensor att = at::empty({T, n_h_ * hd_}, opt);
     float* xp = x.data_ptr<float>();
     const float eps = static_cast<float>(eps_);
     for (int64_t i = 0; i < n_layers; ++i) {
@@ -317,13 +342,27 @@ class Net {
                        eps);
         rope_rows(qp, T, nq, hd_, nqkv * hd_, cos[L.rope].data_ptr<float>(),
                   sin[L.rope].data_ptr<float>());
-        at::Tensor q3 = qkv.view({T, nqkv, hd_});
-        // the cache takes the new keys and values through ATen's copy, as the Python path's
-        // KVCache.write does (one conversion to the cache's type for both)
-        kc[i].narrow(2, start, T).copy_(q3.narrow(1, n_h_, n_kv_).permute({1, 0, 2}).unsqueeze(0));
-        vc[i].narrow(2, start, T).copy_(q3.narrow(1, nq, n_kv_).permute({1, 0, 2}).unsqueeze(0));
-        at::Tensor q = q3.narrow(1, 0, n_h_).permute({1, 0, 2});  // [n_h, T, hd]
-        at::Tensor att = vdattn::rows(q, kc[i], vc[i], lo[j], hi[j], ext[j], L.scale, L.softcap);
+        const at::Tensor& K = kc[i];
+        const at::Tensor& V = vc[i];
+        TORCH_CHECK(K.dim() == 4 && K.is_contiguous() && V.is_contiguous() &&
+                        K.sizes() == V.sizes() && K.size(1) == n_kv_ && K.size(3) == hd_ &&
+                        start + T <= K.size(2) && K.scalar_type() == V.scalar_type() &&
+                        (K.scalar_type() == at::kBFloat16 || K.scalar_type() == at::kFloat),
+                    "fused.forward: layer ", i, "'s cache does not fit");
+        const bool bf16 = K.scalar_type() == at::kBFloat16;
+        const int64_t es = bf16 ? 2 : 4, max_len = K.size(2);
+        auto* kp = static_cast<char*>(K.data_ptr());
+        auto* vp = static_cast<char*>(V.data_ptr());
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t hh = 0; hh < n_kv_; ++hh) {
+            const int64_t at_ = (hh * max_len + start + t) * hd_ * es;
+            store_row(qp + (t * nqkv + n_h_ + hh) * hd_, kp + at_, bf16, hd_);
+            store_row(qp + (t * nqkv + nq + hh) * hd_, vp + at_, bf16, hd_);
+          }
+        // q [n_h, T, hd] read through its strides in qkv
+        const vdattn::Rows R = vdattn::prepare(qp, n_h_, T, hd_, hd_, nqkv * hd_, K, V, lo[j],
+                                               hi[j], ext[j], L.scale, L.softcap);
+        vdattn::run_into(R, att.data_ptr<float>());
         L.wo.run(att, o);
         float* op = o.data_ptr<float>();
         if (L.post_attn_norm.defined())
