@@ -1,6 +1,7 @@
 """veridraft's decode attention kernel (models/attnkernel.cpp): close to float64 attention over
-the keys each row names, and row-invariant: a row's output is bitwise the same whatever other
-rows share the call and however many threads run it."""
+the keys each row names (by its rule for a bfloat16 cache: the query rounded to bfloat16, the
+weights too), and row-invariant: a row's output is bitwise the same whatever other rows share
+the call and however many threads run it."""
 
 from __future__ import annotations
 
@@ -40,6 +41,19 @@ def reference(q, k, v, lo, hi, ext, scale, softcap):
     return out
 
 
+# float32 caches: float32 FMAs. bfloat16 caches: the weights e^(s - max) are rounded to bfloat16
+# before they multiply the values, a relative error of at most 2^-9 per weight.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3}
+
+
+def expected(q, k, v, lo, hi, ext, scale, softcap):
+    """The float64 reference of the kernel's rule: over a bfloat16 cache the query is rounded
+    to bfloat16 (the keys already are)."""
+    if k.dtype == torch.bfloat16:
+        q = q.to(torch.bfloat16).float()
+    return reference(q, k, v, lo, hi, ext, scale, softcap)
+
+
 def make(hd, n_h, n_kv, length, rows, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(n_h, rows, hd, generator=g)
@@ -57,9 +71,9 @@ def test_chain_rows_match_float64(kernel, hd, dtype):
     lo = torch.zeros(5, dtype=torch.long)
     scale = 1 / math.sqrt(hd)
     got = kernel.rows(q, k, v, lo, hi, None, scale, 0.0)
-    want = reference(q, k, v, lo, hi, None, scale, None)
+    want = expected(q, k, v, lo, hi, None, scale, None)
     assert got.dtype == torch.float32 and got.shape == (5, 6 * hd)
-    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
 def test_windows_ext_and_softcap_match_float64(kernel):
@@ -74,8 +88,8 @@ def test_windows_ext_and_softcap_match_float64(kernel):
     ext[0, 3, :1] = 899
     ext[1, 3, :2] = torch.tensor([10, 899])
     got = kernel.rows(q, k, v, lo, hi, ext, 0.125, 30.0)
-    want = reference(q, k, v, lo, hi, ext, 0.125, 30.0)
-    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+    want = expected(q, k, v, lo, hi, ext, 0.125, 30.0)
+    torch.testing.assert_close(got.double(), want, rtol=TOL[k.dtype], atol=TOL[k.dtype])
 
 
 def test_a_row_is_bitwise_its_single_row_call(kernel):
@@ -108,11 +122,22 @@ def test_a_row_is_bitwise_its_single_row_call(kernel):
         torch.set_num_threads(threads)
 
 
-def test_the_reference_check_can_fail(kernel):
-    # control: one key fewer than the row names is a measurable difference, so the float64
-    # comparisons above would catch an off-by-one in the key ranges
-    q, k, v = make(64, 2, 1, 300, 1, torch.bfloat16, seed=3)
-    lo, hi = torch.tensor([0]), torch.tensor([300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_reference_check_can_fail(kernel, dtype):
+    # controls: one key fewer than the row names, or a query not rounded as the rule says, is
+    # a measurable difference, so the float64 comparisons above would catch an off-by-one in
+    # the key ranges or a change of arithmetic
+    q, k, v = make(64, 2, 1, 150, 1, dtype, seed=3)
+    lo, hi = torch.tensor([0]), torch.tensor([150])
     got = kernel.rows(q, k, v, lo, hi - 1, None, 0.125, 0.0)
-    want = reference(q, k, v, lo, hi, None, 0.125, None)
-    assert not torch.allclose(got.double(), want, rtol=2e-5, atol=2e-5)
+    want = expected(q, k, v, lo, hi, None, 0.125, None)
+    assert not torch.allclose(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    got = kernel.rows(q, k, v, lo, hi, None, 0.125, 0.0)
+    torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    if dtype == torch.bfloat16:
+        q = q * 8  # sharper scores: the query's rounding matters
+        got = kernel.rows(q, k, v, lo, hi, None, 0.125, 0.0)
+        unrounded = reference(q, k, v, lo, hi, None, 0.125, None)
+        assert not torch.allclose(got.double(), unrounded, rtol=TOL[dtype], atol=TOL[dtype])
+        want = expected(q, k, v, lo, hi, None, 0.125, None)
+        torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype])

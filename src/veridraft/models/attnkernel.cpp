@@ -16,6 +16,15 @@
 // A row's key sequence: the contiguous cached positions [lo, hi), then ext[h, t, :] (explicit
 // positions, per KV head h; entries < 0 are skipped: they mask a key and only pad the end of a
 // tree row or drop a viewed key out of a sliding window).
+//
+// Arithmetic. A float32 cache is reduced with float32 FMAs. A bfloat16 cache (the bf16, q4 and
+// q4a8 modes) is reduced with vdpbf16ps, 32 exact bfloat16 products per instruction summed in
+// float32, twice an FMA's work: the query is rounded to bfloat16 for q . k (the keys already
+// are), and each weight e^(s - max) to bfloat16 for the sum of values (the values already are;
+// the weights' sum is taken of the rounded weights, so they still add up to one). Past one or
+// two rows a verification forward at a long context is bound by this arithmetic, not by the
+// cache's bytes, so the rounding halves its cost; the error it adds is that of the bfloat16
+// cache itself (docs/precision.md).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -24,6 +33,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -232,25 +242,183 @@ void heads(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratch<
     }
 }
 
-// Row t over its keys in the scratch, every query head of KV head h's group, a few at a time.
+
+// ---- bfloat16 caches: vdpbf16ps ----
+
+// Scratch row stride of the keys: a whole number of 32-element (64-byte) bfloat16 vectors.
 template <int HD>
-void reduce(const Rows& R, int64_t t, int64_t h, int64_t nk, Scratch<HD>& S, float* m_out,
+constexpr int KS = HD < 32 ? 32 : HD;
+
+template <int HD>
+struct ScratchH {
+    alignas(64) uint16_t kh[BLOCK * KS<HD>];  // keys as stored, zero-padded to KS
+    alignas(64) uint16_t vp[BLOCK * HD];      // values in key pairs: [BLOCK / 2][HD][2]
+    alignas(64) float s[4 * BLOCK];           // one pass's scores, then weights
+    alignas(64) uint16_t sp[4 * BLOCK];       // the weights rounded to bfloat16
+    bool live[BLOCK];
+    int64_t lo = -1, n = 0;
+};
+
+inline __mmask32 tail32(int64_t hd, int c) {
+    const int64_t n = hd - 32 * c;
+    return n >= 32 ? __mmask32(0xFFFFFFFFu) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1);
+}
+
+// As fill(), for a bfloat16 cache: the keys are copied as they are, the values interleaved in
+// pairs of keys (element 2i of a pair's 16-dim chunk is key j's dim i, 2i + 1 key j + 1's), the
+// operand order vdpbf16ps sums a pair of weights over.
+template <int HD>
+void fill_h(const Rows& R, int64_t t, int64_t h, int64_t j0, int64_t nk, ScratchH<HD>& S) {
+    constexpr int CK = KS<HD> / 32, CV = HD / 16;
+    const int64_t hd = R.hd;
+    const uint16_t* kbase = static_cast<const uint16_t*>(R.k) + h * R.max_len * hd;
+    const uint16_t* vbase = static_cast<const uint16_t*>(R.v) + h * R.max_len * hd;
+    const int64_t contiguous = R.hi[t] - R.lo[t];
+    const int64_t nk16 = (nk + 15) / 16 * 16;
+    for (int64_t j = 0; j < nk16; j += 2) {
+        const uint16_t* vr[2];
+        for (int e = 0; e < 2; ++e) {
+            const int64_t sq = j0 + j + e;
+            int64_t pos = -1;
+            if (j + e < nk)
+                pos = sq < contiguous ? R.lo[t] + sq
+                                      : R.ext[h * R.ext_h + t * R.ext_t + (sq - contiguous)];
+            S.live[j + e] = pos >= 0;
+            uint16_t* krow = S.kh + (j + e) * KS<HD>;
+            if (pos < 0) {
+                for (int c = 0; c < CK; ++c) _mm512_store_si512(krow + 32 * c, _mm512_setzero_si512());
+                vr[e] = nullptr;
+                continue;
+            }
+            const uint16_t* kp = kbase + pos * hd;
+            vr[e] = vbase + pos * hd;
+            if (pos + BLOCK < R.max_len)
+                for (int64_t c = 0; c < hd * 2; c += 64) {
+                    _mm_prefetch(reinterpret_cast<const char*>(kp + BLOCK * hd) + c, _MM_HINT_T1);
+                    _mm_prefetch(reinterpret_cast<const char*>(vr[e] + BLOCK * hd) + c, _MM_HINT_T1);
+                }
+            for (int c = 0; c < CK; ++c)
+                _mm512_store_si512(krow + 32 * c, _mm512_maskz_loadu_epi16(tail32(hd, c), kp + 32 * c));
+        }
+        uint16_t* dst = S.vp + j * HD;  // pair j / 2: HD dims x 2 keys
+        for (int c = 0; c < CV; ++c) {
+            const __m256i a = vr[0] ? _mm256_maskz_loadu_epi16(tail(hd, c), vr[0] + 16 * c)
+                                    : _mm256_setzero_si256();
+            const __m256i b = vr[1] ? _mm256_maskz_loadu_epi16(tail(hd, c), vr[1] + 16 * c)
+                                    : _mm256_setzero_si256();
+            _mm512_store_si512(dst + 32 * c,
+                               _mm512_or_si512(_mm512_cvtepu16_epi32(a),
+                                               _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+        }
+    }
+}
+
+// As heads(), for a bfloat16 cache.
+template <int HD, int NA>
+void heads_h(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, ScratchH<HD>& S,
+             float* m_out, float* l_out, float* acc_out, int64_t part_stride, int64_t acc_stride) {
+    constexpr int CK = KS<HD> / 32, CV = HD / 16;
+    const int64_t nk16 = (nk + 15) / 16 * 16;
+    const float NEG = -std::numeric_limits<float>::infinity();
+    for (int a = 0; a < NA; ++a) {
+        const float* qp = R.q + (h * R.group + a0 + a) * R.q_head + t * R.q_row;
+        __m512bh qv[CK];
+        for (int c = 0; c < CK; ++c) {
+            const __m512 lo = _mm512_maskz_loadu_ps(tail(R.hd, 2 * c), qp + 32 * c);
+            const __m512 hi = _mm512_maskz_loadu_ps(tail(R.hd, 2 * c + 1), qp + 32 * c + 16);
+            qv[c] = _mm512_cvtne2ps_pbh(hi, lo);
+        }
+        for (int64_t j = 0; j < nk16; j += 16) {
+            __m512 d[16];
+            for (int i = 0; i < 16; ++i) {
+                const uint16_t* kr = S.kh + (j + i) * KS<HD>;
+                d[i] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0],
+                                        (__m512bh)_mm512_load_si512(kr));
+                for (int c = 1; c < CK; ++c)
+                    d[i] = _mm512_dpbf16_ps(d[i], qv[c], (__m512bh)_mm512_load_si512(kr + 32 * c));
+            }
+            __mmask16 live = 0;
+            for (int e = 0; e < 16; ++e)
+                if (j + e < nk && S.live[j + e]) live |= static_cast<__mmask16>(1u << e);
+            __m512 x = _mm512_mul_ps(hsum16(d), _mm512_set1_ps(R.scale));
+            if (R.softcap > 0) {
+                alignas(64) float tmp[16];
+                _mm512_store_ps(tmp, x);
+                for (int e = 0; e < 16; ++e) tmp[e] = std::tanh(tmp[e] / R.softcap) * R.softcap;
+                x = _mm512_load_ps(tmp);
+            }
+            _mm512_store_ps(S.s + a * BLOCK + j, _mm512_mask_blend_ps(live, _mm512_set1_ps(NEG), x));
+        }
+    }
+    for (int a = 0; a < NA; ++a) {
+        float* s = S.s + a * BLOCK;
+        uint16_t* sp = S.sp + a * BLOCK;
+        __m512 vm = _mm512_set1_ps(NEG);
+        for (int64_t j = 0; j < nk16; j += 16) vm = _mm512_max_ps(vm, _mm512_load_ps(s + j));
+        const float mx = _mm512_reduce_max_ps(vm);
+        __m512 lsum = _mm512_setzero_ps();
+        if (mx != NEG) {
+            const __m512 vmx = _mm512_set1_ps(mx);
+            for (int64_t j = 0; j < nk16; j += 16) {
+                const __m512 x = _mm512_load_ps(s + j);
+                const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(NEG), _CMP_NEQ_OQ);
+                const __m512 p = _mm512_maskz_mov_ps(keep, exp_neg(_mm512_sub_ps(x, vmx)));
+                const __m256bh pr = _mm512_cvtneps_pbh(p);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(sp + j), (__m256i)pr);
+                lsum = _mm512_add_ps(lsum, _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32((__m256i)pr), 16)));
+            }
+        } else {
+            for (int64_t j = 0; j < nk16; j += 16)
+                _mm256_store_si256(reinterpret_cast<__m256i*>(sp + j), _mm256_setzero_si256());
+        }
+        const int64_t head = h * R.group + a0 + a;
+        m_out[head * part_stride] = mx;
+        l_out[head * part_stride] = _mm512_reduce_add_ps(lsum);
+    }
+    // values: acc[a] += p[j] v[j] + p[j + 1] v[j + 1], pairs in order (masked keys: p = v = 0)
+    __m512 acc[NA][CV];
+    for (int a = 0; a < NA; ++a)
+        for (int c = 0; c < CV; ++c) acc[a][c] = _mm512_setzero_ps();
+    const int32_t* sp32 = reinterpret_cast<const int32_t*>(S.sp);
+    for (int64_t jp = 0; jp < (nk + 1) / 2; ++jp) {
+        __m512i pw[NA];
+        for (int a = 0; a < NA; ++a) pw[a] = _mm512_set1_epi32(sp32[a * (BLOCK / 2) + jp]);
+        for (int c = 0; c < CV; ++c) {
+            const __m512bh vv = (__m512bh)_mm512_load_si512(S.vp + jp * 2 * HD + 32 * c);
+            for (int a = 0; a < NA; ++a) acc[a][c] = _mm512_dpbf16_ps(acc[a][c], vv, (__m512bh)pw[a]);
+        }
+    }
+    for (int a = 0; a < NA; ++a) {
+        float* dst = acc_out + (h * R.group + a0 + a) * acc_stride;
+        for (int c = 0; c < CV; ++c) _mm512_storeu_ps(dst + c * 16, acc[a][c]);
+    }
+}
+
+// Row t over its keys in the scratch, every query head of KV head h's group, a few at a time.
+template <int HD, class S_>
+void reduce(const Rows& R, int64_t t, int64_t h, int64_t nk, S_& S, float* m_out,
             float* l_out, float* acc_out, int64_t part_stride, int64_t acc_stride) {
     constexpr int HC = HD <= 64 ? 4 : HD == 128 ? 2 : 1;  // heads per pass: <= 16 accumulators
+    constexpr bool H = std::is_same_v<S_, ScratchH<HD>>;
     for (int64_t a0 = 0; a0 < R.group; a0 += HC) {
         const int64_t na = std::min<int64_t>(R.group - a0, HC);
-#define VD_HEADS(N) heads<HD, N>(R, t, h, a0, nk, S, m_out, l_out, acc_out, part_stride, acc_stride)
-        if (na == 1) VD_HEADS(1);
-        if constexpr (HC >= 2) if (na == 2) VD_HEADS(2);
+#define VD_HEADS(N)                                                                             \
+    if constexpr (H)                                                                            \
+        heads_h<HD, N>(R, t, h, a0, nk, S, m_out, l_out, acc_out, part_stride, acc_stride);    \
+    else                                                                                        \
+        heads<HD, N>(R, t, h, a0, nk, S, m_out, l_out, acc_out, part_stride, acc_stride)
+        if (na == 1) { VD_HEADS(1); }
+        if constexpr (HC >= 2) if (na == 2) { VD_HEADS(2); }
         if constexpr (HC >= 4) {
-            if (na == 3) VD_HEADS(3);
-            if (na == 4) VD_HEADS(4);
+            if (na == 3) { VD_HEADS(3); }
+            if (na == 4) { VD_HEADS(4); }
         }
 #undef VD_HEADS
     }
 }
 
-template <int HD>
+template <int HD, class S_>
 void run(const Rows& R, float* out) {
     const int64_t n_h = R.n_kv * R.group;
     std::vector<int64_t> nb(R.T);
@@ -267,7 +435,7 @@ void run(const Rows& R, float* out) {
     // keys there are the same contiguous run (a chain's rows, all but their last block) reuse
     // the widened keys, so a verification forward reads and widens the cache once.
     at::parallel_for(0, R.n_kv * max_nb, 1, [&](int64_t u0, int64_t u1) {
-        auto S = std::make_unique<Scratch<HD>>();
+        auto S = std::make_unique<S_>();
         for (int64_t u = u0; u < u1; ++u) {
             const int64_t h = u / max_nb, b = u % max_nb;
             S->lo = -1;
@@ -278,12 +446,15 @@ void run(const Rows& R, float* out) {
                 const int64_t nk = std::min(contiguous + R.n_ext, j0 + BLOCK) - j0;
                 const bool run = j0 + nk <= contiguous;
                 if (!(run && S->lo == R.lo[t] && nk <= S->n)) {
-                    fill<HD>(R, t, h, j0, nk, *S);
+                    if constexpr (std::is_same_v<S_, ScratchH<HD>>)
+                        fill_h<HD>(R, t, h, j0, nk, *S);
+                    else
+                        fill<HD>(R, t, h, j0, nk, *S);
                     S->lo = run ? R.lo[t] : -1;
                     S->n = nk;
                 }
                 const int64_t base = t * n_h * max_nb + b;
-                reduce<HD>(R, t, h, nk, *S, m.data() + base, l.data() + base,
+                reduce<HD, S_>(R, t, h, nk, *S, m.data() + base, l.data() + base,
                            acc.data() + base * HD, max_nb, max_nb * HD);
             }
         }
@@ -357,12 +528,20 @@ Rows prepare(const float* q, int64_t n_h, int64_t T, int64_t hd, int64_t q_head,
 }
 
 // out: float32 [T, n_h * hd]
+template <int HD>
+void run_hd(const Rows& R, float* out) {
+    if (R.bf16)
+        run<HD, ScratchH<HD>>(R, out);
+    else
+        run<HD, Scratch<HD>>(R, out);
+}
+
 void run_into(const Rows& R, float* out) {
-    if (R.hd <= 16) run<16>(R, out);
-    else if (R.hd <= 32) run<32>(R, out);
-    else if (R.hd <= 64) run<64>(R, out);
-    else if (R.hd <= 128) run<128>(R, out);
-    else run<256>(R, out);
+    if (R.hd <= 16) run_hd<16>(R, out);
+    else if (R.hd <= 32) run_hd<32>(R, out);
+    else if (R.hd <= 64) run_hd<64>(R, out);
+    else if (R.hd <= 128) run_hd<128>(R, out);
+    else run_hd<256>(R, out);
 }
 
 at::Tensor rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
