@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -125,6 +126,14 @@ class CompactKVCache:
             self.uniform.append(
                 len(set(caps)) == 1 and not any(d[0] == layer for d in self.dynamic)
             )
+        self._fused = None
+        if all(self.uniform) and len({heads[0] for heads in self.n}) == 1:
+            n_kv = len(self.n[0])
+            plain = SimpleNamespace(
+                k=[b.view(1, n_kv, -1, hd) for b in self.k],
+                v=[b.view(1, n_kv, -1, hd) for b in self.v],
+            )
+            self._fused = (self.n[0][0] - self.base, self._plain_keys, plain)
 
     # -- the KVCache contract --
 
@@ -141,6 +150,10 @@ class CompactKVCache:
 
     def mark(self) -> None:
         self.low_water = self.max_len
+
+    def note_write(self, start: int) -> None:
+        """Record a write from `start` made without `write` (the fused forward's own)."""
+        self.low_water = min(self.low_water, start)
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -230,6 +243,22 @@ class CompactKVCache:
             if step.rowwise:
                 return self._attend_rows(q, keys, layer, scale, softcap)
         return self._attend_batched(q, step, span, layer, scale, softcap)
+
+    def fused_view(self, step) -> tuple | None:
+        """How the fused forward (models/fused.py) runs on this cache, when every layer keeps
+        one count n of prompt rows per KV head: (shift, key ranges, plain), plain.k / plain.v
+        each layer's buffer viewed as a plain cache [1, n_kv, n + room, hd] in which position
+        p >= base sits at row p + shift (shift = n - base), and key ranges(step, span) the
+        decode kernel's (lo, hi, ext) on it: the same calls as `attend` makes, so the two paths
+        agree bitwise. None for head-wise layouts (they attend here, head by head) and for a
+        forward that would write into the compressed prompt (`write` refuses it)."""
+        return self._fused if step.start >= self.base else None
+
+    def _plain_keys(self, step, span) -> tuple[Tensor, Tensor, Tensor | None]:
+        n = self.n[0][0]
+        hi, ext, _ = self._row_keys(step, span)
+        e = None if ext is None else torch.where(ext >= 0, ext + n, -1)
+        return torch.zeros(step.t, dtype=torch.long), hi + n, e
 
     def _kernel(self, layer: int, head_dim: int) -> bool:
         """Whether this layer's rows go through veridraft's decode attention kernel."""
