@@ -24,9 +24,10 @@ def tiny_bf16(folder: Path, seed: int = 3, layers: int = 4):
     return apply_precision(tiny_llama(folder, seed=seed, layers=layers), "bf16")
 
 
-def tiny_q4(folder: Path, a8: bool = False, layers: int = 4, seed: int = 0):
+def tiny_q4(folder: Path, a8: bool = False, layers: int = 4, seed: int = 0, std: float = 0.15):
     """A tied Llama (dim 64, 4 heads, 2 KV heads, vocab 32) whose matrices are Q4_1 blocks of
-    a GGUF written here, in q4 (a8: q4a8)."""
+    a GGUF written here, in q4 (a8: q4a8). Layer weights of `std` 0.15 leave its greedy text
+    repetitive enough for n-gram drafts to be accepted now and then."""
     g = np.random.default_rng(seed)
     path = folder / "tiny.gguf"
     writer = GGUFWriter(path, "llama")
@@ -43,10 +44,12 @@ def tiny_q4(folder: Path, a8: bool = False, layers: int = 4, seed: int = 0):
     named = [("token_embd.weight", "model.embed_tokens.weight", "token_embd", VOCAB, DIM, 1.0)]
     for i in range(layers):
         for short, (hf, rows, cols) in shapes.items():
-            named.append((f"blk.{i}.{short}.weight", f"model.layers.{i}.{hf}", short, rows, cols, 0.3))
+            named.append(
+                (f"blk.{i}.{short}.weight", f"model.layers.{i}.{hf}", short, rows, cols, 0.3)
+            )
     kind = GGMLQuantizationType.Q4_1
-    for gname, hname, short, rows, cols, std in named:
-        w = (g.standard_normal((rows, cols)) * std).astype(np.float32)
+    for gname, hname, short, rows, cols, scale in named:
+        w = (g.standard_normal((rows, cols)) * scale).astype(np.float32)
         blocks = quants.quantize(w, kind)
         deq = quants.dequantize(blocks, kind).reshape(rows, cols)
         if short in ("attn_q", "attn_k"):  # llama.cpp's rotary row order (as test_q4.py)
