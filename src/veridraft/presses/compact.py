@@ -11,8 +11,19 @@ layer kept the same count (SnapKV, StreamingLLM, ...), the buffer is viewed as
 Positions. `length` stays the logical position (prompt length + tokens since), so the forward
 applies RoPE at each new token's original position; the cache maps position p >= base to row
 kept_h + (p - base) of head h: that fixed per-head offset is what lets new tokens continue their
-positions in a smaller buffer. Rows are copied once, never recomputed or re-rotated, so every
-kept row is bitwise the full cache's row.
+positions in a smaller buffer. Rows are copied once, in the full cache's element type (bfloat16
+where the packed modes keep it so), never recomputed or re-rotated, so every kept row is bitwise
+the full cache's row.
+
+Attention. A query row reads every kept row of its head, then the new-token rows it may see: its
+own position and those before it (a chain), or its ancestors (a token tree). In forwards of up
+to ROWWISE_MAX_T rows each row reads exactly the key sequence, through the same call, that a
+one-token forward at its position reads, so it is bitwise that forward's row and speculation on
+the compressed target is exactly its plain decoding in the batch-invariant (packed) modes:
+veridraft's decode attention kernel (models/attnkernel.cpp, row-invariant by construction) in
+one call per layer for uniform layouts, one per KV head for head-wise ones and one per row for
+dynamic heads; without the kernel, one torch call per row. When every layer keeps one count per
+head, the fused q4 forward runs on the buffers as they are (`fused_view`), with the same calls.
 
 Dynamic heads (HybridKV) keep no prompt rows here: their full prompt K/V live in a slower tier
 (a memory-mapped file) and each query row retrieves its top chunks from it (see `Tier`).
