@@ -6,9 +6,10 @@ arithmetic. `attach` gives such a model a C++ forward that runs the same layer b
 the q4 matmuls, RoPE, the cache write, the decode attention kernel, the gated activation,
 residuals) with no Python between the kernels, for every forward of up to 64 rows: decoding,
 verification, token trees, sparse views and sub-layer skips, on a plain cache or on a compacted
-one (presses/compact.py) whose layers all keep one count of prompt rows per KV head. Longer forwards (prefill) and those
-that capture attention keep the Python path; the elementwise steps of both are the same C++
-loops (`rmsnorm`, `rope`, `glu`), so the two paths agree bit for bit and mix freely.
+one (presses/compact.py) whose layers all keep one count of prompt rows per KV head. Longer
+forwards (prefill), those that capture attention and those on other compacted layouts keep the
+Python path; the elementwise steps of both are the same C++ loops (`rmsnorm`, `rope`, `glu`),
+so the two paths agree bit for bit and mix freely.
 
 Built like veridraft's other kernels (models/kernels.py), on CPUs with AVX512-BF16, where q4's
 and the attention's kernels run; ``VERIDRAFT_FUSED=0`` keeps the Python path (for comparisons).
