@@ -270,7 +270,6 @@ def test_the_row_check_can_fail(packed, monkeypatch):
 
         with monkeypatch.context() as m:
             m.setattr(CompactKVCache, "_row_keys", sees_all)
-            m.setattr(CompactKVCache, "_memo", None, raising=False)
             many, one = _rows(net, cache, toks)
         assert not torch.equal(many, one)
     finally:

@@ -285,9 +285,11 @@ class CompactKVCache:
         (-1 = none; a token-tree node's ancestors), and per row the whole list. From the same
         key ranges the full cache gives the decode kernel (models.base._kernel_keys), made once
         per forward."""
+        # a span belongs to one forward (made per forward, shared by its layers); keeping it,
+        # not the step, leaves no reference from this cache back to itself
         memo = self._memo
-        if memo is not None and memo[0] is step and memo[1] is span:
-            return memo[2]
+        if memo is not None and memo[0] is span:
+            return memo[1]
         _, hi, ext = _kernel_keys(step, span)
         hi = hi - self.base
         if ext is not None:
@@ -300,7 +302,7 @@ class CompactKVCache:
                 r = torch.cat((r, e[e >= 0]))
             per_row.append(r)
         keys = (hi, ext, per_row)
-        self._memo = (step, span, keys)
+        self._memo = (span, keys)
         return keys
 
     def _attend_kernel(self, q, keys, layer: int, scale: float, softcap) -> Tensor:
