@@ -53,10 +53,11 @@ TAIL_MIN = 65
 
 
 def run_prompt(
-    target, ids: Sequence[int], cache: KVCache, chunk: int | None = PREFILL_CHUNK
+    target, ids: Sequence[int], cache: KVCache, chunk: int | None = PREFILL_CHUNK, capture=None
 ) -> torch.Tensor:
     """Run ids through target into cache (from its current length) in chunks of `chunk`
-    positions (None or 0: one forward); return the logits of the last position [V]."""
+    positions (None or 0: one forward); return the logits of the last position [V].
+    `capture` (models.base.Capture) is handed to every chunk's forward."""
     ids = list(ids)
     if chunk is not None and chunk < 0:
         raise VeridraftError(f"prefill chunk must be a positive number of tokens, got {chunk}")
@@ -67,7 +68,11 @@ def run_prompt(
     bounds.append(len(ids))
     logits = None
     for a, b in zip(bounds, bounds[1:]):
-        logits = target(torch.tensor(ids[a:b], dtype=torch.long), cache, num_logits=1)
+        tokens = torch.tensor(ids[a:b], dtype=torch.long)
+        if capture is None:
+            logits = target(tokens, cache, num_logits=1)
+        else:
+            logits = target(tokens, cache, capture=capture, num_logits=1)
     return logits[-1]
 
 

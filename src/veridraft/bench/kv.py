@@ -3,13 +3,13 @@
     python -m veridraft.bench.kv --model smollm2-135m --context 8k --n 5 \\
         --budgets 0.1,0.25,0.5 --compose ngram,layerskip --out docs/benchmarks/kv-smollm2-8k.json
 
-Per item the prompt is prefilled once on a full cache, with every attention statistic the
-presses read captured in that one forward; each press then compresses a copy of that cache, so
+Per item the prompt is prefilled once on a full cache (in plain decoding's chunks), with every
+attention statistic the presses read captured along the way; each press then compresses a copy of that cache, so
 prefill time is not what is compared. Per item, interleaved: plain decoding on the full cache
 (the reference), each press x budget, then the drafters composed with the compressed target
 (`--compose-kv`, default: the press with the best agreement at the smallest budget) and with
-the full target. Figures: KV memory held (the compacted cache's buffers, room for the new
-tokens included), decode tokens/s (after the first token), token agreement with the full
+the full target. Figures: KV memory held (the compacted cache's buffers in the cache's own
+element type, room for the new tokens included), decode tokens/s (after the first token), token agreement with the full
 model's greedy ids, first divergence, retrieval accuracy (exact digit match).
 """
 
@@ -30,7 +30,7 @@ from ..generate import draft_env
 from ..loader import load
 from ..models.base import Capture
 from ..models.kernels import cpu_name
-from ..presses import PRESSES, full_kv_bytes, make_press
+from ..presses import PRESSES, full_kv_bytes, make_press, prefill_capture
 from ..sampling import SamplingParams
 from .fidelity import first_divergence, token_agreement
 
@@ -59,7 +59,7 @@ def _run(net, ids, pre, tok, drafter=None, max_new=32) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    model = load(args.model)
+    model = load(args.model, precision=args.precision)
     net, tok = model.net, model.tokenizer
     env = draft_env(model)
     items = make_set(tok, context=args.context, n=args.n, tasks=(args.task,), seed=args.seed)
@@ -88,11 +88,11 @@ def run(args: argparse.Namespace) -> dict:
     for item in items:
         ids = tok.encode(item.prompt)
         room = args.max_new_tokens + MAX_DRAFT + 1
-        full = net.new_cache(len(ids) + room)
         cap = Capture(press_rows=32, press_colsum=any(p.colsum for p in presses.values()))
         t0 = time.perf_counter()
         with torch.no_grad():
-            logits = net(torch.tensor(ids), full, capture=cap, num_logits=1)[-1].clone()
+            full, cap, logits = prefill_capture(net, ids, len(ids) + room, cap)
+            logits = logits.clone()
         print(f"{item.id}: {len(ids)} tokens prefilled in {time.perf_counter() - t0:.1f}s")
         pre_full = Prefill(ids, full, logits)
         full_bytes = full_kv_bytes(net, len(ids) + room)
@@ -154,6 +154,7 @@ def summarize(args: argparse.Namespace, rows: dict[str, list[dict]], n_items: in
     return {
         "command": args.command,
         "model": args.model,
+        "precision": args.precision,
         "context": args.context,
         "task": args.task,
         "items": len(rows["ar"]),
@@ -176,7 +177,7 @@ def markdown(res: dict) -> str:
         f"`{res['command']}`",
         "",
         f"{res['items']} retrieval items ({res['task']}), {res['max_new_tokens']} new tokens, greedy; "
-        f"{res['cpu']}, {res['threads']} threads, {res['note']}. Every `+kv:` row is **lossy**: "
+        f"{res.get('precision', 'fp32')}, {res['cpu']}, {res['threads']} threads, {res['note']}. Every `+kv:` row is **lossy**: "
         "agreement is the share of generated positions equal to the full model's greedy ids.",
         "",
         "| method | KV MB held | KV ÷ | decode tok/s | vs full ar | vs own compressed ar | "
@@ -200,6 +201,7 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m veridraft.bench.kv", description=__doc__)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--precision", default="fp32", help="fp32, fp16w, bf16, q4, q4a8")
     p.add_argument("--context", default="8k")
     p.add_argument("--n", type=int, default=5, help="retrieval items")
     p.add_argument("--task", default="single")

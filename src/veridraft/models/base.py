@@ -206,12 +206,17 @@ class Capture:
     # KV compression (presses) reads the prefill's attention: see capture_press_attention
     press_rows: int = 0  # > 0: attention of the last press_rows query rows, summed [n_h, L]
     press_colsum: bool = False  # also the attention every key receives from all rows [n_h, L]
+    # the prompt length L the statistics cover when it is prefilled in several forwards (a
+    # chunked prefill: each adds its rows' share); 0 = the one forward's end
+    press_len: int = 0
     press_window: dict[int, Tensor] = field(default_factory=dict)
     press_last: dict[int, Tensor] = field(default_factory=dict)  # the last row's weights
     press_colsums: dict[int, Tensor] = field(default_factory=dict)
     press_input: dict[int, tuple[float, float]] = field(
         default_factory=dict
     )  # attn input mean, std
+    # per layer, per forward so far: (rows, mean, std) of the attention input (press_input)
+    press_input_parts: dict[int, list[tuple[int, float, float]]] = field(default_factory=dict)
 
 
 # ---- numerics shared by the architectures ----
@@ -725,16 +730,24 @@ class Attention(nn.Module):
 def capture_press_attention(
     x: Tensor, q: Tensor, step: Step, layer: int, scale: float, softcap: float | None
 ) -> None:
-    """What KV-compression policies read from a prefill (one forward over the whole prompt on a
-    full cache): per layer, the softmax attention of the last `press_rows` query rows summed
-    over those rows, the last row's weights, optionally the attention each key receives from
-    every row (H2O), and the mean/std of the attention input (MM-ShiftKV's probes). Computed
-    here, only when asked, so that plain forwards never materialise attention weights."""
+    """What KV-compression policies read from a prefill on a full cache: per layer, the
+    softmax attention of the last `press_rows` prompt rows summed over those rows, the last
+    row's weights, optionally the attention each key receives from every row (H2O), and the
+    mean/std of the attention input (MM-ShiftKV's probes). Computed here, only when asked, as a
+    float32 product of the rotated queries and the cached keys (a bfloat16 cache widened), so
+    that plain forwards never materialise attention weights and the forward's own attention
+    (tiled, row-wise or the decode kernel) is what it would be without the capture.
+
+    A prompt prefilled in chunks (decode.run_prompt, with cap.press_len its length L) adds
+    each forward's share: its rows among the last press_rows, its rows' column sums, its input
+    statistics; every sum has L columns (a row's keys end at itself, the rest stay zero)."""
     cap, cache, start, t = step.capture, step.cache, step.start, step.t
-    keys = cache.k[layer][0, :, : start + t]  # [n_kv, L, hd]
+    total = max(cap.press_len, start + t)
+    keys = cache.k[layer][0, :, : start + t].float()  # [n_kv, start + t, hd]
     n_h = q.shape[1]
     keys = keys.repeat_interleave(n_h // keys.shape[0], 0)
     kpos = torch.arange(start + t)
+    q = q.float()
 
     def weights(lo: int, hi: int) -> Tensor:  # softmax of query rows [lo, hi): [n_h, rows, L]
         s = q[0, :, lo:hi] @ keys.transpose(-1, -2) * scale
@@ -743,15 +756,38 @@ def capture_press_attention(
         causal = kpos[None, :] > torch.arange(start + lo, start + hi)[:, None]
         return s.masked_fill(causal, float("-inf")).softmax(-1)
 
-    w = weights(max(0, t - cap.press_rows), t)
-    cap.press_window[layer] = w.sum(1)
-    cap.press_last[layer] = w[:, -1].clone()
+    def add(into: dict[int, Tensor], part: Tensor) -> None:
+        if layer not in into and part.shape[-1] == total:
+            into[layer] = part
+            return
+        acc = into.setdefault(layer, torch.zeros(n_h, total))
+        acc[:, : part.shape[-1]] += part
+
+    first = max(0, total - cap.press_rows - start)  # this forward's rows in the window
+    if first < t:
+        w = weights(first, t)
+        add(cap.press_window, w.sum(1))
+        if start + t == total:
+            cap.press_last[layer] = w[:, -1].clone()
     if cap.press_colsum:
-        total = torch.zeros(n_h, start + t)
+        col = torch.zeros(n_h, start + t)
         for lo in range(0, t, 512):  # bounded memory: 512 rows at a time
-            total += weights(lo, min(t, lo + 512)).sum(1)
-        cap.press_colsums[layer] = total
-    cap.press_input[layer] = (float(x.mean()), float(x.std()))
+            col += weights(lo, min(t, lo + 512)).sum(1)
+        add(cap.press_colsums, col)
+    parts = cap.press_input_parts.setdefault(layer, [])
+    parts.append((x.numel(), float(x.mean()), float(x.std())))
+    cap.press_input[layer] = _pooled_mean_std(parts)
+
+
+def _pooled_mean_std(parts: list[tuple[int, float, float]]) -> tuple[float, float]:
+    """Mean and (unbiased) std of the union of groups given as (count, mean, std); one group
+    gives its own values back."""
+    if len(parts) == 1:
+        return parts[0][1], parts[0][2]
+    n = sum(c for c, _, _ in parts)
+    mean = sum(c * m for c, m, _ in parts) / n
+    ss = sum((c - 1) * sd * sd + c * (m - mean) ** 2 for c, m, sd in parts)
+    return mean, math.sqrt(ss / max(1, n - 1))
 
 
 class Transformer(nn.Module, ABC):

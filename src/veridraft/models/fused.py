@@ -5,9 +5,11 @@ smollm2-135m in q4, each with its interpreter and dispatcher overhead around a f
 arithmetic. `attach` gives such a model a C++ forward that runs the same layer body (norms,
 the q4 matmuls, RoPE, the cache write, the decode attention kernel, the gated activation,
 residuals) with no Python between the kernels, for every forward of up to 64 rows: decoding,
-verification, token trees, sparse views and sub-layer skips. Longer forwards (prefill) and those
-that capture attention keep the Python path; the elementwise steps of both are the same C++
-loops (`rmsnorm`, `rope`, `glu`), so the two paths agree bit for bit and mix freely.
+verification, token trees, sparse views and sub-layer skips, on a plain cache or on a compacted
+one (presses/compact.py) whose layers all keep one count of prompt rows per KV head. Longer
+forwards (prefill), those that capture attention and those on other compacted layouts keep the
+Python path; the elementwise steps of both are the same C++ loops (`rmsnorm`, `rope`, `glu`),
+so the two paths agree bit for bit and mix freely.
 
 Built like veridraft's other kernels (models/kernels.py), on CPUs with AVX512-BF16, where q4's
 and the attention's kernels run; ``VERIDRAFT_FUSED=0`` keeps the Python path (for comparisons).
@@ -87,14 +89,22 @@ class FusedForward:
         self.net, self.n_layers, self.head_dim = net, n_layers, head_dim
 
     def takes(self, step, cache, capture, want: set) -> bool:
-        """Up to 64 rows on a plain cache, no attention to capture, hidden states asked only of
-        the final norm (a drafter's own head)."""
+        """Up to 64 rows on a plain cache (or a compacted one laid out as a shifted plain cache:
+        `fused_view`), no attention to capture, hidden states asked only of the final norm (a
+        drafter's own head)."""
         from .base import ROWWISE_MAX_T, _decode_kernel
 
-        if not 1 <= step.t <= ROWWISE_MAX_T or hasattr(cache, "attend"):
+        if not 1 <= step.t <= ROWWISE_MAX_T:
             return False
         if step.capture is not None or (want and not want <= {-1, self.n_layers}):
             return False
+        if hasattr(cache, "attend"):  # a compacted (lossy) cache attends over its own layout
+            view = cache.fused_view(step) if hasattr(cache, "fused_view") else None
+            if view is None or any(
+                s is not None and (s.index is not None or s.window is not None) for s in step.spans
+            ):
+                return False
+            cache = view[2]
         return all(
             span is None or _decode_kernel(cache, i, self.head_dim)
             for i, span in enumerate(step.spans)
@@ -103,6 +113,8 @@ class FusedForward:
     def run(self, x: Tensor, step, mlp: list[bool], n: int, want_hidden: bool):
         from .base import _kernel_keys
 
+        cache, t = step.cache, step.t
+        view = cache.fused_view(step) if hasattr(cache, "attend") else None
         lo, hi, ext, keys, index = [], [], [], [], {}
         for span in step.spans:
             if span is None:
@@ -110,17 +122,20 @@ class FusedForward:
                 continue
             j = index.get(id(span))
             if j is None:
-                a, b, e = _kernel_keys(step, span)
+                a, b, e = _kernel_keys(step, span) if view is None else view[1](step, span)
                 j = index[id(span)] = len(lo)
                 lo.append(a), hi.append(b), ext.append(e)
             keys.append(j)
-        cache, t = step.cache, step.t
         if lo:
             cache.note_write(step.start)
+        kc, vc, start = cache.k, cache.v, step.start
+        if view is not None:  # the compacted layout: the rows of position p sit at p + shift
+            shift, _, plain = view
+            kc, vc, start = plain.k, plain.v, start + shift
         cos = [c.reshape(t, -1) for c, _ in step.rope]
         sin = [s.reshape(t, -1) for _, s in step.rope]
         logits, hidden = self.net.forward(
-            x, cache.k, cache.v, step.start, cos, sin, lo, hi, ext, keys, mlp, n, want_hidden
+            x, kc, vc, start, cos, sin, lo, hi, ext, keys, mlp, n, want_hidden
         )
         return logits, (hidden if want_hidden else None)
 

@@ -17,8 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..decode import Prefill
+from ..cache import KVCache
+from ..decode import PREFILL_CHUNK, Prefill, run_prompt
 from ..errors import VeridraftError
+from ..models.base import Capture
 from .base import Press
 from .compact import CompactKVCache
 
@@ -39,6 +41,7 @@ __all__ = [
     "full_kv_bytes",
     "make_press",
     "memory_note",
+    "prefill_capture",
     "prefill_compressed",
 ]
 
@@ -81,29 +84,41 @@ def make_press(spec: str | Press) -> Press:
 @torch.no_grad()  # not inference_mode: the compacted cache must accept writes outside it
 def prefill_compressed(net, prompt_ids: Sequence[int], max_len: int, press: Press) -> Prefill:
     """Prefill the prompt on a full cache (reading the attention the press needs), compress it,
-    and return a Prefill on the compacted cache with room for max_len - len(prompt) tokens."""
+    and return a Prefill on the compacted cache with room for max_len - len(prompt) tokens.
+
+    The prompt runs as plain decoding's prefill does (decode.run_prompt: chunks of
+    PREFILL_CHUNK positions, attended in tiles), so the full cache, and every row the press
+    keeps of it, is bitwise plain decoding's in every precision mode; the attention statistics
+    are a separate float32 product that each chunk adds to (models.base.capture_press_attention).
+    """
     ids = [int(i) for i in prompt_ids]
     if any(w is not None for w in getattr(net, "windows", [])):
         raise VeridraftError(
             "kv compression needs a model without sliding-window layers (this one has them); "
             "use a Llama / Qwen model or drop kv="
         )
-    if getattr(net, "rowwise_attention", False):
-        raise VeridraftError(
-            "kv compression runs in fp32 precision only for now; load the model with "
-            "precision='fp32' or drop kv="
-        )
-    full = net.new_cache(len(ids))
-    cap = press.capture()
-    logits = net(torch.tensor(ids, dtype=torch.long), full, capture=cap, num_logits=1)
+    full, cap, logits = prefill_capture(net, ids, len(ids), press.capture())
     cache = press.compress(net, full, cap, room=max_len - len(ids))
-    return Prefill(ids=ids, cache=cache, logits=logits[-1].clone())
+    return Prefill(ids=ids, cache=cache, logits=logits.clone())
+
+
+def prefill_capture(
+    net, ids: list[int], max_len: int, cap: Capture | None, chunk: int | None = PREFILL_CHUNK
+) -> tuple[KVCache, Capture | None, torch.Tensor]:
+    """The prompt on a new full cache of max_len positions, in plain decoding's chunks, with
+    the press statistics `cap` asks for over the whole prompt: (cache, cap, last logits [V])."""
+    full = net.new_cache(max_len)
+    if cap is not None:
+        cap.press_len = len(ids)
+    return full, cap, run_prompt(net, ids, full, chunk, capture=cap)
 
 
 def full_kv_bytes(net, positions: int) -> int:
-    """Bytes of a full float32 KV cache holding `positions` positions."""
+    """Bytes of a full KV cache holding `positions` positions, in the model's cache element type
+    (float32, or bfloat16 where the packed modes keep it so)."""
     c = net.config
-    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * positions * 4
+    size = torch.empty(0, dtype=getattr(net, "cache_dtype", torch.float32)).element_size()
+    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * positions * size
 
 
 def memory_note(cache: CompactKVCache, net, press: Press) -> str:

@@ -5,9 +5,9 @@ is measured for concentration: the share of its mass on the head's top-`budget` 
 A head at or above theta (0.9) is *static*: a fixed selection serves it, so it keeps the
 prior-selected tokens (with text only, text-prior pruning is the window's top pooled scores plus
 the window) and nothing else. Below theta it is *dynamic*: its attention is spread and shifts
-while decoding, so its full prompt K/V move to a slower tier (a memory-mapped file, float32 or
-bfloat16 with tier=bf16) and every query row retrieves its top chunks (chunk keys = mean key;
-the most recent chunk always) up to its budget.
+while decoding, so its full prompt K/V move to a slower tier (a memory-mapped file in the
+cache's element type; tier=bf16 rounds a float32 cache to bfloat16) and every query row
+retrieves its top chunks (chunk keys = mean key; the most recent chunk always) up to its budget.
 
 Budgets, top-down: a layer's H * budget tokens are split between the two types in proportion
 to their head counts weighted by r (r > 1 favours dynamic heads), then static heads share theirs
@@ -114,7 +114,10 @@ class HybridKVPress(Press):
 
     def tiers(self, net, cache: KVCache, cap: Capture) -> dict[tuple[int, int], Tier]:
         n = cache.length
-        dtype = torch.bfloat16 if self.tier == "bf16" else torch.float32
+        # tier=bf16 rounds a float32 cache's rows; a bfloat16 cache (bf16, q4 modes) is copied
+        # as it is, bitwise, whatever the setting (widening it would only double the file)
+        bf16 = self.tier == "bf16" or cache.k[0].dtype == torch.bfloat16
+        dtype = torch.bfloat16 if bf16 else torch.float32
         out = {}
         for layer, kinds in enumerate(self.kinds):
             for h, kind in enumerate(kinds):
@@ -126,7 +129,7 @@ class HybridKVPress(Press):
                 tv.copy_(v)
                 n_chunks = -(-n // self.chunk)
                 pad = torch.zeros(n_chunks * self.chunk - n, k.shape[1])
-                rep = torch.cat((k, pad)).view(n_chunks, self.chunk, -1).sum(1)
+                rep = torch.cat((k.float(), pad)).view(n_chunks, self.chunk, -1).sum(1)
                 sizes = torch.full((n_chunks,), float(self.chunk))
                 sizes[-1] = n - (n_chunks - 1) * self.chunk
                 pick = max(1, self.budgets[layer][h] // self.chunk)

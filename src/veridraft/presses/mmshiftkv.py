@@ -69,7 +69,7 @@ class MMShiftKVPress(Press):
         last = group_mean(cap.press_last[layer], n_kv)  # [n_kv, L]
         out = torch.empty(n_kv, n)
         for h in range(n_kv):
-            keys = cache.k[layer][0, h, :n]
+            keys = cache.k[layer][0, h, :n].float()  # a bfloat16 cache widened
             w = (q[h * g : (h + 1) * g] @ keys.T * attn.scale).softmax(-1).mean(0)  # [M, L]
             mass = (w.view(self.groups, self.probes, n).sum(1) + last[h]) / (1 + self.probes)
             srt, order = mass.sort(-1, descending=True)
