@@ -107,7 +107,8 @@ struct Scratch {
     alignas(64) float vb[BLOCK * HD];   // values, row-major
     alignas(64) float s[4 * BLOCK];     // one pass's scores, then weights
     bool live[BLOCK];
-    int64_t lo = -1, n = 0;  // which contiguous run the buffers hold (lo = -1: none, or gathered)
+    // which contiguous run the buffers hold (lo = -1: none, or gathered), of which block
+    int64_t lo = -1, n = 0, b = -1;
 };
 
 // Position of key s of row t's sequence (< 0: masked).
@@ -221,9 +222,8 @@ void heads(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratch<
                 lsum = _mm512_add_ps(lsum, p);
             }
         }
-        const int64_t head = h * R.group + a0 + a;
-        m_out[head * part_stride] = mx;
-        l_out[head * part_stride] = _mm512_reduce_add_ps(lsum);
+        m_out[(a0 + a) * part_stride] = mx;
+        l_out[(a0 + a) * part_stride] = _mm512_reduce_add_ps(lsum);
     }
     // values: acc[a] = sum over j of p[a][j] v[j], j in order (masked keys have p = 0, v = 0)
     __m512 acc[NA][C];
@@ -237,13 +237,20 @@ void heads(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratch<
         }
     }
     for (int a = 0; a < NA; ++a) {
-        float* dst = acc_out + (h * R.group + a0 + a) * acc_stride;
+        float* dst = acc_out + (a0 + a) * acc_stride;
         for (int c = 0; c < C; ++c) _mm512_storeu_ps(dst + c * 16, acc[a][c]);
     }
 }
 
 
 // ---- bfloat16 caches: vdpbf16ps ----
+//
+// Keys are transposed into groups of 16: dword i of key e's row (its dims 2i and 2i + 1) sits in
+// lane e of vector i, so q . k for 16 keys is hd / 2 vdpbf16ps with the query's pair i broadcast,
+// and the scores come out one key per lane with no horizontal sum. Values sit in pairs of keys
+// (element 2d of a pair's vector is key j's dim d, 2d + 1 key j + 1's): p_j v_j + p_j+1 v_j+1
+// is one vdpbf16ps per 16 dims with the pair of weights broadcast. Both layouts are built once
+// per block and read by every query head of the group and every row that shares the block.
 
 // Scratch row stride of the keys: a whole number of 32-element (64-byte) bfloat16 vectors.
 template <int HD>
@@ -251,12 +258,12 @@ constexpr int KS = HD < 32 ? 32 : HD;
 
 template <int HD>
 struct ScratchH {
-    alignas(64) uint16_t kh[BLOCK * KS<HD>];  // keys as stored, zero-padded to KS
-    alignas(64) uint16_t vp[BLOCK * HD];      // values in key pairs: [BLOCK / 2][HD][2]
-    alignas(64) float s[4 * BLOCK];           // one pass's scores, then weights
-    alignas(64) uint16_t sp[4 * BLOCK];       // the weights rounded to bfloat16
+    alignas(64) uint32_t kt[BLOCK * KS<HD> / 2];  // [BLOCK / 16][KS / 2][16] key dword pairs
+    alignas(64) uint16_t vp[BLOCK * HD];          // [BLOCK / 2][HD][2]
+    alignas(64) float s[4 * BLOCK];               // one pass's scores, then weights
+    alignas(64) uint16_t sp[4 * BLOCK];           // the weights rounded to bfloat16
     bool live[BLOCK];
-    int64_t lo = -1, n = 0;
+    int64_t lo = -1, n = 0, b = -1;
 };
 
 inline __mmask32 tail32(int64_t hd, int c) {
@@ -264,9 +271,37 @@ inline __mmask32 tail32(int64_t hd, int c) {
     return n >= 32 ? __mmask32(0xFFFFFFFFu) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1);
 }
 
-// As fill(), for a bfloat16 cache: the keys are copied as they are, the values interleaved in
-// pairs of keys (element 2i of a pair's 16-dim chunk is key j's dim i, 2i + 1 key j + 1's), the
-// operand order vdpbf16ps sums a pair of weights over.
+// r[i] lane e <- r[e] lane i: a 16 x 16 transpose of 32-bit elements.
+inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    // now r[4a + b] holds, in 128-bit lane L, element 4L + b... of rows 4a .. 4a + 3 of each
+    // 128-bit lane's rows: regroup the 128-bit lanes across the four quarters
+    for (int i = 0; i < 4; ++i) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+    }
+}
+
+// As fill(), for a bfloat16 cache, into the layouts above. Masked keys and the padding to 16
+// are zero rows.
 template <int HD>
 void fill_h(const Rows& R, int64_t t, int64_t h, int64_t j0, int64_t nk, ScratchH<HD>& S) {
     constexpr int CK = KS<HD> / 32, CV = HD / 16;
@@ -275,79 +310,109 @@ void fill_h(const Rows& R, int64_t t, int64_t h, int64_t j0, int64_t nk, Scratch
     const uint16_t* vbase = static_cast<const uint16_t*>(R.v) + h * R.max_len * hd;
     const int64_t contiguous = R.hi[t] - R.lo[t];
     const int64_t nk16 = (nk + 15) / 16 * 16;
-    for (int64_t j = 0; j < nk16; j += 2) {
-        const uint16_t* vr[2];
-        for (int e = 0; e < 2; ++e) {
+    for (int64_t j = 0; j < nk16; j += 16) {
+        const uint16_t* kr[16];
+        const uint16_t* vr[16];
+        for (int e = 0; e < 16; ++e) {
             const int64_t sq = j0 + j + e;
             int64_t pos = -1;
             if (j + e < nk)
                 pos = sq < contiguous ? R.lo[t] + sq
                                       : R.ext[h * R.ext_h + t * R.ext_t + (sq - contiguous)];
             S.live[j + e] = pos >= 0;
-            uint16_t* krow = S.kh + (j + e) * KS<HD>;
-            if (pos < 0) {
-                for (int c = 0; c < CK; ++c) _mm512_store_si512(krow + 32 * c, _mm512_setzero_si512());
-                vr[e] = nullptr;
-                continue;
-            }
-            const uint16_t* kp = kbase + pos * hd;
-            vr[e] = vbase + pos * hd;
-            if (pos + BLOCK < R.max_len)
+            kr[e] = pos < 0 ? nullptr : kbase + pos * hd;
+            vr[e] = pos < 0 ? nullptr : vbase + pos * hd;
+            // the next block's rows (contiguous runs): in cache by the time this one is reduced
+            if (pos >= 0 && pos + BLOCK < R.max_len)
                 for (int64_t c = 0; c < hd * 2; c += 64) {
-                    _mm_prefetch(reinterpret_cast<const char*>(kp + BLOCK * hd) + c, _MM_HINT_T1);
+                    _mm_prefetch(reinterpret_cast<const char*>(kr[e] + BLOCK * hd) + c, _MM_HINT_T1);
                     _mm_prefetch(reinterpret_cast<const char*>(vr[e] + BLOCK * hd) + c, _MM_HINT_T1);
                 }
-            for (int c = 0; c < CK; ++c)
-                _mm512_store_si512(krow + 32 * c, _mm512_maskz_loadu_epi16(tail32(hd, c), kp + 32 * c));
         }
-        uint16_t* dst = S.vp + j * HD;  // pair j / 2: HD dims x 2 keys
-        for (int c = 0; c < CV; ++c) {
-            const __m256i a = vr[0] ? _mm256_maskz_loadu_epi16(tail(hd, c), vr[0] + 16 * c)
-                                    : _mm256_setzero_si256();
-            const __m256i b = vr[1] ? _mm256_maskz_loadu_epi16(tail(hd, c), vr[1] + 16 * c)
-                                    : _mm256_setzero_si256();
-            _mm512_store_si512(dst + 32 * c,
-                               _mm512_or_si512(_mm512_cvtepu16_epi32(a),
-                                               _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+        uint32_t* kt = S.kt + j * (KS<HD> / 2);  // group j / 16: KS / 2 vectors of 16 lanes
+        for (int c = 0; c < CK; ++c) {
+            __m512i r[16];
+            for (int e = 0; e < 16; ++e)
+                r[e] = kr[e] ? _mm512_maskz_loadu_epi16(tail32(hd, c), kr[e] + 32 * c)
+                             : _mm512_setzero_si512();
+            transpose16(r);
+            for (int i = 0; i < 16; ++i) _mm512_store_si512(kt + (16 * c + i) * 16, r[i]);
+        }
+        for (int e = 0; e < 16; e += 2) {
+            uint16_t* dst = S.vp + (j + e) * HD;  // pair (j + e) / 2: HD dims x 2 keys
+            for (int c = 0; c < CV; ++c) {
+                const __m256i a = vr[e] ? _mm256_maskz_loadu_epi16(tail(hd, c), vr[e] + 16 * c)
+                                        : _mm256_setzero_si256();
+                const __m256i b = vr[e + 1]
+                                      ? _mm256_maskz_loadu_epi16(tail(hd, c), vr[e + 1] + 16 * c)
+                                      : _mm256_setzero_si256();
+                _mm512_store_si512(dst + 32 * c,
+                                   _mm512_or_si512(_mm512_cvtepu16_epi32(a),
+                                                   _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+            }
         }
     }
+}
+
+// Scores of NG consecutive 16-key groups for one query (its dword pairs qw): each group in two
+// chains (even and odd pairs) added at the end, the same sequence whatever NG.
+template <int HD, int NG>
+inline void scores_h(const uint32_t* kt, const uint32_t* qw, __m512 out[NG]) {
+    constexpr int NP = KS<HD> / 2;
+    __m512 a[NG][2];
+    for (int g = 0; g < NG; ++g) a[g][0] = a[g][1] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int i = 0; i < NP; i += 2) {
+        const __m512bh q0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(qw[i]));
+        const __m512bh q1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(qw[i + 1]));
+        for (int g = 0; g < NG; ++g) {
+            const uint32_t* k = kt + g * NP * 16;
+            a[g][0] = _mm512_dpbf16_ps(a[g][0], (__m512bh)_mm512_load_si512(k + i * 16), q0);
+            a[g][1] = _mm512_dpbf16_ps(a[g][1], (__m512bh)_mm512_load_si512(k + (i + 1) * 16), q1);
+        }
+    }
+    for (int g = 0; g < NG; ++g) out[g] = _mm512_add_ps(a[g][0], a[g][1]);
 }
 
 // As heads(), for a bfloat16 cache.
 template <int HD, int NA>
 void heads_h(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, ScratchH<HD>& S,
              float* m_out, float* l_out, float* acc_out, int64_t part_stride, int64_t acc_stride) {
-    constexpr int CK = KS<HD> / 32, CV = HD / 16;
+    constexpr int CK = KS<HD> / 32, CV = HD / 16, NP = KS<HD> / 2;
     const int64_t nk16 = (nk + 15) / 16 * 16;
     const float NEG = -std::numeric_limits<float>::infinity();
     for (int a = 0; a < NA; ++a) {
         const float* qp = R.q + (h * R.group + a0 + a) * R.q_head + t * R.q_row;
-        __m512bh qv[CK];
+        alignas(64) uint32_t qw[NP];
         for (int c = 0; c < CK; ++c) {
             const __m512 lo = _mm512_maskz_loadu_ps(tail(R.hd, 2 * c), qp + 32 * c);
             const __m512 hi = _mm512_maskz_loadu_ps(tail(R.hd, 2 * c + 1), qp + 32 * c + 16);
-            qv[c] = _mm512_cvtne2ps_pbh(hi, lo);
+            _mm512_store_si512(qw + 16 * c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
-        for (int64_t j = 0; j < nk16; j += 16) {
-            __m512 d[16];
-            for (int i = 0; i < 16; ++i) {
-                const uint16_t* kr = S.kh + (j + i) * KS<HD>;
-                d[i] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0],
-                                        (__m512bh)_mm512_load_si512(kr));
-                for (int c = 1; c < CK; ++c)
-                    d[i] = _mm512_dpbf16_ps(d[i], qv[c], (__m512bh)_mm512_load_si512(kr + 32 * c));
-            }
+        float* s = S.s + a * BLOCK;
+        auto finish = [&](int64_t j, __m512 x) {
             __mmask16 live = 0;
-            for (int e = 0; e < 16; ++e)
+            for (int e = 0; e < 16; ++e)  // keys past nk belong to a longer row's fill
                 if (j + e < nk && S.live[j + e]) live |= static_cast<__mmask16>(1u << e);
-            __m512 x = _mm512_mul_ps(hsum16(d), _mm512_set1_ps(R.scale));
+            x = _mm512_mul_ps(x, _mm512_set1_ps(R.scale));
             if (R.softcap > 0) {
                 alignas(64) float tmp[16];
                 _mm512_store_ps(tmp, x);
                 for (int e = 0; e < 16; ++e) tmp[e] = std::tanh(tmp[e] / R.softcap) * R.softcap;
                 x = _mm512_load_ps(tmp);
             }
-            _mm512_store_ps(S.s + a * BLOCK + j, _mm512_mask_blend_ps(live, _mm512_set1_ps(NEG), x));
+            _mm512_store_ps(s + j, _mm512_mask_blend_ps(live, _mm512_set1_ps(NEG), x));
+        };
+        int64_t j = 0;
+        for (; j + 64 <= nk16; j += 64) {
+            __m512 x[4];
+            scores_h<HD, 4>(S.kt + j * NP, qw, x);
+            for (int g = 0; g < 4; ++g) finish(j + 16 * g, x[g]);
+        }
+        for (; j < nk16; j += 16) {
+            __m512 x[1];
+            scores_h<HD, 1>(S.kt + j * NP, qw, x);
+            finish(j, x[0]);
         }
     }
     for (int a = 0; a < NA; ++a) {
@@ -365,6 +430,7 @@ void heads_h(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratc
                 const __m512 p = _mm512_maskz_mov_ps(keep, exp_neg(_mm512_sub_ps(x, vmx)));
                 const __m256bh pr = _mm512_cvtneps_pbh(p);
                 _mm256_store_si256(reinterpret_cast<__m256i*>(sp + j), (__m256i)pr);
+                // the sum of the weights as they multiply the values: rounded
                 lsum = _mm512_add_ps(lsum, _mm512_castsi512_ps(_mm512_slli_epi32(
                     _mm512_cvtepu16_epi32((__m256i)pr), 16)));
             }
@@ -372,9 +438,8 @@ void heads_h(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratc
             for (int64_t j = 0; j < nk16; j += 16)
                 _mm256_store_si256(reinterpret_cast<__m256i*>(sp + j), _mm256_setzero_si256());
         }
-        const int64_t head = h * R.group + a0 + a;
-        m_out[head * part_stride] = mx;
-        l_out[head * part_stride] = _mm512_reduce_add_ps(lsum);
+        m_out[(a0 + a) * part_stride] = mx;
+        l_out[(a0 + a) * part_stride] = _mm512_reduce_add_ps(lsum);
     }
     // values: acc[a] += p[j] v[j] + p[j + 1] v[j + 1], pairs in order (masked keys: p = v = 0)
     __m512 acc[NA][CV];
@@ -390,7 +455,7 @@ void heads_h(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratc
         }
     }
     for (int a = 0; a < NA; ++a) {
-        float* dst = acc_out + (h * R.group + a0 + a) * acc_stride;
+        float* dst = acc_out + (a0 + a) * acc_stride;
         for (int c = 0; c < CV; ++c) _mm512_storeu_ps(dst + c * 16, acc[a][c]);
     }
 }
@@ -418,59 +483,116 @@ void reduce(const Rows& R, int64_t t, int64_t h, int64_t nk, S_& S, float* m_out
     }
 }
 
+// Blocks per work unit. A unit reduces its blocks one after the other into one partial per
+// (row, head), so the partials of a call are T x n_h x (blocks / SUPER) and the units are few
+// enough to keep each thread busy for a while; units still split a 7k context into ~15 per KV
+// head.
+constexpr int64_t SUPER = 4;
+
+inline float neg_inf() { return -std::numeric_limits<float>::infinity(); }
+
+// Merge a block's partial (bm, bl, ba) into a running one (m, l, a): the flash-attention rule,
+// rescaled to the larger maximum. The blocks of a row reach this in the order of its key
+// sequence, whatever else the call holds.
+template <int HD>
+inline void merge_into(float& m, float& l, float* a, float bm, float bl, const float* ba) {
+    if (bm == neg_inf()) return;
+    if (m == neg_inf()) {
+        m = bm, l = bl;
+        for (int c = 0; c < HD / 16; ++c) _mm512_storeu_ps(a + 16 * c, _mm512_loadu_ps(ba + 16 * c));
+        return;
+    }
+    const float top = std::max(m, bm);
+    const float w0 = std::exp(m - top), w1 = std::exp(bm - top);
+    l = l * w0 + bl * w1;
+    const __m512 v0 = _mm512_set1_ps(w0), v1 = _mm512_set1_ps(w1);
+    for (int c = 0; c < HD / 16; ++c)
+        _mm512_storeu_ps(a + 16 * c, _mm512_fmadd_ps(_mm512_loadu_ps(ba + 16 * c), v1,
+                                                     _mm512_mul_ps(_mm512_loadu_ps(a + 16 * c), v0)));
+    m = top;
+}
+
 template <int HD, class S_>
 void run(const Rows& R, float* out) {
-    const int64_t n_h = R.n_kv * R.group;
-    std::vector<int64_t> nb(R.T);
-    int64_t max_nb = 0;
+    const int64_t n_h = R.n_kv * R.group, G = R.group;
+    std::vector<int64_t> nb(R.T), ns(R.T);
+    int64_t max_ns = 0;
     for (int64_t t = 0; t < R.T; ++t) {
         const int64_t n = R.hi[t] - R.lo[t] + R.n_ext;
         nb[t] = (n + BLOCK - 1) / BLOCK;
-        max_nb = std::max(max_nb, nb[t]);
+        ns[t] = (nb[t] + SUPER - 1) / SUPER;
+        max_ns = std::max(max_ns, ns[t]);
     }
-    // partials [T, n_h, max_nb] (+ hd for the value sums)
-    std::vector<float> m(R.T * n_h * max_nb), l(R.T * n_h * max_nb);
-    std::vector<float> acc(R.T * n_h * max_nb * HD);
-    // One work unit per (KV head, block) serves every row that reaches the block: rows whose
-    // keys there are the same contiguous run (a chain's rows, all but their last block) reuse
-    // the widened keys, so a verification forward reads and widens the cache once.
-    at::parallel_for(0, R.n_kv * max_nb, 1, [&](int64_t u0, int64_t u1) {
-        auto S = std::make_unique<S_>();
+    // partials [T, n_h, max_ns] (+ hd for the value sums), in buffers kept by the calling
+    // thread: a fresh allocation per call costs page faults at long contexts. Every entry the
+    // final merge reads is set by its unit first, so nothing is cleared.
+    thread_local std::vector<float> m_buf, l_buf, acc_buf;
+    const size_t np = static_cast<size_t>(R.T * n_h * max_ns);
+    if (m_buf.size() < np) m_buf.resize(np), l_buf.resize(np);
+    if (acc_buf.size() < np * HD) acc_buf.resize(np * HD);
+    float* const m = m_buf.data();
+    float* const l = l_buf.data();
+    float* const acc = acc_buf.data();
+    // One work unit per (KV head, SUPER blocks) serves every row that reaches its blocks: rows
+    // whose keys there are the same contiguous run (a chain's rows, all but their last block)
+    // reuse the scratch's keys, so a verification forward reads the cache once.
+    at::parallel_for(0, R.n_kv * max_ns, 1, [&](int64_t u0, int64_t u1) {
+        thread_local std::unique_ptr<S_> scratch;
+        thread_local std::vector<float> part;  // one block's partials: [T, G] m, l, then acc
+        if (!scratch) scratch = std::make_unique<S_>();
+        S_& S = *scratch;
+        const size_t pn = static_cast<size_t>(R.T * G);
+        if (part.size() < pn * (2 + HD)) part.resize(pn * (2 + HD));
+        float* const bm = part.data();
+        float* const bl = bm + pn;
+        float* const ba = bl + pn;
         for (int64_t u = u0; u < u1; ++u) {
-            const int64_t h = u / max_nb, b = u % max_nb;
-            S->lo = -1;
-            for (int64_t t = R.T - 1; t >= 0; --t) {  // the longest rows first
-                if (b >= nb[t]) continue;
-                const int64_t contiguous = R.hi[t] - R.lo[t];
-                const int64_t j0 = b * BLOCK;
-                const int64_t nk = std::min(contiguous + R.n_ext, j0 + BLOCK) - j0;
-                const bool run = j0 + nk <= contiguous;
-                if (!(run && S->lo == R.lo[t] && nk <= S->n)) {
-                    if constexpr (std::is_same_v<S_, ScratchH<HD>>)
-                        fill_h<HD>(R, t, h, j0, nk, *S);
-                    else
-                        fill<HD>(R, t, h, j0, nk, *S);
-                    S->lo = run ? R.lo[t] : -1;
-                    S->n = nk;
+            const int64_t h = u / max_ns, sb = u % max_ns;
+            for (int64_t t = 0; t < R.T; ++t)
+                if (sb < ns[t])
+                    for (int64_t a = 0; a < G; ++a) {
+                        const int64_t i = (t * n_h + h * G + a) * max_ns + sb;
+                        m[i] = neg_inf(), l[i] = 0.0f;
+                    }
+            S.lo = -1;
+            for (int64_t b = sb * SUPER; b < (sb + 1) * SUPER; ++b) {
+                for (int64_t t = R.T - 1; t >= 0; --t) {  // the longest rows first
+                    if (b >= nb[t]) continue;
+                    const int64_t contiguous = R.hi[t] - R.lo[t];
+                    const int64_t j0 = b * BLOCK;
+                    const int64_t nk = std::min(contiguous + R.n_ext, j0 + BLOCK) - j0;
+                    const bool run = j0 + nk <= contiguous;
+                    if (!(run && S.lo == R.lo[t] && S.n >= 0 && nk <= S.n && S.b == b)) {
+                        if constexpr (std::is_same_v<S_, ScratchH<HD>>)
+                            fill_h<HD>(R, t, h, j0, nk, S);
+                        else
+                            fill<HD>(R, t, h, j0, nk, S);
+                        S.lo = run ? R.lo[t] : -1;
+                        S.n = nk;
+                        S.b = b;
+                    }
+                    reduce<HD, S_>(R, t, h, nk, S, bm + t * G, bl + t * G, ba + t * G * HD, 1, HD);
+                    for (int64_t a = 0; a < G; ++a) {
+                        const int64_t i = (t * n_h + h * G + a) * max_ns + sb;
+                        merge_into<HD>(m[i], l[i], acc + i * HD, bm[t * G + a], bl[t * G + a],
+                                       ba + (t * G + a) * HD);
+                    }
                 }
-                const int64_t base = t * n_h * max_nb + b;
-                reduce<HD, S_>(R, t, h, nk, *S, m.data() + base, l.data() + base,
-                           acc.data() + base * HD, max_nb, max_nb * HD);
             }
         }
     });
-    // Merge each (row, head)'s blocks in order.
+    // Merge each (row, head)'s units in order.
     at::parallel_for(0, R.T * n_h, 1, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
             const int64_t t = r / n_h, head = r % n_h;
-            const int64_t base = (t * n_h + head) * max_nb;
-            float top = -std::numeric_limits<float>::infinity();
-            for (int64_t b = 0; b < nb[t]; ++b) top = std::max(top, m[base + b]);
+            const int64_t base = (t * n_h + head) * max_ns;
+            float top = neg_inf();
+            for (int64_t b = 0; b < ns[t]; ++b) top = std::max(top, m[base + b]);
             float total = 0.0f;
             __m512 o[HD / 16];
             for (int c = 0; c < HD / 16; ++c) o[c] = _mm512_setzero_ps();
-            for (int64_t b = 0; b < nb[t]; ++b) {
-                if (m[base + b] == -std::numeric_limits<float>::infinity()) continue;
+            for (int64_t b = 0; b < ns[t]; ++b) {
+                if (m[base + b] == neg_inf()) continue;
                 const float w = std::exp(m[base + b] - top);
                 total += l[base + b] * w;
                 const __m512 vw = _mm512_set1_ps(w);
