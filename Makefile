@@ -37,12 +37,15 @@ setup-llamacpp: setup
 # kvpress for the kvpress:* peers of `veridraft bench`. kvpress 0.5.5 needs transformers < 5.3,
 # older than ours, so it gets a venv of its own; that venv sees this one's torch through a .pth
 # file (its own transformers comes first on sys.path), and the bench runs it as a subprocess.
+# Its own `kernels` too: transformers 5.2 imports whichever it finds, and the newer one this venv
+# gets with transformers 5.x has an API it predates ("Either a revision or a version must be
+# specified" at import).
 VERIDRAFT_HOME ?= $(HOME)/.cache/veridraft
 KVPRESS_VENV ?= $(VERIDRAFT_HOME)/peers/kvpress
 KVPRESS_PACKAGES = kvpress==0.5.5 transformers==5.2.0 tokenizers==0.22.2 huggingface_hub==1.33.0 \
 	typer-slim==0.24.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
 	pyarrow==26.0.1 pandas==2.3.3 pytz==2026.6 six==1.17.0 peft==0.21.2 fire==0.6.0 \
-	termcolor==3.3.0 cachetools==5.5.2 httpx==0.28.1 httpcore==1.0.9
+	termcolor==3.3.0 cachetools==5.5.2 httpx==0.28.1 httpcore==1.0.9 kernels==0.12.3
 
 setup-kvpress: setup
 	test -x $(KVPRESS_VENV)/bin/python || $(PY) -m venv $(KVPRESS_VENV)

@@ -173,6 +173,68 @@ def test_bfloat16_cache_keeps_speculative_decoding_exact(pair):
     assert spec == plain and stats.drafted > 0
 
 
+@pytest.fixture
+def prompt_kernel():
+    from veridraft.models import attnkernel
+
+    if attnkernel.load() is None:
+        pytest.skip("this CPU has no AVX512-BF16: prompts keep torch's attention")
+    return attnkernel
+
+
+def test_prompt_rows_through_the_kernel_are_one_token_steps(pair, prompt_kernel, monkeypatch):
+    # VERIDRAFT_PROMPT_ATTN=kernel: a prompt's rows, in one forward or in chunks, are bitwise
+    # what one-token forwards at their positions compute, in sliding-window layers too
+    _, folder = pair
+    monkeypatch.setenv("VERIDRAFT_PROMPT_ATTN", "kernel")
+    net = from_folder(folder, precision="bf16")
+    net.cache_dtype = torch.bfloat16
+    assert prompt_kernel.for_prompts(torch.bfloat16)
+    prompt = ids(600, seed=7)
+    with torch.inference_mode():
+        whole = net(torch.tensor(prompt), net.new_cache(610), num_logits=len(prompt))
+        cache = net.new_cache(610)
+        net(torch.tensor(prompt[:100]), cache, num_logits=1)
+        steps = [net(torch.tensor([i]), cache, num_logits=1)[0] for i in prompt[100:140]]
+        chunked = prefill(net, prompt, 610, chunk=256).logits
+    assert torch.equal(torch.stack(steps), whole[100:140])
+    assert torch.equal(chunked, whole[-1])
+
+
+def test_prompt_rows_through_the_kernel_are_as_close_to_fp32_as_torchs(
+    pair, prompt_kernel, monkeypatch
+):
+    # the kernel's bfloat16 arithmetic against torch's tiled flash attention on one bf16 cache,
+    # both measured against the float32 model
+    _, folder = pair
+    prompt = torch.tensor(ids(LONG, seed=8))
+    with torch.inference_mode():
+        fp32 = from_folder(folder)
+        ref = fp32(prompt, fp32.new_cache(LONG), num_logits=LONG)
+    net = from_folder(folder, precision="bf16")
+    net.cache_dtype = torch.bfloat16
+    err, agree, out = {}, {}, {}
+    for choice in ("kernel", "torch"):
+        monkeypatch.setenv("VERIDRAFT_PROMPT_ATTN", choice)
+        with torch.inference_mode():
+            out[choice] = net(prompt, net.new_cache(LONG), num_logits=LONG)
+        err[choice] = (out[choice] - ref).abs().mean().item()
+        agree[choice] = (out[choice].argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert not torch.equal(out["kernel"], out["torch"])  # the two paths really ran
+    assert err["kernel"] < 1.25 * err["torch"], err
+    assert agree["kernel"] > agree["torch"] - 0.02, agree
+
+
+def test_a_bad_prompt_attention_choice_is_a_clear_error(prompt_kernel, monkeypatch):
+    monkeypatch.setenv("VERIDRAFT_PROMPT_ATTN", "flash")
+    with pytest.raises(VeridraftError, match="VERIDRAFT_PROMPT_ATTN='flash'"):
+        prompt_kernel.for_prompts(torch.bfloat16)
+    monkeypatch.setenv("VERIDRAFT_PROMPT_ATTN", "torch")
+    assert not prompt_kernel.for_prompts(torch.bfloat16)
+    monkeypatch.delenv("VERIDRAFT_PROMPT_ATTN")
+    assert not prompt_kernel.for_prompts(torch.float32)  # float32 caches keep torch's tiles
+
+
 def test_context_limit_errors(pair):
     _, folder = pair
     net = from_folder(folder)

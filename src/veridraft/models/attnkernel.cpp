@@ -262,7 +262,7 @@ struct ScratchH {
     alignas(64) uint16_t vp[BLOCK * HD];          // [BLOCK / 2][HD][2]
     alignas(64) float s[4 * BLOCK];               // one pass's scores, then weights
     alignas(64) uint16_t sp[4 * BLOCK];           // the weights rounded to bfloat16
-    bool live[BLOCK];
+    __mmask16 live16[BLOCK / 16];                 // per 16 keys: which hold a key
     int64_t lo = -1, n = 0, b = -1;
 };
 
@@ -319,7 +319,6 @@ void fill_h(const Rows& R, int64_t t, int64_t h, int64_t j0, int64_t nk, Scratch
             if (j + e < nk)
                 pos = sq < contiguous ? R.lo[t] + sq
                                       : R.ext[h * R.ext_h + t * R.ext_t + (sq - contiguous)];
-            S.live[j + e] = pos >= 0;
             kr[e] = pos < 0 ? nullptr : kbase + pos * hd;
             vr[e] = pos < 0 ? nullptr : vbase + pos * hd;
             // the next block's rows (contiguous runs): in cache by the time this one is reduced
@@ -329,6 +328,10 @@ void fill_h(const Rows& R, int64_t t, int64_t h, int64_t j0, int64_t nk, Scratch
                     _mm_prefetch(reinterpret_cast<const char*>(vr[e] + BLOCK * hd) + c, _MM_HINT_T1);
                 }
         }
+        __mmask16 live = 0;
+        for (int e = 0; e < 16; ++e)
+            if (kr[e]) live |= static_cast<__mmask16>(1u << e);
+        S.live16[j / 16] = live;
         uint32_t* kt = S.kt + j * (KS<HD> / 2);  // group j / 16: KS / 2 vectors of 16 lanes
         for (int c = 0; c < CK; ++c) {
             __m512i r[16];
@@ -391,9 +394,10 @@ void heads_h(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratc
         }
         float* s = S.s + a * BLOCK;
         auto finish = [&](int64_t j, __m512 x) {
-            __mmask16 live = 0;
-            for (int e = 0; e < 16; ++e)  // keys past nk belong to a longer row's fill
-                if (j + e < nk && S.live[j + e]) live |= static_cast<__mmask16>(1u << e);
+            // keys past nk belong to a longer row's fill
+            const __mmask16 live = S.live16[j / 16] &
+                                   (j + 16 <= nk ? __mmask16(0xFFFF)
+                                                 : static_cast<__mmask16>((1u << (nk - j)) - 1));
             x = _mm512_mul_ps(x, _mm512_set1_ps(R.scale));
             if (R.softcap > 0) {
                 alignas(64) float tmp[16];

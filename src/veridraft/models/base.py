@@ -601,6 +601,12 @@ def _attend_causal(
     for which one small call beats two and a merge."""
     t = q.shape[2]
     kc, vc = cache.k[layer], cache.v[layer]
+    if (
+        t > ROWWISE_MAX_T
+        and attnkernel.for_prompts(kc.dtype)
+        and _decode_kernel(cache, layer, q.shape[-1])
+    ):
+        return _attend_prompt_rows(q, kc, vc, start, window, scale, softcap)
     q = q.to(kc.dtype)
     outs = []
     a = start
@@ -625,6 +631,24 @@ def _attend_causal(
                 allowed &= kpos[None, :] > qpos[:, None] - window
             outs.append(_attend(qt, kc[:, :, lo:b], vc[:, :, lo:b], allowed, scale, softcap))
         a = b
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+def _attend_prompt_rows(
+    q: Tensor, kc: Tensor, vc: Tensor, start: int, window: int | None, scale: float, softcap
+) -> Tensor:
+    """Prompt rows through the decode attention kernel (attnkernel.for_prompts), ROWWISE_MAX_T
+    rows a call: each row is what a one-token step at its position computes, so a prompt's
+    rows do not depend on how it is chunked either. The slices bound the kernel's partial
+    results (rows x heads x blocks) at long contexts."""
+    t = q.shape[2]
+    qf = q[0].float()  # [n_h, T, hd]
+    outs = []
+    for a in range(0, t, ROWWISE_MAX_T):
+        b = min(t, a + ROWWISE_MAX_T)
+        pos = torch.arange(start + a, start + b)
+        lo = (pos - window + 1).clamp(min=0) if window is not None else torch.zeros_like(pos)
+        outs.append(attnkernel.rows(qf[:, a:b], kc, vc, lo, pos + 1, None, scale, softcap))
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
