@@ -311,3 +311,46 @@ def test_all_methods_skipped_is_an_error():
             str,
             Protocol(progress=False, log=lambda s: None),
         )
+
+
+class Remembers(Method):
+    """A method whose drafter keeps process memory, as SuffixDecoding's global trie does: each
+    run records whether an earlier run's entry is still there, then leaves its own."""
+
+    def __init__(self, name, seen):
+        super().__init__(name)
+        self.seen = seen
+
+    def run(self, prompt_ids, *, max_new_tokens, temperature, seed):
+        from veridraft.drafters import suffix
+
+        self.seen.append(bool(suffix._GLOBAL))
+        suffix._GLOBAL[("test", len(self.seen))] = object()
+        return RunOutput(ids=[1, 2], wall_s=0.01, prefill_s=0.001)
+
+
+def test_measured_runs_never_draft_from_the_warm_up_or_an_earlier_repeat():
+    from veridraft.drafters import suffix
+
+    suffix._GLOBAL.clear()
+    seen = []
+    qs = [Question(1, "qa", ["a"]), Question(2, "qa", ["b"])]
+    run_protocol(
+        qs,
+        [Remembers("m", seen)],
+        lambda messages: [0],
+        str,
+        Protocol(repeats=2, warmup=1, progress=False, log=lambda s: None),
+    )
+    # warm-up, then per repeat: the first run starts clean, the second keeps the first's entry
+    assert seen == [False, False, True, False, True]
+    suffix._GLOBAL.clear()
+
+
+def test_forgetting_clears_every_drafters_process_memory():
+    from veridraft.drafters import forget_earlier_generations, recycle, suffix
+
+    suffix._GLOBAL["x"] = object()
+    recycle._TABLES[(0, 1, 2)] = object()
+    forget_earlier_generations()
+    assert not suffix._GLOBAL and not recycle._TABLES

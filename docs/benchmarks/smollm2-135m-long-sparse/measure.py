@@ -5,6 +5,7 @@ import argparse, json, time, statistics, platform
 import torch
 import veridraft
 from veridraft.decode import Prefill
+from veridraft.drafters import forget_earlier_generations
 from veridraft.generate import generate_ids
 
 ap = argparse.ArgumentParser()
@@ -48,6 +49,7 @@ for pi, key in enumerate(a.books.split(",")[: a.prompts]):
     if pi == 0:  # warm-up: every method once, short
         for mm in methods:
             generate_ids(m, ids, max_new_tokens=8, draft=None if mm == "ar" else mm, prefilled=pf, warn=False)
+        forget_earlier_generations()  # no measured run drafts from a warm-up's answer
     ref = None
     for mm in methods:
         new, st = generate_ids(m, ids, max_new_tokens=a.new, draft=None if mm == "ar" else mm, prefilled=pf, warn=False)

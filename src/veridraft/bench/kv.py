@@ -25,7 +25,7 @@ import torch
 
 from ..data.retrieval import make_set, score
 from ..decode import Prefill, decode
-from ..drafters import make_drafter
+from ..drafters import forget_earlier_generations, make_drafter
 from ..generate import draft_env
 from ..loader import load
 from ..models.base import Capture
@@ -112,6 +112,9 @@ def run(args: argparse.Namespace) -> dict:
                 rows[f"ar+kv:{spec}"][-1]["tier_bytes"] = out_tier
             compressed[spec] = cc if spec == compose_kv else None
         for d in drafts:
+            # neither run drafts from the other's answer to this prompt (SuffixDecoding's
+            # global trie, Token Recycling's table outlive a generation)
+            forget_earlier_generations()
             out = _run(
                 net, ids, pre_full, tok, make_drafter(d, model, env=env), args.max_new_tokens
             )
@@ -122,6 +125,7 @@ def run(args: argparse.Namespace) -> dict:
                     full.truncate(len(ids))
                     with torch.no_grad():
                         cc = make_press(compose_kv).compress(net, full, cap, room)
+                forget_earlier_generations()
                 drafter = make_drafter(d, model, env=env)
                 out = _run(net, ids, Prefill(ids, cc, logits), tok, drafter, args.max_new_tokens)
                 add(f"{d}+kv:{compose_kv}", item, out, cc.nbytes(), ref)

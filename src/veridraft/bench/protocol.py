@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from ..drafters import forget_earlier_generations
 from ..errors import VeridraftError
 from .base import Method
 from .environment import loadavg
@@ -109,6 +110,8 @@ def run_protocol(
     records: list[dict] = []
     try:
         for r in range(p.repeats):
+            # measured runs never draft from the warm-up's or an earlier repeat's answers
+            forget_earlier_generations()
             for qi, q in enumerate(questions):
                 for pos, m in enumerate(rotated(active, qi + r)):
                     messages: list[dict] = []

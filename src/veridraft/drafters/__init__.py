@@ -50,6 +50,7 @@ __all__ = [
     "RecycleDrafter",
     "SuffixDrafter",
     "UniversalDrafter",
+    "forget_earlier_generations",
     "make_drafter",
     "parse_spec",
     "set_default_env",
@@ -109,6 +110,23 @@ _CLASSES = {
     "RecycleDrafter": "recycle",
     "SuffixDrafter": "suffix",
 }
+
+
+# Modules whose drafters remember earlier generations of the process (SuffixDecoding's global
+# trie of earlier outputs, Token Recycling's hot-start table), each with the dict that holds it.
+_PROCESS_MEMORY = {".suffix": "_GLOBAL", ".recycle": "_TABLES"}
+
+
+def forget_earlier_generations() -> None:
+    """Clear what drafters keep from earlier generations in this process. A benchmark calls it
+    after its warm-up and before each repeat: otherwise the measured run of a question the
+    warm-up (or an earlier repeat) already answered would draft from that very answer."""
+    import sys
+
+    for module, attr in _PROCESS_MEMORY.items():
+        loaded = sys.modules.get(__name__ + module)
+        if loaded is not None:
+            getattr(loaded, attr).clear()
 
 
 def __getattr__(name: str) -> Any:
