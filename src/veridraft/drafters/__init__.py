@@ -11,6 +11,7 @@
     make_drafter("streaming:qwen2.5-coder-0.5b", model)      # a draft model on a sparse view
     make_drafter("recycle", model)                            # Token Recycling (token trees)
     make_drafter("suffix:datastore=stdlib", model)            # SuffixDecoding, plus retrieval
+    make_drafter("hybrid:model:qwen2.5-coder-0.5b", model)   # suffix trees, else a draft model
     make_drafter(my_drafter, model)                           # a Drafter instance: itself
     make_drafter(None, model)                                 # plain decoding: None
 
@@ -100,6 +101,7 @@ DRAFTERS: MutableMapping[str, type] = _Registry(
         "pruned": ".pruned:PrunedDrafter",
         "recycle": ".recycle:RecycleDrafter",
         "suffix": ".suffix:SuffixDrafter",
+        "hybrid": ".hybrid:HybridDrafter",
     }
 )
 _CLASSES = {
@@ -190,9 +192,11 @@ def _is_drafter(obj: Any) -> bool:
 
 def _canonical(cls: type, params: dict[str, Any], where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    # a drafter that wraps another (hybrid) passes the parameters it does not know on to it
+    forwards = getattr(cls, "forwards_params", False)
     for key, value in params.items():
         k = cls.aliases.get(key, key)
-        if k not in cls.params:
+        if k not in cls.params and not forwards:
             raise VeridraftError(
                 f"{cls.name}: unknown parameter {key!r}{where}; valid: {', '.join(cls.params)}"
             )

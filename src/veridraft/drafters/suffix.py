@@ -250,6 +250,9 @@ class SuffixDrafter:
         self._ctx: DecodeContext | None = None
         self._seen = 0  # ids already in the local trie
         self.last_source = ""  # which source the last proposal came from (for tests and stats)
+        self.last_score = 0.0  # the proposed tree's expected accepted tokens (sum of path probs)
+        # drafters of another scope keep another global trie (a hybrid's suffix part)
+        self.scope = ""
 
     @classmethod
     def from_spec(
@@ -277,6 +280,7 @@ class SuffixDrafter:
         # every setting: two differently configured drafters never share earlier outputs, so a
         # benchmark that runs both on one question does not hand the second the first's answer
         return (
+            self.scope,
             self.max_depth,
             self.max_cached,
             self.min_prob,
@@ -328,6 +332,7 @@ class SuffixDrafter:
         if self.cost is not None and self.nodes is None and n:
             n = self.cost.best_nodes(best.probs, context=len(ctx.ids))
         self.last_source = source if n else ""
+        self.last_score = sum(best.probs[:n])
         if n == 0:
             return Draft(tokens=[])
         tokens, parents = best.tokens[:n], best.parents[:n]
