@@ -51,6 +51,33 @@ def test_speedup_formula_and_best_k():
     assert mid.relative(32) == pytest.approx(2.5 * 2)  # beyond the table: proportional
 
 
+def test_costs_are_linear_in_the_context_between_and_beyond_the_measured_ones():
+    c = _cost(0.1)  # the 1000-position row is twice the 100-position one
+    at100, at1000 = c.forward(4, 100), c.forward(4, 1000)
+    assert at1000 == pytest.approx(2 * at100)
+    assert c.forward(4, 550) == pytest.approx((at100 + at1000) / 2)  # between: linear
+    # beyond the longest: along the line through the two longest, per T
+    assert c.forward(4, 1900) == pytest.approx(at1000 + (at1000 - at100))
+    assert c.forward(4, 50) == at100 and c.forward(4) == at100  # below / none: the shortest
+    # where each row's attention grows with the context, a long context makes drafts dearer
+    c.forward_ms[1000] = {t: v + 5.0 * t for t, v in c.forward_ms[100].items()}
+    assert c.relative(8, 16000) > c.relative(8, 1000) > c.relative(8, 100)
+    # a measured figure that falls with the context is never extrapolated downwards
+    c.forward_ms[1000] = {t: v / 2 for t, v in c.forward_ms[100].items()}
+    assert c.forward(4, 5000) == pytest.approx(c.forward(4, 1000))
+
+
+def test_profile_contexts_option(capsys):
+    from veridraft.cli import _contexts
+    from veridraft.errors import VeridraftError
+
+    assert _contexts("1000, 100,8k") == (100, 1000, 8192)
+    with pytest.raises(VeridraftError, match="'x' is not a context length"):
+        _contexts("100,x")
+    with pytest.raises(VeridraftError, match="--contexts is empty"):
+        _contexts(" , ")
+
+
 def test_break_even_alpha():
     mid = _cost(0.1)
     a = mid.break_even_alpha(4)

@@ -71,6 +71,25 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _contexts(text: str) -> tuple[int, ...]:
+    """ "100,1000,8k" -> (100, 1000, 8192): ascending, each >= 1."""
+    out = []
+    for piece in filter(None, (p.strip().lower() for p in text.split(","))):
+        try:
+            n = int(float(piece[:-1]) * 1024) if piece.endswith("k") else int(piece)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise VeridraftError(
+                f"--contexts {text!r}: {piece!r} is not a context length; give positions "
+                "separated by commas, e.g. 100,1000,8k"
+            )
+        out.append(n)
+    if not out:
+        raise VeridraftError("--contexts is empty; e.g. --contexts 100,1000,8k")
+    return tuple(sorted(set(out)))
+
+
 def _profile(args: argparse.Namespace) -> int:
     import torch
 
@@ -87,9 +106,11 @@ def _profile(args: argparse.Namespace) -> int:
             print(f"no cost profile for {model.name} ({model.precision}) on this machine")
             return 1
     else:
+        contexts = _contexts(args.contexts)
         cmd = f"veridraft profile --model {args.model} --precision {args.precision}"
         cmd += f" --threads {torch.get_num_threads()} --repeats {args.repeats}"
-        cost = measure(model, repeats=args.repeats, command=cmd)
+        cmd += f" --contexts {','.join(map(str, contexts))}"
+        cost = measure(model, repeats=args.repeats, contexts=contexts, command=cmd)
         if not args.no_save:
             path = save_cost(model, cost)
             print(f"saved {path}", file=sys.stderr)
@@ -103,10 +124,10 @@ PROFILE_DESCRIPTION = """\
 Measure the cost model of a model on this machine.
 
 Times a target forward over T = 1, 2, 4, 8, 16 new tokens at a short (100) and a long (1000)
-context (interleaved over T, after warm-up; medians), one step of each drafter (ngram lookup,
-layerskip draft forward, the model drafter's forward with the first layers), stores the result
-next to the model and prints it with the speedup speculative decoding would give at acceptance
-rates 0.5-0.9 and the best draft length.
+context, or at those of --contexts (interleaved over T, after warm-up; medians), one step of each
+drafter (ngram lookup, layerskip draft forward, the model drafter's forward with the first
+layers), stores the result next to the model and prints it with the speedup speculative
+decoding would give at acceptance rates 0.5-0.9 and the best draft length.
 """
 
 
@@ -123,6 +144,12 @@ def _add_profile_parser(sub) -> None:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per point (default 7)")
+    p.add_argument(
+        "--contexts",
+        default="100,1000",
+        help="cached positions to time forwards at (default 100,1000; add e.g. 8k or 16k for "
+        "long prompts: between and beyond them the cost model is linear in the context)",
+    )
     p.add_argument("--no-save", action="store_true", help="print only, do not store the file")
     p.add_argument("--show", action="store_true", help="print the stored profile, measure nothing")
     p.set_defaults(func=_profile)

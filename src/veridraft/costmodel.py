@@ -42,6 +42,17 @@ def machine_id(threads: int | None = None) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
+def _at_t(row: dict[int, float], t: float) -> float:
+    """A measured row's ms at t new tokens: linear between measured T, proportional beyond."""
+    ts = sorted(row)
+    if t <= ts[0]:
+        return row[ts[0]]
+    for a, b in zip(ts, ts[1:]):
+        if t <= b:
+            return row[a] + (row[b] - row[a]) * (t - a) / (b - a)
+    return row[ts[-1]] * t / ts[-1]  # beyond the table: proportional (pessimistic)
+
+
 @dataclass
 class CostModel:
     model: str
@@ -62,24 +73,23 @@ class CostModel:
 
     # -- costs --
 
-    def context_for(self, context: int | None) -> int:
-        ctxs = sorted(self.forward_ms)
-        if context is None:
-            return ctxs[0]
-        return min(ctxs, key=lambda c: abs(c - context))
-
     def forward(self, t: float, context: int | None = None, tree: bool = False) -> float:
-        """ms of a forward over t new tokens (linear between measured T, proportional beyond);
+        """ms of a forward over t new tokens (linear between measured T, proportional beyond)
+        at `context` cached positions: linear between the measured contexts, and beyond the
+        longest along the line through the two longest (every row's attention reads each cached
+        position, so a row's cost grows with the context; never below the longest's figure).
         tree=True: over a root and t - 1 tree nodes, when the profile measured trees."""
         table = self.tree_ms if tree and self.tree_ms else self.forward_ms
-        row = table[min(table, key=lambda c: abs(c - (context or min(table))))]
-        ts = sorted(row)
-        if t <= ts[0]:
-            return row[ts[0]]
-        for a, b in zip(ts, ts[1:]):
-            if t <= b:
-                return row[a] + (row[b] - row[a]) * (t - a) / (b - a)
-        return row[ts[-1]] * t / ts[-1]  # beyond the table: proportional (pessimistic)
+        ctxs = sorted(table)
+        if context is None or context <= ctxs[0] or len(ctxs) == 1:
+            return _at_t(table[ctxs[0] if context is None or context <= ctxs[0] else ctxs[-1]], t)
+        for a, b in zip(ctxs, ctxs[1:]):
+            if context <= b:
+                fa, fb = _at_t(table[a], t), _at_t(table[b], t)
+                return fa + (fb - fa) * (context - a) / (b - a)
+        a, b = ctxs[-2], ctxs[-1]
+        fa, fb = _at_t(table[a], t), _at_t(table[b], t)
+        return fb + max(0.0, fb - fa) * (context - b) / (b - a)
 
     def relative(self, t: float, context: int | None = None, tree: bool = False) -> float:
         """cost(T=t) / cost(T=1) (of the same kind: a chain, or a tree)."""
