@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..models.base import Capture
 from ..models.kernels import cpu_name
 from ..presses import PRESSES, full_kv_bytes, make_press, prefill_capture
 from ..sampling import SamplingParams
+from .environment import loadavg
 from .fidelity import first_divergence, token_agreement
 
 MAX_DRAFT = 16
@@ -70,6 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     drafts = [d for d in args.compose.split(",") if d]
     compose_kv = args.compose_kv
     rows: dict[str, list[dict]] = {}
+    args.loads = [loadavg()]  # the 1-minute load average at the start and after each item
 
     def add(name: str, item, out: dict, kv_bytes: int, ref: dict | None) -> None:
         out = {**out, "item": item.id, "kv_bytes": kv_bytes}
@@ -130,6 +133,7 @@ def run(args: argparse.Namespace) -> dict:
                 out = _run(net, ids, Prefill(ids, cc, logits), tok, drafter, args.max_new_tokens)
                 add(f"{d}+kv:{compose_kv}", item, out, cc.nbytes(), ref)
         del full, cap, compressed
+        args.loads.append(loadavg())
         if args.on_item is not None:
             args.on_item(summarize(args, rows, len(items)))
     return summarize(args, rows, len(items))
@@ -166,12 +170,24 @@ def summarize(args: argparse.Namespace, rows: dict[str, list[dict]], n_items: in
         "max_new_tokens": args.max_new_tokens,
         "cpu": cpu_name(),
         "threads": args.threads,
-        "note": "shared machine: tokens/s are noisy; compare ratios measured in this run",
+        "load_average": [x[0] for x in getattr(args, "loads", []) if x],
         "table": table,
         "rows": {
             k: [{kk: vv for kk, vv in r.items() if kk != "ids"} for r in v] for k, v in rows.items()
         },
     }
+
+
+def _load_note(res: dict) -> str:
+    """What the load average says about the run's tokens/s (older results carry a note)."""
+    loads = res.get("load_average")
+    if not loads:
+        return res.get("note", "load average not recorded")
+    return (
+        f"1-minute load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs "
+        "during the run (the run itself counts); ratios measured in this run are the figures "
+        "to compare"
+    )
 
 
 def markdown(res: dict) -> str:
@@ -181,7 +197,8 @@ def markdown(res: dict) -> str:
         f"`{res['command']}`",
         "",
         f"{res['items']} retrieval items ({res['task']}), {res['max_new_tokens']} new tokens, greedy; "
-        f"{res.get('precision', 'fp32')}, {res['cpu']}, {res['threads']} threads, {res['note']}. Every `+kv:` row is **lossy**: "
+        f"{res.get('precision', 'fp32')}, {res['cpu']}, {res['threads']} threads, "
+        f"{_load_note(res)}. Every `+kv:` row is **lossy**: "
         "agreement is the share of generated positions equal to the full model's greedy ids.",
         "",
         "| method | KV MB held | KV ÷ | decode tok/s | vs full ar | vs own compressed ar | "
