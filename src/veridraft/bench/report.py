@@ -65,17 +65,21 @@ def _duration(secs: float) -> str:
 
 
 def _load_warning(env: dict, s: dict, records: list[dict]) -> list[str]:
-    """A note when other processes were competing for the CPU during the run."""
+    """A note when other processes were competing for the CPU during the run. The run's own
+    threads count in the load average (a 2-thread run alone on 2 CPUs reads ~2), so only load
+    beyond them means competition."""
     loads = [r["load_1min"] for r in records if r.get("load_1min") is not None]
     loads += [x[0] for x in (env.get("load_average_start"), env.get("load_average")) if x]
     ncpu = env.get("cpu_count") or 1
+    threads = s.get("threads") or 1
     worst = max(loads, default=0.0)
-    if worst <= max(1.0, ncpu - s.get("threads", 1) + 0.5):
+    if worst <= min(threads, ncpu) + 0.5:
         return []
     mean = sum(loads) / len(loads)
     return [
         f"> **Note:** the 1-minute load average was {mean:.1f} on average (up to {worst:.1f}) on "
-        f"{ncpu} CPUs during this run: other processes competed for the cores, so absolute "
+        f"{ncpu} CPUs during this run, whose own {threads} thread(s) account for "
+        f"{min(threads, ncpu)}: other processes competed for the cores, so absolute "
         "tokens/s are lower and noisier than on a quiet machine. Methods were interleaved per "
         "question, so ratios are less affected than absolute figures.",
         "",
