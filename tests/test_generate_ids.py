@@ -186,3 +186,40 @@ def test_cli_reports_the_default_profile_slowdown_on_stderr_and_in_stats(tiny, c
     assert "\nwarning: layerskip: the tuned profile" in err  # and in the --stats report
     assert main(argv) == 0
     assert "veridraft: warning" not in capsys.readouterr().err  # once per process
+
+
+@pytest.mark.parametrize("draft", ["suffix", "recycle", "hybrid:ngram"])
+def test_tree_drafters_without_a_cost_profile_are_flagged_on_long_prompts(
+    tiny, draft, monkeypatch, capsys
+):
+    monkeypatch.setattr(generate_mod, "LONG_PROMPT", 8)  # the tiny model's context is short
+    ids = tiny.tokenizer.encode(PROMPT)
+    assert len(ids) >= 8
+    _, st = generate_ids(tiny, ids, max_new_tokens=4, draft=draft)
+    assert any("no cost profile sizes its token trees" in w for w in st.warnings)
+    assert any("--contexts 100,1000,1k" in w for w in st.warnings)
+    assert "veridraft: warning:" in capsys.readouterr().err
+
+
+def test_no_long_prompt_flag_when_something_sizes_the_trees(tiny, monkeypatch):
+    monkeypatch.setattr(generate_mod, "LONG_PROMPT", 8)
+    ids = tiny.tokenizer.encode(PROMPT)
+    for draft in ("suffix:nodes=4", "recycle:nodes=4", "ngram"):  # nodes= given; no trees
+        _, st = generate_ids(tiny, ids, max_new_tokens=4, draft=draft)
+        assert not st.warnings, (draft, st.warnings)
+    _, st = generate_ids(tiny, ids[:6], max_new_tokens=4, draft="suffix")  # a short prompt
+    assert not st.warnings
+    cost = CostModel(
+        model=tiny.name,
+        precision="fp32",
+        machine=machine_id(),
+        threads=torch.get_num_threads(),
+        forward_ms={100: {1: 1.0, 2: 1.1, 4: 1.3, 8: 1.8}},
+        draft_ms={},
+    )
+    path = save_cost(tiny, cost)
+    try:
+        _, st = generate_ids(tiny, ids, max_new_tokens=4, draft="suffix")  # a profile sizes them
+        assert not st.warnings
+    finally:
+        path.unlink()

@@ -122,6 +122,28 @@ def slowdown_warning(drafter, model, env: DraftEnv | None = None) -> str | None:
     return None
 
 
+# From this many prompt tokens on, every verified tree node attends over a cache that costs a
+# large share of a step, so tree sizes chosen for short prompts can lose to plain decoding
+# (measured: suffix at 0.50x on a 16k-token prompt without a cost profile).
+LONG_PROMPT = 4096
+
+
+def long_prompt_warning(drafter, model, prompt_tokens: int) -> str | None:
+    """Why a tree drafter may be slower than plain decoding on a long prompt: nothing sizes its
+    trees for the context (no cost profile measured at long contexts, no nodes=), or None."""
+    if drafter is None or prompt_tokens < LONG_PROMPT or not getattr(drafter, "unsized_trees", 0):
+        return None
+    name = getattr(model, "name", None) or "MODEL"
+    precision = getattr(model, "precision", None) or "fp32"
+    k = -(-prompt_tokens // 1024)
+    return (
+        f"{drafter.name}: no cost profile sizes its token trees on this machine, and at "
+        f"{prompt_tokens} prompt tokens every tree node attends over the whole cache, so trees "
+        "sized for short prompts can be slower than plain decoding; run `veridraft profile "
+        f"--model {name} --precision {precision} --contexts 100,1000,{k}k` (or set nodes=)"
+    )
+
+
 def prefill_prompt(model, prompt_ids: Sequence[int], max_new_tokens: int, max_draft: int = 16):
     """Run a prompt through the target once; pass the result to `generate_ids(prefilled=...)`
     to generate from it repeatedly without paying the prefill again."""
@@ -211,7 +233,7 @@ def generate_ids(
     rule = make_rule(verify, tok, vocab, lossless=lossless)
     env = env or draft_env(model)
     drafter = drafters.make_drafter(draft, model, env=env, **draft_options)
-    reason = slowdown_warning(drafter, model, env)
+    reason = slowdown_warning(drafter, model, env) or long_prompt_warning(drafter, model, len(ids))
     if reason and warn and reason not in _WARNED:
         _WARNED.add(reason)
         print(f"veridraft: warning: {reason}", file=sys.stderr)

@@ -76,6 +76,10 @@ class HybridDrafter:
         suffix.scope = "hybrid"
         return cls(suffix, make_drafter(spec(arg, params), model, env), min_score=min_score)
 
+    @property
+    def unsized_trees(self) -> bool:
+        return self.suffix.unsized_trees
+
     def __repr__(self) -> str:
         return f"HybridDrafter({self.fallback!r}, min_score={self.min_score})"
 

@@ -108,6 +108,11 @@ class RecycleDrafter:
             d.cost = env.cost(model)
         return d
 
+    @property
+    def unsized_trees(self) -> bool:
+        """Its trees are sized by neither a cost profile nor `nodes=` (the default 16 nodes)."""
+        return self.cost is None and self.nodes is None
+
     def __repr__(self) -> str:
         return f"RecycleDrafter(topk={self.topk}, nodes={self.nodes}, max_nodes={self.max_nodes})"
 

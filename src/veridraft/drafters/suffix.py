@@ -270,6 +270,11 @@ class SuffixDrafter:
             d.store = env.datastore(d.datastore_name, model)
         return d
 
+    @property
+    def unsized_trees(self) -> bool:
+        """Its trees are sized by neither a cost profile nor `nodes=` (the paper's limits)."""
+        return self.cost is None and self.nodes is None
+
     def __repr__(self) -> str:
         return (
             f"SuffixDrafter(max_depth={self.max_depth}, min_prob={self.min_prob}, "
