@@ -9,6 +9,7 @@ import pytest
 from test_harness_e2e import make_tiny
 
 from veridraft.bench import humaneval, passk
+from veridraft.bench.report import rewrite_report
 from veridraft.bench.run import run_bench
 from veridraft.errors import VeridraftError
 
@@ -65,6 +66,10 @@ def test_humaneval_suite_reports_pass_at_1_per_method(tmp_path, fake_problems):
     assert res["peak_rss_after_load_mb"] > 0
     report = (out / "report.md").read_text()
     assert "pass@1" in report and "(even task ids)" in report and "0.33" in report
+    # `veridraft bench report` writes the same report again: pass@1 and fidelity kept
+    (out / "report.md").unlink()
+    rewrite_report(out / "results.json")
+    assert (out / "report.md").read_text() == report
 
 
 def test_humaneval_suite_refuses_a_questions_file(tmp_path, fake_problems):
