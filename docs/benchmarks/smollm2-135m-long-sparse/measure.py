@@ -1,7 +1,7 @@
 """In-process long-context measurement: plain decoding vs sparse-cache drafters on one prefilled
 prompt (prefilled once, in chunks; methods interleaved after a warm-up; decode tokens/s = new
 tokens / (generation time - prefill time); exact = the same ids as plain decoding)."""
-import argparse, json, time, statistics, platform
+import argparse, json, os, time, statistics, platform
 import torch
 import veridraft
 from veridraft.decode import Prefill
@@ -73,4 +73,6 @@ for mm in methods:
     print(f"{mm:45s} {tps:7.2f} {sp:7.2f}x {tau:5.2f} {ex}/{len(rows[mm])}")
     summary.append(dict(method=mm, tok_s=tps, speedup=sp, tau=tau, exact=ex, n=len(rows[mm])))
 if a.out:
-    json.dump(dict(args=vars(a), cpu=cpu, summary=summary, rows=rows), open(a.out, "w"), indent=1)
+    # file names only: a result is committed and shared, the machine's paths mean nothing there
+    args = {**vars(a), "data": os.path.basename(a.data), "out": os.path.basename(a.out)}
+    json.dump(dict(args=args, cpu=cpu, summary=summary, rows=rows), open(a.out, "w"), indent=1)
