@@ -73,12 +73,11 @@ def _models(args: argparse.Namespace) -> int:
 
 def _contexts(text: str) -> tuple[int, ...]:
     """ "100,1000,8k" -> (100, 1000, 8192): ascending, each >= 1."""
+    from .bench.long import tokens
+
     out = []
     for piece in filter(None, (p.strip().lower() for p in text.split(","))):
-        try:
-            n = int(float(piece[:-1]) * 1024) if piece.endswith("k") else int(piece)
-        except ValueError:
-            n = 0
+        n = tokens(piece) or 0
         if n < 1:
             raise VeridraftError(
                 f"--contexts {text!r}: {piece!r} is not a context length; give positions "

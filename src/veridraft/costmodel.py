@@ -82,7 +82,7 @@ class CostModel:
         table = self.tree_ms if tree and self.tree_ms else self.forward_ms
         ctxs = sorted(table)
         if context is None or context <= ctxs[0] or len(ctxs) == 1:
-            return _at_t(table[ctxs[0] if context is None or context <= ctxs[0] else ctxs[-1]], t)
+            return _at_t(table[ctxs[0]], t)
         for a, b in zip(ctxs, ctxs[1:]):
             if context <= b:
                 fa, fb = _at_t(table[a], t), _at_t(table[b], t)

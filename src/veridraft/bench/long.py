@@ -53,6 +53,16 @@ class Book:
         return "\n\n".join(f"{t}\n\n{x}" for t, x in chs)
 
 
+def tokens(piece: str) -> int | None:
+    """`8k` -> 8192, `7400` -> 7400 (k = 1024); None when `piece` is not a length."""
+    p = piece.strip().lower()
+    mult = 1024 if p.endswith("k") else 1
+    try:
+        return int(float(p[:-1] if mult > 1 else p) * mult)
+    except ValueError:
+        return None
+
+
 def parse_context(text: str | int | Sequence) -> list[int]:
     """`8k`, `2k,4k,8k`, `7400` or a list of those -> token counts (k = 1024)."""
     items = [text] if isinstance(text, int | str) else list(text)
@@ -62,13 +72,11 @@ def parse_context(text: str | int | Sequence) -> list[int]:
             p = p.strip().lower()
             if not p:
                 continue
-            mult = 1024 if p.endswith("k") else 1
-            try:
-                n = int(float(p[:-1] if mult > 1 else p) * mult)
-            except ValueError:
+            n = tokens(p)
+            if n is None:
                 raise VeridraftError(
                     f"--context {p!r} is not a length: give tokens like 8k, 2k,4k,8k or 7400"
-                ) from None
+                )
             if n < 16:
                 raise VeridraftError(f"--context {p!r} is too short: give at least 16 tokens")
             out.append(n)
