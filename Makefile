@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/veridraft models kernels
 	touch $(STAMP)
 
 # llama-cpp-python for the llamacpp:* peers of `veridraft bench`. Not -march=native: that build

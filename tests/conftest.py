@@ -43,7 +43,7 @@ def real_model():
 
     def get(name: str):
         if name not in cache:
-            cache[name] = load(name)
+            cache[name] = load(name, precision="fp32")  # the reference mode
         return cache[name]
 
     return get

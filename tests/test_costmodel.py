@@ -162,7 +162,7 @@ def test_ngram_default_draft_length_comes_from_the_cost_model(tiny_dir):
     from veridraft.drafters import make_drafter
     from veridraft.drafters.ngram import NGRAM_PRIOR_ALPHA
 
-    model = veridraft.load(tiny_dir)
+    model = veridraft.load(tiny_dir, precision="fp32")
     cost = _cost(0.05, model=model.name)
     save_cost(model, cost)
     want = cost.best_k(NGRAM_PRIOR_ALPHA, cost.draft_cost("ngram"))

@@ -11,7 +11,7 @@ from veridraft.cli import main
 
 @pytest.fixture(scope="module")
 def tiny(tiny_smollm2_dir):
-    return veridraft.load(tiny_smollm2_dir("tiny-llama"))
+    return veridraft.load(tiny_smollm2_dir("tiny-llama"), precision="fp32")
 
 
 def _reference_greedy(net, ids, n):

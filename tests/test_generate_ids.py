@@ -19,7 +19,7 @@ from veridraft.sampling import SamplingParams
 
 @pytest.fixture(scope="module")
 def tiny(tiny_smollm2_dir):
-    return veridraft.load(tiny_smollm2_dir("tiny-llama-ids"))
+    return veridraft.load(tiny_smollm2_dir("tiny-llama-ids"), precision="fp32")
 
 
 generate_mod = sys.modules["veridraft.generate"]  # the module; veridraft.generate is the function

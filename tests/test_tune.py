@@ -15,7 +15,9 @@ from veridraft.tune import Config, Space, calibration_questions, probe_configs, 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_smollm2_dir):
-    return veridraft.load(tiny_smollm2_dir("tiny-llama-tune", layers=4, positions=512))
+    return veridraft.load(
+        tiny_smollm2_dir("tiny-llama-tune", layers=4, positions=512), precision="fp32"
+    )
 
 
 @pytest.fixture

@@ -61,6 +61,15 @@ def _models(args: argparse.Namespace) -> int:
         path = pull(args.name)
         print(f"{args.name}: {path}")
         return 0
+    if args.models_cmd == "kernels":
+        from .loader import build_kernels
+        from .models.kernels import cpu_name, isa
+
+        built = build_kernels()
+        print(
+            f"{cpu_name()} ({isa() or 'no AVX2'}): " + (", ".join(built) or "no kernels") + " ready"
+        )
+        return 0
     rows = list_models()
     print(f"{'name':<20} {'pulled':<7} {'size':>9} {'memory fp32 / 16-bit':>21}  description")
     for r in rows:
@@ -106,7 +115,7 @@ def _profile(args: argparse.Namespace) -> int:
             return 1
     else:
         contexts = _contexts(args.contexts)
-        cmd = f"veridraft profile --model {args.model} --precision {args.precision}"
+        cmd = f"veridraft profile --model {args.model} --precision {model.precision}"
         cmd += f" --threads {torch.get_num_threads()} --repeats {args.repeats}"
         cmd += f" --contexts {','.join(map(str, contexts))}"
         cost = measure(model, repeats=args.repeats, contexts=contexts, command=cmd)
@@ -139,7 +148,10 @@ def _add_profile_parser(sub) -> None:
     )
     p.add_argument("--model", "-m", default="smollm2-135m", help="catalog name, GGUF or folder")
     p.add_argument(
-        "--precision", default="fp32", help="fp32 | fp16w | bf16 | q4 | q4a8 (default fp32)"
+        "--precision",
+        default="auto",
+        help="auto (default: the fastest mode this CPU runs for the model) | fp32 | fp16w | "
+        "bf16 | q4 | q4a8",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per point (default 7)")
@@ -200,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument(
-        "--draft", default=None, help="ngram | layerskip | model:NAME | ... (default: none)"
+        "--draft",
+        default="auto",
+        help="auto (default: the drafter expected to win here, or none) | none (plain "
+        "decoding) | suffix | ngram | layerskip | model:NAME | ...",
     )
     g.add_argument(
         "--kv",
@@ -219,9 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--precision",
-        default="fp32",
-        help="fp32 (default) | fp16w | bf16 | q4 (the GGUF's own 4-bit blocks) | q4a8 (q4, "
-        "8-bit activations)",
+        default="auto",
+        help="auto (default: the fastest mode this CPU runs for the model) | fp32 (the "
+        "reference: the original weights) | fp16w | bf16 | q4 (the GGUF's own 4-bit blocks) | "
+        "q4a8 (q4, 8-bit activations)",
     )
     g.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -233,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="list the catalog")
     mp = msub.add_parser("pull", help="download and convert a catalog model")
     mp.add_argument("name")
+    msub.add_parser(
+        "kernels",
+        help="compile veridraft's CPU kernels for this machine now (make setup does; else the "
+        "first load does)",
+    )
     m.set_defaults(func=_models)
 
     add_bench_parser(sub)

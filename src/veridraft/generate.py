@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import drafters, presses
+from .auto import AUTO, LONG_PROMPT, pick_draft
 from .decode import PREFILL_CHUNK, Prefill, decode, prefill
 from .draft import DraftEnv, Drafter
 from .errors import VeridraftError
@@ -24,6 +25,9 @@ from .stats import Stats
 from .verify import Rule
 
 Messages = list[dict]
+
+# draft= values that mean plain decoding (None too)
+NO_DRAFT = ("none", "ar", "")
 
 
 @dataclass
@@ -122,10 +126,6 @@ def slowdown_warning(drafter, model, env: DraftEnv | None = None) -> str | None:
     return None
 
 
-# From this many prompt tokens on, every verified tree node attends over a cache that costs a
-# large share of a step, so tree sizes chosen for short prompts can lose to plain decoding
-# (measured: suffix at 0.50x on a 16k-token prompt without a cost profile).
-LONG_PROMPT = 4096
 
 
 def long_prompt_warning(drafter, model, prompt_tokens: int) -> str | None:
@@ -181,7 +181,9 @@ def generate_ids(
 
     model: a LoadedModel (see `veridraft.load`) or a native network. sampling: a SamplingParams
     instead of temperature/top_k/top_p. seed or generator: the random source (neither: a fresh
-    seed). draft: None (plain decoding), a method spec or a Drafter instance; draft_options go to
+    seed). draft: None / "none" (plain decoding), "auto" (`veridraft.auto`: the drafter expected
+    to win for this prompt in this mode, else none; the choice is in stats.notes), a method spec
+    or a Drafter instance; draft_options go to
     the drafter. eos_ids: ids that end generation (default: the tokenizer's EOS ids; () for
     none). should_stop(new_ids) -> ids to keep, or None to go on; on_tokens(ids) receives
     committed ids as they come. prefilled: from `prefill_prompt` for these prompt_ids.
@@ -216,9 +218,13 @@ def generate_ids(
     if generator is not None and seed is not None:
         raise VeridraftError("pass either seed= or generator=, not both")
     if generator is None:
-        generator = torch.Generator().manual_seed(
-            seed if seed is not None else int(torch.seed() % 2**63)
-        )
+        generator = torch.Generator()
+        # Generator.seed() draws a fresh seed for this generator only: torch.seed() would
+        # reseed the caller's global RNG as a side effect.
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()
     if eos_ids is None:
         eos_ids = getattr(tok, "eos_ids", None) or ()
     if isinstance(draft, str):  # "ngram+loose:topk=5": a drafter and a rule in one spec
@@ -229,9 +235,22 @@ def generate_ids(
                     f"the rule is given twice: {rule_spec!r} in draft= and {verify!r} in verify="
                 )
             verify = rule_spec
+    if isinstance(draft, str) and draft.strip().lower() in NO_DRAFT:
+        draft = None
     vocab = getattr(getattr(net, "config", None), "vocab_size", None)
     rule = make_rule(verify, tok, vocab, lossless=lossless)
     env = env or draft_env(model)
+    chosen: list[str] = []
+    if isinstance(draft, str) and draft.strip().lower() == AUTO:
+        if draft_options:
+            raise VeridraftError(
+                f"draft='auto' takes no drafter options (got {', '.join(draft_options)}); name "
+                "the drafter, e.g. draft='suffix'"
+            )
+        cost = env.cost(model) if env.cost is not None else None
+        choice = pick_draft(model, len(ids), cost, chain_only=rule.lossy)
+        draft = choice.value
+        chosen.append(choice.note("draft"))
     drafter = drafters.make_drafter(draft, model, env=env, **draft_options)
     reason = slowdown_warning(drafter, model, env) or long_prompt_warning(drafter, model, len(ids))
     if reason and warn and reason not in _WARNED:
@@ -276,6 +295,9 @@ def generate_ids(
         stats.notes.append(presses.memory_note(prefilled.cache, net, press))
     if reason:
         stats.warnings.append(reason)
+    if getattr(model, "chosen", ""):
+        chosen.insert(0, model.chosen)
+    stats.notes[:0] = chosen
     if drafter is not None:
         from .costmodel import explain
 
@@ -294,7 +316,7 @@ def generate(
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
     stream: Callable[[str], None] | None = None,
-    draft=None,
+    draft: str | Drafter | None = AUTO,
     chat: bool | None = None,
     kv: str | None = None,
     verify: str | Rule | None = None,
@@ -303,8 +325,10 @@ def generate(
 ) -> Generation:
     """Generate text from a loaded model (see `veridraft.load`).
 
-    draft: None (plain decoding), a method spec such as "ngram", "ngram:num_tokens=8",
-    "layerskip", "model:NAME", or a Drafter instance; draft_options go to the drafter.
+    draft: "auto" (the default: the drafter this machine's costs expect to win for this prompt
+    and mode, else plain decoding; `veridraft.auto`), None or "none" (plain decoding), a method
+    spec such as "suffix", "ngram:num_tokens=8", "layerskip", "model:NAME", or a Drafter
+    instance; draft_options go to the drafter. What "auto" chose is in `stats.notes`.
     stream: called with each new piece of text as soon as it is final.
     kv: a KV-compression press (lossy), e.g. "snapkv:budget=1024" or "adakv:budget=0.25".
     verify: None / "strict" (lossless) or "loose:topk=5,lam=0.7,shift=2,anchor=content"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .auto import AUTO, pick_precision
 from .errors import VeridraftError
 from .models import catalog
 from .tokenizer import Tokenizer
@@ -28,6 +29,8 @@ class LoadedModel:
     net: nn.Module
     tokenizer: Tokenizer
     precision: str
+    # what precision="auto" chose and why (one line), or "" when the caller named the mode
+    chosen: str = ""
 
     @property
     def config(self):
@@ -59,13 +62,48 @@ class LoadedModel:
         )
 
 
-def load_folder(folder: str | Path, precision: str = "fp32", name: str | None = None):
-    """Load a converted / HF folder (config.json, safetensors, tokenizer.json)."""
+def has_gguf(folder: str | Path) -> bool:
+    """True when the 4-bit modes can run from `folder` (its GGUF is on disk)."""
+    from .models.q4 import gguf_source
+
+    try:
+        gguf_source(folder)
+    except VeridraftError:
+        return False
+    return True
+
+
+def build_kernels(precision: str | None = None) -> list[str]:
+    """Compile, once per machine, the kernels a mode runs (all of them for None), so that the
+    compiler runs while a model loads and never inside a generation's timings. Returns the
+    names of those this CPU has (a kernel that cannot build warns once and torch's runs)."""
+    from .models import attnkernel, fused, q4kernel
+
+    built = []
+    if attnkernel.load() is not None:  # every mode's decode attention
+        built.append("attention")
+    if precision in (None, "q4", "q4a8"):
+        if q4kernel.load() is not None:
+            built.append("q4")
+        if fused.load() is not None:
+            built.append("fused q4 forward")
+    return built
+
+
+def load_folder(folder: str | Path, precision: str = AUTO, name: str | None = None):
+    """Load a converted / HF folder (config.json, safetensors, tokenizer.json).
+
+    precision="auto": the fastest mode for this model on this CPU (`veridraft.auto`)."""
     from . import models
 
     folder = Path(folder).expanduser()
+    chosen = ""
+    if precision == AUTO:
+        choice = pick_precision(folder, name or folder.name, has_gguf(folder))
+        precision, chosen = choice.value, choice.note("precision")
     tokenizer = Tokenizer.from_folder(folder)
     net = models.from_folder(folder, precision=precision)
+    build_kernels(precision)
     cfg = getattr(net, "config", None)
     for e in getattr(cfg, "eos_token_ids", None) or ():
         tokenizer.eos_ids.add(int(e))
@@ -75,6 +113,7 @@ def load_folder(folder: str | Path, precision: str = "fp32", name: str | None = 
         net=net,
         tokenizer=tokenizer,
         precision=precision,
+        chosen=chosen,
     )
 
 
@@ -115,8 +154,11 @@ def _hub_folder(repo_id: str) -> Path:
     return Path(path)
 
 
-def load(name_or_path: str | Path, precision: str = "fp32") -> LoadedModel:
-    """Load a model by catalog name, GGUF file path, HF folder path or hub id."""
+def load(name_or_path: str | Path, precision: str = AUTO) -> LoadedModel:
+    """Load a model by catalog name, GGUF file path, HF folder path or hub id.
+
+    precision: "auto" (the fastest mode this CPU runs for the model: `veridraft.auto`), or
+    "fp32" (the reference: the original weights), "fp16w", "bf16", "q4", "q4a8"."""
     spec = str(name_or_path)
     if isinstance(name_or_path, str) and spec in catalog.CATALOG:
         folder = catalog.pull(spec)  # returns at once when already pulled

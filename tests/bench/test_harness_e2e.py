@@ -213,7 +213,7 @@ def test_hf_assisted_peer(tiny_folder, tmp_path, other_tokenizer):
     from veridraft.bench.peers import make_peer
 
     draft = make_tiny(tmp_path / "draft", vocab_size=300 if other_tokenizer else 320, seed=1)
-    model = veridraft.load(str(tiny_folder))
+    model = veridraft.load(str(tiny_folder), precision="fp32")
     ar, assisted = make_peer("hf:ar", model), make_peer(f"hf:assisted:{draft}", model)
     ar.prepare()
     assisted.prepare()

@@ -146,7 +146,7 @@ class HFMethod(Method):
             return str(p)
         import veridraft
 
-        loaded = veridraft.load(self.draft)
+        loaded = veridraft.load(self.draft, precision="fp32")  # transformers reads float32
         return str(loaded.path)
 
     def run(self, prompt_ids, *, max_new_tokens, temperature, seed) -> RunOutput:
