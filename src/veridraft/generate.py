@@ -126,8 +126,6 @@ def slowdown_warning(drafter, model, env: DraftEnv | None = None) -> str | None:
     return None
 
 
-
-
 def long_prompt_warning(drafter, model, prompt_tokens: int) -> str | None:
     """Why a tree drafter may be slower than plain decoding on a long prompt: nothing sizes its
     trees for the context (no cost profile measured at long contexts, no nodes=), or None."""
