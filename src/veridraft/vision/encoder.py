@@ -151,14 +151,18 @@ def rotary_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D RoPE tables (rows, head_dim): the first quarter of the frequencies rotate by h, the
     second by w, and the half is repeated for rotate-half pairing (as in the reference)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2)))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2))
+    )
     freqs = positions[..., None].float() * inv_freq  # (rows, 2, head_dim/4)
     freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
 
-def window_order(config: VisionConfig, grid_thw: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[int]]:
+def window_order(
+    config: VisionConfig, grid_thw: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, list[int]]:
     """2.5-VL windows: a permutation of merged tokens that makes each window contiguous, and
     the window lengths in patch rows. Windows tile each frame's merged grid in
     `window_size / patch / merge` squares from the top-left corner (partial windows at the right
@@ -223,7 +227,9 @@ def _attention(
             j += 1
         size, count = lengths[i], j - i
         end = start + size * count
-        qs, ks, vs = (t[:, start:end].reshape(heads, count, size, -1).transpose(0, 1) for t in (q, k, v))
+        qs, ks, vs = (
+            t[:, start:end].reshape(heads, count, size, -1).transpose(0, 1) for t in (q, k, v)
+        )
         o = F.scaled_dot_product_attention(qs, ks, vs)  # (count, heads, size, head_dim)
         out.append(o.permute(0, 2, 1, 3).reshape(count * size, -1))
         start, i = end, j
@@ -234,8 +240,7 @@ def _attention(
 def _mlp(x: torch.Tensor, w: dict[str, torch.Tensor], b: int, config: VisionConfig) -> torch.Tensor:
     p = f"blocks.{b}.mlp."
     if config.family == "qwen2_vl":
-        h = F.linear(x, w[p + "fc1.weight"], w[p + "fc1.bias"])
-        h = h * torch.sigmoid(1.702 * h) if config.hidden_act == "quick_gelu" else _act(h, config)
+        h = _act(F.linear(x, w[p + "fc1.weight"], w[p + "fc1.bias"]), config)
         return F.linear(h, w[p + "fc2.weight"], w[p + "fc2.bias"])
     gate = _act(F.linear(x, w[p + "gate_proj.weight"], w[p + "gate_proj.bias"]), config)
     up = F.linear(x, w[p + "up_proj.weight"], w[p + "up_proj.bias"])
@@ -243,7 +248,13 @@ def _mlp(x: torch.Tensor, w: dict[str, torch.Tensor], b: int, config: VisionConf
 
 
 def _act(x: torch.Tensor, config: VisionConfig) -> torch.Tensor:
-    acts = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "quick_gelu": lambda h: h * torch.sigmoid(1.702 * h)}
+    # quick_gelu is transformers' QuickGELUActivation (Qwen2-VL's ViT MLP).
+    acts = {
+        "silu": F.silu,
+        "swish": F.silu,
+        "gelu": F.gelu,
+        "quick_gelu": lambda h: h * torch.sigmoid(1.702 * h),
+    }
     if config.hidden_act not in acts:
         raise VeridraftError(
             f"vision activation {config.hidden_act!r} is not supported; use one of {sorted(acts)}"
@@ -263,7 +274,10 @@ def encode(
     `pixel_values` are the concatenated rows of the items in `grid_thw` (processor order); the
     output has `t*h*w/merge**2` rows per item, concatenated in the same order.
     """
-    grid = [tuple(int(v) for v in g) for g in (grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw)]
+    grid = [
+        tuple(int(v) for v in g)
+        for g in (grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw)
+    ]
     rows = sum(t * h * w for t, h, w in grid)
     width = config.in_channels * config.temporal_patch_size * config.patch_size**2
     if pixel_values.shape != (rows, width):
@@ -273,7 +287,9 @@ def encode(
         )
     dtype = weights["patch_embed.proj.weight"].dtype
     x = pixel_values.to(dtype) @ weights["patch_embed.proj.weight"].T
-    cos, sin = rotary_cos_sin(patch_positions(grid, config.spatial_merge_size), config.head_dim, config.rope_theta)
+    cos, sin = rotary_cos_sin(
+        patch_positions(grid, config.spatial_merge_size), config.head_dim, config.rope_theta
+    )
     frames = frame_lengths(grid)
     windows, order = frames, None
     unit = config.spatial_merge_size**2

@@ -189,9 +189,16 @@ def patchify(
         n += pad
     gt, gh, gw = n // temporal_patch_size, height // patch_size, width // patch_size
     x = frames.reshape(
-        gt, temporal_patch_size, c, gh // merge_size, merge_size, patch_size,
-        gw // merge_size, merge_size, patch_size,
-    )  # fmt: skip
+        gt,
+        temporal_patch_size,
+        c,
+        gh // merge_size,
+        merge_size,
+        patch_size,
+        gw // merge_size,
+        merge_size,
+        patch_size,
+    )
     x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
     rows = x.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size)
     return np.ascontiguousarray(rows), (gt, gh, gw)
@@ -346,8 +353,17 @@ def process_video(
     return VisionInput("video", torch.from_numpy(rows), grid, TEMPORAL_PATCH_SIZE / sample_fps)
 
 
-VIDEO_KEYS = ("fps", "nframes", "min_pixels", "max_pixels", "total_pixels", "min_frames",
-              "max_frames", "resized_height", "resized_width")  # fmt: skip
+VIDEO_KEYS = (
+    "fps",
+    "nframes",
+    "min_pixels",
+    "max_pixels",
+    "total_pixels",
+    "min_frames",
+    "max_frames",
+    "resized_height",
+    "resized_width",
+)
 IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 
 
