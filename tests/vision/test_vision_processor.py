@@ -189,6 +189,18 @@ def test_real_video_equals_transformers_decoding_and_processing(sample_video):
     assert small.grid_thw == (2, 10, 12)  # 176x144 kept near size: 168x140
 
 
+def test_pixel_budget_and_requested_sizes():
+    """The total budget caps every frame and a larger max_pixels cannot lift that cap; a
+    requested size is rounded to multiples of 28 (qwen-vl-utils' rules)."""
+    frames = [random_image(280, 280, seed=i) for i in range(4)]
+    budget = dict(min_pixels=28 * 28, total_pixels=50 * 28 * 28)  # 25 tokens' pixels a frame
+    for max_pixels in (None, 100 * 28 * 28):
+        assert P.process_video(frames, max_pixels=max_pixels, **budget).grid_thw == (2, 10, 10)
+    assert P.process_video(frames, max_pixels=9 * 28 * 28, **budget).grid_thw == (2, 6, 6)
+    sized = P.process_content({"image": frames[0], "resized_height": 100, "resized_width": 150})
+    assert sized.grid_thw == (1, 8, 10)
+
+
 def test_frame_count_rules():
     assert P.sample_frame_count(120, 30000 / 1001, fps=2.0) == 8
     assert P.sample_frame_count(120, 30.0, nframes=7) == 8  # rounded to the temporal patch

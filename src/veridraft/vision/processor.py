@@ -215,7 +215,7 @@ def process_image(
     patch, as transformers' Qwen2VLImageProcessor does."""
     frame = load_image(image)
     if resized_height and resized_width:
-        height, width = smart_resize(resized_height, resized_width, FACTOR, 0, 1 << 62)
+        height, width = smart_resize(resized_height, resized_width)
     else:
         height, width = smart_resize(frame.shape[0], frame.shape[1], FACTOR, min_pixels, max_pixels)
     x = normalize(resize(frame, height, width))[None]
@@ -284,13 +284,14 @@ def video_info(path: str | Path) -> tuple[int, float]:
 def read_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:
     """Decode the frames at `indices` (in decode order) as RGB uint8 (n, H, W, 3) with PyAV."""
     av = _import_av()
-    wanted = sorted(set(indices))
+    wanted = set(indices)
+    last = max(wanted)
     got: dict[int, np.ndarray] = {}
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for i, frame in enumerate(container.decode(stream)):
-            if i > wanted[-1]:
+            if i > last:
                 break
             if i in wanted:
                 got[i] = frame.to_ndarray(format="rgb24")
@@ -320,8 +321,9 @@ def process_video(
     A file is sampled with `sample_frame_count` / `sample_frame_indices`; a list of frames is
     used as given (rounded up to the temporal patch by repeating the last frame) and taken to be
     sampled at `fps` (default 2). The per-frame pixel cap is qwen-vl-utils':
-    `max(min(VIDEO_MAX_PIXELS, total_pixels / frames * 2), 1.05 * min_pixels)` unless
-    `max_pixels` is given. `second_per_grid` = temporal patch / sampled frame rate.
+    `max(min(VIDEO_MAX_PIXELS, total_pixels / frames * 2), 1.05 * min_pixels)`, lowered to
+    `max_pixels` when that is smaller. `resized_height` / `resized_width` ask for a size instead
+    (rounded to multiples of 28). `second_per_grid` = temporal patch / sampled frame rate.
     """
     if isinstance(video, str | Path):
         if not Path(video).is_file():
@@ -340,14 +342,13 @@ def process_video(
             f"cannot read a video from a {type(video).__name__}; pass a file path or a list of frames"
         )
     if resized_height and resized_width:
-        height, width = smart_resize(resized_height, resized_width, FACTOR, 0, 1 << 62)
+        height, width = smart_resize(resized_height, resized_width)
     else:
-        if max_pixels is None:
-            budget = total_pixels / len(frames) * TEMPORAL_PATCH_SIZE
-            max_pixels = max(min(VIDEO_MAX_PIXELS, budget), int(min_pixels * 1.05))
-        height, width = smart_resize(
-            frames.shape[1], frames.shape[2], FACTOR, min_pixels, int(max_pixels)
-        )
+        budget = total_pixels / len(frames) * TEMPORAL_PATCH_SIZE
+        cap = max(min(VIDEO_MAX_PIXELS, budget), int(min_pixels * 1.05))
+        # A given max_pixels can lower the per-frame cap, never raise it (qwen-vl-utils).
+        cap = cap if max_pixels is None else min(max_pixels, cap)
+        height, width = smart_resize(frames.shape[1], frames.shape[2], FACTOR, min_pixels, int(cap))
     x = normalize(np.stack([resize(f, height, width) for f in frames]))
     rows, grid = patchify(x)
     return VisionInput("video", torch.from_numpy(rows), grid, TEMPORAL_PATCH_SIZE / sample_fps)
