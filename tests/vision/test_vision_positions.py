@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from veridraft.errors import VeridraftError
-from veridraft.vision.positions import decode_positions, rope_index, vision_positions
+from veridraft.vision.positions import decode_positions, mrope_cos_sin, rope_index, vision_positions
 
 START, IMAGE, VIDEO, END = 3, 4, 5, 6  # the tiny models' vision token ids (6: any text id)
 
@@ -109,3 +109,34 @@ def test_mismatched_grids_name_the_fix():
         rope_index([IMAGE] * 4, [], **kw)
     with pytest.raises(VeridraftError, match="2 image grids"):
         rope_index([IMAGE] * 4, [[1, 4, 4], [1, 4, 4]], **kw)
+
+
+def test_mrope_tables_equal_the_text_models_rotary_embedding(tiny_qwen2_5_vl):
+    """cos/sin of the 3-stream positions equal transformers' text rotary embedding bitwise, and
+    text positions (equal streams) give plain RoPE."""
+    rng = random.Random(2)
+    ids, images, videos, seconds = random_prompt(rng)
+    pos, _ = rope_index(
+        ids,
+        images,
+        videos,
+        seconds,
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        tokens_per_second=2,
+    )
+    rotary = tiny_qwen2_5_vl.model.language_model.rotary_emb
+    x = torch.zeros(1, dtype=torch.float32)
+    want_cos, want_sin = rotary(x, pos[:, None, :])
+    head_dim = 32 // 4
+    got_cos, got_sin = mrope_cos_sin(pos, head_dim, 1e6, [2, 1, 1])
+    assert torch.equal(got_cos, want_cos[0]) and torch.equal(got_sin, want_sin[0])
+
+    text = torch.arange(50).expand(3, -1)
+    inv = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    plain = torch.arange(50).float()[:, None] * inv
+    assert torch.equal(
+        mrope_cos_sin(text, head_dim, 1e6, [2, 1, 1])[0], torch.cat([plain] * 2, -1).cos()
+    )
+    with pytest.raises(VeridraftError, match="mrope_section"):
+        mrope_cos_sin(text, head_dim, 1e6, [2, 2, 2])

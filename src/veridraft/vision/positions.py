@@ -133,6 +133,29 @@ def rope_index(
     return positions, delta
 
 
+def mrope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, section: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (L, head_dim) of M-RoPE for (3, L) positions, in the half-split (rotate_half)
+    layout: frequency pair j rotates by the t position for j < section[0], by h for the next
+    section[1] pairs and by w for the last section[2] (sum(section) = head_dim / 2).
+
+    Matches the rotary embedding of transformers' Qwen2-VL / Qwen2.5-VL text model. When the
+    three streams are equal (text) the result is plain RoPE at that position.
+    """
+    if sum(section) != head_dim // 2:
+        raise VeridraftError(
+            f"mrope_section {list(section)} sums to {sum(section)}, not head_dim/2 = "
+            f"{head_dim // 2}; use the model's rope_parameters.mrope_section"
+        )
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    stream = torch.repeat_interleave(torch.arange(3), torch.tensor(list(section)))
+    # Each pair's angle uses its own stream's position; float32 as the reference computes it.
+    angles = positions[stream].T.float() * inv_freq
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos(), emb.sin()
+
+
 def decode_positions(start: int, count: int, delta: int) -> torch.Tensor:
     """(3, count) positions of tokens start..start+count-1 after the prompt: `n + delta` on all
     three streams (what the reference does from the cached `rope_deltas`)."""

@@ -349,7 +349,8 @@ def process_video(
         # A given max_pixels can lower the per-frame cap, never raise it (qwen-vl-utils).
         cap = cap if max_pixels is None else min(max_pixels, cap)
         height, width = smart_resize(frames.shape[1], frames.shape[2], FACTOR, min_pixels, int(cap))
-    x = normalize(np.stack([resize(f, height, width) for f in frames]))
+    # Frame by frame: normalize's float64 step on a whole long video would double its memory.
+    x = np.stack([normalize(resize(f, height, width)) for f in frames])
     rows, grid = patchify(x)
     return VisionInput("video", torch.from_numpy(rows), grid, TEMPORAL_PATCH_SIZE / sample_fps)
 
