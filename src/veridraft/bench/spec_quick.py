@@ -3,7 +3,7 @@
     python -m veridraft.bench.spec_quick                       # smollm2-135m, 5 per group
     python -m veridraft.bench.spec_quick --methods ar,ngram,layerskip:attn=8-20 --per-group 2
 
-Protocol (DESIGN.md "Measuring", Spec-Bench): batch size 1, greedy, first turn of each question
+Protocol (Spec-Bench): batch size 1, greedy, first turn of each question
 (chat template when the model has one), up to --max-new-tokens, stopping at EOS; one process,
 torch threads fixed; a warm-up run per method; then for each question every method runs once, in
 an order rotated per question (interleaved), so slow drifts of the machine hit all methods alike.
