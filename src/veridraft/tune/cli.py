@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 
+from ..defaults import DEFAULT_MODEL
 from ..errors import VeridraftError
 from . import __doc__ as tune_doc
 
@@ -29,7 +30,7 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_layerskip_args(t: argparse.ArgumentParser) -> None:
-    t.add_argument("--model", "-m", default="smollm2-135m", help="catalog name, GGUF or HF folder")
+    t.add_argument("--model", "-m", default=DEFAULT_MODEL, help="catalog name, GGUF or HF folder")
     t.add_argument(
         "--calib",
         default=None,
