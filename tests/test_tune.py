@@ -162,7 +162,14 @@ def test_cli_runs_a_small_search(tiny, calib, home, capsys):
     assert rc == 0
     assert capsys.readouterr().out.strip() == str(out)
     prof = load_profile(out)
-    assert prof.command.startswith("veridraft ") or prof.command
+    # The command that reproduces the run, from the arguments main() was given (not sys.argv,
+    # which is pytest's here); defaults are left out, paths are stored portable.
+    words = prof.command.split()
+    assert words[:5] == ["veridraft", "tune", "layerskip", "--model", words[4]]
+    assert words[4].endswith(tiny.path.name)
+    for option in ("--prompts 2", "--max-new-tokens 6", "--iters 3", "--final-top 1"):
+        assert f" {option} " in f" {prof.command} "
+    assert words[-1] == "--no-progress" and "--seed" not in words
     assert (home / "p.trials.jsonl").is_file()
 
 

@@ -123,21 +123,28 @@ def test_draft_mass_outside_target_support():
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("which", ["likely", "unlikely"])
+@pytest.mark.parametrize("which", ["likely", "unlikely-first", "unlikely-second"])
 def test_point_mass_emits_p(setting, which):
+    """Point-mass drafts [x0, x1]: the first emitted token is distributed as p[0], and the second
+    (in rounds that accepted x0) as p[1], for a likely and an unlikely (maybe p = 0) token at
+    each position."""
     sp = SETTINGS[setting]
     v = 12
     logits = random_logits(v, 3, seed=11)
     p = probs(logits, sp).numpy()
-    order = np.argsort(-p[0])
-    x0 = int(order[0] if which == "likely" else order[-1])  # "unlikely" may have p = 0
-    x1 = int(np.argmax(p[1]))
+    top0, top1 = int(np.argmax(p[0])), int(np.argmax(p[1]))
+    x0 = int(np.argmin(p[0])) if which == "unlikely-first" else top0
+    x1 = int(np.argmin(p[1])) if which == "unlikely-second" else top1
     first, second = emitted(
         verify_speculative, logits, None, sp, N_DRAWS, seed=2, point_mass=[x0, x1]
     )
     assert chi2_pvalue(first, p[0]) > ACCEPT_P
-    if second.sum() > 1000:
-        assert chi2_pvalue(second, p[1]) > ACCEPT_P
+    # The second token follows exactly the rounds that accepted x0.
+    assert second.sum() == first[x0]
+    if which == "unlikely-first":
+        return  # too few accepted rounds to test p[1]; the other two cases test it
+    assert second.sum() > 1000, "x0 is p[0]'s mode: most rounds accept it"
+    assert chi2_pvalue(second, p[1]) > ACCEPT_P
 
 
 def test_wrong_point_mass_residual_is_caught():

@@ -1,4 +1,4 @@
-"""The draft -> verify -> accept -> roll back loop (DESIGN.md). Plain decoding is the same loop
+"""The draft -> verify -> accept -> roll back loop (docs/design.md). Plain decoding is the same loop
 with no drafter: every round verifies an empty draft and emits one token.
 """
 

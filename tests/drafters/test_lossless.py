@@ -1,4 +1,4 @@
-"""Losslessness of every drafter, both ways (DESIGN.md "Lossless").
+"""Losslessness of every drafter, both ways (docs/design.md, "Lossless").
 
 Sampling, on a tiny random Llama (vocab 16): the joint distribution of the first 3 generated
 tokens with each drafter fits the exact distribution computed exhaustively from the model (the
@@ -7,6 +7,8 @@ from). Greedy, on both catalog models: output ids equal plain decoding's on Spec
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -24,8 +26,15 @@ from drafting_helpers import (
 )
 
 from veridraft.decode import decode
-from veridraft.drafters import LayerSkipDrafter, ModelDrafter, NgramDrafter, make_drafter
+from veridraft.drafters import (
+    LayerSkipDrafter,
+    ModelDrafter,
+    NgramDrafter,
+    draft_head,
+    make_drafter,
+)
 from veridraft.drafters.base import Draft
+from veridraft.drafters.draft_head import SubsetHead
 from veridraft.drafters.model import truncate_layers
 from veridraft.models.base import Skip
 from veridraft.sampling import SamplingParams
@@ -79,50 +88,59 @@ def _logits16(seed: int = 5) -> torch.Tensor:
     return torch.randn(16, generator=torch.Generator().manual_seed(seed)) * 1.5
 
 
-def _drafters(net):
-    return {
-        "ngram": lambda: NgramDrafter(num_tokens=4, max_ngram=2),
-        "layerskip-q": lambda: LayerSkipDrafter(Skip(attn={1, 2}, mlp={2}), gamma=0.0),
-        "layerskip-q-subset-head": lambda: LayerSkipDrafter(
-            Skip(attn={1, 2}, mlp={2}), gamma=0.0, draft_vocab=6
-        ),
-        "layerskip-pointmass": lambda: LayerSkipDrafter(
-            Skip(attn={1, 2}, mlp={2}), gamma=0.0, draft_sampling=False
-        ),
-        "layerskip-default": lambda: make_drafter("layerskip", net),
-        "model-dynamic": lambda: ModelDrafter(truncate_layers(net, 2), mode="dynamic"),
-        "model-fixed-greedy-draft": lambda: ModelDrafter(
-            truncate_layers(net, 1), mode="fixed", num_tokens=3, draft_sampling=False
-        ),
-        "model-subset-head": lambda: ModelDrafter(
-            truncate_layers(net, 2), mode="fixed", num_tokens=3, draft_vocab=5
-        ),
-        "honest-fixed-dist": lambda: FixedDistDrafter(_logits16(), _logits16()),
-    }
+# The production default head: `draft_vocab="auto"` picks the subset head (draft_head.py) for
+# vocabularies of at least 2 x AUTO_DRAFT_VOCAB ids (both catalog models). The tiny model's 16
+# ids get it when AUTO_DRAFT_VOCAB is 6 (ids 0-5 plus the context's), in the "-auto-head" cases.
+AUTO_HEAD = 6
+
+DRAFTERS = {
+    "ngram": lambda net: NgramDrafter(num_tokens=4, max_ngram=2),
+    "layerskip-q": lambda net: LayerSkipDrafter(Skip(attn={1, 2}, mlp={2}), gamma=0.0),
+    "layerskip-q-subset-head": lambda net: LayerSkipDrafter(
+        Skip(attn={1, 2}, mlp={2}), gamma=0.0, draft_vocab=6
+    ),
+    "layerskip-pointmass": lambda net: LayerSkipDrafter(
+        Skip(attn={1, 2}, mlp={2}), gamma=0.0, draft_sampling=False
+    ),
+    "layerskip-default": lambda net: make_drafter("layerskip", net),
+    "layerskip-default-auto-head": lambda net: make_drafter("layerskip", net),
+    "model-dynamic": lambda net: ModelDrafter(truncate_layers(net, 2), mode="dynamic"),
+    "model-fixed-greedy-draft": lambda net: ModelDrafter(
+        truncate_layers(net, 1), mode="fixed", num_tokens=3, draft_sampling=False
+    ),
+    "model-subset-head": lambda net: ModelDrafter(
+        truncate_layers(net, 2), mode="fixed", num_tokens=3, draft_vocab=5
+    ),
+    "model-default-auto-head": lambda net: ModelDrafter(truncate_layers(net, 2)),
+    "honest-fixed-dist": lambda net: FixedDistDrafter(_logits16(), _logits16()),
+}
+
+
+def _uses_subset_head(drafter) -> bool:
+    return isinstance(getattr(drafter, "_head", None), SubsetHead)
+
+
+@contextmanager
+def _auto_head(which: str):
+    """AUTO_DRAFT_VOCAB lowered for the "-auto-head" cases, for as long as the drafter runs (the
+    head is chosen at the first prefill)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if which.endswith("-auto-head"):
+            mp.setattr(draft_head, "AUTO_DRAFT_VOCAB", AUTO_HEAD)
+        yield
 
 
 N_SAMPLES = {"model-dynamic": 1500, "model-fixed-greedy-draft": 1500}
 
 
 @pytest.mark.filterwarnings("ignore:layerskip")
-@pytest.mark.parametrize(
-    "which",
-    [
-        "plain",
-        "ngram",
-        "layerskip-q",
-        "layerskip-q-subset-head",
-        "layerskip-pointmass",
-        "model-dynamic",
-        "model-fixed-greedy-draft",
-        "honest-fixed-dist",
-    ],
-)
+@pytest.mark.parametrize("which", ["plain", *DRAFTERS])
 def test_sampling_distribution_matches_exact(tiny, which):
     net, joint = tiny
-    drafter = None if which == "plain" else _drafters(net)[which]()
     n = N_SAMPLES.get(which, 2000)
-    counts = sample_first(net, PROMPT, drafter, n, N_TOKENS, SAMPLING, seed=1)
+    with _auto_head(which):
+        drafter = None if which == "plain" else DRAFTERS[which](net)
+        counts = sample_first(net, PROMPT, drafter, n, N_TOKENS, SAMPLING, seed=1)
     assert chi2_pvalue(counts, joint) > ACCEPT_P
 
 
@@ -130,18 +148,21 @@ def test_sampling_distribution_matches_exact(tiny, which):
 def test_drafters_do_propose_on_the_tiny_model(tiny):
     """The sampling tests above must exercise acceptance and rejection, not empty drafts."""
     net, _ = tiny
-    for which, make in _drafters(net).items():
-        drafter = make()
-        _, stats = decode(
-            net,
-            PROMPT,
-            max_new_tokens=40,
-            sampling=SAMPLING,
-            generator=torch.Generator().manual_seed(0),
-            drafter=drafter,
-        )
+    for which, make in DRAFTERS.items():
+        with _auto_head(which):
+            drafter = make(net)
+            _, stats = decode(
+                net,
+                PROMPT,
+                max_new_tokens=40,
+                sampling=SAMPLING,
+                generator=torch.Generator().manual_seed(0),
+                drafter=drafter,
+            )
         assert stats.drafted > 0, which
         assert 0 < stats.accepted < stats.drafted, which
+        # the cases named for a subset head do draft through one, the others not
+        assert _uses_subset_head(drafter) == ("subset-head" in which or "auto-head" in which), which
 
 
 def test_lying_drafter_is_caught(tiny):
@@ -157,17 +178,18 @@ def test_greedy_equals_plain_on_tiny(tiny):
     net, _ = tiny
     greedy = SamplingParams()
     ref, _ = decode(net, PROMPT, max_new_tokens=40, sampling=greedy, generator=torch.Generator())
-    for which, make in _drafters(net).items():
+    for which, make in DRAFTERS.items():
         if which == "honest-fixed-dist":
             continue  # a sampling-only drafter (its tokens ignore the context)
-        out, stats = decode(
-            net,
-            PROMPT,
-            max_new_tokens=40,
-            sampling=greedy,
-            generator=torch.Generator(),
-            drafter=make(),
-        )
+        with _auto_head(which):
+            out, stats = decode(
+                net,
+                PROMPT,
+                max_new_tokens=40,
+                sampling=greedy,
+                generator=torch.Generator(),
+                drafter=make(net),
+            )
         assert out == ref, which
         assert stats.new_tokens == 40
 

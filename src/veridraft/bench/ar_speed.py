@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ..defaults import DEFAULT_MODEL
 from ..errors import VeridraftError
 
 SAMPLE_PROMPTS = [
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--prompts", type=int, default=4, help="number of prompts (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)

@@ -13,20 +13,10 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..models.kernels import cpu_name
 
 # Environment variables that change CPU threading, recorded with every run.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _version_of(dist: str) -> str | None:

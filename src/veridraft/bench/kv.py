@@ -26,6 +26,7 @@ import torch
 
 from ..data.retrieval import make_set, score
 from ..decode import Prefill, decode
+from ..defaults import DEFAULT_MODEL
 from ..drafters import forget_earlier_generations, make_drafter
 from ..generate import draft_env
 from ..loader import load
@@ -221,7 +222,7 @@ def markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m veridraft.bench.kv", description=__doc__)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--precision", default="fp32", help="fp32, fp16w, bf16, q4, q4a8")
     p.add_argument("--context", default="8k")
     p.add_argument("--n", type=int, default=5, help="retrieval items")

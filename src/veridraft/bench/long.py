@@ -102,7 +102,7 @@ def label(n: int) -> str:
 
 
 def default_data_path() -> Path:
-    """`shared/data/long/austen.jsonl` next to the repository, else the copy in the package."""
+    """The novels shipped in the package (or a data checkout's copy: `books_path()`)."""
     return books_path()
 
 

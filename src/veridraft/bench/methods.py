@@ -57,7 +57,12 @@ class VeridraftMethod(Method):
             self.lossless = False
         self.warning = slowdown_warning(d, self.model, self.env)
         if self.warning:
-            print(f"bench: warning: {self.name}: {self.warning}", file=sys.stderr)
+            # the reason names its drafter already ("layerskip: the tuned profile ..."); the
+            # method's spec goes first only when it says more than that name
+            said = self.warning
+            if not said.startswith(f"{self.name}:"):
+                said = f"{self.name}: {said}"
+            print(f"bench: warning: {said}", file=sys.stderr)
 
     def info(self) -> dict:
         return {**super().info(), "warning": self.warning}

@@ -82,11 +82,6 @@ def _hf_tokenizer(folder: str):
     return _TOK_CACHE[folder]
 
 
-def clear_caches() -> None:
-    _HF_CACHE.clear()
-    _TOK_CACHE.clear()
-
-
 class _StepTimer:
     """A transformers streamer that counts generation steps and times the first one."""
 

@@ -1,6 +1,6 @@
 """The Spec-Bench protocol: methods interleaved per question, one record per generated turn.
 
-Protocol (DESIGN.md "Measuring", Spec-Bench):
+Protocol (Spec-Bench; docs/performance/README.md says how to read the figures):
 - batch size 1; warm-up runs first (every method, on the first question);
 - for each question, every method runs back to back (the conversation of a multi-turn question
   included: turn 2 sees the same method's turn-1 answer); the order rotates by one method per

@@ -146,8 +146,9 @@ def select(
 
 
 def default_questions_path() -> Path:
-    """`../shared/data/spec_bench_dev.jsonl`, looked up from the working directory and from the
-    package's repository, else the copy shipped in the package."""
+    """The Spec-Bench question set: the copy shipped in the package
+    (`veridraft/bench/data/spec_bench_dev.jsonl`). A data checkout's copy of the same file, found
+    from the working directory or the package's repository, is taken first when present."""
     rel = Path("shared") / "data" / "spec_bench_dev.jsonl"
     here = Path(__file__).resolve()
     bases = [Path.cwd(), *Path.cwd().parents[:2], *here.parents[2:6]]
@@ -157,13 +158,12 @@ def default_questions_path() -> Path:
             c = c.resolve()
             if c not in candidates:
                 candidates.append(c)
-    # The copy shipped in the package, when no checkout of shared/ is around.
+    # The copy shipped in the package: the default wherever no data checkout is around.
     candidates.append(here.parent / "data" / "spec_bench_dev.jsonl")
     for c in candidates:
         if c.is_file():
             return c
     raise VeridraftError(
-        "no questions file given and the default ../shared/data/spec_bench_dev.jsonl was not "
-        f"found (looked in {', '.join(str(c.parent) for c in candidates[:3])}, ...); "
-        "pass --questions FILE"
+        "no questions file given and the question set shipped in the package "
+        f"({candidates[-1]}) is missing; reinstall veridraft or pass --questions FILE"
     )

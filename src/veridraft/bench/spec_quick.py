@@ -3,7 +3,7 @@
     python -m veridraft.bench.spec_quick                       # smollm2-135m, 5 per group
     python -m veridraft.bench.spec_quick --methods ar,ngram,layerskip:attn=8-20 --per-group 2
 
-Protocol (DESIGN.md "Measuring", Spec-Bench): batch size 1, greedy, first turn of each question
+Protocol (Spec-Bench): batch size 1, greedy, first turn of each question
 (chat template when the model has one), up to --max-new-tokens, stopping at EOS; one process,
 torch threads fixed; a warm-up run per method; then for each question every method runs once, in
 an order rotated per question (interleaved), so slow drifts of the machine hit all methods alike.
@@ -31,31 +31,14 @@ import time
 
 import torch
 
+from ..defaults import DEFAULT_MODEL
 from ..errors import VeridraftError
 from ..generate import generate_ids, prompt_ids_for
 from ..sampling import SamplingParams
+from .methods import split_methods
 from .questions import SPEC_BENCH_GROUPS, default_questions_path, load_questions, select
 
 DEFAULT_METHODS = "ar,ngram,layerskip,model:{model}-l8"
-
-
-def split_methods(text: str) -> list[str]:
-    """Split on "|" if present, else on commas that start a new method (a piece whose head is
-    a known method name); parameters with commas stay with their method."""
-    from ..drafters import DRAFTERS
-
-    if "|" in text:
-        return [p.strip() for p in text.split("|") if p.strip()]
-    known = {"ar", *DRAFTERS}
-    out: list[str] = []
-    for p in (s.strip() for s in text.split(",")):
-        if not p:
-            continue
-        if p.split(":", 1)[0].strip().lower() not in known and out:
-            out[-1] += "," + p
-        else:
-            out.append(p)
-    return out
 
 
 def _loadavg() -> str:
@@ -206,7 +189,7 @@ def table(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m veridraft.bench.spec_quick", description=__doc__)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument(
         "--methods",
         default=None,
@@ -225,10 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    methods = split_methods(args.methods or DEFAULT_METHODS.format(model=args.model))
-    if "ar" not in methods:
-        methods.insert(0, "ar")
     try:
+        # "|" separates methods too, so candidate skip sets read as written
+        methods = split_methods(
+            (args.methods or DEFAULT_METHODS.format(model=args.model)).split("|")
+        )
+        if "ar" not in methods:
+            methods.insert(0, "ar")
         res = run(
             args.model,
             methods,

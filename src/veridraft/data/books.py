@@ -1,8 +1,8 @@
 """The long-document text: four public-domain Jane Austen novels split into chapters.
 
-`books_path()` finds `shared/data/long/austen.jsonl` from the working directory or the
-package's repository, else the gzipped copy shipped in the package (AUSTEN_README.md);
-`read_lines()` reads either form.
+`books_path()` gives the gzipped copy shipped in the package (AUSTEN_README.md), unless a data
+checkout's plain `austen.jsonl`, found from the working directory or the package's repository, is
+around; `read_lines()` reads either form.
 """
 
 from __future__ import annotations

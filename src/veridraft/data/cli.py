@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..defaults import DEFAULT_MODEL
 from ..errors import VeridraftError
 
 
@@ -21,7 +22,7 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
             "depths, the keys asked and the exact values expected."
         ),
     )
-    r.add_argument("--tokenizer", default="smollm2-135m", help="catalog model or folder")
+    r.add_argument("--tokenizer", default=DEFAULT_MODEL, help="catalog model or folder")
     r.add_argument("--context", default="4k", help="2k | 4k | 8k | 16k | 32k | a token count")
     r.add_argument("--n", type=int, default=20, help="items per task (default 20)")
     r.add_argument("--seed", type=int, default=0)

@@ -127,7 +127,7 @@ def parse_context(value: int | str) -> int:
 
 
 def default_haystack_path() -> Path:
-    """`shared/data/long/austen.jsonl` next to the repository, else the copy in the package."""
+    """The novels shipped in the package (or a data checkout's copy: `books_path()`)."""
     return books_path()
 
 

@@ -23,6 +23,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..defaults import DEFAULT_MODEL
+
 
 @dataclass
 class Result:
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "--base-url", default=None, help="a running server's /v1 URL (default: start one)"
     )
     p.add_argument("--api-key", default=os.environ.get("VERIDRAFT_API_KEY", "none"))
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--concurrency", default="1,4,16", help="client counts, comma-separated")

@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 
+from ..defaults import DEFAULT_MODEL
 from ..errors import VeridraftError
 from . import __doc__ as tune_doc
 
@@ -23,13 +24,19 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
         help="search the attention / MLP sub-layers that self-speculation skips",
         description=(tune_doc or "").split("\n\n")[0],
     )
-    t.add_argument("--model", "-m", default="smollm2-135m", help="catalog name, GGUF or HF folder")
+    _add_layerskip_args(t)
+    t.set_defaults(func=_tune_cli)
+    return p
+
+
+def _add_layerskip_args(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--model", "-m", default=DEFAULT_MODEL, help="catalog name, GGUF or HF folder")
     t.add_argument(
         "--calib",
         default=None,
         metavar="FILE",
         help="Spec-Bench-format JSONL of calibration questions "
-        "(default ../shared/data/spec_bench_dev.jsonl)",
+        "(default: the Spec-Bench questions shipped in the package)",
     )
     t.add_argument("--prompts", type=int, default=8, metavar="N", help="calibration prompts (8)")
     t.add_argument(
@@ -72,8 +79,22 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--final-top", type=int, default=3, metavar="N", help="re-measured at the end")
     t.add_argument("--final-rounds", type=int, default=2, metavar="R")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(func=_tune_cli)
-    return p
+
+
+def tune_command(args: argparse.Namespace) -> str:
+    """The command that reproduces this run: `veridraft tune layerskip` and every option whose
+    value differs from its default, in the parser's order. Built from the parsed arguments, not
+    sys.argv, which is another program's when `main()` is called with a list."""
+    blank = argparse.ArgumentParser(add_help=False)
+    _add_layerskip_args(blank)
+    words = ["veridraft", "tune", "layerskip"]
+    for dest, default in vars(blank.parse_args([])).items():
+        value = getattr(args, dest, default)
+        if value == default:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return shlex.join(words)
 
 
 def _tune_cli(args: argparse.Namespace) -> int:
@@ -82,8 +103,7 @@ def _tune_cli(args: argparse.Namespace) -> int:
     # Imported on use: tuning needs torch and the models, `veridraft tune --help` does not.
     from .search import tune_layerskip
 
-    argv = sys.argv[1:]
-    command = "veridraft " + shlex.join(argv) if argv else "veridraft tune layerskip"
+    command = tune_command(args)
     res = tune_layerskip(
         args.model,
         calib=args.calib,
