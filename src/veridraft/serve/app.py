@@ -107,7 +107,7 @@ def create_app(model, config: ServerConfig) -> FastAPI:
         ("GET", "/health", health),
         ("GET", "/metrics", prometheus),
     ):
-        app.add_api_route(path, handler, methods=[method])
+        app.add_api_route(path, handler, methods=[method], response_model=None)
     return app
 
 
