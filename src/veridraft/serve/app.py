@@ -225,7 +225,7 @@ async def prometheus(request: Request) -> Response:
 
 async def read(request: Request, cls):
     """The request's body as `cls`, once its API key is checked (a bad key wins over a bad
-    body: nothing about the request is revealed to a client without the key)."""
+    body: a client without the key learns nothing about the request schema)."""
     authorize(request, _served(request).config)
     return parse_request(cls, await request.body())
 
