@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from veridraft.bench.cli import add_bench_parser, run_bench_cli
 from veridraft.bench.report import compare_files
-from veridraft.bench.run import run_bench
+from veridraft.bench.run import BenchConfig, run_bench
 from veridraft.errors import VeridraftError
 
 CHAT = (
@@ -92,8 +92,7 @@ def tiny_folder(tmp_path_factory):
 def test_short_run_writes_all_three_files(tiny_folder, tmp_path):
     out = tmp_path / "bench"
     msgs = []
-    res = run_bench(
-        str(tiny_folder),
+    cfg = BenchConfig(
         "ar,ngram,hf:ar,llamacpp:ar",
         tiny_folder / "questions.jsonl",
         max_new_tokens=24,
@@ -102,8 +101,8 @@ def test_short_run_writes_all_three_files(tiny_folder, tmp_path):
         threads=1,
         progress=False,
         command="veridraft bench (test)",
-        log=msgs.append,
     )
+    res = run_bench(str(tiny_folder), cfg, log=msgs.append)
     assert {p.name for p in out.iterdir()} >= {"results.json", "report.md", "speedup.png"}
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "records.partial.jsonl").exists()  # removed once results.json is written
@@ -202,7 +201,7 @@ def test_bad_questions_file_is_a_clear_error(tiny_folder, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question_id": 1, "category": "qa", "turns": ["x"]}\n{"question": 2}\n')
     with pytest.raises(VeridraftError, match=r"bad.jsonl, line 2: missing field"):
-        run_bench(str(tiny_folder), "ar", bad, out=None, progress=False, log=lambda s: None)
+        run_bench(str(tiny_folder), BenchConfig("ar", bad, progress=False), log=lambda s: None)
 
 
 @pytest.mark.parametrize("other_tokenizer", [False, True])

@@ -10,7 +10,7 @@ from test_harness_e2e import make_tiny
 
 from veridraft.bench import humaneval, passk
 from veridraft.bench.report import rewrite_report
-from veridraft.bench.run import run_bench
+from veridraft.bench.run import BenchConfig, run_bench
 from veridraft.errors import VeridraftError
 
 
@@ -42,8 +42,7 @@ def fake_problems(tmp_path, monkeypatch):
 def test_humaneval_suite_reports_pass_at_1_per_method(tmp_path, fake_problems):
     folder = make_tiny(tmp_path / "tiny")
     out = tmp_path / "bench"
-    res = run_bench(
-        str(folder),
+    cfg = BenchConfig(
         "ar,ngram",
         suite="humaneval",
         split="even",
@@ -53,8 +52,8 @@ def test_humaneval_suite_reports_pass_at_1_per_method(tmp_path, fake_problems):
         threads=1,
         progress=False,
         bandwidth=False,
-        log=lambda s: None,
     )
+    res = run_bench(str(folder), cfg, log=lambda s: None)
     assert res["settings"]["question_ids"] == ["HumanEval/0", "HumanEval/2", "HumanEval/4"]
     assert res["settings"]["suite"] == "humaneval" and res["settings"]["split"] == "even"
     # ngram repeats ar's answers (lossless): each distinct answer is tested once
@@ -74,4 +73,4 @@ def test_humaneval_suite_reports_pass_at_1_per_method(tmp_path, fake_problems):
 
 def test_humaneval_suite_refuses_a_questions_file(tmp_path, fake_problems):
     with pytest.raises(VeridraftError, match="exclude each other"):
-        run_bench(str(tmp_path), "ar", tmp_path / "q.jsonl", suite="humaneval")
+        run_bench(str(tmp_path), BenchConfig("ar", tmp_path / "q.jsonl", suite="humaneval"))

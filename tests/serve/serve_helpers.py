@@ -1,4 +1,5 @@
-"""A real `veridraft serve` process on 127.0.0.1 for the end-to-end tests, and raw HTTP."""
+"""A real `veridraft serve` process on 127.0.0.1 for the end-to-end tests, raw HTTP, and a tiny
+random model (with a small trained tokenizer and a chat template) for the in-process tests."""
 
 from __future__ import annotations
 
@@ -105,3 +106,54 @@ def metric_values(url: str) -> dict[tuple[str, tuple], float]:
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "apples, pears, plums, cherries; write a short note about the sea",
+    "hello world: one sentence about rivers, bread, trains and snow",
+]
+
+
+def make_tiny_model(folder: Path, context: int = 128, chat: bool = True) -> Path:
+    """A 2-layer random Llama with a small byte-level BPE tokenizer: generation in milliseconds,
+    real text in and out. `context` is its max_position_embeddings."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    special = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(special))
+    if chat:
+        (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).float().save_pretrained(folder)
+    return folder

@@ -201,6 +201,21 @@ def _wait_metric(server, name, labels, at_least, timeout=20.0):
 ABORT = ("vllm:request_success_total", (("finished_reason", "abort"), ("model_name", MODEL)))
 
 
+def test_tokenize_counts_the_prompt_a_request_gets(server, client, model):
+    """/tokenize gives the ids generation sees (chat template included), so its count is the
+    usage.prompt_tokens of the same request; /detokenize gives the text back."""
+    _, tok, _ = post_json(server.url + "/tokenize", {"model": MODEL, "messages": COPY}, _auth())
+    assert tok["max_model_len"] == model.context_length
+    assert tok["tokens"] == veridraft.generate(model, COPY, max_new_tokens=1).prompt_ids
+    r = client.chat.completions.create(model=MODEL, messages=COPY, max_tokens=2, temperature=0)
+    assert r.usage.prompt_tokens == tok["count"] == len(tok["tokens"])
+    _, back, _ = post_json(server.url + "/detokenize", {"tokens": tok["tokens"]}, _auth())
+    assert back["prompt"] == model.tokenizer.apply_chat_template(COPY)
+    status, err, _ = post_json(server.url + "/tokenize", {"prompt": "x"})  # no key
+    assert status == 401 and err["error"]["code"] == "invalid_api_key"
+    assert get(server.url + "/version")[1] == {"version": veridraft.__version__}
+
+
 def test_client_disconnect_frees_the_engine(server, client):
     before = metric_values(server.url).get(ABORT, 0.0)
     s = client.chat.completions.create(

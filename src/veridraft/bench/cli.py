@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import VeridraftError
 from .base import DEFAULT_METHODS
 from .report import compare_files, overview_text, rewrite_report
+
+if TYPE_CHECKING:
+    from .run import BenchConfig
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -43,7 +47,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="smollm2-135m",
-        help="catalog name, HF folder or GGUF file (default smollm2-135m)",
+        help="catalog name, HF folder or GGUF file (default %(default)s)",
     )
     p.add_argument(
         "--methods",
@@ -57,7 +61,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--questions",
         default=None,
         metavar="FILE",
-        help="Spec-Bench-format JSONL (default ../shared/data/spec_bench_dev.jsonl)",
+        help="Spec-Bench-format JSONL (default: the Spec-Bench dev questions shipped with "
+        "veridraft)",
     )
     p.add_argument(
         "--suite",
@@ -144,21 +149,33 @@ def run_bench_cli(args: argparse.Namespace) -> int:
             print(f"{kind}: {path}")
         return 0
     # Imported on use: the run needs torch and the models, `veridraft bench --help` does not.
-    from .run import default_out_dir, run_bench
+    from .run import run_bench
 
-    out = Path(args.out) if args.out else default_out_dir(args.model)
-    groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None
-    results = run_bench(
-        args.model,
-        args.methods,
-        args.questions,
+    results = run_bench(args.model, bench_config(args))
+    print(overview_text(results))
+    if results.get("long"):
+        from .long import long_table
+
+        print("\n".join(long_table(results["long"])[4:]))
+    for kind, path in results.get("files", {}).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def bench_config(args: argparse.Namespace) -> BenchConfig:
+    """The run's BenchConfig from parsed `veridraft bench` arguments."""
+    from .run import BenchConfig, default_out_dir
+
+    return BenchConfig(
+        methods=args.methods,
+        questions=args.questions,
         limit=args.limit,
-        groups=groups,
+        groups=[g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         repeats=args.repeats,
         warmup=args.warmup,
-        out=out,
+        out=Path(args.out) if args.out else default_out_dir(args.model),
         threads=args.threads,
         seed=args.seed,
         progress=not args.no_progress,
@@ -168,14 +185,6 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         context=args.context,
         tasks=args.tasks,
     )
-    print(overview_text(results))
-    if results.get("long"):
-        from .long import long_table
-
-        print("\n".join(long_table(results["long"])[4:]))
-    for kind, path in results.get("files", {}).items():
-        print(f"{kind}: {path}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

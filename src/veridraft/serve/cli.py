@@ -18,8 +18,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="OpenAI-compatible server (/v1/chat/completions, /v1/completions, "
-        "/v1/models, /health, /metrics). One generation runs at a time (a CPU is fastest at "
-        "batch 1); other requests wait in a first-come, first-served queue.",
+        "/v1/models; vLLM's /tokenize, /detokenize and /version; /health, /metrics). One "
+        "generation runs at a time (a CPU is fastest at batch 1); other requests wait in a "
+        "first-come, first-served queue.",
     )
     s.add_argument(
         "--model", "-m", default="smollm2-135m", help="catalog name, GGUF file or HF folder"
@@ -33,7 +34,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument(
         "--api-key",
         default=os.environ.get("VERIDRAFT_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $VERIDRAFT_API_KEY)",
+        help="require 'Authorization: Bearer KEY' on /v1 routes, /tokenize and /detokenize "
+        "(default: $VERIDRAFT_API_KEY)",
     )
     s.add_argument(
         "--max-queue",

@@ -135,7 +135,42 @@ class ChatRequest(_Common):
     logprobs: Literal[False] | None = None
 
     def chat_messages(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return _as_dicts(self.messages)
+
+
+def _as_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template takes them."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize (vLLM's): a completion's `prompt` or a chat request's `messages`."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+
+    def prompt_or_messages(self) -> tuple[str | list[dict], bool | None]:
+        """(prompt, chat) as the completion (chat=False) or chat (chat=None) route reads it."""
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(
+                400,
+                "send either 'prompt' (raw text, as /v1/completions takes it) or 'messages' "
+                "(as /v1/chat/completions takes them), not "
+                + ("both" if self.prompt is not None else "neither"),
+                param="prompt",
+                code="invalid_value",
+            )
+        if self.prompt is not None:
+            return self.prompt, False
+        return _as_dicts(self.messages), None
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (vLLM's): token ids back to text."""
+
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none"}
@@ -152,7 +187,7 @@ def _param(loc: tuple) -> str:
     return ".".join(parts)
 
 
-def parse_request(cls: type[_Common], body: bytes) -> Any:
+def parse_request(cls: type[_Strict], body: bytes) -> Any:
     """Validate a JSON body; any problem becomes a 400 naming the field."""
     try:
         return cls.model_validate_json(body)
@@ -169,10 +204,15 @@ def parse_request(cls: type[_Common], body: bytes) -> Any:
                 400, "the request body must be a JSON object", code="invalid_value"
             ) from None
         if kind == "extra_forbidden":
+            hint = (
+                "veridraft options go in the 'veridraft' object "
+                '(e.g. {"veridraft": {"draft": "ngram"}})'
+                if "veridraft" in cls.model_fields
+                else f"this route takes {', '.join(map(repr, cls.model_fields))}"
+            )
             raise APIError(
                 400,
-                f"unknown field {loc!r}; veridraft options go in the 'veridraft' object "
-                '(e.g. {"veridraft": {"draft": "ngram"}})',
+                f"unknown field {loc!r}; {hint}",
                 param=loc,
                 code="unknown_parameter",
             ) from None
