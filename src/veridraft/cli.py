@@ -10,6 +10,7 @@ import sys
 
 from .bench.cli import add_bench_parser
 from .data.cli import add_data_parser
+from .defaults import DEFAULT_MODEL
 from .errors import VeridraftError
 from .serve.cli import add_serve_parser
 from .tune.cli import add_tune_parser
@@ -146,7 +147,7 @@ def _add_profile_parser(sub) -> None:
         description=PROFILE_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", "-m", default="smollm2-135m", help="catalog name, GGUF or folder")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="catalog name, GGUF or folder")
     p.add_argument(
         "--precision",
         default="auto",
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text, streaming it to the terminal")
     g.add_argument("prompt", help="the prompt text ('-' reads standard input)")
     g.add_argument(
-        "--model", "-m", default="smollm2-135m", help="catalog name, GGUF file or HF folder"
+        "--model", "-m", default=DEFAULT_MODEL, help="catalog name, GGUF file or HF folder"
     )
     g.add_argument("--max-new-tokens", "-n", type=int, default=256)
     g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..defaults import DEFAULT_MODEL
 from ..errors import VeridraftError
 from .base import DEFAULT_METHODS
 from .report import compare_files, overview_text, rewrite_report
@@ -46,7 +47,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
-        default="smollm2-135m",
+        default=DEFAULT_MODEL,
         help="catalog name, HF folder or GGUF file (default %(default)s)",
     )
     p.add_argument(

@@ -21,7 +21,7 @@ from .metrics import (
     tau_of,
 )
 from .protocol import Protocol, rotated, run_protocol
-from .run import default_out_dir, run_bench
+from .run import BenchConfig, default_out_dir, run_bench
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -45,6 +45,7 @@ __all__ = [
     "make_method",
     "per_question_rates",
     "rotated",
+    "BenchConfig",
     "run_bench",
     "run_bench_cli",
     "run_protocol",

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from ..auto import AUTO
 from ..drafters import DRAFTERS, make_drafter
 from ..errors import VeridraftError
 from ..generate import draft_env, generate_ids, slowdown_warning
@@ -42,6 +43,8 @@ class VeridraftMethod(Method):
     def _drafter(self):
         if self.draft is None:
             return None
+        if self.draft == AUTO:  # generate_ids picks per prompt, as generate() does by default
+            return AUTO
         return make_drafter(self.draft, self.model, env=self.env)
 
     def prepare(self) -> None:
@@ -55,7 +58,7 @@ class VeridraftMethod(Method):
         if self.kv is not None:
             make_press(self.kv)  # fails early on a bad spec
             self.lossless = False
-        self.warning = slowdown_warning(d, self.model, self.env)
+        self.warning = None if d == AUTO else slowdown_warning(d, self.model, self.env)
         if self.warning:
             # the reason names its drafter already ("layerskip: the tuned profile ..."); the
             # method's spec goes first only when it says more than that name
@@ -102,7 +105,7 @@ class VeridraftMethod(Method):
 
 
 def _known_method_names() -> set[str]:
-    return {"ar", *PEER_ENGINES, *DRAFTERS}
+    return {"ar", AUTO, *PEER_ENGINES, *DRAFTERS}
 
 
 def split_methods(text: str | Sequence[str]) -> list[str]:

@@ -170,6 +170,12 @@ async def list_models(request: Request) -> dict:
         "created": 0,
         "owned_by": "veridraft",
         "max_model_len": srv.model.context_length,
+        # what the server runs: its precision and default drafter ("auto" decides per request)
+        "veridraft": {
+            "precision": getattr(srv.model, "precision", None),
+            "precision_choice": getattr(srv.model, "chosen", "") or None,
+            "draft": srv.config.draft or "none",
+        },
     }
     return {"object": "list", "data": [card]}
 
@@ -288,14 +294,17 @@ def check_context(ids: list[int], max_tokens: int | None, ctx: int, chat: bool |
 
 
 async def request_drafter(srv: Served, req):
-    """The drafter a request asks for in `veridraft.draft` (null or "ar": none), else the
-    server's --draft. Built off the event loop: a model drafter may load a model."""
+    """The drafter a request asks for in `veridraft.draft` (null, "ar" or "none": none), else
+    the server's --draft. Built off the event loop: a model drafter may load a model. "auto"
+    stays a spec: generate() picks per prompt (and says what in the request's statistics)."""
     from ..drafters import make_drafter
 
     opts = req.veridraft
     spec = srv.config.draft
     if opts is not None and "draft" in opts.model_fields_set:
-        spec = None if opts.draft in (None, "ar") else opts.draft
+        spec = None if opts.draft in (None, "ar", "none") else opts.draft
+    if spec in ("auto", "none"):
+        return None if spec == "none" else spec
     try:
         return await asyncio.to_thread(make_drafter, spec, srv.model)
     except VeridraftError as e:

@@ -8,6 +8,8 @@ import os
 import sys
 import threading
 
+from ..defaults import DEFAULT_MODEL
+
 # uvicorn's graceful-shutdown timeout is --shutdown-timeout plus this: time for a cancelled
 # job's stream to end and its connection to close before uvicorn cancels what is left
 SHUTDOWN_MARGIN_S = 10.0
@@ -23,12 +25,20 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         "first-come, first-served queue.",
     )
     s.add_argument(
-        "--model", "-m", default="smollm2-135m", help="catalog name, GGUF file or HF folder"
+        "--model", "-m", default=DEFAULT_MODEL, help="catalog name, GGUF file or HF folder"
     )
     s.add_argument(
-        "--draft", default=None, help="default drafter: ngram | layerskip | model:NAME | ..."
+        "--draft",
+        default="auto",
+        help="default drafter: auto (default: chosen per request for its prompt, or none) | "
+        "none | suffix | ngram | layerskip | model:NAME | ...",
     )
-    s.add_argument("--precision", default="fp32", help="fp32 (default) | fp16w | bf16 | q4 | q4a8")
+    s.add_argument(
+        "--precision",
+        default="auto",
+        help="auto (default: the fastest mode this CPU runs for the model) | fp32 (the "
+        "reference) | fp16w | bf16 | q4 | q4a8",
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
@@ -68,7 +78,7 @@ def _print_vllm_config(args: argparse.Namespace) -> int:
 
     from .vllm import speculative_config, vllm_command
 
-    if not args.draft:
+    if not args.draft or args.draft in ("auto", "none"):
         print(
             "veridraft: error: --print-vllm-config needs --draft SPEC (e.g. --draft ngram)",
             file=sys.stderr,
@@ -101,7 +111,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.model, precision=args.precision)
-    make_drafter(args.draft, model)  # a bad --draft fails here, not on the first request
+    if args.draft not in ("auto", "none"):
+        make_drafter(args.draft, model)  # a bad --draft fails here, not on the first request
     # One short generation so the first client does not pay for lazy initialisation.
     generate(model, "Hello", max_new_tokens=2, draft=args.draft)
     names = tuple(dict.fromkeys(n for n in (args.served_model_name, model.name, args.model) if n))
@@ -114,8 +125,8 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     app = create_app(model, config)
     print(
-        f"veridraft: serving {names[0]} ({args.precision}, draft {args.draft or 'none'}) on "
-        f"http://{args.host}:{args.port}/v1",
+        f"veridraft: serving {names[0]} ({model.precision}, draft {args.draft or 'none'}) on "
+        f"http://{args.host}:{args.port}/v1" + (f"; {model.chosen}" if model.chosen else ""),
         file=sys.stderr,
         flush=True,
     )
