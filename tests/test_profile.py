@@ -7,7 +7,7 @@ from drafting_helpers import tiny_llama
 
 from veridraft.profile import accounting_line, precision_advice, step_accounting
 
-# shaped like the AMD EPYC figures of smollm2-135m (docs/performance.md)
+# shaped like the AMD EPYC figures of smollm2-135m (docs/performance/amd-epyc-zen5.md)
 PLAIN = {"fp32": 15.4, "fp16w": 52.2, "bf16": 30.3}
 COST = {
     "fp32": {1: 71.6, 4: 107.1},

@@ -352,7 +352,7 @@ def report(cost: CostModel) -> str:
     return "\n".join(lines)
 
 
-# ---- docs/performance.md: python -m veridraft.profile [--models ...] [--precisions ...] ----
+# ---- docs/performance/: python -m veridraft.profile [--models ...] [--precisions ...] ----
 
 
 def performance_table(
@@ -460,7 +460,7 @@ def precision_advice(plain: dict[str, float], cost: dict[str, dict[int, float]],
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m veridraft.profile",
-        description="the performance table of docs/performance.md",
+        description="the performance table of docs/performance/",
     )
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16w", "bf16"])

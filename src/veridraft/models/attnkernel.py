@@ -58,7 +58,7 @@ def for_prompts(cache_dtype: torch.dtype) -> bool:
     rather than through torch's flash kernel in tiles. Over a bfloat16 cache on a CPU without
     AMX it does: there torch widens the tiles and multiplies in float32, and a prefill of 8,192
     tokens of smollm2-135m spent 19-21 of its 25-27 s in prompt attention on an AMD EPYC (Zen 4),
-    where this kernel's bfloat16 arithmetic takes ~2.5x less (docs/performance.md). With AMX
+    where this kernel's bfloat16 arithmetic takes ~2.5x less (docs/performance/amd-epyc-zen4.md). With AMX
     torch's tiles run on it and stay. ``VERIDRAFT_PROMPT_ATTN=kernel|torch`` overrides."""
     choice = os.environ.get("VERIDRAFT_PROMPT_ATTN", "").strip().lower()
     if choice not in ("", "kernel", "torch"):

@@ -84,7 +84,7 @@ VERIFY_ROWS = 17  # rows of the largest verification forward (decode's max_draft
 # a prompt prefilled in 1024-token chunks differed from one prefilled in one block. A block's
 # rows depend only on the block, and every chunk boundary (decode.PREFILL_CHUNK) is a block
 # boundary. Measured cost: the linears of a 2048-row smollm2-135m layer ~18% slower, ~3% of an
-# 8k prefill (docs/performance.md).
+# 8k prefill (docs/performance/intel-xeon-amx.md).
 ROW_BLOCK = 512
 # (out, in, bias), threads -> rows bf16 matmuls of that shape are padded to (PackedLinear)
 _ROW_FLOORS: dict[tuple, int] = {}

@@ -57,7 +57,7 @@ def load() -> object | None:
     if why:
         warnings.warn(
             f"q4 mode uses torch's int4 kernel: {why}; its forwards over several tokens cost "
-            "several one-token forwards (docs/performance.md)",
+            "several one-token forwards (docs/performance/amd-epyc-zen5.md)",
             stacklevel=3,
         )
     _loaded["module"] = module
