@@ -24,6 +24,8 @@ PATTERNS = {
     "an issue number": re.compile(r"\bissues? #?\d", re.IGNORECASE),
     "the machine's other load": re.compile(r"\bother jobs\b", re.IGNORECASE),
     "an absolute path of the machine": re.compile(r"(?<![\w.~$])/(root|work|home|tmp|Users)/"),
+    # the repository stands alone: its text never sends a reader to files it does not ship
+    "a file outside the repository": re.compile(r"\.\./shared\b|\bDESIGN\.md\b"),
 }
 
 
@@ -61,7 +63,8 @@ def test_the_patterns_catch_what_they_are_for(tmp_path):
     bad.write_text(
         "fine line\nmeasured in Session 4\nsee issue #7\n"
         '"questions_file": "/work/shared/q.jsonl"\nshared with other jobs\n'
-        "one pytest session, 96 dog walking sessions, $VERIDRAFT_HOME/models\n",
+        "one pytest session, 96 dog walking sessions, $VERIDRAFT_HOME/models\n"
+        "the design is in ../shared/DESIGN.md\n",
         encoding="utf-8",
     )
     got = [o.split(": ", 1)[1] for o in offences(bad)]
@@ -70,6 +73,7 @@ def test_the_patterns_catch_what_they_are_for(tmp_path):
         "an issue number",
         "an absolute path of the machine",
         "the machine's other load",
+        "a file outside the repository",
     ]
 
 
