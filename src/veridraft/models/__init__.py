@@ -247,12 +247,16 @@ class _GGUFStateDict(Mapping):
         import numpy as np
         from gguf import GGMLQuantizationType, dequantize
 
-        from .q4 import row_order
+        from .q4 import BLOCKS, row_order
+        from .q4 import dequantize as dequantize_blocks
 
         name = self._gguf[key]
         t = self.file.tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape))  # numpy order: the row length last
-        w = dequantize(t.data.reshape(*shape[:-1], -1), GGMLQuantizationType[t.kind])
+        if t.kind in BLOCKS and len(shape) == 2:  # the same values, faster (an embedding table)
+            w = dequantize_blocks(t.kind, t.data, shape[0], shape[1]).numpy()
+        else:
+            w = dequantize(t.data.reshape(*shape[:-1], -1), GGMLQuantizationType[t.kind])
         arch = self.file.architecture
         if arch == "llama" and name.split(".")[-2] in self.heads:
             w = w[row_order(arch, name, shape[0], self.heads)]
