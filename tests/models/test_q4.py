@@ -588,3 +588,35 @@ def test_a_missing_or_corrupt_gguf_names_the_pull(tmp_path, monkeypatch, precisi
     msg = str(e.value)
     assert "\n" not in msg and msg.endswith("run `veridraft models pull smollm2-135m`"), msg
     assert not catalog.is_pulled("smollm2-135m")
+
+
+def _random_blocks(kind: str, n: int, g) -> np.ndarray:
+    """n random blocks of a type: gguf's quantizer where it has one, else random bytes with
+    finite float16 scales (every byte pattern is a valid K-quant block otherwise)."""
+    qt = GGMLQuantizationType[kind]
+    per = BLOCKS[kind][1]
+    try:
+        w = (g.standard_normal((n, per)) * 0.5).astype(np.float32)
+        return quants.quantize(w, qt).reshape(n, -1)
+    except NotImplementedError:
+        raw = g.integers(0, 256, (n, BLOCKS[kind][0]), dtype=np.uint8)
+        at = {"Q4_K": (0, 2), "Q6_K": (208,)}[kind]
+        for i in at:  # d (and dmin) in 2^-10 .. 2^-4, either sign for d
+            d = np.exp2(g.uniform(-10, -4, n)) * g.choice([-1, 1], n)
+            raw[:, i : i + 2] = d.astype(np.float16).view(np.uint8).reshape(n, 2)
+        return raw
+
+
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_dequantize_is_ggufs_bit_for_bit(kind):
+    """The fast de-quantization (the GGUF's embedding tables and norms in q4 loading) gives
+    gguf's values exactly: what transformers writes into a float32 folder."""
+    from veridraft.models.q4 import dequantize
+
+    g = np.random.default_rng(2)
+    rows, per = 40, BLOCKS[kind][1]
+    cols = 4 * per
+    raw = _random_blocks(kind, rows * 4, g)
+    want = quants.dequantize(raw.reshape(rows, -1), GGMLQuantizationType[kind])
+    got = dequantize(kind, raw, rows, cols).numpy()
+    assert got.shape == (rows, cols) and np.array_equal(got, want)

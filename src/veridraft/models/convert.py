@@ -235,6 +235,23 @@ def _transformers():
             gguf_utils.tqdm = old_tqdm
 
 
+@contextlib.contextmanager
+def _alone(gguf_path: Path):
+    """(folder, file name) of the GGUF in a folder of its own: transformers also reads the
+    config.json and tokenizer files it finds beside the GGUF, and a user's GGUF may sit next to
+    another model's (a pulled folder has its own from a previous pull)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="veridraft-gguf-") as tmp:
+        link = Path(tmp) / gguf_path.name
+        try:
+            link.symlink_to(gguf_path)
+        except OSError:  # no symlinks here: the GGUF's own folder
+            yield str(gguf_path.parent), gguf_path.name
+            return
+        yield tmp, link.name
+
+
 def _unsupported(transformers, gguf_path: Path, summary: dict, e: Exception) -> VeridraftError:
     return VeridraftError(
         f"transformers {transformers.__version__} cannot convert {gguf_path} "
@@ -270,10 +287,10 @@ def write_metadata(
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        folder, fname = str(gguf_path.parent), gguf_path.name
         try:
-            tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-            cfg = AutoConfig.from_pretrained(folder, gguf_file=fname)
+            with _alone(gguf_path) as (folder, fname):
+                tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+                cfg = AutoConfig.from_pretrained(folder, gguf_file=fname)
         except (ValueError, KeyError, NotImplementedError) as e:
             raise _unsupported(transformers, gguf_path, summary, e) from e
         # what save_pretrained of the float32 model records: its class and dtype
@@ -323,9 +340,11 @@ def write_float32(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> P
     with _transformers() as transformers:
         from transformers import AutoModelForCausalLM
 
-        folder, fname = str(gguf_path.parent), gguf_path.name
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype="float32")
+            with _alone(gguf_path) as (folder, fname):
+                model = AutoModelForCausalLM.from_pretrained(
+                    folder, gguf_file=fname, dtype="float32"
+                )
         except (ValueError, KeyError, NotImplementedError) as e:
             raise _unsupported(transformers, gguf_path, summary, e) from e
         # The weights are plain float32 tensors now; transformers still marks the model as

@@ -179,9 +179,8 @@ def decode_blocks(kind: str, raw: np.ndarray, rows: int, cols: int):
     )
 
 
-# w = (u - offset) * s: the types gguf de-quantizes as one product (a sum u * s + z would round
-# twice where u * s is not exact, Q6_K's 6-bit codes times 19-bit scales); the others are
-# u * s + z, as gguf computes them
+# w = (u - offset) * s for the types gguf de-quantizes as one product, u * s + z for the others:
+# gguf's own formulas, so the values match without relying on u * s being exact
 _OFFSET = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128, "Q6_K": 32}
 
 
