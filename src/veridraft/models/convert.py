@@ -16,6 +16,7 @@ one clear message instead of a deep traceback.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import hashlib
 import json
@@ -220,10 +221,23 @@ def _transformers():
 
     old_verbosity = transformers.logging.get_verbosity()
     old_tqdm = getattr(gguf_utils, "tqdm", None)
+    old_load = gguf_utils.load_gguf_checkpoint
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     if old_tqdm is not None:  # the GGUF reader's own bar, not switched by the call above
         gguf_utils.tqdm = lambda it, **kwargs: it
+    # The config and the tokenizer each parse the whole GGUF's metadata (gguf.GGUFReader: ~20 s
+    # for gemma3-270m's 262,144-token vocabulary on a busy 2-core machine): parse it once.
+    parsed: dict[str, dict] = {}
+
+    def load_once(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs:
+            return old_load(path, return_tensors=return_tensors, **kwargs)
+        if str(path) not in parsed:
+            parsed[str(path)] = old_load(path, return_tensors=False)
+        return copy.deepcopy(parsed[str(path)])  # callers may change what they get
+
+    gguf_utils.load_gguf_checkpoint = load_once
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -231,6 +245,7 @@ def _transformers():
     finally:
         transformers.logging.set_verbosity(old_verbosity)
         transformers.utils.logging.enable_progress_bar()
+        gguf_utils.load_gguf_checkpoint = old_load
         if old_tqdm is not None:
             gguf_utils.tqdm = old_tqdm
 
