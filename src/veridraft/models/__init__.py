@@ -337,7 +337,7 @@ def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
 
 def _from_gguf(folder: Path, gguf: Path, cfg: ModelConfig, precision: str) -> Transformer:
     """q4 / q4a8 from the GGUF alone: the linears its blocks, the rest de-quantized."""
-    from .catalog import repair_hint
+    from .convert import repair_hint
     from .q4 import apply_q4
 
     fix = repair_hint(folder)

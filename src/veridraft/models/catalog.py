@@ -42,7 +42,7 @@ MARKER = "veridraft.json"
 FLOAT32_DIR = "float32"  # the float modes' weights inside a model folder
 # seconds per million parameters of a float32 conversion (transformers' de-quantization and the
 # safetensors write), plus the imports: measured on a loaded 2-core machine, a rough estimate
-_CONVERT_S_PER_M = 0.09
+_CONVERT_S_PER_M = 0.12
 _CONVERT_S_FIXED = 10.0
 _CHUNK = 1 << 20
 
@@ -202,23 +202,6 @@ def is_pulled(name: str) -> bool:
 def has_float32(folder: Path) -> bool:
     """The folder holds float32 weights: its own safetensors, or the copy made from its GGUF."""
     return any(folder.glob("*.safetensors")) or is_complete(folder / FLOAT32_DIR)
-
-
-def repair_hint(folder: Path) -> str:
-    """How to get a model folder's GGUF back: pulling again for a catalog model, loading the
-    GGUF file again for a user's."""
-    folder = Path(folder)
-    if folder.name in CATALOG and folder.parent.resolve() == models_dir().resolve():
-        return f"run `veridraft models pull {folder.name}`"
-    try:
-        meta = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
-        meta = {}
-    if meta.get("packages") and meta.get("name") in CATALOG:
-        return f"run `veridraft models pull {meta['name']}`"
-    if meta.get("source_path"):
-        return f"load the GGUF file again (it was {meta['source_path']})"
-    return "pull a catalog model or load a .gguf file"
 
 
 def get_entry(name: str) -> CatalogEntry:
@@ -432,7 +415,7 @@ def float32_copy(folder: Path, precision: str) -> Path:
     if is_complete(final):
         return final
     gguf = gguf_source(folder)  # a one-line error naming the fix when it is gone
-    info = convert.read_gguf(gguf, fix=repair_hint(folder))
+    info = convert.read_gguf(gguf, fix=convert.repair_hint(folder))
     try:
         name = json.loads((folder / MARKER).read_text()).get("name") or folder.name
     except (OSError, ValueError):

@@ -42,6 +42,20 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def repair_hint(folder: str | os.PathLike) -> str:
+    """How to get a model folder's GGUF back, from its veridraft.json: pulling again for a
+    catalog model (its pull recorded the packages), loading the GGUF file again for a user's."""
+    try:
+        meta = json.loads((Path(folder) / "veridraft.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("packages") and meta.get("name"):
+        return f"run `veridraft models pull {meta['name']}`"
+    if meta.get("source_path"):
+        return f"load the GGUF file again (it was {meta['source_path']})"
+    return "pull a catalog model or load a .gguf file"
+
+
 def _invalid(path: Path, why: str = "", fix: str = "") -> VeridraftError:
     detail = f" ({why})" if why else ""
     return VeridraftError(

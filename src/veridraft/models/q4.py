@@ -400,7 +400,7 @@ class Q4Linear(nn.Module):
 def gguf_source(folder: str | Path) -> Path:
     """The GGUF a model folder was made from: source.gguf, or the path veridraft.json records; a
     one-line VeridraftError naming the fix when neither is on disk."""
-    from .catalog import repair_hint
+    from .convert import repair_hint
 
     folder = Path(folder)
     if (folder / "source.gguf").is_file():
