@@ -254,15 +254,18 @@ class _GGUFStateDict(Mapping):
         t = self.file.tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape))  # numpy order: the row length last
         if t.kind in BLOCKS and len(shape) == 2:  # the same values, faster (an embedding table)
-            w = dequantize_blocks(t.kind, t.data, shape[0], shape[1]).numpy()
-        else:
+            w, fresh = dequantize_blocks(t.kind, t.data, shape[0], shape[1]).numpy(), True
+        else:  # F32 comes back as a view into the mapped file: copied below
             w = dequantize(t.data.reshape(*shape[:-1], -1), GGMLQuantizationType[t.kind])
+            fresh = False
         arch = self.file.architecture
         if arch == "llama" and name.split(".")[-2] in self.heads:
-            w = w[row_order(arch, name, shape[0], self.heads)]
+            w, fresh = w[row_order(arch, name, shape[0], self.heads)], True
         if arch in ("gemma2", "gemma3") and "norm.weight" in name:
-            w = w - 1  # llama.cpp stores Gemma's norms as 1 + w
-        out = torch.from_numpy(np.array(w, dtype=np.float32, copy=True).reshape(shape))
+            w, fresh = w - 1, True  # llama.cpp stores Gemma's norms as 1 + w
+        if not fresh or w.dtype != np.float32:
+            w = np.array(w, dtype=np.float32, copy=True)
+        out = torch.from_numpy(w.reshape(shape))
         self._last = (key, out)
         return out
 
