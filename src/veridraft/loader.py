@@ -64,7 +64,8 @@ class LoadedModel:
 
 
 def load_folder(folder: str | Path, precision: str = "fp32", name: str | None = None):
-    """Load a converted / HF folder (config.json, safetensors, tokenizer.json)."""
+    """Load a model folder: a pulled or GGUF one, or an HF folder (config.json, safetensors,
+    tokenizer.json)."""
     from . import models
 
     folder = Path(folder).expanduser()

@@ -345,7 +345,7 @@ def test_a_foreign_gguf_is_refused(tmp_path):
     (tmp_path / "b").mkdir()
     _, model, _ = _tiny(tmp_path / "a", {})
     _, _, other = _tiny(tmp_path / "b", {"attn_output": "Q4_0"})
-    with pytest.raises(VeridraftError, match="not the one this folder was converted from"):
+    with pytest.raises(VeridraftError, match="not the one this model was made from"):
         apply_q4(model, other)
 
 

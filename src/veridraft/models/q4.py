@@ -1,9 +1,10 @@
 """`precision="q4"`: the GGUF's own quantized blocks, kept quantized, multiplied as they are.
 
-The catalog's float32 weights are the de-quantized values of the GGUF's blocks; this mode reads
-the blocks themselves from the GGUF the model was converted from. Every supported block format
-is `w = u * s + z`: an unsigned code u and one float32 scale and zero per group of a row (32
-weights; Q6_K's sub-blocks are 16 wide, Q4_K's 32). Two kernels multiply them:
+A model folder's GGUF is its model file (the float modes' float32 weights are the de-quantized
+values of its blocks); this mode reads the blocks themselves, and de-quantizes the GGUF's other
+tensors (embeddings, norms, biases) on load: no float32 copy is read or made. Every supported
+block format is `w = u * s + z`: an unsigned code u and one float32 scale and zero per group of
+a row (32 weights; Q6_K's sub-blocks are 16 wide, Q4_K's 32). Two kernels multiply them:
 
 **veridraft's own kernel** (models/q4kernel.cpp, compiled once per machine; AVX512-BF16 CPUs,
 and an AVX2 + FMA build for x86 CPUs without it). Scale and zero stay the GGUF's exact values;
@@ -520,7 +521,7 @@ def apply_q4(
                 if order is None:
                     raise VeridraftError(
                         f"{part} in {gguf_path} does not de-quantize to the model's {name} "
-                        "weights: the GGUF is not the one this folder was converted from"
+                        "weights: the GGUF is not the one this model was made from"
                     )
                 two = two_level(kind, t.data, rows, cols)
                 two = None if two is None else tuple(a[order] for a in two)
