@@ -414,7 +414,8 @@ def float32_copy(folder: Path, precision: str) -> Path:
     final = folder / FLOAT32_DIR
     if is_complete(final):
         return final
-    gguf = gguf_source(folder)  # a one-line error naming the fix when it is gone
+    why = f"precision {precision} reads a float32 copy made from the model's GGUF"
+    gguf = gguf_source(folder, why)  # a one-line error naming the fix when it is gone
     info = convert.read_gguf(gguf, fix=convert.repair_hint(folder))
     try:
         name = json.loads((folder / MARKER).read_text()).get("name") or folder.name

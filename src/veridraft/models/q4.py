@@ -398,9 +398,11 @@ class Q4Linear(nn.Module):
 # ---- GGUF -> native modules ----
 
 
-def gguf_source(folder: str | Path) -> Path:
+def gguf_source(
+    folder: str | Path, why: str = "precision 'q4' reads the GGUF's own blocks"
+) -> Path:
     """The GGUF a model folder was made from: source.gguf, or the path veridraft.json records; a
-    one-line VeridraftError naming the fix when neither is on disk."""
+    one-line VeridraftError (`why` it is needed, and the fix) when neither is on disk."""
     from .convert import repair_hint
 
     folder = Path(folder)
@@ -413,7 +415,10 @@ def gguf_source(folder: str | Path) -> Path:
     if p and Path(p).is_file():
         return Path(p)
     what = f"{folder} has no source.gguf" + (f" and {p} is gone" if p else "")
-    raise VeridraftError(f"the model's weights are its GGUF, and {what}: {repair_hint(folder)}")
+    fix = repair_hint(folder)
+    if not (folder / "veridraft.json").is_file():  # an HF folder: its weights serve bf16
+        fix += ", or use precision='bf16'"
+    raise VeridraftError(f"{why}, and {what}: {fix}")
 
 
 def _parts(cfg, name: str) -> list[str]:
