@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -72,31 +71,47 @@ def test_hub_id_when_hub_unreachable(monkeypatch):
     assert "'someorg/some-model'" in msg and "hub is unreachable" in msg
 
 
-def test_gguf_file_is_converted_once(tmp_path, monkeypatch, real_model_dir):
-    """The GGUF route: a gguf-<sha16> folder, converted on the first load only."""
+def test_gguf_file_is_read_once_and_runs_as_it_is(tmp_path, monkeypatch, real_model_dir):
+    """The GGUF route: its config and tokenizer read out once into a small gguf-<sha16> folder;
+    q4 runs the file where it is (no float32 copy); a moved file is found again."""
+    from veridraft.models import q4kernel
+
     src = real_model_dir("smollm2-135m")  # before VERIDRAFT_HOME moves to tmp_path
     monkeypatch.setenv("VERIDRAFT_HOME", str(tmp_path / "vd"))
     gguf = tmp_path / "my-model.gguf"
-    gguf.write_bytes(b"GGUF fake contents")  # conversion is faked: only the routing is tested
+    shutil.copy(src / "source.gguf", gguf)
     calls = []
 
-    def fake_convert(path, out_dir, **kwargs):
+    def fake_metadata(path, out_dir, **kwargs):  # transformers' reading is faked: routing only
         calls.append(Path(path))
         for f in src.iterdir():
-            if f.name != "source.gguf":
+            if f.is_file() and f.suffix in (".json", ".jinja") and f.name != "veridraft.json":
                 shutil.copy(f, out_dir / f.name)
+        (out_dir / "veridraft.json").write_text(json.dumps({"name": kwargs["name"]}))
 
-    monkeypatch.setattr(convert, "convert_gguf", fake_convert)
-    m1 = load(gguf)
-    m2 = load(str(gguf))
+    monkeypatch.setattr(convert, "write_metadata", fake_metadata)
+    prec = "q4a8" if q4kernel.a8_supported() else "q4"
+    m1 = load(gguf, precision=prec)
+    m2 = load(str(gguf), precision=prec)
     sha16 = convert.sha256_file(gguf)[:16]
     assert calls == [gguf.resolve()]
     assert m1.path == m2.path == tmp_path / "vd" / "models" / f"gguf-{sha16}"
     assert m1.name == "my-model" and m1.gguf_path == gguf.resolve()
-    meta = json.loads((m1.path / "veridraft.json").read_text())
-    assert meta["source_path"] == str(gguf.resolve())
+    assert not any(m1.path.rglob("*.safetensors")) and not (m1.path / "float32").exists()
+    assert catalog.folder_size(m1.path) < 10_000_000  # config and tokenizer only
     assert [p.name for p in (tmp_path / "vd" / "models").iterdir()] == [m1.path.name]
     assert any(r["name"] == m1.path.name for r in list_models())
+    moved = tmp_path / "moved.gguf"
+    gguf.rename(moved)
+    m3 = load(moved, precision=prec)
+    assert m3.path == m1.path and m3.gguf_path == moved.resolve() and len(calls) == 1
+    ids = m1.tokenizer.encode("def fib(n):")
+    import torch
+
+    with torch.inference_mode():
+        a = m1.net(torch.tensor(ids), m1.net.new_cache(32))
+        b = m3.net(torch.tensor(ids), m3.net.new_cache(32))
+    assert torch.equal(a, b)
 
 
 def test_load_catalog_model(real_model):
@@ -114,13 +129,23 @@ def test_load_catalog_model(real_model):
     assert g.tokenizer.encode("x")[0] == g.tokenizer.bos_id == g.net.config.bos_token_id
 
 
-def test_load_folder_and_second_load_time(real_model_dir):
+def test_load_by_name_or_folder_is_the_same_and_writes_nothing(real_model_dir):
+    """A pulled model loads the same by name and by folder, and once its float32 copy is there
+    (the first fp32 load makes it), loading writes nothing."""
+    import torch
+
+    by_name = load("smollm2-135m")
     folder = real_model_dir("smollm2-135m")
-    for spec in ("smollm2-135m", folder):  # the page cache is warm after the first
-        t = time.perf_counter()
-        m = load(spec)
-        print(f"\nload({str(spec)!r}): {time.perf_counter() - t:.2f} s")  # printed, not asserted
-        assert m.name == "smollm2-135m" and (m.path / "config.json").is_file()
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+    by_folder = load(folder)
+    assert by_name.name == by_folder.name == "smollm2-135m"
+    assert by_name.path == by_folder.path == folder
+    ids = torch.tensor(by_name.tokenizer.encode("Hello"))
+    with torch.inference_mode():
+        a = by_name.net(ids, by_name.net.new_cache(16))
+        b = by_folder.net(ids, by_folder.net.new_cache(16))
+    assert torch.equal(a, b)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.rglob("*")) == before
 
 
 def test_list_models_rows():

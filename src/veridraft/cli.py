@@ -59,7 +59,7 @@ def _models(args: argparse.Namespace) -> int:
     from .models.catalog import pull
 
     if args.models_cmd == "pull":
-        path = pull(args.name)
+        path = pull(args.name, force=args.force)
         print(f"{args.name}: {path}")
         return 0
     if args.models_cmd == "kernels":
@@ -72,12 +72,20 @@ def _models(args: argparse.Namespace) -> int:
         )
         return 0
     rows = list_models()
-    print(f"{'name':<20} {'pulled':<7} {'size':>9} {'memory fp32 / 16-bit':>21}  description")
+    print(
+        f"{'name':<20} {'pulled':<7} {'on disk':>8} {'GGUF':>8} {'float32':>8} "
+        f"{'memory fp32 / 16-bit':>21}  description"
+    )
     for r in rows:
         print(
-            f"{r['name']:<20} {'yes' if r['pulled'] else 'no':<7} {r.get('size', ''):>9} "
-            f"{r.get('memory', ''):>21}  {r['description']}"
+            f"{r['name']:<20} {'yes' if r['pulled'] else 'no':<7} "
+            f"{r['size'] if r['pulled'] else '-':>8} {r['gguf']:>8} {r['float32_size']:>8} "
+            f"{r['memory']:>21}  {r['description']}"
         )
+    print(
+        "GGUF: the model file (q4 and q4a8 run it); float32: the float modes' copy, made from "
+        "it on first use"
+    )
     return 0
 
 
@@ -247,9 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list or pull catalog models")
     msub = m.add_subparsers(dest="models_cmd", required=True)
-    msub.add_parser("list", help="list the catalog")
-    mp = msub.add_parser("pull", help="download and convert a catalog model")
+    msub.add_parser("list", help="list the catalog and what is on disk")
+    mp = msub.add_parser("pull", help="download a catalog model's GGUF, config and tokenizer")
     mp.add_argument("name")
+    mp.add_argument(
+        "--force", action="store_true", help="download again, replacing what is on disk"
+    )
     msub.add_parser(
         "kernels",
         help="compile veridraft's CPU kernels for this machine now (make setup does; else the "

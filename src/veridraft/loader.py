@@ -1,13 +1,17 @@
 """`load(name_or_path)`: catalog name, GGUF file, HF folder or hub id -> LoadedModel.
 
-model = veridraft.load("smollm2-135m")      # pulled and converted on first use
-model = veridraft.load("path/to/model.gguf") # converted once under $VERIDRAFT_HOME/models
+model = veridraft.load("smollm2-135m")      # pulled on first use
+model = veridraft.load("path/to/model.gguf") # its config and tokenizer read out once
 model = veridraft.load("path/to/hf-folder")  # config.json + safetensors + tokenizer.json
+
+A GGUF is run as it is in the q4 modes; the float modes make a float32 copy of it once, on first
+use (models/catalog.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +46,7 @@ class LoadedModel:
 
     @property
     def gguf_path(self) -> Path | None:
-        """The GGUF this model was converted from, when it is still on disk (for llama.cpp)."""
+        """The GGUF this model was made from, when it is still on disk (for llama.cpp)."""
         src = self.path / catalog.SOURCE_GGUF
         if src.is_file():
             return src
@@ -91,9 +95,9 @@ def build_kernels(precision: str | None = None) -> list[str]:
 
 
 def load_folder(folder: str | Path, precision: str = AUTO, name: str | None = None):
-    """Load a converted / HF folder (config.json, safetensors, tokenizer.json).
-
-    precision="auto": the fastest mode for this model on this CPU (`veridraft.auto`)."""
+    """Load a model folder: a pulled or GGUF one, or an HF folder (config.json, safetensors,
+    tokenizer.json). precision="auto": the fastest mode for this model on this CPU
+    (`veridraft.auto`)."""
     from . import models
 
     folder = Path(folder).expanduser()
@@ -118,22 +122,37 @@ def load_folder(folder: str | Path, precision: str = AUTO, name: str | None = No
 
 
 def gguf_folder(gguf: str | Path) -> Path:
-    """Convert a GGUF file once into $VERIDRAFT_HOME/models/gguf-<sha256[:16]>/; return it."""
+    """The folder of a GGUF file: its config and tokenizer, read out once into
+    $VERIDRAFT_HOME/models/gguf-<sha256[:16]>/ (a few MB; the GGUF stays where it is and
+    veridraft.json records its path); return it."""
     from .models import convert
 
     gguf = Path(gguf).expanduser().resolve()
     sha = convert.sha256_file(gguf)
     final = catalog.models_dir() / f"gguf-{sha[:16]}"
     if catalog.is_complete(final):
+        _record_source(final, gguf)  # the same bytes may have moved since
         return final
-    catalog._log(f"converting {gguf} into {final} (once)")
+    catalog._log(f"reading the config and tokenizer of {gguf} into {final} (once)")
     with catalog.staging_dir(final) as tmp:
-        convert.convert_gguf(gguf, tmp, name=gguf.stem, source_sha256=sha)
-        meta_path = tmp / catalog.MARKER
-        meta = json.loads(meta_path.read_text())
-        meta["source_path"] = str(gguf)
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        convert.write_metadata(gguf, tmp, name=gguf.stem, source_sha256=sha)
+        _record_source(tmp, gguf)
     return final
+
+
+def _record_source(folder: Path, gguf: Path) -> None:
+    """Record the GGUF's path in veridraft.json (written whole, then renamed over the old)."""
+    meta_path = folder / catalog.MARKER
+    meta = json.loads(meta_path.read_text())
+    if meta.get("source_path") == str(gguf):
+        return
+    meta["source_path"] = str(gguf)
+    tmp = meta_path.with_name(f".{meta_path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, meta_path)
+    except OSError:  # a read-only models folder: q4 then names the old path in its error
+        tmp.unlink(missing_ok=True)
 
 
 def _hub_folder(repo_id: str) -> Path:

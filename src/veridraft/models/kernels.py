@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..home import home
+
 # AVX512-BF16 is the newest instruction set the kernels use (vdpbf16ps: exact bfloat16 products
 # summed in float32); every CPU with it has the rest of AVX-512 they use, VNNI (q4a8's vpdpbusd)
 # included.
@@ -90,10 +92,6 @@ def isa() -> str | None:
 def cpu_supported() -> bool:
     """True when the CPU has the AVX512-BF16 instructions the kernels use (/proc/cpuinfo)."""
     return isa() == "avx512bf16"
-
-
-def home() -> Path:
-    return Path(os.environ.get("VERIDRAFT_HOME", "~/.cache/veridraft")).expanduser()
 
 
 def _compiler_id() -> str:

@@ -1,9 +1,10 @@
 """`precision="q4"`: the GGUF's own quantized blocks, kept quantized, multiplied as they are.
 
-The catalog's float32 weights are the de-quantized values of the GGUF's blocks; this mode reads
-the blocks themselves from the GGUF the model was converted from. Every supported block format
-is `w = u * s + z`: an unsigned code u and one float32 scale and zero per group of a row (32
-weights; Q6_K's sub-blocks are 16 wide, Q4_K's 32). Two kernels multiply them:
+A model folder's GGUF is its model file (the float modes' float32 weights are the de-quantized
+values of its blocks); this mode reads the blocks themselves, and de-quantizes the GGUF's other
+tensors (embeddings, norms, biases) on load: no float32 copy is read or made. Every supported
+block format is `w = u * s + z`: an unsigned code u and one float32 scale and zero per group of
+a row (32 weights; Q6_K's sub-blocks are 16 wide, Q4_K's 32). Two kernels multiply them:
 
 **veridraft's own kernel** (models/q4kernel.cpp, compiled once per machine; AVX512-BF16 CPUs,
 and an AVX2 + FMA build for x86 CPUs without it). Scale and zero stay the GGUF's exact values;
@@ -52,7 +53,6 @@ decoding exactly.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from ..errors import VeridraftError
 from . import attnkernel, fused, q4kernel
 from .base import checkpoint_key, hf_linear_parts
+from .convert import GGUFTensor, read_gguf, read_gguf_tensors  # noqa: F401 (re-exported)
 from .precision import PackedLinear
 
 GROUP = 32  # the group of torch's int4 kernel, and of every block format but Q6_K
@@ -177,6 +178,35 @@ def decode_blocks(kind: str, raw: np.ndarray, rows: int, cols: int):
         s.reshape(rows, cols // group).astype(np.float32),
         z.reshape(rows, cols // group).astype(np.float32),
     )
+
+
+# w = (u - offset) * s for the types gguf de-quantizes as one product, u * s + z for the others:
+# gguf's own formulas, so the values match without relying on u * s being exact
+_OFFSET = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128, "Q6_K": 32}
+
+
+def dequantize(
+    kind: str, raw: np.ndarray, rows: int, cols: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The [rows, cols] weights of a matrix's GGUF blocks: bit for bit gguf's own
+    de-quantization (what transformers writes into a float32 folder), a few times faster: torch's
+    arithmetic on row chunks, so no full-size intermediate. Checked against gguf's for every
+    type in BLOCKS by tests/models/test_q4.py."""
+    nbytes, per, _, group = BLOCKS[kind]
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // per * nbytes)
+    out = torch.empty(rows, cols, dtype=dtype)
+    step = max(1, (1 << 22) // cols)  # ~4M weights a chunk
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        u, s, z = decode_blocks(kind, raw[a:b], b - a, cols)
+        u = torch.from_numpy(u).view(b - a, -1, group)
+        s = torch.from_numpy(s)[..., None]
+        if kind in _OFFSET:
+            w = (u.to(torch.int16) - _OFFSET[kind]).float() * s
+        else:
+            w = u.float() * s + torch.from_numpy(z)[..., None]
+        out[a:b] = w.view(b - a, cols)
+    return out
 
 
 class Q4Linear(nn.Module):
@@ -367,100 +397,14 @@ class Q4Linear(nn.Module):
 
 # ---- GGUF -> native modules ----
 
-# GGUF metadata value types -> struct format of one scalar (8: string, 9: array)
-_SCALAR = {
-    0: "B",
-    1: "b",
-    2: "H",
-    3: "h",
-    4: "I",
-    5: "i",
-    6: "f",
-    7: "?",
-    10: "Q",
-    11: "q",
-    12: "d",
-}
 
+def gguf_source(
+    folder: str | Path, why: str = "precision 'q4' reads the GGUF's own blocks"
+) -> Path:
+    """The GGUF a model folder was made from: source.gguf, or the path veridraft.json records; a
+    one-line VeridraftError (`why` it is needed, and the fix) when neither is on disk."""
+    from .convert import repair_hint
 
-@dataclass
-class GGUFTensor:
-    name: str
-    kind: str  # GGML type name: "Q4_1", "Q8_0", "F32"...
-    shape: tuple[int, ...]  # GGUF order: the row length first
-    data: np.ndarray  # the raw bytes (a read-only view into the mapped file)
-
-
-def read_gguf_tensors(path: str | Path) -> dict[str, GGUFTensor]:
-    """The tensor table of a GGUF (v2/v3) and a memory-mapped view of each tensor's bytes.
-
-    gguf.GGUFReader builds a numpy object per metadata element, the tokenizer's vocabulary
-    included: 4 s for smollm2-135m's GGUF and 21 s for gemma3-270m's (262,144 tokens) on the
-    shared 2-core machine. This reads the same table skipping the metadata values: well under a
-    second. tests/models/test_q4.py checks it against GGUFReader."""
-    import struct
-
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    buf = np.memmap(path, dtype=np.uint8, mode="r")
-    mv = memoryview(buf)
-    pos = 4  # after the magic
-
-    def take(fmt: str):
-        nonlocal pos
-        out = struct.unpack_from("<" + fmt, mv, pos)
-        pos += struct.calcsize("<" + fmt)
-        return out[0] if len(out) == 1 else out
-
-    def string() -> str:
-        nonlocal pos
-        n = take("Q")
-        pos += n
-        return bytes(mv[pos - n : pos]).decode("utf-8", "replace")
-
-    def skip(vtype: int) -> None:
-        nonlocal pos
-        if vtype == 8:
-            n = take("Q")  # not `pos += take(...)`: that adds to pos as it was before the read
-            pos += n
-        elif vtype == 9:
-            etype, count = take("I"), take("Q")
-            if etype in _SCALAR:
-                pos += count * struct.calcsize(_SCALAR[etype])
-            else:
-                for _ in range(count):
-                    skip(etype)
-        else:
-            pos += struct.calcsize(_SCALAR[vtype])
-
-    if bytes(mv[:4]) != b"GGUF":
-        raise VeridraftError(f"{path} is not a GGUF file (no GGUF magic): re-pull the model")
-    _, n_tensors, n_kv = take("I"), take("Q"), take("Q")
-    alignment = 32
-    for _ in range(n_kv):
-        key, vtype = string(), take("I")
-        if key == "general.alignment" and vtype in _SCALAR:
-            alignment = int(take(_SCALAR[vtype]))
-        else:
-            skip(vtype)
-    infos = []
-    for _ in range(n_tensors):
-        name = string()
-        dims = tuple(take("Q") for _ in range(take("I")))
-        infos.append((name, dims, take("I"), take("Q")))
-    start = -(-pos // alignment) * alignment
-    out = {}
-    for name, dims, ttype, offset in infos:
-        kind = GGMLQuantizationType(ttype)
-        per, nbytes = GGML_QUANT_SIZES[kind]
-        n = int(np.prod(dims)) // per * nbytes
-        out[name] = GGUFTensor(name, kind.name, dims, buf[start + offset : start + offset + n])
-    return out
-
-
-def gguf_source(folder: str | Path) -> Path:
-    """The GGUF a model folder was converted from: source.gguf, or the path veridraft.json
-    records; a VeridraftError when neither is on disk."""
     folder = Path(folder)
     if (folder / "source.gguf").is_file():
         return folder / "source.gguf"
@@ -470,10 +414,11 @@ def gguf_source(folder: str | Path) -> Path:
         p = None
     if p and Path(p).is_file():
         return Path(p)
-    raise VeridraftError(
-        f"precision 'q4' reads the GGUF's own 4-bit blocks, and {folder} has no source.gguf: "
-        "pull a catalog model or load a .gguf file, or use precision='bf16'"
-    )
+    what = f"{folder} has no source.gguf" + (f" and {p} is gone" if p else "")
+    fix = repair_hint(folder)
+    if not (folder / "veridraft.json").is_file():  # an HF folder: its weights serve bf16
+        fix += ", or use precision='bf16'"
+    raise VeridraftError(f"{why}, and {what}: {fix}")
 
 
 def _parts(cfg, name: str) -> list[str]:
@@ -499,28 +444,39 @@ def _llama_rows(n: int, heads: int) -> np.ndarray:
     return idx.reshape(heads, -1, 2).swapaxes(1, 2).reshape(n)
 
 
+def row_order(architecture: str, part: str, rows: int, heads: dict[str, int]) -> np.ndarray:
+    """The GGUF row for each of the model's rows of tensor `part`: llama.cpp stores a llama
+    q/k matrix with its rotary halves interleaved, and transformers (so the float32 folder)
+    undoes that for the GGUF architecture "llama" only; every other matrix keeps its rows."""
+    kind = part.split(".")[-2]
+    if architecture == "llama" and kind in heads:
+        return _llama_rows(rows, heads[kind])
+    return np.arange(rows)
+
+
 def apply_q4(
-    model: nn.Module, gguf_path: str | Path, reference=None, a8: bool = False
+    model: nn.Module, gguf_path: str | Path, reference=None, a8: bool = False, fix: str = ""
 ) -> nn.Module:
     """Swap every linear of a float32 model for a Q4Linear built from the GGUF's blocks (in
-    place). Each part is checked against the model's own float32 weights (the de-quantized
-    blocks, in the row order the converter chose), so a wrong file or layout fails loudly.
+    place). Each part is checked: a block type with a kernel, the linear's shape. A linear that
+    holds float32 weights (a model built from a state dict) is also checked against them on a
+    sample of rows (the de-quantized blocks, in the row order the converter chose), so a wrong
+    file or layout fails loudly.
     `a8`: precision 'q4a8', the activations multiplied as signed bytes (q4kernel.a8_supported).
 
-    A linear whose weight is a meta tensor (models.from_folder builds q4 models so, never holding
-    the float32 linears) is checked against a few rows read from `reference`, the checkpoint."""
+    models.from_folder builds q4 models with meta linears (never holding the float32 linears)
+    from the GGUF alone; their rows come in `row_order`. `reference`, HF-named float32 tensors
+    (from_folder passes the GGUF's own), serves a linear that must be de-quantized whole (torch's
+    kernel has no Q6_K path). `fix` ends the errors about the file (how to get it again)."""
     cfg = model.config
+    fix = fix or "re-pull the model"
     if a8 and not q4kernel.a8_supported():
         raise VeridraftError(
             "precision 'q4a8' needs veridraft's q4 kernel on a CPU with AVX512-VNNI and "
             "AVX512-BF16 (this one has not, or the kernel cannot be built); use precision='q4'"
         )
-    try:
-        tensors = read_gguf_tensors(gguf_path)
-    except VeridraftError:
-        raise
-    except Exception as e:  # struct, numpy and enum errors of a truncated or corrupt file
-        raise VeridraftError(f"cannot read {gguf_path} ({e}); re-pull the model") from e
+    gguf = read_gguf(gguf_path, fix=fix)
+    tensors = gguf.tensors
     heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}
     for parent in list(model.modules()):
         for cname, child in list(parent.named_children()):
@@ -531,38 +487,46 @@ def apply_q4(
             parts = _parts(cfg, name)
             for part in parts:
                 if part not in tensors:
-                    raise VeridraftError(f"{gguf_path} lacks tensor {part!r}; re-pull the model")
+                    raise VeridraftError(f"{gguf_path} lacks tensor {part!r}: {fix}")
                 kind = tensors[part].kind
                 if kind not in BLOCKS:
                     raise VeridraftError(
                         f"{part} in {gguf_path} is {kind}: precision 'q4' has no kernel for "
                         f"that type (it takes {', '.join(BLOCKS)}); use precision='bf16'"
                     )
+            shapes = [tuple(int(x) for x in tensors[p].shape[:2]) for p in parts]
+            if {c for c, _ in shapes} != {child.in_features} or sum(
+                r for _, r in shapes
+            ) != child.out_features:
+                raise VeridraftError(
+                    f"{', '.join(parts)} in {gguf_path} are {shapes} (columns, rows), the "
+                    f"model's {name} is {child.out_features} x {child.in_features}: the GGUF "
+                    f"does not fit config.json; {fix}"
+                )
             hf_names = hf_linear_parts(cfg, name)  # the same matrices, in the same order
             kinds = {tensors[p].kind for p in parts}
             if kinds & set(KERNEL_ONLY) and q4kernel.load() is None:
                 if w32.is_meta:  # bf16 mode's kernel needs the whole matrix
+                    if reference is None:
+                        raise ValueError(f"{name} has no weights: pass apply_q4(reference=...)")
                     w32 = torch.cat([reference[checkpoint_key(reference, k)] for k in hf_names])
                 setattr(parent, cname, PackedLinear(w32, child.bias, "bf16"))
                 continue
             pieces, row = [], 0
-            for part, hf in zip(parts, hf_names):
+            for part in parts:
                 t = tensors[part]
                 kind = t.kind
                 cols, rows = (int(x) for x in t.shape[:2])
                 u, s, z = decode_blocks(kind, t.data, rows, cols)
                 if w32.is_meta:
-                    if reference is None:
-                        raise ValueError(f"{name} has no weights: pass apply_q4(reference=...)")
-                    key = checkpoint_key(reference, hf)
-                    want = lambda idx, key=key: reference.rows(key, idx).numpy()  # noqa: E731
+                    order = row_order(gguf.architecture, part, rows, heads)
                 else:
                     want = lambda idx, row=row, w=w32: w[row + idx].numpy()  # noqa: E731
-                order = _match_rows(u, s, z, want, heads.get(part.split(".")[-2]))
+                    order = _match_rows(u, s, z, want, heads.get(part.split(".")[-2]))
                 if order is None:
                     raise VeridraftError(
                         f"{part} in {gguf_path} does not de-quantize to the model's {name} "
-                        "weights: the GGUF is not the one this folder was converted from"
+                        "weights: the GGUF is not the one this model was made from"
                     )
                 two = two_level(kind, t.data, rows, cols)
                 two = None if two is None else tuple(a[order] for a in two)
