@@ -61,13 +61,23 @@ def local_peer(spec: str, model, threads: int = 2) -> Method:
     raise VeridraftError(f"unknown peer method {spec!r}")
 
 
+def _hf_weights(folder: str) -> str:
+    """Where transformers reads a model's float32 weights: the folder itself when it holds
+    safetensors (an HF folder), else the float32 copy made once from a pulled model's GGUF."""
+    from ..models import catalog
+
+    if any(Path(folder).glob("*.safetensors")):
+        return folder
+    return str(catalog.float32_copy(Path(folder), "fp32"))
+
+
 def _hf_model(folder: str):
     if folder not in _HF_CACHE:
         import torch
         from transformers import AutoModelForCausalLM
 
         try:
-            m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            m = AutoModelForCausalLM.from_pretrained(_hf_weights(folder), dtype=torch.float32)
         except Exception as e:
             raise VeridraftError(f"transformers cannot load {folder}: {e}") from e
         _HF_CACHE[folder] = m.eval()
@@ -139,10 +149,13 @@ class HFMethod(Method):
         p = Path(self.draft).expanduser()
         if (p / "config.json").is_file():
             return str(p)
+        from ..models import catalog
+
+        if self.draft in catalog.CATALOG:
+            return str(catalog.pull(self.draft))
         import veridraft
 
-        loaded = veridraft.load(self.draft, precision="fp32")  # transformers reads float32
-        return str(loaded.path)
+        return str(veridraft.load(self.draft, precision="fp32").path)
 
     def run(self, prompt_ids, *, max_new_tokens, temperature, seed) -> RunOutput:
         import torch
