@@ -229,11 +229,12 @@ class CompactKVCache:
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, step, layer: int, scale: float, softcap
     ) -> Tensor:
-        """models.base.attend for this layout: write k, v [1, n_kv, T, hd], attend q
-        [1, n_h, T, hd]; return [T, n_h * hd].
+        """models.attention.attend for this layout: write k, v [1, n_kv, T, hd], attend q
+        [1, n_h, T, hd]; return [T, n_h * hd], along the path the forward plan chose
+        (models/plan.py: KERNEL, ROWS or MASKED; it also refuses views and sliding windows here).
 
         Forwards of up to ROWWISE_MAX_T rows (decoding, verification, token trees) attend row
-        by row in the sense of models/base.py: each row reads exactly the keys a one-token
+        by row in the sense of models/attention.py: each row reads exactly the keys a one-token
         forward at its position reads, through the same call, so its output is bitwise that
         forward's (what keeps speculation on a compressed target exactly its plain decoding in
         the batch-invariant modes). Where veridraft's decode attention kernel runs, one call per
