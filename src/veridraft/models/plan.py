@@ -131,8 +131,10 @@ def plan_forward(
         and not attn_capture
         and (not want or want <= {-1, n_layers})
     )
-    fused_view = cache.fused_view(start) if fused and compacted else None
-    fused = fused and (fused_view is not None or not compacted)
+    fused_view = None
+    if fused and compacted:  # a compacted cache runs fused only as a shifted plain cache
+        fused_view = cache.fused_view(start) if hasattr(cache, "fused_view") else None
+        fused = fused_view is not None
 
     spans: list[Span | None] = []
     paths: list[str | None] = []
