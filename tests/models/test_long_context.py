@@ -145,7 +145,7 @@ def test_greedy_speculative_equals_plain_past_several_tiles(pair, precision, dra
 def test_one_row_gqa_kernel_equals_repeated_heads():
     """Decode's one-row kernel (the q heads of a kv group as its rows) computes SDPA with the
     kv heads repeated, in both cache types."""
-    from veridraft.models.base import _attend
+    from veridraft.models.attention import attend_keys
 
     g = torch.Generator().manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
@@ -155,7 +155,7 @@ def test_one_row_gqa_kernel_equals_repeated_heads():
         ref = torch.nn.functional.scaled_dot_product_attention(
             q, k.float().repeat_interleave(3, 1), v.float().repeat_interleave(3, 1), scale=0.25
         )
-        got = _attend(q, k, v, None, 0.25, None)
+        got = attend_keys(q, k, v, None, 0.25, None)
         assert got.dtype == torch.float32 and got.shape == (1, 96)
         assert (got - ref[0].transpose(0, 1).reshape(1, -1)).abs().max().item() < tol
 

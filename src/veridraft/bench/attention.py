@@ -18,7 +18,15 @@ import torch.nn.functional as F
 
 from ..cache import KVCache
 from ..models import attnkernel
-from ..models.base import _attend, _attend_causal
+from ..models.attention import (
+    PROMPT_ROWS,
+    attend_keys,
+    attend_prompt_rows,
+    attend_tiled,
+    decode_kernel,
+    make_span,
+)
+from ..models.plan import layer_path
 
 
 def _median_ms(fns: dict, repeats: int) -> dict[str, float]:
@@ -52,7 +60,7 @@ def decode_figures(
             for k, v in zip(ks, vs):
                 for t in range(rows):
                     e = int(hi[t])
-                    _attend(q[:, :, t : t + 1], k[:, :, :e], v[:, :, :e], None, hd**-0.5, None)
+                    attend_keys(q[:, :, t : t + 1], k[:, :, :e], v[:, :, :e], None, hd**-0.5, None)
 
         fns[f"{name} torch"] = grouped
         if kernel:
@@ -60,6 +68,21 @@ def decode_figures(
                 attnkernel.rows(qk, k, v, lo, hi, None, hd**-0.5, None) for k, v in zip(ks, vs)
             ]
     return _median_ms(fns, repeats)
+
+
+def prompt_attention(q, cache: KVCache, layer: int, scale: float):
+    """A prefill's attention on one layer from position 0, along the path a forward takes
+    there (plan.layer_path): the decode kernel's prompt rows or torch's tiles."""
+    t = q.shape[2]
+    path = layer_path(
+        t,
+        make_span(0, t, None, None),
+        kernel=decode_kernel(cache, layer, q.shape[-1]),
+        prompt_kernel=attnkernel.for_prompts(cache.k[layer].dtype),
+    )
+    if path == PROMPT_ROWS:
+        return attend_prompt_rows(q, cache.k[layer], cache.v[layer], 0, None, scale, None)
+    return attend_tiled(q, cache, layer, 0, None, scale, None)
 
 
 def prefill_figures(t: int, layers: int, n_h: int, n_kv: int, hd: int, repeats: int) -> dict:
@@ -80,7 +103,7 @@ def prefill_figures(t: int, layers: int, n_h: int, n_kv: int, hd: int, repeats: 
 
     def tiled(cache=cache):
         for i in range(layers):
-            _attend_causal(q, cache, i, 0, None, hd**-0.5, None)
+            prompt_attention(q, cache, i, hd**-0.5)
 
     return _median_ms(
         {

@@ -24,6 +24,9 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from . import attnkernel, kernels, q4kernel
+from .attention import Step, kernel_keys
+from .base import Attention, GatedMLP, RMSNorm
+from .plan import ForwardPlan
 
 SOURCE = Path(__file__).with_name("fused.cpp")
 DEPS = (q4kernel.SOURCE, attnkernel.SOURCE)
@@ -83,49 +86,21 @@ def _norms(block) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
 
 
 class FusedForward:
-    """A model's C++ forward and the rule for which forwards it takes (Transformer.forward)."""
+    """A model's C++ forward; which forwards it takes is the forward plan's choice
+    (plan.plan_forward, `ForwardPlan.fused`)."""
 
     def __init__(self, net, n_layers: int, head_dim: int) -> None:
         self.net, self.n_layers, self.head_dim = net, n_layers, head_dim
 
-    def takes(self, step, cache, capture, want: set) -> bool:
-        """Up to 64 rows on a plain cache (or a compacted one laid out as a shifted plain cache:
-        `fused_view`), no attention to capture, hidden states asked only of the final norm (a
-        drafter's own head)."""
-        from .base import ROWWISE_MAX_T, _decode_kernel
-
-        if not 1 <= step.t <= ROWWISE_MAX_T:
-            return False
-        if step.capture is not None or (want and not want <= {-1, self.n_layers}):
-            return False
-        if hasattr(cache, "attend"):  # a compacted (lossy) cache attends over its own layout
-            view = cache.fused_view(step) if hasattr(cache, "fused_view") else None
-            if view is None or any(
-                s is not None and (s.index is not None or s.window is not None) for s in step.spans
-            ):
-                return False
-            cache = view[2]
-        return all(
-            span is None or _decode_kernel(cache, i, self.head_dim)
-            for i, span in enumerate(step.spans)
-        )
-
-    def run(self, x: Tensor, step, mlp: list[bool], n: int, want_hidden: bool):
-        from .base import _kernel_keys
-
-        cache, t = step.cache, step.t
-        view = cache.fused_view(step) if hasattr(cache, "attend") else None
-        lo, hi, ext, keys, index = [], [], [], [], {}
-        for span in step.spans:
-            if span is None:
-                keys.append(-1)
-                continue
-            j = index.get(id(span))
-            if j is None:
-                a, b, e = _kernel_keys(step, span) if view is None else view[1](step, span)
-                j = index[id(span)] = len(lo)
-                lo.append(a), hi.append(b), ext.append(e)
-            keys.append(j)
+    def run(self, x: Tensor, step: Step, plan: ForwardPlan, mlp: list[bool], n: int, want_hidden):
+        """Every layer of a forward the plan gave to this path (plan_forward decides which:
+        up to 64 rows, the decode kernel on every attention layer, no attention to capture);
+        returns the logits of the last n rows and, if asked, the final normed hidden states."""
+        cache, t, view = step.cache, step.t, plan.fused_view
+        lo, hi, ext = [], [], []
+        for span in plan.groups:  # the key ranges once per distinct span, not per layer
+            a, b, e = kernel_keys(step, span) if view is None else view[1](step, span)
+            lo.append(a), hi.append(b), ext.append(e)
         if lo:
             cache.note_write(step.start)
         kc, vc, start = cache.k, cache.v, step.start
@@ -135,7 +110,7 @@ class FusedForward:
         cos = [c.reshape(t, -1) for c, _ in step.rope]
         sin = [s.reshape(t, -1) for _, s in step.rope]
         logits, hidden = self.net.forward(
-            x, kc, vc, start, cos, sin, lo, hi, ext, keys, mlp, n, want_hidden
+            x, kc, vc, start, cos, sin, lo, hi, ext, plan.group_of, mlp, n, want_hidden
         )
         return logits, (hidden if want_hidden else None)
 
@@ -144,8 +119,6 @@ def attach(model: nn.Module) -> bool:
     """Give a q4 / q4a8 model (Llama family or Gemma 3, every linear on veridraft's q4 kernel)
     the fused forward and the shared elementwise steps; False (the model unchanged) where the
     module cannot be loaded or the model is not of that kind."""
-    from .base import Attention, GatedMLP, RMSNorm
-
     ext = load()
     cfg = model.config
     if ext is None or cfg.arch not in ACTS:
@@ -181,8 +154,6 @@ def attach(model: nn.Module) -> bool:
 
 def detach(model: nn.Module) -> None:
     """Back to torch's ops and the Python layers (what VERIDRAFT_FUSED=0 gives at load)."""
-    from .base import Attention, GatedMLP, RMSNorm
-
     model.fused = None
     for m in model.modules():
         if isinstance(m, (RMSNorm, Attention, GatedMLP)):

@@ -49,12 +49,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import attnkernel
+from .config import checkpoint_key, hf_linear_parts
 
 PRECISIONS = ("fp32", "fp16w", "bf16")  # the modes packed from the float32 weights
 # modes built from the GGUF's own quantized blocks (models/q4.py): they need the source GGUF
 GGUF_PRECISIONS = ("q4", "q4a8")
 ALL_PRECISIONS = PRECISIONS + GGUF_PRECISIONS
-RECOMMENDED_PRECISION = "bf16"  # for speculative decoding (docs/precision.md); load() keeps fp32
 
 # fbgemm's fp16 entry points warn "deprecated" (once per process, from C++); the kernels are what
 # we want, so the first pack and the first call run under a filter (see _quiet_fbgemm).
@@ -302,8 +302,6 @@ def apply_precision(model: nn.Module, precision: str, reference=None) -> nn.Modu
 
 def _from_checkpoint(model: nn.Module, reference, name: str) -> Tensor:
     """The float32 weight of native linear `name`, fused from the checkpoint's tensors."""
-    from .base import checkpoint_key, hf_linear_parts
-
     if reference is None:
         raise ValueError(f"{name} has no weights (meta): pass apply_precision(reference=...)")
     parts = [reference[checkpoint_key(reference, k)] for k in hf_linear_parts(model.config, name)]

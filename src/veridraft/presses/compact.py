@@ -42,7 +42,7 @@ from torch import Tensor
 from ..cache import KVCache
 from ..errors import VeridraftError
 from ..models import attnkernel
-from ..models.base import ROWWISE_MAX_T, _attend, _kernel_keys
+from ..models.attention import KERNEL, ROWS, attend_keys, kernel_keys
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Tier:
         return keys, torch.cat((self.v.index_select(0, idx).to(vb.dtype), dv))
 
 
-def _map(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+def mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """A zero tensor backed by an anonymous temporary file (gone when the tensor is freed)."""
     n = 1
     for d in shape:
@@ -229,41 +229,36 @@ class CompactKVCache:
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, step, layer: int, scale: float, softcap
     ) -> Tensor:
-        """models.base.attend for this layout: write k, v [1, n_kv, T, hd], attend q
-        [1, n_h, T, hd]; return [T, n_h * hd].
+        """models.attention.attend for this layout: write k, v [1, n_kv, T, hd], attend q
+        [1, n_h, T, hd]; return [T, n_h * hd], along the path the forward plan chose
+        (models/plan.py: KERNEL, ROWS or MASKED; it also refuses views and sliding windows here).
 
         Forwards of up to ROWWISE_MAX_T rows (decoding, verification, token trees) attend row
-        by row in the sense of models/base.py: each row reads exactly the keys a one-token
+        by row in the sense of models/attention.py: each row reads exactly the keys a one-token
         forward at its position reads, through the same call, so its output is bitwise that
         forward's (what keeps speculation on a compressed target exactly its plain decoding in
         the batch-invariant modes). Where veridraft's decode attention kernel runs, one call per
         layer serves every row (per KV head for head-wise budgets, per row for dynamic heads);
         elsewhere, with rowwise attention (the packed modes), one torch call per row. Longer
         forwards (and fp32 without the kernel) keep one masked call."""
-        span = step.spans[layer]
-        if span.index is not None or span.window is not None:
-            raise VeridraftError(
-                "a compacted KV cache takes no view= and no sliding-window layer; use a drafter "
-                "without a sparse view, or a model without sliding-window attention"
-            )
+        span, path = step.spans[layer], step.paths[layer]
         self.write(layer, step.start, k, v)
-        if step.t <= ROWWISE_MAX_T:
-            keys = self._row_keys(step, span)
-            if self._kernel(layer, q.shape[-1]):
-                return self._attend_kernel(q, keys, layer, scale, softcap)
-            if step.rowwise:
-                return self._attend_rows(q, keys, layer, scale, softcap)
+        if path == KERNEL:
+            return self._attend_kernel(q, self._row_keys(step, span), layer, scale, softcap)
+        if path == ROWS:
+            return self._attend_rows(q, self._row_keys(step, span), layer, scale, softcap)
         return self._attend_batched(q, step, span, layer, scale, softcap)
 
-    def fused_view(self, step) -> tuple | None:
+    def fused_view(self, start: int) -> tuple | None:
         """How the fused forward (models/fused.py) runs on this cache, when every layer keeps
         one count n of prompt rows per KV head: (shift, key ranges, plain), plain.k / plain.v
         each layer's buffer viewed as a plain cache [1, n_kv, n + room, hd] in which position
         p >= base sits at row p + shift (shift = n - base), and key ranges(step, span) the
         decode kernel's (lo, hi, ext) on it: the same calls as `attend` makes, so the two paths
         agree bitwise. None for head-wise layouts (they attend here, head by head) and for a
-        forward that would write into the compressed prompt (`write` refuses it)."""
-        return self._fused if step.start >= self.base else None
+        forward from `start` that would write into the compressed prompt (`write` refuses
+        it)."""
+        return self._fused if start >= self.base else None
 
     def _plain_keys(self, step, span) -> tuple[Tensor, Tensor, Tensor | None]:
         n = self.n[0][0]
@@ -271,26 +266,18 @@ class CompactKVCache:
         e = None if ext is None else torch.where(ext >= 0, ext + n, -1)
         return torch.zeros(step.t, dtype=torch.long), hi + n, e
 
-    def _kernel(self, layer: int, head_dim: int) -> bool:
-        """Whether this layer's rows go through veridraft's decode attention kernel."""
-        return (
-            head_dim <= 256
-            and self.k[layer].dtype in (torch.float32, torch.bfloat16)
-            and attnkernel.load() is not None
-        )
-
     def _row_keys(self, step, span) -> tuple[Tensor, Tensor | None, list[Tensor]]:
         """The keys each query row reads past the compressed prompt, as new-token rows r
         (position base + r; every kept prompt row is read too): rows [0, hi[i]), then ext[0, i]
         (-1 = none; a token-tree node's ancestors), and per row the whole list. From the same
-        key ranges the full cache gives the decode kernel (models.base._kernel_keys), made once
+        key ranges the full cache gives the decode kernel (models.attention.kernel_keys), made once
         per forward."""
         # a span belongs to one forward (made per forward, shared by its layers); keeping it,
         # not the step, leaves no reference from this cache back to itself
         memo = self._memo
         if memo is not None and memo[0] is span:
             return memo[1]
-        _, hi, ext = _kernel_keys(step, span)
+        _, hi, ext = kernel_keys(step, span)
         hi = hi - self.base
         if ext is not None:
             ext = torch.where(ext >= 0, ext - self.base, -1)
@@ -355,7 +342,7 @@ class CompactKVCache:
 
     def _attend_rows(self, q, keys, layer: int, scale: float, softcap) -> Tensor:
         """Without the kernel: one torch call per row, in the call shape of a one-token forward
-        (models.base.attend's rowwise path)."""
+        (models.attention.attend's ROWS path)."""
         _, _, per_row = keys
         n_kv, hd = len(self.off[layer]), q.shape[-1]
         g = q.shape[1] // n_kv
@@ -366,7 +353,7 @@ class CompactKVCache:
             rows = []
             for i, r in enumerate(per_row):
                 ks, vs = _rows_of(kb, vb, n, r)
-                rows.append(_attend(q[:, :, i : i + 1], ks, vs, None, scale, softcap))
+                rows.append(attend_keys(q[:, :, i : i + 1], ks, vs, None, scale, softcap))
             return torch.cat(rows, 0)
         out = []
         for h in range(n_kv):
@@ -382,7 +369,7 @@ class CompactKVCache:
                 else:
                     ks, vs = tier.keys(qh[0, :, i], scale, kb, vb, n, r)
                     ks, vs = ks[None, None], vs[None, None]
-                rows.append(_attend(qh[:, :, i : i + 1], ks, vs, None, scale, softcap))
+                rows.append(attend_keys(qh[:, :, i : i + 1], ks, vs, None, scale, softcap))
             out.append(torch.cat(rows, 0))
         return torch.cat(out, 1)
 
@@ -405,7 +392,7 @@ class CompactKVCache:
             n = self.n[layer][0]
             kb = self.k[layer].view(n_kv, -1, hd)[None, :, : n + d]
             vb = self.v[layer].view(n_kv, -1, hd)[None, :, : n + d]
-            return _attend(q, kb, vb, _full_mask(dec_mask, n), scale, softcap)
+            return attend_keys(q, kb, vb, _full_mask(dec_mask, n), scale, softcap)
         out = []
         for h in range(n_kv):
             qh = q[:, h * g : (h + 1) * g]
@@ -414,7 +401,7 @@ class CompactKVCache:
             tier = self.dynamic.get((layer, h))
             if tier is None:
                 out.append(
-                    _attend(
+                    attend_keys(
                         qh, kb[None, None], vb[None, None], _full_mask(dec_mask, n), scale, softcap
                     )
                 )
@@ -427,7 +414,7 @@ class CompactKVCache:
                 )
                 ks, vs = tier.keys(qh[0, :, i], scale, kb, vb, n, seen)
                 rows.append(
-                    _attend(
+                    attend_keys(
                         qh[:, :, i : i + 1], ks[None, None], vs[None, None], None, scale, softcap
                     )
                 )

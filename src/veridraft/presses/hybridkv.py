@@ -34,7 +34,7 @@ from .base import (
     top_plus_window,
     window_scores,
 )
-from .compact import Tier, _map
+from .compact import Tier, mapped_zeros
 
 
 @dataclass
@@ -124,7 +124,7 @@ class HybridKVPress(Press):
                 if kind != "dynamic":
                     continue
                 k, v = cache.k[layer][0, h, :n], cache.v[layer][0, h, :n]
-                tk, tv = _map(tuple(k.shape), dtype), _map(tuple(v.shape), dtype)
+                tk, tv = mapped_zeros(tuple(k.shape), dtype), mapped_zeros(tuple(v.shape), dtype)
                 tk.copy_(k)
                 tv.copy_(v)
                 n_chunks = -(-n // self.chunk)
