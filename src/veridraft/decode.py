@@ -45,7 +45,7 @@ class Prefill:
 # the rows of a forward, so a chunk bounds the prefill's peak memory whatever the prompt length:
 # at 1024 rows qwen2.5-coder-0.5b's widest activation (the fused gate/up rows) is ~40 MB, and
 # matmuls over 1024 rows already run at their many-row speed. A multiple of the attention tile
-# (models/base.py PREFILL_TILE) and of the bf16 row block (models/precision.py ROW_BLOCK) keeps
+# (models/attention.py PREFILL_TILE) and of the bf16 row block (models/precision.py ROW_BLOCK) keeps
 # chunked prefill bitwise equal to a one-block prefill in the batch-invariant modes.
 PREFILL_CHUNK = 1024
 # a tail this short joins the chunk before it: short forwards take the verification kernels

@@ -344,7 +344,7 @@ def attend_tiled(
     A tile [a, b) of a global layer is two flash calls merged by their log-sum-exp: the keys
     before a, all visible (no mask), and the square [a, b) with is_causal (SDPA's causal mask is
     aligned top-left, right for a square). Its cost follows the FLOPs of causal attention: one
-    [T, L] masked call took 1.7x as long at T = 2k and 2x at 4k (docs/performance.md) and holds
+    [T, L] masked call took 1.7x as long at T = 2k and 2x at 4k (docs/performance/amd-epyc-zen5.md) and holds
     the mask. Sliding-window layers (and softcap) take one masked call per tile over the
     window's keys only, a [tile, tile + window] mask; so does a verification forward (T <= 64),
     for which one small call beats two and a merge. (Where the decode kernel takes prompts, the

@@ -157,7 +157,7 @@ class Transformer(nn.Module, ABC):
         self.rowwise_attention = False
         # The KV cache's element type: float32 here and in fp16w; the bf16 and q4 modes set
         # bfloat16 where veridraft's decode kernel runs (attnkernel.cache_dtype): half the bytes
-        # a long-context step reads, and with AMX a prefill twice as fast (docs/performance.md).
+        # a long-context step reads, and with AMX a prefill twice as fast (docs/performance/intel-xeon-amx.md).
         # Set it before new_cache to trade speed for memory.
         self.cache_dtype = torch.float32
         # q4 modes: the C++ forward of models/fused.py for the forwards it takes (None: Python)
