@@ -166,8 +166,9 @@ def parse(text: str, kind: str = "spec", valid: Iterable[str] = ()) -> Spec:
 
 
 def _parse_params(text: str, params_text: str, kind: str) -> dict[str, str]:
+    """KEY=VALUE pieces; the text starts with one (parse() makes sure of it)."""
     params: dict[str, str] = {}
-    key = None
+    key = ""
     pieces = re.split(r"([,;:])", params_text)
     for i in range(0, len(pieces), 2):
         piece, sep = pieces[i], pieces[i - 1] if i else ","
@@ -177,10 +178,7 @@ def _parse_params(text: str, params_text: str, kind: str) -> dict[str, str]:
             if key in params:
                 raise VeridraftError(f"{kind} spec {text!r} sets {key!r} twice")
             params[key] = m.group(2).strip()
-        elif piece.strip():
-            if key is None:
-                raise VeridraftError(f"{kind} spec {text!r}: expected KEY=VALUE, got {piece!r}")
-            # a path keeps its ":", a list reads with ","
+        elif piece.strip():  # continues the value: a path keeps its ":", a list reads with ","
             glue = ":" if sep == ":" else ","
             params[key] = f"{params[key]}{glue}{piece.strip()}" if params[key] else piece.strip()
     return params
