@@ -70,6 +70,8 @@ def test_split_method():
     assert split_method("ngram+kv:snapkv") == ("ngram+kv:snapkv", None)
     with pytest.raises(VeridraftError, match="names 2 rules"):
         split_method("ngram+loose+strict")
+    with pytest.raises(VeridraftError, match="empty part around '\\+'"):
+        split_method("ngram+")
 
 
 def test_rules_and_loose_import_one_way():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from . import loose
 from .errors import VeridraftError
-from .spec import Entry, Registry
+from .spec import Entry, Registry, split
 from .verify import STRICT, Rule
 
 
@@ -90,7 +90,7 @@ def _refused(what: str) -> VeridraftError:
 def split_method(spec: str) -> tuple[str, str | None]:
     """ "ngram:num_tokens=8+loose:topk=5" -> ("ngram:num_tokens=8", "loose:topk=5"); a spec
     without a "+strict"/"+loose" part -> (spec, None). Other "+" parts stay in the first string."""
-    parts = [p.strip() for p in spec.split("+")]
+    parts = split(spec)
     at = [i for i, p in enumerate(parts) if i and p.partition(":")[0].strip().lower() in RULES]
     if not at:
         return spec, None

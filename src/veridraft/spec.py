@@ -187,7 +187,7 @@ def _parse_params(text: str, params_text: str, kind: str) -> dict[str, str]:
 def split(text: str) -> list[str]:
     """ "ngram:num_tokens=8+loose:topk=5" -> ["ngram:num_tokens=8", "loose:topk=5"]."""
     parts = [p.strip() for p in text.split("+")]
-    if not all(parts):
+    if len(parts) > 1 and not all(parts):
         raise VeridraftError(f"method {text!r} has an empty part around '+'")
     return parts
 
