@@ -78,7 +78,7 @@ def test_sampling_seed_generator_and_stop_rules(tiny):
         (dict(seed=1, generator=torch.Generator()), "either seed="),
         (dict(max_new_tokens=0), "max_new_tokens must be"),
         (dict(max_new_tokens=1000), "exceeds the context length"),
-        (dict(draft="nope"), "unknown draft method"),
+        (dict(draft="nope"), "unknown drafter .nope.; valid: "),
     ],
 )
 def test_bad_arguments_say_what_to_fix(tiny, kw, msg):

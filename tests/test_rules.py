@@ -32,18 +32,21 @@ def test_parse_and_make():
 @pytest.mark.parametrize(
     "spec, match",
     [
-        ("lose", "unknown verification rule"),
-        ("loose:topk=0", "topk must be an integer >= 1"),
-        ("loose:lam=2", "lam must be a number"),
-        ("loose:anchor=nouns", "anchor must be one of"),
-        ("loose:speed=3", "unknown parameter 'speed'"),
-        ("loose:topk", "expected KEY=VALUE"),
-        ("strict:topk=2", "no parameters"),
+        ("lose", "unknown rule 'lose'; valid: loose, strict"),
+        ("loose:topk=0", "loose: topk must be an integer >= 1, got '0'"),
+        ("loose:topk=many", "loose: topk must be an integer, got 'many'"),
+        ("loose:lam=2", "loose: lam must be a number >= 0.0 and <= 1.0, got '2'"),
+        ("loose:anchor=nouns", "loose: anchor must be one of all, content, digits, got 'nouns'"),
+        ("loose:speed=3", "unknown parameter 'speed' for loose; valid: anchor, lam, shift, topk"),
+        ("loose:topk", "loose takes no argument, got 'topk'; parameters go as loose:KEY=VALUE"),
+        ("loose:k=3,topk=4", "sets 'topk' twice"),
+        ("strict:topk=2", "unknown parameter 'topk' for strict; valid: none"),
     ],
 )
 def test_bad_specs_are_one_line_errors(spec, match):
-    with pytest.raises(VeridraftError, match=match):
+    with pytest.raises(VeridraftError) as e:
         make_rule(spec, ToyTok())
+    assert match in str(e.value) and "\n" not in str(e.value)
 
 
 def test_loose_refused_where_lossless_was_asked():
@@ -63,6 +66,26 @@ def test_split_method():
     )
     # other "+" parts (a KV press) stay with the method
     assert split_method("ngram+loose:topk=5+kv:snapkv") == ("ngram+kv:snapkv", "loose:topk=5")
+    assert split_method("ngram+Strict") == ("ngram", "Strict")
+    assert split_method("ngram+kv:snapkv") == ("ngram+kv:snapkv", None)
+    with pytest.raises(VeridraftError, match="names 2 rules"):
+        split_method("ngram+loose+strict")
+    with pytest.raises(VeridraftError, match="empty part around '\\+'"):
+        split_method("ngram+")
+
+
+def test_rules_and_loose_import_one_way():
+    """rules builds loose rules; loose needs nothing of rules (no import cycle)."""
+    import ast
+    import inspect
+
+    import veridraft.loose
+
+    tree = ast.parse(inspect.getsource(veridraft.loose))
+    imported = {
+        n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module is not None
+    }
+    assert "rules" not in imported and "veridraft.rules" not in imported
 
 
 def test_generate_refuses_loose_when_lossless(real_model):

@@ -34,9 +34,18 @@ import torch
 from .draft import Draft
 from .errors import VeridraftError
 from .sampling import SamplingParams
+from .spec import Param, as_choice, as_float, as_int
 
 ANCHORS = ("content", "digits", "all")
 DEFAULTS = {"topk": 5, "lam": 0.7, "shift": 2, "anchor": "content"}
+# the `loose:` spec's parameters (rules.py registers the rule)
+PARAMS = {
+    "topk": Param(int, DEFAULTS["topk"], "a filler is accepted among the target's top-k"),
+    "lam": Param(float, DEFAULTS["lam"], "relaxation: p(x) >= (1 - lam) p(t); 0 is strict"),
+    "shift": Param(int, DEFAULTS["shift"], "positions a relaxed token may move"),
+    "anchor": Param(str, DEFAULTS["anchor"], "which tokens are verified strictly", ANCHORS),
+}
+ALIASES = {"lambda": "lam", "window": "shift", "k": "topk"}
 
 # Function words: what a filler token may be besides whitespace and punctuation. Content words
 # (nouns, verbs, adjectives, names, numbers) are anchors.
@@ -163,11 +172,9 @@ class Loose:
 
 def from_params(params: dict, tokenizer, vocab_size: int) -> Loose:
     """A Loose rule from spec parameters (strings or values), checked."""
-    from .rules import as_choice, as_number
-
-    topk = int(as_number("loose", "topk", params.get("topk", DEFAULTS["topk"]), 1, None, True))
-    lam = as_number("loose", "lam", params.get("lam", DEFAULTS["lam"]), 0.0, 1.0)
-    shift = int(as_number("loose", "shift", params.get("shift", DEFAULTS["shift"]), 0, 16, True))
+    topk = as_int("loose", "topk", params.get("topk", DEFAULTS["topk"]), 1)
+    lam = as_float("loose", "lam", params.get("lam", DEFAULTS["lam"]), 0.0, 1.0)
+    shift = as_int("loose", "shift", params.get("shift", DEFAULTS["shift"]), 0, 16)
     anchor = as_choice("loose", "anchor", params.get("anchor", DEFAULTS["anchor"]), ANCHORS)
     if tokenizer is None:
         raise VeridraftError(

@@ -1,7 +1,7 @@
 """Acceptance rules by spec: `strict` (verify.py, lossless, the default) and `loose` (loose.py,
 lossy).
 
-Spec grammar, the drafters' own: ``RULE[:KEY=VALUE[,KEY=VALUE...]]``, e.g.
+Spec grammar, the drafters' own (veridraft.spec): ``RULE[:KEY=VALUE[,KEY=VALUE...]]``, e.g.
 ``loose:topk=5,lam=0.7,shift=2,anchor=content``. A method spec joins a drafter and a rule with
 "+": ``ngram+loose:topk=5`` (`split_method`). A lossy rule is refused where a lossless method is
 asked for (`make_rule(..., lossless=True)`).
@@ -9,58 +9,47 @@ asked for (`make_rule(..., lossless=True)`).
 
 from __future__ import annotations
 
-import re
-
+from . import loose
 from .errors import VeridraftError
+from .spec import Entry, Registry, split
 from .verify import STRICT, Rule
 
-RULES = ("strict", "loose")
-LOOSE_PARAMS = ("topk", "lam", "shift", "anchor")
-_ALIASES = {"lambda": "lam", "window": "shift", "k": "topk"}
-_PLUS_RULE = re.compile(r"\+(strict|loose)(:[^+]*)?", re.IGNORECASE)
+
+def _strict(params: dict, tokenizer, vocab_size: int | None) -> Rule:
+    return STRICT
 
 
-def as_number(rule: str, name: str, value, lo=None, hi=None, integer: bool = False) -> float:
-    want = ("an integer" if integer else "a number") + (f" >= {lo}" if lo is not None else "")
-    want += f" and <= {hi}" if hi is not None else ""
-    try:
-        out = float(value.strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError):
-        raise VeridraftError(f"{rule}: {name} must be {want}, got {value!r}") from None
-    if isinstance(value, bool) or out != out or (integer and out != int(out)):
-        raise VeridraftError(f"{rule}: {name} must be {want}, got {value!r}")
-    if (lo is not None and out < lo) or (hi is not None and out > hi):
-        raise VeridraftError(f"{rule}: {name} must be {want}, got {value!r}")
-    return out
+def _loose(params: dict, tokenizer, vocab_size: int | None) -> Rule:
+    if vocab_size is None:
+        vocab_size = len(tokenizer) if tokenizer is not None else 0
+    return loose.from_params(params, tokenizer, vocab_size)
 
 
-def as_choice(rule: str, name: str, value, choices) -> str:
-    v = value.strip().lower() if isinstance(value, str) else value
-    if v not in choices:
-        raise VeridraftError(f"{rule}: {name} must be one of {', '.join(choices)}, got {value!r}")
-    return v
+# name -> Entry; each target builds its rule from (params, tokenizer, vocab_size)
+RULES = Registry(
+    "rule",
+    {
+        "strict": Entry(
+            "strict",
+            "lossless: accept exactly what plain decoding would emit (the default)",
+            target=_strict,
+        ),
+        "loose": Entry(
+            "loose",
+            "lossy (LVSpec): strict on content tokens, relaxed on fillers and word order",
+            params=loose.PARAMS,
+            aliases=loose.ALIASES,
+            target=_loose,
+        ),
+    },
+)
 
 
 def parse_rule(spec: str) -> tuple[str, dict[str, str]]:
-    """ "loose:topk=5,lam=0.7" -> ("loose", {"topk": "5", "lam": "0.7"})."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise VeridraftError(f"empty verification rule; valid: {', '.join(RULES)}")
-    name, _, rest = spec.strip().partition(":")
-    name = name.strip().lower()
-    if name not in RULES:
-        raise VeridraftError(
-            f"unknown verification rule {name!r} in {spec!r}; valid: {', '.join(RULES)}"
-        )
-    params: dict[str, str] = {}
-    for piece in (p for p in re.split(r"[,;]", rest) if p.strip()):
-        key, eq, value = piece.partition("=")
-        key = _ALIASES.get(key.strip().lower(), key.strip().lower())
-        if not eq or not key:
-            raise VeridraftError(f"verification rule {spec!r}: expected KEY=VALUE, got {piece!r}")
-        if key in params:
-            raise VeridraftError(f"verification rule {spec!r} sets {key!r} twice")
-        params[key] = value.strip()
-    return name, params
+    """ "loose:topk=5,lambda=0.7" -> ("loose", {"topk": "5", "lam": "0.7"}): the rule and its
+    parameters under their canonical names, checked."""
+    entry, params = RULES.resolve(RULES.parse(spec))
+    return entry.name, params
 
 
 def make_rule(
@@ -75,30 +64,15 @@ def make_rule(
     if spec is None:
         rule: Rule = STRICT
     elif isinstance(spec, str):
-        name, params = parse_rule(spec)
-        if name == "strict":
-            if params:
-                raise VeridraftError(f"strict verification takes no parameters, got {spec!r}")
-            rule = STRICT
-        else:
-            bad = [k for k in params if k not in LOOSE_PARAMS]
-            if bad:
-                raise VeridraftError(
-                    f"loose: unknown parameter {bad[0]!r} in {spec!r}; valid: "
-                    f"{', '.join(LOOSE_PARAMS)}"
-                )
-            if lossless:
-                raise _refused(spec)
-            from .loose import from_params
-
-            if vocab_size is None:
-                vocab_size = len(tokenizer) if tokenizer is not None else 0
-            rule = from_params(params, tokenizer, vocab_size)
+        entry, params = RULES.resolve(RULES.parse(spec))
+        if lossless and entry.target is not _strict:  # before building: no tokenizer needed
+            raise _refused(spec)
+        rule = entry.target(params, tokenizer, vocab_size)
     elif isinstance(spec, Rule):
         rule = spec
     else:
         raise VeridraftError(
-            f"verify must be None, a rule spec ({', '.join(RULES)}) or a Rule, got "
+            f"verify must be None, a rule spec ({', '.join(sorted(RULES))}) or a Rule, got "
             f"{type(spec).__name__}"
         )
     if lossless and rule.lossy:
@@ -115,9 +89,12 @@ def _refused(what: str) -> VeridraftError:
 
 def split_method(spec: str) -> tuple[str, str | None]:
     """ "ngram:num_tokens=8+loose:topk=5" -> ("ngram:num_tokens=8", "loose:topk=5"); a spec
-    without "+strict"/"+loose" -> (spec, None). Other "+" parts stay in the first string."""
-    m = _PLUS_RULE.search(spec)
-    if m is None:
+    without a "+strict"/"+loose" part -> (spec, None). Other "+" parts stay in the first string."""
+    parts = split(spec)
+    at = [i for i, p in enumerate(parts) if i and p.partition(":")[0].strip().lower() in RULES]
+    if not at:
         return spec, None
-    rest = (spec[: m.start()] + spec[m.end() :]).strip()
-    return rest, m.group(0)[1:]
+    if len(at) > 1:
+        rules = ", ".join(parts[i] for i in at)
+        raise VeridraftError(f"method {spec!r} names {len(at)} rules ({rules}); give one")
+    return "+".join(parts[: at[0]] + parts[at[0] + 1 :]), parts[at[0]]

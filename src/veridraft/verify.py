@@ -14,8 +14,6 @@ from .draft import Draft
 from .sampling import SamplingParams, probs, sample
 from .tree import check_parents, children
 
-LOSSLESS_RULES = ("greedy", "speculative")
-
 
 @runtime_checkable
 class Rule(Protocol):

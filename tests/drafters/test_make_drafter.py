@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 from veridraft.drafters import DRAFTERS, NgramDrafter, make_drafter, parse_spec
 from veridraft.errors import VeridraftError
+from veridraft.spec import Param
 
 
 @pytest.mark.parametrize(
@@ -35,8 +38,8 @@ def test_parse_spec(spec, expected):
 @pytest.mark.parametrize(
     "spec, msg",
     [
-        ("", r"empty draft spec; valid methods: (\w+, )*layerskip, model, ngram"),
-        (":x", "has no method name"),
+        ("", r"empty drafter spec; valid: (\w+, )*layerskip, model, ngram, "),
+        (":x", "has no name before ':'"),
         ("ngram:num_tokens=2,num_tokens=3", "sets 'num_tokens' twice"),
         ("model::k=2", "empty argument"),
     ],
@@ -48,9 +51,28 @@ def test_parse_errors(spec, msg):
 
 def test_registry_lists_the_methods():
     assert set(DRAFTERS) >= {"ngram", "layerskip", "model"}
-    for cls in DRAFTERS.values():
-        assert isinstance(cls.name, str) and isinstance(cls.params, tuple)
+    for name, cls in DRAFTERS.items():
+        entry = DRAFTERS.entry(name)
+        assert entry.name == cls.name == name and entry.target is cls
+        assert entry.description and "\n" not in entry.description
+        assert entry.params and all(isinstance(p, Param) for p in entry.params.values())
+        assert set(entry.aliases.values()) <= set(entry.params)
         assert callable(cls.from_spec)
+
+
+@pytest.mark.parametrize("name", sorted(DRAFTERS))
+def test_declared_defaults_are_the_constructors(name):
+    """A parameter's declared type and default are what the drafter's constructor takes."""
+    cls = DRAFTERS[name]
+    sig = inspect.signature(cls.__init__).parameters
+    checked = 0
+    for key, p in DRAFTERS.entry(name).params.items():
+        if key in sig and sig[key].default is not inspect.Parameter.empty:
+            assert p.default == sig[key].default, f"{name}:{key}"
+            if p.default is not None:
+                assert isinstance(p.default, p.type), f"{name}:{key}"
+            checked += 1
+    assert checked or name == "hybrid"
 
 
 def test_none_and_instances():
@@ -72,17 +94,21 @@ def test_options_override_the_spec():
         (
             "medusa",
             {},
-            "unknown draft method 'medusa' in 'medusa'; valid: hybrid, layerskip, model, ngram",
+            "unknown drafter 'medusa'; valid: hybrid, layerskip, model, ngram, pruned",
         ),
         (
             "ngram:depth=3",
             {},
-            "ngram: unknown parameter 'depth' in 'ngram:depth=3'; valid: "
-            "num_tokens, short_num_tokens, max_ngram, min_ngram, match",
+            "unknown parameter 'depth' for ngram; valid: "
+            "branches, match, max_ngram, min_ngram, num_tokens, short_num_tokens",
         ),
-        ("ngram", {"depth": 3}, "ngram: unknown parameter 'depth'; valid"),
-        ("ngram:num_tokens=many", {}, "ngram: num_tokens must be an integer >= 1, got 'many'"),
-        ("ngram:foo", {}, "ngram takes no argument, got 'foo'"),
+        ("ngram", {"depth": 3}, "unknown parameter 'depth' for ngram; valid: branches, "),
+        ("ngram:num_tokens=many", {}, "ngram: num_tokens must be an integer, got 'many'"),
+        ("ngram:num_tokens=0", {}, "ngram: num_tokens must be an integer >= 1, got '0'"),
+        ("ngram:match=middle", {}, "ngram: match must be one of first, last, got 'middle'"),
+        ("ngram:k=4,num_tokens=5", {}, "sets 'num_tokens' twice"),
+        ("ngram:foo", {}, "ngram takes no argument, got 'foo'; parameters go as ngram:KEY=VALUE"),
+        ("model", {}, "model needs an argument: model:NAME"),
         ("ngram:num_tokens", {}, "ngram takes no argument"),
         (None, {"num_tokens": 3}, "draft options num_tokens given without a draft method"),
         (NgramDrafter(), {"num_tokens": 3}, "cannot be applied to a Drafter instance"),

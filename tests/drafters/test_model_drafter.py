@@ -211,7 +211,7 @@ def test_model_spec_with_the_targets_first_layers(net):
     "spec, msg",
     [
         ("model", "model needs an argument: model:NAME"),
-        ("model:tiny-l2:mode=sometimes", "mode must be one of dynamic, heuristic, fixed"),
+        ("model:tiny-l2:mode=sometimes", "mode must be one of dynamic, fixed, heuristic"),
         ("model:tiny-l2:k=0", "num_tokens must be an integer >= 1"),
         ("model:tiny-l9", "cannot keep 9 layers"),
         ("model:tiny-l2:threshold=1.5", "threshold must be a number"),

@@ -140,7 +140,7 @@ def test_long_prompt_is_indexed_once():
         ({"num_tokens": 0}, "num_tokens must be an integer >= 1"),
         ({"max_ngram": "x"}, "max_ngram must be an integer"),
         ({"min_ngram": 4, "max_ngram": 3}, "min_ngram (4) must be <= max_ngram (3)"),
-        ({"match": "middle"}, "match must be one of last, first"),
+        ({"match": "middle"}, "match must be one of first, last"),
     ],
 )
 def test_bad_parameters(kw, msg):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from ..draft import DecodeContext, Draft, DraftEnv, Round, as_round
 from ..errors import VeridraftError
+from ..spec import Param
 from .params import as_float
 from .suffix import SuffixDrafter
 
@@ -33,7 +34,10 @@ class HybridDrafter:
     name = "hybrid"
     takes_arg = True
     usage = "hybrid:FALLBACK[:PARAMS], e.g. hybrid:model:qwen2.5-coder-0.5b or hybrid:streaming"
-    params = ("min_score",)
+    description = "SuffixDecoding's trees where they score well, another drafter elsewhere"
+    params = {
+        "min_score": Param(float, 1.0, "suffix trees expected to keep fewer tokens go to FALLBACK")
+    }
     aliases: dict[str, str] = {}
     # parameters other than its own go to the fallback drafter (checked there)
     forwards_params = True

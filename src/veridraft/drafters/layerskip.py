@@ -41,6 +41,7 @@ import torch
 from ..draft import DecodeContext, Draft, DraftEnv, Round, as_round
 from ..errors import VeridraftError
 from ..models.base import Skip
+from ..spec import Param
 from .branches import branch_tree
 from .draft_head import SubsetHead, draft_step, resolve_draft_vocab
 from .params import as_bool, as_float, as_int, as_layers, format_layers
@@ -75,23 +76,24 @@ class LayerSkipDrafter:
 
     name = "layerskip"
     takes_arg = False
-    params = (
-        "attn",
-        "mlp",
-        "skip",
-        "exit",
-        "num_tokens",
-        "gamma",
-        "adaptive",
-        "draft_sampling",
-        "alpha",
-        "epsilon",
-        "beta1",
-        "beta2",
-        "draft_vocab",
-        "profile",
-        "branches",
-    )
+    description = "self-speculation: the target drafts with some of its sub-layers skipped"
+    params = {
+        "attn": Param(str, None, "layers whose attention is skipped, e.g. 8-20 (0-based)"),
+        "mlp": Param(str, None, "layers whose MLP is skipped"),
+        "skip": Param(str, None, "layers skipped whole (attention and MLP)"),
+        "exit": Param(int, None, "early exit: skip every layer from this one on"),
+        "num_tokens": Param(int, 12, "most draft tokens per round"),
+        "gamma": Param(float, 0.6, "stop drafting below this draft probability"),
+        "adaptive": Param(bool, True, "adapt gamma to the acceptance rate"),
+        "draft_sampling": Param(bool, True, "sample the draft when the target samples"),
+        "alpha": Param(float, 0.90, "target acceptance rate of the adaptive stop"),
+        "epsilon": Param(float, 0.01, "step of the adaptive stop"),
+        "beta1": Param(float, 0.5, "smoothing of the acceptance rate"),
+        "beta2": Param(float, 0.9, "smoothing of the stop threshold"),
+        "draft_vocab": Param(str, "auto", "draft head rows: a count, 0 for all, or auto"),
+        "profile": Param(str, None, "a tuned profile's path, or none (default: the model's)"),
+        "branches": Param(int, 1, "> 1: a token tree with that many choices per step"),
+    }
     aliases = {
         "topk": "branches",
         "k": "num_tokens",

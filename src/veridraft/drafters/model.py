@@ -51,6 +51,7 @@ from torch import nn
 
 from ..draft import DecodeContext, Draft, DraftEnv, Round, as_round
 from ..errors import VeridraftError
+from ..spec import Param
 from .branches import branch_tree
 from .draft_head import SubsetHead, draft_step, resolve_draft_vocab
 from .params import as_bool, as_choice, as_float, as_int
@@ -221,15 +222,16 @@ class ModelDrafter:
         "model:NAME (a catalog name, an HF folder or GGUF path, or NAME-lN for NAME's first N "
         "layers), e.g. model:smollm2-135m-l8 or model:NAME:k=4,mode=fixed"
     )
-    params = (
-        "num_tokens",
-        "mode",
-        "threshold",
-        "draft_sampling",
-        "draft_vocab",
-        "precision",
-        "branches",
-    )
+    description = "a separate draft model with the target's vocabulary and its own KV cache"
+    params = {
+        "num_tokens": Param(int, None, "draft tokens per round (by mode: 16, 5 or 4)"),
+        "mode": Param(str, "dynamic", "how the draft length is chosen", MODES),
+        "threshold": Param(float, 0.4, "dynamic mode: stop below this draft confidence"),
+        "draft_sampling": Param(bool, True, "sample the draft when the target samples"),
+        "draft_vocab": Param(str, "auto", "draft head rows: a count, 0 for all, or auto"),
+        "precision": Param(str, None, "the draft's precision mode (default: the target's)"),
+        "branches": Param(int, 1, "> 1: a token tree with that many choices per step"),
+    }
     aliases = {
         "topk": "branches",
         "k": "num_tokens",

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from ..draft import DecodeContext, Draft, DraftEnv, Round
 from ..errors import VeridraftError
+from ..spec import Param
 from .params import as_choice, as_int
 
 # Acceptance assumed when the cost model (veridraft profile) picks the default draft length.
@@ -46,7 +47,15 @@ class NgramDrafter:
     name = "ngram"
     cost_key = "ngram"  # the cost model's draft-step figure (veridraft profile) for this code
     takes_arg = False
-    params = ("num_tokens", "short_num_tokens", "max_ngram", "min_ngram", "match", "branches")
+    description = "prompt lookup: copy what followed an earlier occurrence of the current suffix"
+    params = {
+        "num_tokens": Param(int, 10, "ids drafted after a full-length match (cost model's best)"),
+        "short_num_tokens": Param(int, 2, "at most this many after a shorter match"),
+        "max_ngram": Param(int, 3, "longest suffix n-gram matched"),
+        "min_ngram": Param(int, 1, "shortest suffix n-gram matched"),
+        "match": Param(str, "last", "which earlier occurrence is copied", ("first", "last")),
+        "branches": Param(int, 1, "> 1: a token tree of that many continuations"),
+    }
     aliases = {
         "k": "num_tokens",
         "prompt_lookup_num_tokens": "num_tokens",

@@ -2,78 +2,18 @@
 
 Values come either as strings from a spec ("ngram:num_tokens=8") or as Python values from
 `generate(..., num_tokens=8)`; each converter accepts both and raises a one-line VeridraftError
-naming the method, the parameter and what is allowed.
+naming the method, the parameter and what is allowed (veridraft.spec).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..errors import VeridraftError
+from ..spec import as_bool, as_choice, as_float, as_int, bad_value
 
-
-def _bad(method: str, name: str, value, want: str) -> VeridraftError:
-    return VeridraftError(f"{method}: {name} must be {want}, got {value!r}")
-
-
-def as_int(method: str, name: str, value, lo: int | None = None, hi: int | None = None) -> int:
-    want = (
-        "an integer"
-        + (f" >= {lo}" if lo is not None else "")
-        + (f" and <= {hi}" if hi is not None else "")
-    )
-    if isinstance(value, bool):
-        raise _bad(method, name, value, want)
-    try:
-        out = int(value.strip()) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
-        raise _bad(method, name, value, want) from None
-    if not isinstance(value, str) and out != value:
-        raise _bad(method, name, value, want)
-    if (lo is not None and out < lo) or (hi is not None and out > hi):
-        raise _bad(method, name, value, want)
-    return out
-
-
-def as_float(
-    method: str, name: str, value, lo: float | None = None, hi: float | None = None
-) -> float:
-    want = (
-        "a number"
-        + (f" >= {lo}" if lo is not None else "")
-        + (f" and <= {hi}" if hi is not None else "")
-    )
-    if isinstance(value, bool):
-        raise _bad(method, name, value, want)
-    try:
-        out = float(value.strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError):
-        raise _bad(method, name, value, want) from None
-    if out != out or (lo is not None and out < lo) or (hi is not None and out > hi):
-        raise _bad(method, name, value, want)
-    return out
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def as_bool(method: str, name: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise _bad(method, name, value, "true or false")
-
-
-def as_choice(method: str, name: str, value, choices: Iterable[str]) -> str:
-    choices = tuple(choices)
-    v = value.strip().lower() if isinstance(value, str) else value
-    if v not in choices:
-        raise _bad(method, name, value, "one of " + ", ".join(choices))
-    return v
+# The scalar converters are the spec grammar's (one message style for every registry); the
+# layer sets are the drafters' own.
+__all__ = ["as_bool", "as_choice", "as_float", "as_int", "as_layers", "format_layers"]
 
 
 def as_layers(method: str, name: str, value, n_layers: int | None = None) -> frozenset[int]:
@@ -88,7 +28,7 @@ def as_layers(method: str, name: str, value, n_layers: int | None = None) -> fro
             return frozenset()
         if text == "all":
             if n_layers is None:
-                raise _bad(method, name, value, want)
+                raise bad_value(method, name, value, want)
             return frozenset(range(n_layers))
         for part in text.replace(" ", "").split(","):
             if not part:
@@ -98,21 +38,21 @@ def as_layers(method: str, name: str, value, n_layers: int | None = None) -> fro
                 a = int(lo)
                 b = int(hi) if sep else a
             except ValueError:
-                raise _bad(method, name, value, want) from None
+                raise bad_value(method, name, value, want) from None
             if b < a:
-                raise _bad(method, name, value, want)
+                raise bad_value(method, name, value, want)
             out.update(range(a, b + 1))
     else:
         try:
             items = list(value)
         except TypeError:
-            raise _bad(method, name, value, want) from None
+            raise bad_value(method, name, value, want) from None
         for x in items:
             if isinstance(x, bool) or int(x) != x:
-                raise _bad(method, name, value, want)
+                raise bad_value(method, name, value, want)
             out.add(int(x))
     if any(i < 0 or (n_layers is not None and i >= n_layers) for i in out):
-        raise _bad(method, name, value, want)
+        raise bad_value(method, name, value, want)
     return frozenset(out)
 
 

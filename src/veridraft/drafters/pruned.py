@@ -17,14 +17,21 @@ from __future__ import annotations
 import torch
 
 from ..models.base import Capture
+from ..spec import Param
 from .params import as_float, as_int
 from .sparse import SelectContext, Selection, SparseDrafter, global_layers, observe
 
 
 class PrunedDrafter(SparseDrafter):
     name = "pruned"
-    method_params = ("keep", "mass", "window", "refresh")
-    params = (*SparseDrafter.params, *method_params)
+    description = "SpecVLM-style pruning of the draft's context, guided by the target's attention"
+    method_params = {
+        "keep": Param(float, 0.1, "share of the prunable positions kept (without budget)"),
+        "mass": Param(float, 0.4, "attention mass the best positions take first"),
+        "window": Param(int, 32, "last prompt tokens whose attention scores"),
+        "refresh": Param(int, 8, "rounds between re-scorings (0: never)"),
+    }
+    params = {**SparseDrafter.params, **method_params}
     default_budget = 0
     default_tokens = 5
 

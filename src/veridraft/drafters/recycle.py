@@ -28,6 +28,7 @@ import heapq
 import torch
 
 from ..draft import DecodeContext, Draft, DraftEnv, Round, as_round
+from ..spec import Param
 from .params import as_bool, as_int
 
 DEFAULT_NODES = 16
@@ -78,7 +79,13 @@ class RecycleDrafter:
     name = "recycle"
     takes_arg = False
     wants_scores = True
-    params = ("topk", "nodes", "max_nodes", "hot")
+    description = "Token Recycling: the target's earlier top-k candidates replayed as a tree"
+    params = {
+        "topk": Param(int, 8, "candidates kept per token"),
+        "nodes": Param(int, None, "tree nodes (default: the cost model's best, else 16)"),
+        "max_nodes": Param(int, 32, "largest tree considered"),
+        "hot": Param(bool, True, "start from the table of earlier generations"),
+    }
     aliases = {"k": "topk"}
 
     def __init__(

@@ -16,14 +16,19 @@ from __future__ import annotations
 import torch
 
 from ..models.base import Capture
+from ..spec import Param
 from .params import as_int
 from .sparse import SelectContext, Selection, SparseDrafter, observe, top_positions
 
 
 class RetrievalDrafter(SparseDrafter):
     name = "retrieval"
-    method_params = ("chunk", "refresh")
-    params = (*SparseDrafter.params, *method_params)
+    description = "TriForce's retrieval cache: the KV chunks that best match the current query"
+    method_params = {
+        "chunk": Param(int, 8, "positions per chunk"),
+        "refresh": Param(int, 0, "rounds between re-scorings (0: never)"),
+    }
+    params = {**SparseDrafter.params, **method_params}
     default_budget = 4096
     default_tokens = 6
 

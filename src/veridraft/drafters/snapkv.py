@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from ..spec import Param
 from .params import as_choice, as_int
 from .sparse import SelectContext, Selection, SparseDrafter, gqa_sum, observe, top_positions
 
 
 class SnapKVDrafter(SparseDrafter):
     name = "snapkv"
-    method_params = ("window", "kernel", "pooling")
-    params = (*SparseDrafter.params, *method_params)
+    description = "MagicDec's SnapKV draft: the positions the prompt's last window attends to most"
+    method_params = {
+        "window": Param(int, 32, "last prompt tokens whose attention votes"),
+        "kernel": Param(int, 5, "pooling kernel over positions"),
+        "pooling": Param(str, "avg", "how scores are smoothed", ("avg", "max", "none")),
+    }
+    params = {**SparseDrafter.params, **method_params}
     default_budget = 257
     default_tokens = 3
 

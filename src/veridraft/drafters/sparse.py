@@ -43,19 +43,25 @@ from ..draft import DecodeContext, Draft, DraftEnv, Round, as_round
 from ..errors import VeridraftError
 from ..models.base import Capture
 from ..segments import KEEP
+from ..spec import Param
 from .draft_head import SubsetHead, draft_step, resolve_draft_vocab
 from .params import as_bool, as_float, as_int
 
 _SKIP_KEYS = ("layerskip", "attn", "mlp", "skip", "exit", "profile")
-COMMON_PARAMS = (
-    "budget",
-    "num_tokens",
-    "threshold",
-    "draft_sampling",
-    "draft_vocab",
-    "precision",
-    *_SKIP_KEYS,
-)
+COMMON_PARAMS = {
+    "budget": Param(int, None, "cached positions the draft reads (by method)"),
+    "num_tokens": Param(int, None, "draft tokens per round (by method)"),
+    "threshold": Param(float, 0.0, "stop drafting below this draft confidence"),
+    "draft_sampling": Param(bool, True, "sample the draft when the target samples"),
+    "draft_vocab": Param(str, "auto", "draft head rows: a count, 0 for all, or auto"),
+    "precision": Param(str, None, "a draft model's precision mode (default: the target's)"),
+    "layerskip": Param(bool, None, "draft with layerskip's default skip set of the model"),
+    "attn": Param(str, None, "layers whose attention the draft skips (as layerskip)"),
+    "mlp": Param(str, None, "layers whose MLP the draft skips"),
+    "skip": Param(str, None, "layers the draft skips whole"),
+    "exit": Param(int, None, "early exit: the draft skips every layer from this one on"),
+    "profile": Param(str, None, "a tuned layerskip profile's path, or none"),
+}
 
 
 @dataclass
@@ -141,8 +147,9 @@ class SparseDrafter(ABC):
     name = "sparse"
     takes_arg = None  # optional: a same-vocabulary draft model
     usage = "METHOD[:DRAFT_MODEL][:budget=N,...]"
-    method_params: tuple[str, ...] = ()
-    params: tuple[str, ...] = COMMON_PARAMS
+    description = "a sparse view of a cache"
+    method_params: dict[str, Param] = {}
+    params: dict[str, Param] = COMMON_PARAMS
     aliases = {"k": "num_tokens", "gamma": "num_tokens", "attn_skip": "attn", "mlp_skip": "mlp"}
     default_budget = 257
     default_tokens = 3

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import torch
 
+from ..spec import Param
 from .params import as_int
 from .sparse import SelectContext, Selection, SparseDrafter
 
 
 class StreamingDrafter(SparseDrafter):
     name = "streaming"
-    method_params = ("sinks",)
-    params = (*SparseDrafter.params, *method_params)
+    description = "MagicDec's StreamingLLM draft: sink tokens and a recent window"
+    method_params = {"sinks": Param(int, 16, "first positions always read")}
+    params = {**SparseDrafter.params, **method_params}
     default_budget = 257
     default_tokens = 3
 

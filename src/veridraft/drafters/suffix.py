@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from ..draft import DecodeContext, Draft, DraftEnv, Round
 from ..errors import VeridraftError
+from ..spec import Param
 from .params import as_choice, as_float, as_int
 
 
@@ -206,16 +207,17 @@ class SuffixDrafter:
 
     name = "suffix"
     takes_arg = False
-    params = (
-        "max_depth",
-        "min_prob",
-        "spec_factor",
-        "spec_offset",
-        "max_cached",
-        "mode",
-        "nodes",
-        "datastore",
-    )
+    description = "SuffixDecoding: token trees from suffix tries of this and earlier outputs"
+    params = {
+        "max_depth": Param(int, 24, "deepest suffix matched"),
+        "min_prob": Param(float, 0.1, "drop tree nodes below this path probability"),
+        "spec_factor": Param(float, 1.0, "draft length per matched token"),
+        "spec_offset": Param(float, 0.0, "draft length added to that"),
+        "max_cached": Param(int, 10000, "earlier outputs kept in the global trie"),
+        "mode": Param(str, "tree", "a token tree, or its best path only", ("path", "tree")),
+        "nodes": Param(int, None, "tree nodes (default: the cost model's cut)"),
+        "datastore": Param(str, None, "a retrieval datastore searched too (veridraft datastore)"),
+    }
     aliases = {
         "max_tree_depth": "max_depth",
         "min_token_prob": "min_prob",

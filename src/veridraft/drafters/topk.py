@@ -10,14 +10,18 @@ their original RoPE positions. Default draft length 9 (StD's gamma).
 
 from __future__ import annotations
 
+from ..spec import Param
 from .params import as_int
 from .sparse import SelectContext, Selection, SparseDrafter, observe, top_positions
 
 
 class TopKDrafter(SparseDrafter):
     name = "topk"
-    method_params = ("window",)
-    params = (*SparseDrafter.params, *method_params)
+    description = (
+        "Sparse-to-Dense's draft: per layer, the top-K positions by the prompt's attention"
+    )
+    method_params = {"window": Param(int, 32, "last prompt tokens whose attention votes")}
+    params = {**SparseDrafter.params, **method_params}
     default_budget = 1024
     default_tokens = 9
 

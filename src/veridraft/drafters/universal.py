@@ -67,6 +67,7 @@ from torch import nn
 from ..align import dtw_path, kept_by_path, lcd_path, norm_piece, token_bytes
 from ..draft import DecodeContext, Draft, DraftEnv, Round, as_round
 from ..errors import VeridraftError
+from ..spec import Param
 from .autolength import AutoLength
 from .model import (
     _common_prefix,
@@ -116,16 +117,17 @@ class UniversalDrafter:
         "universal:DRAFT (a catalog name, an HF folder or GGUF path), e.g. "
         "universal:smollm2-135m or universal:smollm2-135m:align=lcd,k=6"
     )
-    params = (
-        "num_tokens",
-        "mode",
-        "threshold",
-        "align",
-        "window",
-        "lookbehind",
-        "text",
-        "precision",
-    )
+    description = "a draft model with any tokenizer, its text re-encoded in the target's"
+    params = {
+        "num_tokens": Param(int, None, "draft tokens per round (by mode: 4, 12 or 8)"),
+        "mode": Param(str, None, "draft length: fixed, dynamic or auto (the measured best)", MODES),
+        "threshold": Param(float, 0.4, "dynamic mode: stop below this draft confidence"),
+        "align": Param(str, "dtw", "how draft and target tokens are aligned", ALIGNS),
+        "window": Param(int, 8, "alignment band"),
+        "lookbehind": Param(int, 8, "target tokens re-read to align the draft"),
+        "text": Param(bool, False, "re-encode through text even with the same vocabulary"),
+        "precision": Param(str, None, "the draft's precision mode (default: the target's)"),
+    }
     aliases = {
         "k": "num_tokens",
         "band": "window",

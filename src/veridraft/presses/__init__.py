@@ -6,13 +6,13 @@ smaller (compact.py).
     press = make_press("adakv:budget=0.25")      # a ratio of the prompt
     pre = prefill_compressed(net, prompt_ids, max_len, press)   # a decode.Prefill
 
-Spec grammar (as drafters): ``NAME:KEY=VALUE[,KEY=VALUE...]``; every press takes `budget`.
+Spec grammar (veridraft.spec, as drafters): ``NAME:KEY=VALUE[,KEY=VALUE...]``; every press takes
+`budget`. A press's parameters are its dataclass fields named in `params` (their types and
+defaults are the fields').
 """
 
 from __future__ import annotations
 
-import importlib
-import re
 from collections.abc import Sequence
 
 import torch
@@ -21,18 +21,23 @@ from ..cache import KVCache
 from ..decode import PREFILL_CHUNK, Prefill, run_prompt
 from ..errors import VeridraftError
 from ..models.base import Capture
+from ..spec import Registry
 from .base import Press
 from .compact import CompactKVCache
 
-PRESSES: dict[str, str] = {
-    "streaming": ".streaming:StreamingPress",
-    "snapkv": ".snapkv:SnapKVPress",
-    "pyramidkv": ".pyramidkv:PyramidKVPress",
-    "adakv": ".adakv:AdaKVPress",
-    "h2o": ".h2o:H2OPress",
-    "mm-shiftkv": ".mmshiftkv:MMShiftKVPress",
-    "hybridkv": ".hybridkv:HybridKVPress",
-}
+PRESSES = Registry(
+    "kv press",
+    {
+        "streaming": ".streaming:StreamingPress",
+        "snapkv": ".snapkv:SnapKVPress",
+        "pyramidkv": ".pyramidkv:PyramidKVPress",
+        "adakv": ".adakv:AdaKVPress",
+        "h2o": ".h2o:H2OPress",
+        "mm-shiftkv": ".mmshiftkv:MMShiftKVPress",
+        "hybridkv": ".hybridkv:HybridKVPress",
+    },
+    package=__name__,
+)
 
 __all__ = [
     "PRESSES",
@@ -45,40 +50,17 @@ __all__ = [
     "prefill_compressed",
 ]
 
-_KEY = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
-
 
 def press_class(name: str) -> type[Press]:
-    module, _, attr = PRESSES[name].partition(":")
-    return getattr(importlib.import_module(module, __name__), attr)
+    return PRESSES[name]
 
 
 def make_press(spec: str | Press) -> Press:
     """A press from a spec such as "snapkv:budget=1024" (or a Press: itself)."""
     if isinstance(spec, Press):
         return spec
-    valid = ", ".join(PRESSES)
-    if not isinstance(spec, str) or not spec.strip():
-        raise VeridraftError(f"empty kv spec; valid: {valid} (e.g. kv='snapkv:budget=1024')")
-    name, _, rest = spec.strip().partition(":")
-    name = name.strip().lower()
-    if name not in PRESSES:
-        raise VeridraftError(f"unknown kv press {name!r} in {spec!r}; valid: {valid}")
-    cls = press_class(name)
-    params: dict[str, str] = {}
-    for piece in filter(str.strip, re.split(r"[,;:]", rest)):
-        m = _KEY.match(piece)
-        if not m:
-            raise VeridraftError(f"kv spec {spec!r}: expected KEY=VALUE, got {piece!r}")
-        key = m.group(1).lower()
-        if key not in cls.params:
-            raise VeridraftError(
-                f"{name}: unknown parameter {key!r} in {spec!r}; valid: {', '.join(cls.params)}"
-            )
-        if key in params:
-            raise VeridraftError(f"kv spec {spec!r} sets {key!r} twice")
-        params[key] = m.group(2).strip()
-    return cls.from_params(params)
+    entry, params = PRESSES.resolve(PRESSES.parse(spec))
+    return entry.target.from_params(params)
 
 
 @torch.no_grad()  # not inference_mode: the compacted cache must accept writes outside it

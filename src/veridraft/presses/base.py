@@ -14,6 +14,7 @@ from torch import Tensor
 from ..cache import KVCache
 from ..errors import VeridraftError
 from ..models.base import Capture
+from ..spec import as_float, as_int
 from .compact import CompactKVCache, Tier
 
 
@@ -40,29 +41,18 @@ def tokens_of(budget: float, prompt_len: int) -> int:
 
 
 def to_int(value: str, name: str, key: str, lo: int = 0) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = lo - 1
-    if n < lo:
-        raise VeridraftError(f"{name}: {key} must be an integer >= {lo}, got {value!r}")
-    return n
+    return as_int(name, key, value, lo=lo)
 
 
 def to_float(value: str, name: str, key: str, lo: float, hi: float) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = lo - 1
-    if not lo <= x <= hi:
-        raise VeridraftError(f"{name}: {key} must be a number in [{lo}, {hi}], got {value!r}")
-    return x
+    return as_float(name, key, value, lo=lo, hi=hi)
 
 
 @dataclass
 class Press(ABC):
-    """A KV-compression policy (lossy). Subclasses set `name`, `params`, what they need from the
-    prefill (`rows`, `colsum`) and implement `select`."""
+    """A KV-compression policy (lossy). Subclasses set `name`, `params` (the names of their
+    dataclass fields a spec may set: the registry reads their types and defaults), what they
+    need from the prefill (`rows`, `colsum`) and implement `select`."""
 
     budget: float
     name = "press"
