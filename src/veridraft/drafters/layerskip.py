@@ -67,7 +67,7 @@ def heuristic_skip(n_layers: int) -> Skip:
     return Skip(attn=frozenset(mid), mlp=frozenset(mid))
 
 
-def _net_of(model):
+def net_of(model):
     return getattr(model, "net", model)
 
 
@@ -149,7 +149,7 @@ class LayerSkipDrafter:
     def from_spec(
         cls, model, arg: str | None, params: dict, env: DraftEnv | None = None
     ) -> LayerSkipDrafter:
-        net = _net_of(model)
+        net = net_of(model)
         n_layers = net.config.n_layers
         name = getattr(model, "name", None)
         p = dict(params)

@@ -96,11 +96,11 @@ def truncate_layers(net: nn.Module, n: int) -> nn.Module:
     return new
 
 
-def _net_of(model):
+def net_of(model):
     return getattr(model, "net", model)
 
 
-def _vocab_of(tokenizer) -> dict | None:
+def vocab_of(tokenizer) -> dict | None:
     backend = getattr(tokenizer, "backend", None)
     if backend is None or not hasattr(backend, "get_vocab"):
         return None
@@ -109,12 +109,12 @@ def _vocab_of(tokenizer) -> dict | None:
 
 def check_same_vocab(target, draft, draft_name: str) -> None:
     """Refuse a draft model whose tokenizer differs from the target's."""
-    t_net, d_net = _net_of(target), _net_of(draft)
+    t_net, d_net = net_of(target), net_of(draft)
     t_tok, d_tok = getattr(target, "tokenizer", None), getattr(draft, "tokenizer", None)
     t_v, d_v = t_net.config.vocab_size, d_net.config.vocab_size
     same = None
     if t_tok is not None and d_tok is not None and t_tok is not d_tok:
-        a, b = _vocab_of(t_tok), _vocab_of(d_tok)
+        a, b = vocab_of(t_tok), vocab_of(d_tok)
         if a is not None and b is not None:
             same = a == b
     if same is None:
@@ -147,7 +147,7 @@ def resolve_draft(name: str, target, env: DraftEnv | None = None):
         else:
             base_model = _LOADED.get(base) or _load(env, base, None)
             _LOADED[base] = base_model
-        net = truncate_layers(_net_of(base_model), n)
+        net = truncate_layers(net_of(base_model), n)
         return _Truncated(net, getattr(base_model, "tokenizer", None), name), name
     if name not in _LOADED:
         _LOADED[name] = _load(env, name, None)
@@ -286,9 +286,9 @@ class ModelDrafter:
         draft, label = resolve_draft_in("model", arg, model, params.pop("precision", None), env)
         check_same_vocab(model, draft, label)
         d = cls(
-            _net_of(draft),
+            net_of(draft),
             label=f"model:{label}",
-            target_vocab=_net_of(model).config.vocab_size,
+            target_vocab=net_of(model).config.vocab_size,
             **params,
         )
         if d.branches > 1 and env.cost is not None:
@@ -334,7 +334,7 @@ class ModelDrafter:
         ids = ctx.ids
         n = self.cache.length
         if n >= len(ids) or (n and self._cached_ids[n - 1] != ids[n - 1]):
-            n = _common_prefix(self._cached_ids, ids, min(n, len(ids) - 1))
+            n = common_prefix(self._cached_ids, ids, min(n, len(ids) - 1))
             self.cache.truncate(n)
             del self._cached_ids[n:]
         self.cache.reserve(len(ids) - n + k)  # clear error if the cache is too small
@@ -384,7 +384,7 @@ class ModelDrafter:
             return
         if self.branches > 1 and rnd.ids:
             # a tree's accepted path may leave the trunk at a leaf: count trunk matches only
-            n_accepted = _common_prefix(drafted, rnd.committed[:-1], n_accepted)
+            n_accepted = common_prefix(drafted, rnd.committed[:-1], n_accepted)
         # The draft cache holds ..., d1 .. d_{k-1}: keep the accepted ones.
         fed_drafts = len(drafted) - 1
         keep = self.cache.length - fed_drafts + min(n_accepted, fed_drafts)
@@ -409,7 +409,7 @@ class ModelDrafter:
         self._drafted = []
 
 
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
     n = 0
     for x, y in zip(a[:limit], b[:limit]):
         if x != y:

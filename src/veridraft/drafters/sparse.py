@@ -88,7 +88,7 @@ class SelectContext:
     target_cache: object
 
 
-def _net_of(model):
+def net_of(model):
     return getattr(model, "net", model)
 
 
@@ -205,7 +205,7 @@ class SparseDrafter(ABC):
         if arg is not None:
             draft, dlabel = resolve_draft_in(cls.name, arg, model, precision, env)
             check_same_vocab(model, draft, dlabel)
-            draft_net, drafter_model = _net_of(draft), draft
+            draft_net, drafter_model = net_of(draft), draft
             label = f"{cls.name}:{dlabel}"
         elif precision is not None:
             raise VeridraftError(
@@ -219,7 +219,7 @@ class SparseDrafter(ABC):
             draft_net,
             skip=skip,
             label=label,
-            target_vocab=_net_of(model).config.vocab_size if draft_net is not None else None,
+            target_vocab=net_of(model).config.vocab_size if draft_net is not None else None,
             **p,
             **method,
         )

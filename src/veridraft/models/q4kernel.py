@@ -10,6 +10,7 @@ the fallback (for comparisons)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -62,6 +63,19 @@ def load() -> object | None:
         )
     _loaded["module"] = module
     return module
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the block, q4 linears are built on torch's int4 kernel (as on a CPU without this
+    one): for benchmarks that compare the two on one machine."""
+    saved = dict(_loaded)
+    _loaded["module"] = None
+    try:
+        yield
+    finally:
+        _loaded.clear()
+        _loaded.update(saved)
 
 
 def a8_supported() -> bool:
