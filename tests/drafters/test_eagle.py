@@ -259,3 +259,17 @@ def test_save_load_round_trip_in_eagle3_format(tmp_path, tiny):
     again = load_head(tmp_path / "h")
     for k, v in head.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_vllm_config_points_at_the_head_folder(tmp_path, tiny):
+    from veridraft.serve.vllm import speculative_config
+
+    _, _, base = tiny
+    cfg, _ = speculative_config(f"eagle:head={base / 'trained'}:k=4,mode=chain")
+    assert cfg == {
+        "method": "eagle3",
+        "model": str((base / "trained").resolve()),
+        "num_speculative_tokens": 4,
+    }
+    with pytest.raises(VeridraftError, match="veridraft train head --model"):
+        speculative_config("eagle", model=str(tmp_path))

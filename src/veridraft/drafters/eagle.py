@@ -307,6 +307,17 @@ def find_head(model_dir: Path | None, spec: str | None) -> Path | None:
     return max(found, key=lambda p: (p / "config.json").stat().st_mtime) if found else None
 
 
+def head_spec(arg: str | None, param: str | None) -> str | None:
+    """The head named by the spec's argument (`eagle:head=PATH` or `eagle:PATH`, as in
+    `eagle:head=PATH:k=4`) or by its `head=` parameter."""
+    if arg is not None:
+        arg = arg[5:] if arg.lower().startswith("head=") else arg
+        if param is not None and param != arg:
+            raise VeridraftError(f"eagle: two heads given ({arg!r} and {param!r}); give one")
+        return arg
+    return param
+
+
 def check_head(head: EagleHead, net, where: str, model_name: str) -> None:
     """A head trained for another model fails here, in one line, not as a shape error later."""
     c, t = head.config, net.config
@@ -344,7 +355,7 @@ class EagleDrafter:
     """Draft with an EAGLE-3 head over the target's captured hidden states."""
 
     name = "eagle"
-    takes_arg = False
+    takes_arg = None  # optional: eagle:head=PATH (or eagle:PATH) before the parameters
     usage = "eagle[:head=PATH][:k=N,topk=K,nodes=N,mode=chain|tree]"
     params = ("head", "k", "topk", "nodes", "mode")
     aliases = {"num_tokens": "k", "depth": "k", "path": "head"}
@@ -382,7 +393,7 @@ class EagleDrafter:
     ) -> EagleDrafter:
         net = getattr(model, "net", model)
         name = getattr(model, "name", None) or "MODEL"
-        spec = params.pop("head", None)
+        spec = head_spec(arg, params.pop("head", None))
         folder = find_head(getattr(model, "path", None), spec)
         if folder is None or not (folder / "config.json").is_file():
             where = f" at {folder}" if folder is not None else f" for {name}"

@@ -30,7 +30,8 @@ from ..models.base import Capture
 
 TOP_K = 8  # target probabilities kept per position (the soft labels)
 SEQ_LEN = 512  # tokens per window of a source file
-SHARD_TOKENS = 8192  # tokens per shard: what a stopped run may lose
+SHARD_TOKENS = 8192  # tokens per shard at most...
+SHARD_SECONDS = 60.0  # ...and seconds: what a stopped run may lose (answers come slowly)
 CHUNK = 256  # rows per target forward (bounds the [rows, vocab] logits)
 SHARD = re.compile(r"^shard-(\d+)-(\d+)-(\d+)\.pt$")
 
@@ -284,6 +285,7 @@ def compute(
         pending, pend_tokens, first = [], 0, end
 
     end = next_item  # the first item not yet in pending or a shard
+    last = time.perf_counter()
     try:
         for i in range(next_item, len(corpus.items)):
             if limit and have >= limit:
@@ -299,8 +301,9 @@ def compute(
             pend_tokens += n_item
             bar.update(min(n_item, limit - bar.n) if limit else 1)
             bar.set_postfix(tokens=have)
-            if pend_tokens >= SHARD_TOKENS:
+            if pend_tokens >= SHARD_TOKENS or time.perf_counter() - last > SHARD_SECONDS:
                 flush(end)
+                last = time.perf_counter()
     finally:
         flush(end)  # Ctrl-C keeps the finished items
         bar.close()
