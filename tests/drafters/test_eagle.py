@@ -92,6 +92,27 @@ def test_greedy_equals_plain(tiny):
         assert (trees["trees"] > 0) == which.endswith("tree"), which
 
 
+def test_prefilled_prompt_without_features_stays_exact(tiny):
+    """A prompt prefilled before the drafter was known has no captured features: the head
+    starts at the first verified position and the output is still plain decoding's."""
+    from veridraft.decode import prefill
+
+    net, _, base = tiny
+    ref, _ = decode(net, PROMPT, max_new_tokens=30, sampling=GREEDY, generator=torch.Generator())
+    pre = prefill(net, PROMPT, len(PROMPT) + 30 + 17)
+    d = make_drafter(SPECS["trained-tree"].format(base=base), net)
+    out, stats = decode(
+        net,
+        PROMPT,
+        max_new_tokens=30,
+        sampling=GREEDY,
+        generator=torch.Generator(),
+        drafter=d,
+        prefilled=pre,
+    )
+    assert out == ref and stats.drafted > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("which", list(SPECS))
 def test_sampling_distribution_matches_exact(tiny, which):
@@ -152,6 +173,7 @@ def test_captured_features_equal_a_separate_forward(tiny, mode):
     over them computes."""
     net, _, base = tiny
     d = _Recording(load_head(base / "trained"), mode=mode, k=4, topk=2, nodes=6)
+    trees = count_trees(d)
     new, _ = decode(
         net, PROMPT, max_new_tokens=30, sampling=GREEDY, generator=torch.Generator(), drafter=d
     )
@@ -161,6 +183,7 @@ def test_captured_features_equal_a_separate_forward(tiny, mode):
     cap = Capture(hidden_layers=layers)
     net(torch.tensor(ids[:-1]), net.new_cache(len(ids)), capture=cap)
     want = torch.cat([cap.hidden[i] for i in layers], -1)
+    assert (trees["trees"] > 0) == (mode == "tree")
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
