@@ -30,6 +30,9 @@ from ..models.base import Capture
 
 TOP_K = 8  # target probabilities kept per position (the soft labels)
 SEQ_LEN = 512  # tokens per window of a source file
+# windows per file: breadth over depth (a few large modules would otherwise fill the budget),
+# and a stopped run loses at most one file's windows
+FILE_WINDOWS = 4
 SHARD_TOKENS = 8192  # tokens per shard at most...
 SHARD_SECONDS = 60.0  # ...and seconds: what a stopped run may lose (answers come slowly)
 CHUNK = 256  # rows per target forward (bounds the [rows, vocab] logits)
@@ -192,7 +195,7 @@ def _samples(model, corpus: Corpus, item, answer_tokens: int, seq_len: int):
         text = Path(item).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return
-    ids = model.tokenizer.encode(text)
+    ids = model.tokenizer.encode(text)[: FILE_WINDOWS * seq_len]
     for a in range(0, len(ids), seq_len):
         w = ids[a : a + seq_len]
         if len(w) >= 16:
@@ -200,7 +203,16 @@ def _samples(model, corpus: Corpus, item, answer_tokens: int, seq_len: int):
 
 
 def feature_dir(model, corpus: Corpus, layers: tuple[int, ...], answer_tokens: int) -> Path:
-    key = _digest([corpus.digest, str(layers), str(TOP_K), str(SEQ_LEN), str(answer_tokens)])
+    key = _digest(
+        [
+            corpus.digest,
+            str(layers),
+            str(TOP_K),
+            str(SEQ_LEN),
+            str(FILE_WINDOWS),
+            str(answer_tokens),
+        ]
+    )
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.name)
     return home() / "features" / f"{slug}-{model.precision}-{corpus.name}-{key}"
 
