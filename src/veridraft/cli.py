@@ -13,6 +13,7 @@ from .data.cli import add_data_parser
 from .defaults import DEFAULT_MODEL
 from .errors import VeridraftError
 from .serve.cli import add_serve_parser
+from .train.cli import add_train_parser
 from .tune.cli import add_tune_parser
 
 
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_parser(sub)
     _add_datastore_parser(sub)
     add_tune_parser(sub)
+    add_train_parser(sub)
     add_serve_parser(sub)
     return p
 

@@ -67,12 +67,17 @@ def run_prompt(
             bounds.append(bounds[-1] + chunk)
     bounds.append(len(ids))
     logits = None
+    parts: dict[int, list[torch.Tensor]] = {}  # captured hidden states, one tensor per chunk
     for a, b in zip(bounds, bounds[1:]):
         tokens = torch.tensor(ids[a:b], dtype=torch.long)
         if capture is None:
             logits = target(tokens, cache, num_logits=1)
         else:
             logits = target(tokens, cache, capture=capture, num_logits=1)
+            for key in set(capture.hidden_layers):
+                parts.setdefault(key, []).append(capture.hidden[key])
+    for key, rows in parts.items():  # every prompt row, not just the last chunk's
+        capture.hidden[key] = rows[0] if len(rows) == 1 else torch.cat(rows)
     return logits[-1]
 
 
@@ -136,9 +141,11 @@ def decode(
     stats.verify, stats.lossy = rule.name, bool(rule.lossy)
     t_start = time.perf_counter()
     need = len(prompt_ids) + max_new_tokens + max_draft + 1
+    pcap = getattr(drafter, "prompt_capture", None)
+    pcap = pcap() if pcap is not None and prefilled is None else None
     if prefilled is None:
         cache = target.new_cache(need)
-        last = run_prompt(target, prompt_ids, cache, prefill_chunk)
+        last = run_prompt(target, prompt_ids, cache, prefill_chunk, capture=pcap)
     else:
         if prefilled.ids != list(prompt_ids):
             raise VeridraftError("the prefilled prompt differs from prompt_ids; prefill this one")
@@ -163,6 +170,7 @@ def decode(
         tokenizer=tokenizer,
         max_new_tokens=max_new_tokens,
         segments=check_segments(segments, len(prompt_ids)),
+        prompt_capture=pcap,
     )
     keep = _finish_point(new, eos_ids, should_stop, max_new_tokens)
     update = None
@@ -194,14 +202,14 @@ def decode(
                 raise ValueError(f"drafter {stats.method} proposed more tokens than allowed")
         t1 = time.perf_counter()
         tokens = torch.tensor([ids[-1], *draft.tokens], dtype=torch.long)
-        cap = None
-        if draft.parents is None:
-            cap = verify_capture(ctx) if verify_capture is not None else None
-            logits = (
-                target(tokens, cache, capture=cap) if cap is not None else target(tokens, cache)
-            )
-        else:  # a token tree: one forward over all nodes, each seeing its ancestors only
-            logits = target(tokens, cache, tree=tree_attn(draft.parents))
+        cap = verify_capture(ctx) if verify_capture is not None else None
+        kw = {}
+        if draft.parents is not None:  # a token tree: each node sees its ancestors only
+            kw["tree"] = tree_attn(draft.parents)
+            cap = cap if cap is not None and _hidden_only(cap) else None
+        if cap is not None:
+            kw["capture"] = cap
+        logits = target(tokens, cache, **kw)
         path, nxt, relaxed = rule.accept(logits, draft, sampling, generator)
         stats.relaxed += relaxed
         n_acc = len(path)
@@ -224,6 +232,7 @@ def decode(
                     verify_s=t2 - t1,
                     scores=logits if wants_scores else None,
                     capture=cap,
+                    path=path,
                 )
             )
         keep = _finish_point(new, eos_ids, should_stop, max_new_tokens)
@@ -238,6 +247,12 @@ def decode(
     stats.new_tokens = len(new)
     stats.total_s = time.perf_counter() - t_start
     return new, stats
+
+
+def _hidden_only(cap) -> bool:
+    """A capture of hidden states alone (what a tree forward may take: the attention captures
+    describe chain rows)."""
+    return not (getattr(cap, "attn_rows", 0) or getattr(cap, "press_rows", 0))
 
 
 def check_segments(segments, n: int) -> list[tuple[str, int, int]]:

@@ -13,8 +13,15 @@ compacts its cache rows; `Round.n_accepted` is that path's length. A chain is th
 case and runs as before.
 
 A drafter may define `verify_capture(ctx) -> Capture | None`: the loop passes what it returns
-to the chain verification forward (`capture=`) and hands it back filled in `Round.capture`;
-sparse-cache drafters read the target's attention of the verification rows that way.
+to the verification forward (`capture=`) and hands it back filled in `Round.capture`;
+sparse-cache drafters read the target's attention of the verification rows that way. Token-tree
+forwards take a capture of hidden states only (`Capture.hidden_layers`; attention stays
+chain-only); captured rows follow the forward's rows (the root, then the nodes in draft order;
+`Round.path` says which nodes were kept). A drafter may also define `prompt_capture() ->
+Capture | None`: the prompt's forwards fill it (chunks concatenated) and the drafter finds it in
+`DecodeContext.prompt_capture` at `prefill` (None when the prompt was prefilled earlier). A
+trained head (drafters/eagle.py) reads the target's hidden states that way, never running a
+forward of its own.
 
 A drafter may write into the target's cache past its committed length (self-speculation does),
 but must leave it as it found it: same length, nothing written below the committed length. The
@@ -58,6 +65,9 @@ class DecodeContext:
     # "system", "document", "question" (see veridraft.segments); selection rules may keep some
     # kinds whole and prune others
     segments: list[tuple[str, int, int]] = field(default_factory=list)
+    # what the prompt's forwards captured for the drafter's `prompt_capture()` (None: not asked,
+    # or the prompt was prefilled before the drafter was known)
+    prompt_capture: Any = None
 
 
 @dataclass
@@ -92,6 +102,8 @@ class Round:
     # what the verification forward captured for a drafter whose `verify_capture(ctx)` returned
     # a models.base.Capture (e.g. attention of the verification rows over the context)
     capture: Any = None
+    # the accepted draft nodes, root to leaf (indices into the draft's tokens; 0..n-1 for a chain)
+    path: list[int] = field(default_factory=list)
 
     @property
     def committed(self) -> list[int]:

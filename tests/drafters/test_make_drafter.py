@@ -94,7 +94,7 @@ def test_options_override_the_spec():
         (
             "medusa",
             {},
-            "unknown drafter 'medusa'; valid: hybrid, layerskip, model, ngram, pruned",
+            "unknown drafter 'medusa'; valid: eagle, hybrid, layerskip, model, ngram, pruned",
         ),
         (
             "ngram:depth=3",

@@ -12,6 +12,7 @@
     make_drafter("recycle", model)                            # Token Recycling (token trees)
     make_drafter("suffix:datastore=stdlib", model)            # SuffixDecoding, plus retrieval
     make_drafter("hybrid:model:qwen2.5-coder-0.5b", model)   # suffix trees, else a draft model
+    make_drafter("eagle:k=4,mode=chain", model)               # a trained EAGLE-3 head
     make_drafter(my_drafter, model)                           # a Drafter instance: itself
     make_drafter(None, model)                                 # plain decoding: None
 
@@ -73,6 +74,7 @@ DRAFTERS = Registry(
         "recycle": ".recycle:RecycleDrafter",
         "suffix": ".suffix:SuffixDrafter",
         "hybrid": ".hybrid:HybridDrafter",
+        "eagle": ".eagle:EagleDrafter",
     },
     package=__name__,
 )

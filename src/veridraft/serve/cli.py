@@ -84,7 +84,7 @@ def _print_vllm_config(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    cfg, notes = speculative_config(args.draft)
+    cfg, notes = speculative_config(args.draft, args.model)
     cmd, _ = vllm_command(args.model, args.draft, args.port)
     print(json.dumps(cfg))
     print(f"# {cmd}", file=sys.stderr)

@@ -7,6 +7,9 @@ Mapped where vLLM has the method (read from vLLM's `vllm/config/speculative.py`,
 - `model:NAME[:k=K]` -> `{"method": "draft_model", "model": HUB_ID_OR_PATH,
   "num_speculative_tokens": K}`; catalog names become their Hugging Face ids.
 - `suffix[...]` -> `{"method": "suffix", ...}` (vLLM's SuffixDecoding, via arctic-inference).
+- `eagle[:head=PATH][:k=K]` -> `{"method": "eagle3", "model": HEAD_FOLDER,
+  "num_speculative_tokens": K}`: the head is already EAGLE-3's folder format (drafters/eagle.py);
+  without head= it is the model's newest trained head (`veridraft train head`).
 
 No vLLM equivalent: `layerskip` (self-speculation with skipped layers), `universal` (a draft
 with another tokenizer by text round-trip), and truncated catalog drafts such as
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 from ..errors import VeridraftError
 
@@ -43,6 +47,7 @@ NO_EQUIVALENT = {
 # drafters/model.py); vLLM has no default for num_speculative_tokens, so it is always written.
 _NGRAM_DEFAULTS = {"num_tokens": 10, "max_ngram": 3, "min_ngram": 1}
 _MODEL_DEFAULT_K = {"dynamic": 16, "heuristic": 5, "fixed": 4}
+_EAGLE_DEFAULT_K = 5  # drafters/eagle.py's k
 
 
 def hub_id(name: str) -> str:
@@ -74,8 +79,42 @@ def _canonical(method: str, params: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def speculative_config(spec: str) -> tuple[dict, list[str]]:
-    """(vLLM speculative_config, notes on what differs) for a veridraft drafter spec."""
+def _model_folder(model: str) -> Path | None:
+    """The folder of a catalog model or an HF folder path, without loading it."""
+    from ..models import catalog
+
+    if model in catalog.CATALOG:
+        return catalog.model_dir(model)
+    path = Path(model).expanduser()
+    return path if path.is_dir() else None
+
+
+def _eagle(arg: str | None, params: dict[str, str], model: str | None) -> tuple[dict, list]:
+    from ..defaults import DEFAULT_MODEL
+    from ..drafters.eagle import find_head, head_spec, train_hint
+
+    p = _canonical("eagle", params)
+    model = model or DEFAULT_MODEL
+    folder = find_head(_model_folder(model), head_spec(arg, p.get("head")))
+    if folder is None or not (folder / "config.json").is_file():
+        raise VeridraftError(
+            f"eagle: no trained head for {model}; train one with `{train_hint(model)}` or pass "
+            "eagle:head=PATH"
+        )
+    notes = []
+    if p.get("mode", "tree") == "tree":
+        notes.append(
+            "veridraft's eagle drafts a token tree by default; vLLM's eagle3 drafts a chain "
+            "unless speculative_token_tree is set"
+        )
+    k = _int("eagle", "k", str(p.get("k", _EAGLE_DEFAULT_K)))
+    cfg = {"method": "eagle3", "model": str(folder.resolve()), "num_speculative_tokens": k}
+    return cfg, notes
+
+
+def speculative_config(spec: str, model: str | None = None) -> tuple[dict, list[str]]:
+    """(vLLM speculative_config, notes on what differs) for a veridraft drafter spec; `model`
+    (default: veridraft's default model) is where `eagle` looks for its trained head."""
     from ..drafters import DRAFTERS, parse_spec
 
     method, arg, params = parse_spec(spec)
@@ -151,13 +190,15 @@ def speculative_config(spec: str) -> tuple[dict, list[str]]:
             cfg[name] = json.loads(value) if value.replace(".", "", 1).isdigit() else value
         notes.append("vLLM's suffix method needs `pip install arctic-inference`")
         return cfg, notes
+    if method == "eagle":
+        return _eagle(arg, params, model)
     valid = sorted({"ngram", "model", "suffix"} | set(DRAFTERS) | set(NO_EQUIVALENT))
     raise VeridraftError(f"unknown draft method {method!r} in {spec!r}; valid: {', '.join(valid)}")
 
 
 def vllm_command(model: str, spec: str, port: int = 8000) -> tuple[str, list[str]]:
     """The `vllm serve` command line that runs `model` with the drafter `spec`, and the notes."""
-    cfg, notes = speculative_config(spec)
+    cfg, notes = speculative_config(spec, model)
     cmd = (
         f"vllm serve {shlex.quote(hub_id(model))} --port {port} "
         f"--speculative-config {shlex.quote(json.dumps(cfg, separators=(',', ':')))}"

@@ -1,0 +1,607 @@
+"""EAGLE-3 draft head: a trained one-layer drafter that reads the target's hidden states.
+
+The head sees, for each position t the target has run, the target's hidden states after a low,
+a middle and a high layer (concatenated, 3 x dim, `fc` -> dim) and the embedding of the token
+at t + 1 (the target's own table), and predicts the token at t + 2 over a reduced draft
+vocabulary (`d2t` maps draft ids back to target ids). Its body is one decoder layer: attention
+over the head's own KV cache of the earlier positions, an MLP, RMSNorms. Drafting past the
+last verified position feeds the layer's own output hidden state back in place of the target's
+features (as the head was trained: `veridraft train head`, training-time test).
+
+The features cost no extra forward: the drafter asks the verification forward (chain or tree)
+and the prompt's forwards for those three layers (`verify_capture`, `prompt_capture` in
+veridraft.draft) and keeps the rows of the accepted path.
+
+Spec: ``eagle[:head=PATH][:k=N,topk=K,nodes=N,mode=chain|tree]``. `head`: a head folder, or a
+name under ``<model folder>/heads/`` (default: the newest ``heads/eagle-*`` there). `mode=tree`
+(default) grows a token tree best-first by path probability, `k` levels deep, the `topk` best
+nodes of a level expanded by their `topk` best children (EAGLE-2's dynamic tree); the number of
+nodes verified is `CostModel.best_nodes` of their path probabilities when the machine has a cost
+profile, else `nodes`. `mode=chain` drafts `k` tokens.
+
+Lossless: greedy drafts are argmaxes (point masses); under sampling a chain samples each token
+from the head's distribution and reports it as q, and a tree proposes its distinct top-k
+children as point masses (verify.verify_tree).
+
+Checkpoint: EAGLE-3's Hugging Face folder as vLLM and SGLang load it (`LlamaForCausalLMEagle3`:
+config.json with `draft_vocab_size` and `eagle_config.eagle_aux_hidden_state_layer_ids`;
+model.safetensors with fc, midlayer.*, norm, lm_head, d2t, t2d).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..draft import DecodeContext, Draft, DraftEnv, Round
+from ..errors import VeridraftError
+from ..models.base import Capture
+from ..sampling import probs, sample
+from ..spec import Param
+from .params import as_choice, as_int
+
+ARCH = "LlamaForCausalLMEagle3"
+HEADS_DIR = "heads"
+PREFIX = "eagle-"
+
+
+def train_hint(model_name: str) -> str:
+    return f"veridraft train head --model {model_name} --corpus spec-bench-dev (or stdlib)"
+
+
+def default_aux_ids(n_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's layers, as the index of the decoder layer whose *input* is taken (2, L//2,
+    L-3; vLLM's and SGLang's convention), clamped to the model's layers."""
+    return tuple(max(1, min(n_layers, i)) for i in (2, n_layers // 2, n_layers - 3))
+
+
+@dataclass
+class HeadConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    draft_vocab_size: int
+    target_hidden_size: int
+    aux_ids: tuple[int, ...]  # input of these decoder layers = output of block id - 1
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    meta: dict = field(default_factory=dict)  # how it was trained (veridraft's own key)
+
+    @property
+    def capture_layers(self) -> tuple[int, ...]:
+        """The same layers in models.base.Capture's numbering (output of block i)."""
+        return tuple(i - 1 for i in self.aux_ids)
+
+    def to_hf(self) -> dict:
+        return {
+            "architectures": [ARCH],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "num_hidden_layers": 1,
+            "vocab_size": self.vocab_size,
+            "draft_vocab_size": self.draft_vocab_size,
+            "target_hidden_size": self.target_hidden_size,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": False,
+            "torch_dtype": "float32",
+            "eagle_config": {
+                "eagle_aux_hidden_state_layer_ids": list(self.aux_ids),
+                "use_aux_hidden_state": True,
+                "use_input_layernorm_in_first_layer": True,
+            },
+            "veridraft": self.meta,
+        }
+
+    @classmethod
+    def from_hf(cls, cfg: dict, where: str) -> HeadConfig:
+        if ARCH not in cfg.get("architectures", []):
+            raise VeridraftError(
+                f"{where} is not an EAGLE-3 head (architectures {cfg.get('architectures')}, "
+                f"expected {ARCH}); pass head= an EAGLE-3 folder"
+            )
+        try:
+            h = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+            aux = cfg.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids")
+            return cls(
+                hidden_size=h,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads", heads)),
+                head_dim=int(cfg.get("head_dim") or h // heads),
+                vocab_size=int(cfg["vocab_size"]),
+                draft_vocab_size=int(cfg.get("draft_vocab_size") or cfg["vocab_size"]),
+                target_hidden_size=int(cfg.get("target_hidden_size") or h),
+                aux_ids=tuple(int(i) for i in aux),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                meta=dict(cfg.get("veridraft") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise VeridraftError(
+                f"{where}: config.json lacks or mangles {e}; re-save the head"
+            ) from None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class _Attn(nn.Module):
+    def __init__(self, c: HeadConfig) -> None:
+        super().__init__()
+        d2 = 2 * c.hidden_size  # the normed embedding and the normed feature, side by side
+        self.q_proj = nn.Linear(d2, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(d2, c.num_key_value_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(d2, c.num_key_value_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+
+
+class _MLP(nn.Module):
+    def __init__(self, c: HeadConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _MidLayer(nn.Module):
+    def __init__(self, c: HeadConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)  # the embedding's
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)  # the fused feature's
+        self.self_attn = _Attn(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = _MLP(c)
+
+
+class EagleHead(nn.Module):
+    """The head's weights under EAGLE-3's names, and the pieces of its layer. Rows are [..., T,
+    features]; attention itself is the caller's (a KV cache at inference, the training-time
+    test's unrolled mask in training)."""
+
+    def __init__(self, c: HeadConfig) -> None:
+        super().__init__()
+        self.config = c
+        self.fc = nn.Linear(len(c.aux_ids) * c.target_hidden_size, c.hidden_size, bias=False)
+        self.midlayer = _MidLayer(c)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.ones(c.vocab_size, dtype=torch.bool))
+        hd = c.head_dim
+        inv = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        self.register_buffer("inv_freq", inv.float(), persistent=False)
+
+    @property
+    def draft_ids(self) -> Tensor:
+        """Target id of each draft id."""
+        return torch.arange(self.config.draft_vocab_size) + self.d2t
+
+    def rope(self, x: Tensor, pos: Tensor) -> Tensor:
+        """Llama's rotary embedding (rotate-half layout) of x [..., T, heads, hd] at pos [T]."""
+        f = pos.to(torch.float32)[:, None] * self.inv_freq
+        emb = torch.cat((f, f), -1)
+        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+        a, b = x.chunk(2, -1)
+        return x * cos + torch.cat((-b, a), -1) * sin
+
+    def qkv(self, hidden: Tensor, emb: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [.., T, heads, hd], k, v [.., T, kv_heads, hd] of rows with input hidden state
+        `hidden` (fused features, or the head's previous output) and token embedding `emb`."""
+        c, m = self.config, self.midlayer
+        x = torch.cat((m.input_layernorm(emb), m.hidden_norm(hidden)), -1)
+        sh = x.shape[:-1]
+        q = m.self_attn.q_proj(x).view(*sh, c.num_attention_heads, c.head_dim)
+        k = m.self_attn.k_proj(x).view(*sh, c.num_key_value_heads, c.head_dim)
+        v = m.self_attn.v_proj(x).view(*sh, c.num_key_value_heads, c.head_dim)
+        return self.rope(q, pos), self.rope(k, pos), v
+
+    def finish(self, hidden: Tensor, attn: Tensor) -> Tensor:
+        """The layer's output hidden state from its input and the attention [.., T, heads, hd]."""
+        m = self.midlayer
+        h = hidden + m.self_attn.o_proj(attn.flatten(-2))
+        return h + m.mlp(m.post_attention_layernorm(h))
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Draft-vocabulary logits of output hidden states."""
+        return self.lm_head(self.norm(h))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q [R, H, hd] over keys k, v [L, KV, hd] where mask [R, L] is True -> [R, H, hd]."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = torch.einsum("rhd,lhd->hrl", q, k) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hrl,lhd->rhd", torch.softmax(s, -1), v)
+
+
+# -- checkpoint --
+
+WEIGHTS = "model.safetensors"
+
+
+def save_head(head: EagleHead, folder: str | Path) -> Path:
+    """Write the head as EAGLE-3's HF folder (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    tmp.replace(folder / WEIGHTS)
+    (folder / "config.json").write_text(json.dumps(head.config.to_hf(), indent=2) + "\n")
+    return folder
+
+
+def load_head(folder: str | Path) -> EagleHead:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not (folder / WEIGHTS).is_file():
+        raise VeridraftError(
+            f"no EAGLE-3 head at {folder} (config.json and {WEIGHTS} expected); train one with "
+            "veridraft train head"
+        )
+    cfg = HeadConfig.from_hf(json.loads((folder / "config.json").read_text()), str(folder))
+    head = EagleHead(cfg)
+    sd = load_file(str(folder / WEIGHTS))
+    sd.pop("embed_tokens.weight", None)  # some trainers save the target's table: ours is read
+    missing, unexpected = head.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise VeridraftError(
+            f"{folder}/{WEIGHTS}: missing {sorted(missing)[:4]}, unexpected "
+            f"{sorted(unexpected)[:4]}; not an EAGLE-3 head this version reads"
+        )
+    head.d2t = head.d2t.long()
+    head.t2d = head.t2d.bool()
+    head.requires_grad_(False)
+    return head.eval()
+
+
+def find_head(model_dir: Path | None, spec: str | None) -> Path | None:
+    """The head folder: `spec` as a path, or as a name under model_dir/heads/ (with or without
+    the eagle- prefix); None: the newest heads/eagle-* folder, or None when there is none."""
+    base = model_dir / HEADS_DIR if model_dir is not None else None
+    if spec:
+        for p in (Path(spec).expanduser(),):
+            if p.is_dir():
+                return p
+        if base is not None:
+            for name in (spec, PREFIX + spec):
+                if (base / name).is_dir():
+                    return base / name
+        return Path(spec)
+    if base is None or not base.is_dir():
+        return None
+    found = [p for p in base.glob(PREFIX + "*") if (p / "config.json").is_file()]
+    return max(found, key=lambda p: (p / "config.json").stat().st_mtime) if found else None
+
+
+def head_spec(arg: str | None, param: str | None) -> str | None:
+    """The head named by the spec's argument (`eagle:head=PATH` or `eagle:PATH`, as in
+    `eagle:head=PATH:k=4`) or by its `head=` parameter."""
+    if arg is not None:
+        arg = arg[5:] if arg.lower().startswith("head=") else arg
+        if param is not None and param != arg:
+            raise VeridraftError(f"eagle: two heads given ({arg!r} and {param!r}); give one")
+        return arg
+    return param
+
+
+def check_head(head: EagleHead, net, where: str, model_name: str) -> None:
+    """A head trained for another model fails here, in one line, not as a shape error later."""
+    c, t = head.config, net.config
+    problems = []
+    if c.target_hidden_size != t.dim:
+        problems.append(f"hidden size {c.target_hidden_size} (the model's: {t.dim})")
+    if c.vocab_size != t.vocab_size:
+        problems.append(f"vocabulary {c.vocab_size} (the model's: {t.vocab_size})")
+    if c.hidden_size != t.dim:
+        problems.append(f"head width {c.hidden_size} (the model's embeddings: {t.dim})")
+    if any(not 1 <= i <= t.n_layers for i in c.aux_ids):
+        problems.append(f"layers {list(c.aux_ids)} (the model has {t.n_layers})")
+    if problems:
+        raise VeridraftError(
+            f"eagle: the head at {where} does not fit {model_name}: {'; '.join(problems)}; "
+            f"train one with `{train_hint(model_name)}`"
+        )
+
+
+# -- the drafter --
+
+
+@dataclass
+class _Node:
+    token: int
+    parent: int  # index in the node list, -1: a child of the last committed token
+    logp: float  # path log-probability under the head
+    depth: int
+    row: int = -1  # its row among the drafted head keys, once expanded
+    hidden: Tensor | None = None  # the layer output of its row (predicts its children)
+    logits: Tensor | None = None
+
+
+class EagleDrafter:
+    """Draft with an EAGLE-3 head over the target's captured hidden states."""
+
+    name = "eagle"
+    takes_arg = None  # optional: eagle:head=PATH (or eagle:PATH) before the parameters
+    usage = "eagle[:head=PATH][:k=N,topk=K,nodes=N,mode=chain|tree]"
+    description = (
+        "EAGLE-3 draft head: one decoder layer over the target's own hidden states "
+        "(`veridraft train head` makes one)"
+    )
+    params = {
+        "head": Param(str, None, "the head's folder (default: the newest in the model's heads/)"),
+        "k": Param(int, 5, "draft depth: a chain's length, a tree's deepest level"),
+        "topk": Param(int, 3, "children expanded per tree node"),
+        "nodes": Param(int, None, "tree nodes verified (default: the cost model's best, else 12)"),
+        "mode": Param(str, "tree", "a token tree or a chain", ("chain", "tree")),
+    }
+    aliases = {"num_tokens": "k", "depth": "k", "path": "head"}
+
+    def __init__(
+        self,
+        head: EagleHead,
+        *,
+        k: int = 5,
+        topk: int = 3,
+        nodes: int | None = None,
+        mode: str = "tree",
+        cost=None,
+    ) -> None:
+        m = "eagle"
+        self.head = head
+        self.k = as_int(m, "k", k, lo=1, hi=64)
+        self.topk = as_int(m, "topk", topk, lo=1, hi=64)
+        self.nodes = None if nodes is None else as_int(m, "nodes", nodes, lo=1)
+        self.mode = as_choice(m, "mode", mode, ("tree", "chain"))
+        self.cost = cost
+        self.ids = head.draft_ids
+        self._net = None
+        self._ctx: DecodeContext | None = None
+        self._k = self._v = None  # the head's KV cache [max, kv_heads, hd]
+        self._len = 0  # real rows in it
+        self._start = 0  # target position of head row 0
+        self._pending: list[Tensor] = []  # target features of positions not yet run [n, 3D]
+        self._h: Tensor | None = None  # the last real row's output hidden state
+        self._logits: Tensor | None = None
+
+    @classmethod
+    def from_spec(
+        cls, model, arg: str | None, params: dict, env: DraftEnv | None = None
+    ) -> EagleDrafter:
+        net = getattr(model, "net", model)
+        name = getattr(model, "name", None) or "MODEL"
+        spec = head_spec(arg, params.pop("head", None))
+        folder = find_head(getattr(model, "path", None), spec)
+        if folder is None or not (folder / "config.json").is_file():
+            where = f" at {folder}" if folder is not None else f" for {name}"
+            raise VeridraftError(
+                f"eagle: no trained head{where}; train one with "
+                f"`{train_hint(name)}` or pass eagle:head=PATH"
+            )
+        head = load_head(folder)
+        check_head(head, net, str(folder), name)
+        cost = env.cost(model) if env is not None and env.cost is not None else None
+        return cls(head, cost=cost, **params)
+
+    def __repr__(self) -> str:
+        return f"EagleDrafter(k={self.k}, topk={self.topk}, nodes={self.nodes}, mode={self.mode!r})"
+
+    # -- the captures --
+
+    def prompt_capture(self) -> Capture:
+        return Capture(hidden_layers=self.head.config.capture_layers)
+
+    def verify_capture(self, ctx: DecodeContext) -> Capture:
+        return Capture(hidden_layers=self.head.config.capture_layers)
+
+    def _features(self, cap: Capture | None, rows: list[int] | None) -> Tensor | None:
+        if cap is None or any(i not in cap.hidden for i in self.head.config.capture_layers):
+            return None
+        parts = [cap.hidden[i] for i in self.head.config.capture_layers]
+        x = torch.cat(parts, -1)
+        return x if rows is None else x[rows]
+
+    # -- drafter protocol --
+
+    def prefill(self, ctx: DecodeContext) -> None:
+        c = self.head.config
+        self._ctx, self._net = ctx, ctx.target
+        size = ctx.cache.max_len + 1
+        if self._k is None or self._k.shape[0] < size:
+            self._k = torch.empty(size, c.num_key_value_heads, c.head_dim)
+            self._v = torch.empty_like(self._k)
+        self._len, self._h, self._logits = 0, None, None
+        feats = self._features(ctx.prompt_capture, None)
+        # without the prompt's features (prefilled earlier) the head starts at the first
+        # verified position: it drafts from less context, verification is unchanged
+        self._pending = [feats] if feats is not None else []
+        self._start = 0 if feats is not None else len(ctx.ids) - 1
+
+    def update(self, rnd: Round) -> None:
+        feats = self._features(rnd.capture, [0, *(1 + i for i in rnd.path)])
+        if feats is None:  # a round without features: start over from the next one
+            self._len, self._pending, self._h = 0, [], None
+            self._start = len(rnd.ids) - 1
+            return
+        self._pending.append(feats)
+
+    @torch.inference_mode()
+    def propose(self, ctx: DecodeContext, max_tokens: int) -> Draft:
+        if ctx is not self._ctx:
+            self.prefill(ctx)
+        self._catch_up(ctx.ids)
+        if self._h is None or max_tokens <= 0:
+            return Draft(tokens=[])
+        if self.mode == "chain" or self.topk == 1:
+            return self._chain(ctx, min(self.k, max_tokens))
+        return self._tree(ctx, max_tokens)
+
+    # -- head forwards --
+
+    def _embed(self, ids: list[int]) -> Tensor:
+        return self._net.embed(torch.tensor(ids, dtype=torch.long)).float()
+
+    def _catch_up(self, ids: list[int]) -> None:
+        """Run the pending target features through the head into its cache (real rows)."""
+        if not self._pending:
+            return
+        feats = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending = []
+        a = self._start + self._len  # target position of the first pending row
+        n = feats.shape[0]
+        if a + n > len(ids) - 1 or a + n > self._k.shape[0]:
+            raise VeridraftError("eagle: captured features ran ahead of the committed ids")
+        head = self.head
+        hidden = head.fc(feats.float())
+        emb = self._embed(ids[a + 1 : a + n + 1])
+        pos = torch.arange(self._len, self._len + n)
+        q, k, v = head.qkv(hidden, emb, pos)
+        lo = self._len
+        self._k[lo : lo + n], self._v[lo : lo + n] = k, v
+        self._len += n
+        mask = torch.ones(n, lo + n, dtype=torch.bool)
+        mask[:, lo:] = torch.ones(n, n, dtype=torch.bool).tril()
+        out = head.finish(hidden, attend(q, self._k[: lo + n], self._v[: lo + n], mask))
+        self._h = out[-1]
+        self._logits = head.logits(self._h)
+
+    def _rows(self, hidden: Tensor, tokens: list[int], depth: list[int], anc: list[list[int]]):
+        """Draft rows past the real ones: row r has input hidden[r] and tokens[r], sits
+        depth[r] positions past the last real row and sees the real rows, the drafted rows
+        anc[r] and itself. Returns the rows' output hidden states and logits."""
+        head, lo = self.head, self._len
+        n = len(tokens)
+        base = lo + len(self._dk)
+        q, k, v = head.qkv(hidden, self._embed(tokens), torch.tensor(depth) + lo - 1)
+        self._dk.extend(k.unbind(0))
+        self._dv.extend(v.unbind(0))
+        keys = torch.cat((self._k[:lo], torch.stack(self._dk)))
+        vals = torch.cat((self._v[:lo], torch.stack(self._dv)))
+        mask = torch.zeros(n, keys.shape[0], dtype=torch.bool)
+        mask[:, :lo] = True
+        for r in range(n):
+            for a in anc[r]:
+                mask[r, lo + a] = True
+            mask[r, base + r] = True
+        out = head.finish(hidden, attend(q, keys, vals, mask))
+        return out, head.logits(out)
+
+    def _chain(self, ctx: DecodeContext, k: int) -> Draft:
+        sampled = not ctx.sampling.greedy
+        self._dk, self._dv = [], []
+        h, logits = self._h, self._logits
+        tokens: list[int] = []
+        qs: list[Tensor] = []
+        for i in range(k):
+            if sampled:
+                full = torch.full((self.head.config.vocab_size,), float("-inf"))
+                full[self.ids] = logits
+                q = probs(full, ctx.sampling)
+                tok = sample(q, ctx.generator)
+                qs.append(q)
+            else:
+                tok = int(self.ids[int(logits.argmax())])
+            tokens.append(tok)
+            if i + 1 < k:
+                out, lg = self._rows(h[None], [tok], [i + 1], [list(range(i))])
+                h, logits = out[0], lg[0]
+        return Draft(tokens=tokens, q=torch.stack(qs) if sampled else None)
+
+    def _tree(self, ctx: DecodeContext, max_tokens: int) -> Draft:
+        """EAGLE-2's dynamic tree: each level expands the `topk` most likely nodes by their
+        `topk` best children; every node is a candidate, the most likely are verified."""
+        self._dk, self._dv = [], []
+        nodes: list[_Node] = []
+        frontier = [(-1, self._h, self._logits, 0.0, [])]  # (node, hidden, logits, logp, anc)
+        for depth in range(1, min(self.k, max_tokens) + 1):
+            children: list[int] = []
+            for parent, _, logits, logp, _ in frontier:
+                lp = torch.log_softmax(logits, -1)
+                top = lp.topk(min(self.topk, lp.shape[0]))
+                for v, i in zip(top.values.tolist(), top.indices.tolist()):
+                    nodes.append(_Node(int(self.ids[i]), parent, logp + v, depth))
+                    children.append(len(nodes) - 1)
+            if depth == self.k:
+                break
+            best = sorted(children, key=lambda j: -nodes[j].logp)[: self.topk]
+            hid = {f[0]: f[1] for f in frontier}
+            ancs = {f[0]: f[4] for f in frontier}
+            anc = [
+                ancs[nodes[j].parent]
+                + ([nodes[nodes[j].parent].row] if nodes[j].parent >= 0 else [])
+                for j in best
+            ]
+            hidden = torch.stack([hid[nodes[j].parent] for j in best])
+            first = len(self._dk)
+            out, lg = self._rows(hidden, [nodes[j].token for j in best], [depth] * len(best), anc)
+            frontier = []
+            for r, j in enumerate(best):
+                nodes[j].row = first + r
+                frontier.append((j, out[r], lg[r], nodes[j].logp, anc[r]))
+        order = sorted(range(len(nodes)), key=lambda j: (-nodes[j].logp, nodes[j].depth, j))
+        picked: list[int] = []
+        where: dict[int, int] = {}
+        for j in order:  # prefix-closed: a node only after its parent
+            if nodes[j].parent < 0 or nodes[j].parent in where:
+                where[j] = len(picked)
+                picked.append(j)
+        path_probs = [math.exp(nodes[j].logp) for j in picked]
+        n = len(picked)
+        if self.nodes is not None:
+            n = min(n, self.nodes)
+        elif self.cost is not None:
+            n = self.cost.best_nodes(path_probs, context=len(ctx.ids))
+        else:
+            n = min(n, DEFAULT_NODES)
+        n = min(n, max_tokens)
+        picked = picked[:n]
+        tokens = [nodes[j].token for j in picked]
+        parents = [-1 if nodes[j].parent < 0 else where[nodes[j].parent] for j in picked]
+        if not tokens:
+            return Draft(tokens=[])
+        if parents == list(range(-1, n - 1)):
+            return Draft(tokens=tokens)
+        return Draft(tokens=tokens, parents=parents)
+
+
+DEFAULT_NODES = 12  # tree size without a cost profile: small trees suit a CPU verifier
+
+
+def head_summary(head: EagleHead) -> dict:
+    c = asdict(head.config)
+    c.pop("meta")
+    return c
