@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from veridraft.bench.questions import default_questions_path
 from veridraft.models import from_folder
+from veridraft.models.catalog import float32_folder
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -38,7 +39,7 @@ ATOL = 2e-4
 @functools.lru_cache(maxsize=1)  # one pair at a time: the Qwen pair alone is ~5 GB
 def _load(folder: Path):
     native = from_folder(folder)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(float32_folder(folder), dtype=torch.float32).eval()
     return native, hf, AutoTokenizer.from_pretrained(folder)
 
 

@@ -147,7 +147,11 @@ def _run(args) -> int:
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32).eval()
+        from ..models.catalog import float32_folder
+
+        hf = AutoModelForCausalLM.from_pretrained(
+            float32_folder(model.path), dtype=torch.float32
+        ).eval()
     # warm-up
     _ours_generate(model, ids_list[0], min(16, args.max_new_tokens))
     if hf is not None:

@@ -125,7 +125,11 @@ class KVPressMethod(Method):
         if not path or not Path(path, "config.json").is_file():
             raise VeridraftError(f"kvpress needs an HF folder of the model, got {path!r}")
         try:
-            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            from ..models.catalog import float32_folder
+
+            hf = transformers.AutoModelForCausalLM.from_pretrained(
+                float32_folder(path), dtype=torch.float32
+            )
         except Exception as e:
             msg = f"transformers {transformers.__version__} cannot load {path}: {e}"
             raise VeridraftError(msg) from e

@@ -61,23 +61,15 @@ def local_peer(spec: str, model, threads: int = 2) -> Method:
     raise VeridraftError(f"unknown peer method {spec!r}")
 
 
-def _hf_weights(folder: str) -> str:
-    """Where transformers reads a model's float32 weights: the folder itself when it holds
-    safetensors (an HF folder), else the float32 copy made once from a pulled model's GGUF."""
-    from ..models import catalog
-
-    if any(Path(folder).glob("*.safetensors")):
-        return folder
-    return str(catalog.float32_copy(Path(folder), "fp32"))
-
-
 def _hf_model(folder: str):
     if folder not in _HF_CACHE:
         import torch
         from transformers import AutoModelForCausalLM
 
         try:
-            m = AutoModelForCausalLM.from_pretrained(_hf_weights(folder), dtype=torch.float32)
+            from ..models.catalog import float32_folder
+
+            m = AutoModelForCausalLM.from_pretrained(float32_folder(folder), dtype=torch.float32)
         except Exception as e:
             raise VeridraftError(f"transformers cannot load {folder}: {e}") from e
         _HF_CACHE[folder] = m.eval()

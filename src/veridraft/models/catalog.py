@@ -403,6 +403,15 @@ def pull(name: str, *, force: bool = False) -> Path:
     return final
 
 
+def float32_folder(folder: str | Path) -> Path:
+    """Where transformers reads a model's float32 weights: an HF folder itself (safetensors at
+    its top), else the float32 copy made once from a pulled model's GGUF."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return folder
+    return float32_copy(folder, "fp32")
+
+
 def float32_copy(folder: Path, precision: str) -> Path:
     """The float32 weights of a GGUF model folder (its `float32/` subfolder), made from the GGUF
     once: the first time a float mode is asked for. Atomic like a pull: an interrupted
