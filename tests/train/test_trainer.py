@@ -4,35 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+from drafting_helpers import tiny_llama
 
 from veridraft.decode import decode
 from veridraft.drafters.eagle import default_aux_ids
-from veridraft.models import from_folder
 from veridraft.sampling import SamplingParams
 from veridraft.train.features import target_features
 from veridraft.train.head import new_head
 from veridraft.train.trainer import TrainConfig, draft_vocab, evaluate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_target(folder, vocab: int = 64, layers: int = 2):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.25,  # peaked next-token distributions: something to learn
-    )
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    hf.generation_config.eos_token_id = None
-    hf.save_pretrained(folder)
-    return from_folder(folder)
 
 
 def own_text(net, n: int, length: int = 48, seed: int = 0):
@@ -55,7 +36,7 @@ def own_text(net, n: int, length: int = 48, seed: int = 0):
 
 
 def test_training_lowers_loss_and_raises_acceptance(tmp_path):
-    net = tiny_target(tmp_path / "t")
+    net = tiny_llama(tmp_path / "t", layers=2, vocab=64, positions=256)
     samples = own_text(net, 60)
     held = samples[-6:]
     aux_ids = default_aux_ids(net.config.n_layers)
