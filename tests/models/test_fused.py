@@ -158,6 +158,29 @@ def test_a_drafters_own_head_gets_the_final_hidden_states(tiny):
     assert torch.equal(ha, hb)
 
 
+def test_a_trained_heads_middle_layer_features_come_from_the_fused_forward(tiny):
+    """The layers an EAGLE-3 head reads (low, middle, high) are captured by the fused forward
+    itself, bitwise the Python path's, beside the logits; a tree forward too."""
+    net = tiny
+    cache, new = _prefilled(net)
+    start = cache.length
+    layers = tuple(range(net.config.n_layers))
+
+    def fn(tree=None):
+        cache.truncate(start)
+        cap = Capture(hidden_layers=layers)
+        with torch.inference_mode():
+            logits = net(new[:6], cache, capture=cap, tree=tree)
+        return logits, [cap.hidden[i] for i in layers]
+
+    for tree in (None, tree_attn([-1, 0, 0, 1, 2])):
+        (la, ha), (lb, hb) = _both(net, lambda tree=tree: fn(tree))
+        assert torch.equal(la, lb)
+        assert len(ha) == len(layers) and all(torch.equal(a, b) for a, b in zip(ha, hb))
+        # each layer's own output, not the last one's repeated (the fused x is updated in place)
+        assert not torch.equal(ha[0], ha[-1])
+
+
 def test_fused_rows_are_one_row_steps(tiny):
     net = tiny
     cache, new = _prefilled(net)

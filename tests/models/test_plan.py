@@ -95,8 +95,9 @@ def test_plan_fused_choice():
     assert not plan_forward(cache, 10, 65, w, 16, fused=True).fused  # a prefill
     head = Capture(hidden_layers=(-1,))
     assert plan_forward(cache, 10, 3, w, 16, capture=head, fused=True).fused
-    assert not plan_forward(
-        cache, 10, 3, w, 16, capture=Capture(hidden_layers=(1,)), fused=True
+    # a trained head's middle-layer features come back from the fused forward too
+    assert plan_forward(
+        cache, 10, 3, w, 16, capture=Capture(hidden_layers=(0, 1, -1)), fused=True
     ).fused
     assert not plan_forward(cache, 10, 3, w, 16, capture=Capture(attn_rows=1), fused=True).fused
     assert not plan_forward(_cache(torch.float16), 10, 1, w, 16, fused=True).fused

@@ -52,3 +52,50 @@ def test_training_lowers_loss_and_raises_acceptance(tmp_path):
     assert alpha1 > alpha0 + 0.05, (alpha0, alpha1)
     assert tau1 > tau0, (tau0, tau1)
     assert rep.seconds < 30
+
+
+def test_a_stopped_training_run_continues_where_it_stopped(tmp_path, monkeypatch):
+    """A run stopped mid-epoch and started again ends with the same head, bit for bit, as a
+    run never stopped: the checkpoint holds the head, the optimiser and the epoch's order."""
+    from veridraft.train import trainer
+
+    net = tiny_llama(tmp_path / "t", layers=2, vocab=64, positions=256)
+    samples = own_text(net, 20, length=24)
+    aux_ids = default_aux_ids(net.config.n_layers)
+    cfg = TrainConfig(steps=2, epochs=2, lr=3e-3, batch=4, holdout=0.1, draft_vocab=48)
+    quiet = dict(aux_ids=aux_ids, log=lambda s: None)
+    whole, _ = train(net, samples, cfg, **quiet)
+
+    ckpt = tmp_path / "run.pt"
+    monkeypatch.setattr(trainer, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every step
+    real_ttt, calls = trainer.ttt, []
+
+    def stops_at_the_seventh(*a, **k):  # 5 steps per epoch: dies inside the second epoch
+        calls.append(1)
+        if len(calls) == 7 + 1:  # + the held-back evaluation's call after epoch 1
+            raise KeyboardInterrupt
+        return real_ttt(*a, **k)
+
+    monkeypatch.setattr(trainer, "ttt", stops_at_the_seventh)
+    with pytest.raises(KeyboardInterrupt):
+        train(net, samples, cfg, checkpoint=ckpt, **quiet)
+    assert ckpt.is_file()
+    counted: list[int] = []
+
+    def counts(*a, **k):
+        counted.append(1)
+        return real_ttt(*a, **k)
+
+    monkeypatch.setattr(trainer, "ttt", counts)
+    resumed, rep = train(net, samples, cfg, checkpoint=ckpt, **quiet)
+    # only the 4 steps left (6 were checkpointed) and the last epoch's evaluation ran
+    assert len(counted) == 4 + 1, len(counted)
+    assert rep.steps == 10 and len(rep.losses) == 2
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # control: a different setting does not continue from that checkpoint
+    other = TrainConfig(steps=2, epochs=2, lr=1e-3, batch=4, holdout=0.1, draft_vocab=48)
+    logs: list[str] = []
+    train(net, samples, other, checkpoint=ckpt, aux_ids=aux_ids, log=logs.append)
+    assert any("starting anew" in line for line in logs)

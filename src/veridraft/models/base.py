@@ -238,10 +238,14 @@ class Transformer(nn.Module, ABC):
         x = self.embed(tokens)
         if plan.fused:
             mlp = [i not in skip_mlp for i in range(n_layers)]
-            logits, hidden = self.fused.run(x, step, plan, mlp, n, bool(want))
+            final = want & {-1, n_layers}
+            keep = tuple(sorted(want - final))
+            logits, hidden, kept = self.fused.run(x, step, plan, mlp, n, bool(final), keep)
             cache.advance(t)
-            for key in want:
+            for key in final:
                 capture.hidden[key] = hidden
+            if kept:
+                capture.hidden.update(kept)
             return self._softcap(logits) if n else logits
         for i, layer in enumerate(self.layers):
             x = layer(x, step, i not in skip_attn, i not in skip_mlp)

@@ -301,8 +301,9 @@ class Net {
   // x: the embedded rows [T, dim] (float32; overwritten). Per layer i: kc[i], vc[i] its cache
   // ([1, n_kv, max_len, hd], bfloat16 or float32), keys[i] the index of its (lo, hi, ext) key
   // ranges (attnkernel.rows), -1 for a skipped attention; mlp[i] false for a skipped MLP.
-  // Returns the logits of the last n_logits rows, and when asked the final-normed hidden
-  // states of all T rows (a drafter's own head).
+  // Returns the logits of the last n_logits rows, when asked the final-normed hidden states
+  // of all T rows (a drafter's own head), then the residual stream after each layer in `keep`
+  // (a trained draft head's features: captured here, not by a second forward).
   std::vector<at::Tensor> forward(at::Tensor x, const std::vector<at::Tensor>& kc,
                                   const std::vector<at::Tensor>& vc, int64_t start,
                                   const std::vector<at::Tensor>& cos,
@@ -311,7 +312,8 @@ class Net {
                                   const std::vector<at::Tensor>& hi,
                                   const std::vector<c10::optional<at::Tensor>>& ext,
                                   const std::vector<int64_t>& keys, const std::vector<bool>& mlp,
-                                  int64_t n_logits, bool want_hidden) {
+                                  int64_t n_logits, bool want_hidden,
+                                  const std::vector<int64_t>& keep) {
     const int64_t n_layers = static_cast<int64_t>(layers_.size());
     TORCH_CHECK(x.dim() == 2 && x.size(1) == dim_ && x.scalar_type() == at::kFloat &&
                     x.is_contiguous(),
@@ -329,6 +331,8 @@ class Net {
     at::Tensor att = at::empty({T, n_h_ * hd_}, opt);
     float* xp = x.data_ptr<float>();
     const float eps = static_cast<float>(eps_);
+    std::vector<at::Tensor> kept;
+    size_t next_keep = 0;
     for (int64_t i = 0; i < n_layers; ++i) {
       const Layer& L = layers_[i];
       if (keys[i] >= 0) {
@@ -380,7 +384,13 @@ class Net {
           rmsnorm_rows(op, dim_, L.post_ffn_norm.data_ptr<float>(), op, dim_, T, dim_, dim_, eps);
         add_rows(xp, op, T * dim_);
       }
+      // x is updated in place by the next layer: a copy of this layer's output
+      if (next_keep < keep.size() && keep[next_keep] == i) {
+        kept.push_back(x.clone());
+        ++next_keep;
+      }
     }
+    TORCH_CHECK(next_keep == keep.size(), "fused.forward: keep must be sorted layer indices");
     const int64_t n = std::min(n_logits, T);
     at::Tensor hidden, last;
     if (want_hidden) {
@@ -395,7 +405,9 @@ class Net {
     }
     at::Tensor logits = at::empty({n, head_.out}, opt);
     if (n > 0) head_.run(last.contiguous(), logits);
-    return {logits, want_hidden ? hidden : at::Tensor()};
+    std::vector<at::Tensor> out{logits, want_hidden ? hidden : at::Tensor()};
+    out.insert(out.end(), kept.begin(), kept.end());
+    return out;
   }
 
  private:

@@ -92,10 +92,20 @@ class FusedForward:
     def __init__(self, net, n_layers: int, head_dim: int) -> None:
         self.net, self.n_layers, self.head_dim = net, n_layers, head_dim
 
-    def run(self, x: Tensor, step: Step, plan: ForwardPlan, mlp: list[bool], n: int, want_hidden):
+    def run(
+        self,
+        x: Tensor,
+        step: Step,
+        plan: ForwardPlan,
+        mlp: list[bool],
+        n: int,
+        want_hidden: bool,
+        keep: tuple[int, ...] = (),
+    ):
         """Every layer of a forward the plan gave to this path (plan_forward decides which:
         up to 64 rows, the decode kernel on every attention layer, no attention to capture);
-        returns the logits of the last n rows and, if asked, the final normed hidden states."""
+        returns the logits of the last n rows, if asked the final normed hidden states, and
+        {layer: its output} for the sorted layer indices in `keep`."""
         cache, t, view = step.cache, step.t, plan.fused_view
         lo, hi, ext = [], [], []
         for span in plan.groups:  # the key ranges once per distinct span, not per layer
@@ -109,10 +119,10 @@ class FusedForward:
             kc, vc, start = plain.k, plain.v, start + shift
         cos = [c.reshape(t, -1) for c, _ in step.rope]
         sin = [s.reshape(t, -1) for _, s in step.rope]
-        logits, hidden = self.net.forward(
-            x, kc, vc, start, cos, sin, lo, hi, ext, plan.group_of, mlp, n, want_hidden
+        logits, hidden, *kept = self.net.forward(
+            x, kc, vc, start, cos, sin, lo, hi, ext, plan.group_of, mlp, n, want_hidden, list(keep)
         )
-        return logits, (hidden if want_hidden else None)
+        return logits, (hidden if want_hidden else None), dict(zip(keep, kept))
 
 
 def attach(model: nn.Module) -> bool:

@@ -129,7 +129,8 @@ def plan_forward(
         fused
         and 1 <= t <= ROWWISE_MAX_T
         and not attn_capture
-        and (not want or want <= {-1, n_layers})
+        # the fused forward hands back the final hidden states and any layer's output
+        and want <= {-1, n_layers} | set(range(n_layers))
     )
     fused_view = None
     if fused and compacted:  # a compacted cache runs fused only as a shifted plain cache

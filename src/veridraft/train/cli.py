@@ -45,6 +45,17 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     h.add_argument(
         "--answer-tokens", type=int, default=192, help="tokens per generated answer (192)"
     )
+    h.add_argument(
+        "--bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="bfloat16 matmuls in training (auto: on where the CPU has AVX512-BF16 or AMX)",
+    )
+    h.add_argument(
+        "--freeze-lm-head",
+        action="store_true",
+        help="keep the target's own output rows as the head's (fewer weights to learn)",
+    )
     h.add_argument("--name", default=None, help="head name (default: the corpus name)")
     h.add_argument("--out", default=None, help="head folder (default: <model>/heads/eagle-NAME)")
     h.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -61,6 +72,7 @@ def run_train_head(args: argparse.Namespace) -> int:
 
     from ..drafters.eagle import HEADS_DIR, PREFIX, default_aux_ids, save_head
     from ..loader import load
+    from ..models import kernels
     from . import features
     from .trainer import TrainConfig, train
 
@@ -98,6 +110,9 @@ def run_train_head(args: argparse.Namespace) -> int:
         batch=args.batch,
         draft_vocab=args.draft_vocab,
         intermediate_size=args.mlp,
+        bf16=args.bf16 == "on"
+        or (args.bf16 == "auto" and bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())),
+        freeze_lm_head=args.freeze_lm_head,
     )
     meta = {
         "target": model.name,
@@ -108,7 +123,18 @@ def run_train_head(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d"),
     }
     torch.manual_seed(0)
-    head, rep = train(model.net, samples, cfg, aux_ids=aux_ids, meta=meta)
+    # beside the head's folder, so that a stopped run (Ctrl-C, a lost machine) continues
+    ckpt = out.parent / f".{out.name}.training.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    head, rep = train(
+        model.net,
+        samples,
+        cfg,
+        aux_ids=aux_ids,
+        meta=meta,
+        checkpoint=ckpt,
+        progress=not args.no_progress,
+    )
     loss, alpha, tau = rep.held[-1]
     head.config.meta.update(
         {"held_back_acceptance": round(alpha, 4), "held_back_tokens_per_round": round(tau, 3)}
@@ -117,6 +143,7 @@ def run_train_head(args: argparse.Namespace) -> int:
         save_head(head, out)
     except OSError as e:
         raise VeridraftError(f"cannot write the head to {out}: {e}; pass --out DIR") from e
+    ckpt.unlink(missing_ok=True)
     print(
         f"training: {rep.steps} steps over {rep.tokens} tokens in {rep.seconds:.1f} s; "
         f"held-back acceptance {alpha:.3f}, tokens/round {tau:.2f}"

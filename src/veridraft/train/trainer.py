@@ -11,7 +11,8 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -32,6 +33,10 @@ class TrainConfig:
     intermediate_size: int | None = None
     clip: float = 0.5
     seed: int = 0
+    # matmuls in bfloat16 (weights, optimiser and loss stay float32): ~1.3x faster training on
+    # a CPU with AVX512-BF16 (measured, AMD EPYC Zen 4), much slower on one without
+    bf16: bool = False
+    freeze_lm_head: bool = False  # keep the target's own output rows (less to learn)
 
 
 @dataclass
@@ -77,11 +82,13 @@ def _batch(net, samples: list[Sample]):
     return aux, emb, top_ids, top_p, mask
 
 
-def evaluate(head: EagleHead, net, samples: list[Sample], steps: int, batch: int):
+def evaluate(
+    head: EagleHead, net, samples: list[Sample], steps: int, batch: int, bf16: bool = False
+):
     """(loss, alpha, tau) of the head over samples."""
     t2d = target_to_draft(head)
     losses, cs, vs = [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for a in range(0, len(samples), batch):
             aux, emb, ti, tp, m = _batch(net, samples[a : a + batch])
             loss, c, v = ttt(head, aux, emb, ti, tp, m, steps, t2d)
@@ -90,6 +97,15 @@ def evaluate(head: EagleHead, net, samples: list[Sample], steps: int, batch: int
             vs.append(v.flatten(1))
     alpha, tau = acceptance(torch.cat(cs, 1), torch.cat(vs, 1))
     return sum(losses) / max(1, len(losses)), alpha, tau
+
+
+CHECKPOINT_SECONDS = 300.0  # what a stopped training run may lose
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # whole or absent: a stop while saving keeps the previous one
 
 
 def train(
@@ -101,8 +117,16 @@ def train(
     head: EagleHead | None = None,
     meta: dict | None = None,
     log=print,
+    checkpoint: Path | None = None,
+    progress: bool = False,
 ) -> tuple[EagleHead, Report]:
-    """Train a head (a new one unless given) on samples; returns it and the report."""
+    """Train a head (a new one unless given) on samples; returns it and the report.
+
+    With `checkpoint`, the head, the optimiser and the place in the epoch are saved there every
+    few minutes and after every epoch, and a run with the same samples and settings continues
+    from it (the file is removed by the caller once the head is written)."""
+    from tqdm import tqdm
+
     if len(samples) < 2:
         raise VeridraftError(
             f"{len(samples)} feature samples: too few to train and hold back a slice; raise "
@@ -110,7 +134,19 @@ def train(
         )
     n_held = max(1, int(round(len(samples) * cfg.holdout)))
     train_s, held = samples[:-n_held], samples[-n_held:]
-    if head is None:
+    # the budget (minutes) may change between a run and its continuation; nothing else may
+    settings = {k: v for k, v in asdict(cfg).items() if k != "minutes"}
+    key = {"config": settings, "samples": len(samples), "tokens": _tokens(samples)}
+    state = None
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        if state.get("key") != key:
+            log(f"training: {checkpoint} was made with other settings or features; starting anew")
+            state = None
+    if state is not None:
+        head = EagleHead(state["head_config"])
+        head.load_state_dict(state["head"])
+    elif head is None:
         vocab = draft_vocab(
             train_s, min(cfg.draft_vocab, net.config.vocab_size), net.config.vocab_size
         )
@@ -124,25 +160,66 @@ def train(
         )
     head.train()
     head.requires_grad_(True)
+    if cfg.freeze_lm_head:
+        head.lm_head.requires_grad_(False)
     t2d = target_to_draft(head)
     opt = torch.optim.AdamW(
         [p for p in head.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95)
     )
     rep = Report()
     rng = random.Random(cfg.seed)
-    t0 = time.perf_counter()
-    deadline = t0 + 60 * cfg.minutes if cfg.minutes else None
-    total_steps = cfg.epochs * ((len(train_s) + cfg.batch - 1) // cfg.batch)
+    per_epoch = (len(train_s) + cfg.batch - 1) // cfg.batch
+    total_steps = cfg.epochs * per_epoch
+    start_epoch, start_batch = 0, 0
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+        rep = state["report"]
+        rng.setstate(state["rng"])
+        start_epoch, start_batch = state["epoch"], state["batch"]
+        log(f"training: continuing from {checkpoint} (step {rep.steps} of {total_steps})")
+    t0 = time.perf_counter() - rep.seconds
+    deadline = time.perf_counter() + 60 * cfg.minutes if cfg.minutes else None
     warm = max(1, total_steps // 20)
     out_of_time = False
-    for epoch in range(cfg.epochs):
+    last_save = time.perf_counter()
+    bar = tqdm(
+        total=total_steps,
+        initial=rep.steps,
+        unit="step",
+        desc="training",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+
+    def save(epoch: int, batch: int, order_state) -> None:
+        if checkpoint is None:
+            return
+        rep.seconds = time.perf_counter() - t0
+        _save_checkpoint(
+            checkpoint,
+            {
+                "key": key,
+                "head_config": head.config,
+                "head": head.state_dict(),
+                "opt": opt.state_dict(),
+                "report": rep,
+                "rng": order_state,
+                "epoch": epoch,
+                "batch": batch,
+            },
+        )
+
+    for epoch in range(start_epoch, cfg.epochs):
+        rng_at_start = rng.getstate()  # the epoch's order is rebuilt from it on resume
         order = list(range(len(train_s)))
         rng.shuffle(order)
         ep_loss, ep_n = 0.0, 0
-        for a in range(0, len(order), cfg.batch):
-            part = [train_s[j] for j in order[a : a + cfg.batch]]
+        first = start_batch if epoch == start_epoch else 0
+        for bi in range(first, per_epoch):
+            part = [train_s[j] for j in order[bi * cfg.batch : (bi + 1) * cfg.batch]]
             aux, emb, ti, tp, m = _batch(net, part)
-            loss, _, _ = ttt(head, aux, emb, ti, tp, m, cfg.steps, t2d)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss, _, _ = ttt(head, aux, emb, ti, tp, m, cfg.steps, t2d)
             lr = cfg.lr * min(1.0, (rep.steps + 1) / warm)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -154,12 +231,17 @@ def train(
             rep.tokens += int(m.sum())
             ep_loss += float(loss.detach())
             ep_n += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
+            if time.perf_counter() - last_save > CHECKPOINT_SECONDS:
+                save(epoch, bi + 1, rng_at_start)
+                last_save = time.perf_counter()
             if deadline is not None and time.perf_counter() > deadline:
                 out_of_time = True
                 break
         rep.losses.append(ep_loss / max(1, ep_n))
         head.eval()
-        held_res = evaluate(head, net, held, cfg.steps, cfg.batch)
+        held_res = evaluate(head, net, held, cfg.steps, cfg.batch, cfg.bf16)
         head.train()
         rep.held.append(held_res)
         log(
@@ -169,7 +251,14 @@ def train(
         )
         if out_of_time:
             break
+        save(epoch + 1, 0, rng.getstate())
+        last_save = time.perf_counter()
+    bar.close()
     rep.seconds = time.perf_counter() - t0
     head.eval()
     head.requires_grad_(False)
     return head, rep
+
+
+def _tokens(samples: list[Sample]) -> int:
+    return sum(int(s.ids.numel()) for s in samples)
