@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT, randomize
+from conftest import END, IMAGE, START, VIDEO, make_hf
 from safetensors.torch import load_file, save_file
 
 from veridraft import models
@@ -23,43 +23,6 @@ from veridraft.vision import processor as P
 from veridraft.vision.chat import vision_prompt
 
 pytest.importorskip("PIL")
-
-START, IMAGE, VIDEO, END = 3, 4, 5, 6  # the tiny models' vision token ids (6: any text id)
-LAYERS = 3
-
-
-def make_hf(family: str, seed: int):
-    """A tiny random model: every weight random (the text model too, so positions matter)."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-    )
-
-    text = {**TEXT, "num_hidden_layers": LAYERS}
-    tokens = dict(vision_start_token_id=START, image_token_id=IMAGE, video_token_id=VIDEO)
-    if family == "qwen2_5_vl":
-        vision = dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=96,
-            out_hidden_size=32,
-            num_heads=4,
-            window_size=56,
-            fullatt_block_indexes=[1],
-            tokens_per_second=2,
-        )
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
-        cls = Qwen2_5_VLForConditionalGeneration
-    else:
-        vision = dict(depth=2, embed_dim=64, hidden_size=32, num_heads=4, mlp_ratio=2)
-        config = Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
-        cls = Qwen2VLForConditionalGeneration
-    torch.manual_seed(seed)
-    model = cls(config).eval()
-    randomize(model, seed)
-    return model
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
