@@ -183,6 +183,9 @@ def test_prompt_ids_must_match_the_active_prompt(pair):
     with net.use_prompt(vp), pytest.raises(VeridraftError, match="use_prompt"):
         net(torch.tensor([11, *ids[1:]]), net.new_cache(len(ids) + 4))
     assert net.prompt is None  # the block restored the model
+    # pads without media (a template's ids run as text) are refused, not read as text
+    with pytest.raises(VeridraftError, match="veridraft.multimodal.generate"):
+        net(torch.tensor(ids), net.new_cache(len(ids) + 4))
 
 
 def test_loads_the_language_model_prefix_naming(pair, tmp_path, sample_video):

@@ -22,6 +22,13 @@ SUPPORTED_MODEL_TYPES = {
 }
 # the architectures whose prompts may hold images and video (models/qwen2_vl.py)
 MULTIMODAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def architectures() -> list[tuple[str, bool]]:
+    """(HF model_type, reads images and video) of every architecture veridraft runs."""
+    return [(mt, mt in MULTIMODAL_MODEL_TYPES) for mt in SUPPORTED_MODEL_TYPES]
+
+
 # the Qwen2 text decoder (q/k/v bias, optional sliding window) under each of its model types
 _QWEN2_TEXT = ("qwen2", "qwen2_vl", "qwen2_5_vl")
 

@@ -125,6 +125,8 @@ class Qwen2VL(Llama):
         # Where text resumes inside a prompt after a video (vision.positions.rope_index): "max"
         # as the released models were trained, "spatial" as transformers 5 computes it.
         self.text_after_vision = "max"
+        ids = self.token_ids
+        self._pads = (ids["image"], ids["video"])
 
     # -- vision --
 
@@ -168,6 +170,13 @@ class Qwen2VL(Llama):
         x = super().embed(tokens)
         vp = self.rope.prompt
         a = self._slot
+        if vp is None and a == 0:
+            pads = (tokens == self._pads[0]) | (tokens == self._pads[1])
+            if bool(pads.any()):
+                raise VeridraftError(
+                    "the prompt holds image/video pad tokens but no images or video were given; "
+                    "generate from the chat messages with veridraft.multimodal.generate"
+                )
         if vp is None or a >= vp.length:
             return x
         b = min(a + tokens.shape[0], vp.length)
