@@ -18,6 +18,7 @@ trained model, and every report says so.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -154,17 +155,39 @@ class _RandomWeights(dict):
         return (self[k] for k in self)
 
 
+_LINEARS = re.compile(r"(\.(q|k|v|o|gate|up|down)_proj\.weight|^lm_head\.weight)$")
+
+
+class _WithoutLinears(dict):
+    """The decoder's linear weights as meta tensors (the packed modes draw each one when they
+    pack it); `sd` the full mapping (the vision tower reads its own float32 tensors there)."""
+
+    def __init__(self, sd: _RandomWeights) -> None:
+        super().__init__(dict.fromkeys(sd))
+        self.sd = sd
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if _LINEARS.search(key) and not key.startswith(("visual.", "model.visual.")):
+            return torch.empty(dict.__getitem__(self.sd, key), device="meta")
+        return self.sd[key]
+
+
 def random_model(shape: str, precision: str, seed: int = 0):
     """A LoadedModel-like (net, tokenizer) of a random-weight Qwen2.5-VL; the tokenizer is the
     Qwen2.5 one of a pulled catalog model (the vision tokens are in it)."""
     from ..loader import LoadedModel
     from ..models import catalog, from_hf_config_and_state_dict
+    from ..models.precision import apply_precision
     from ..tokenizer import Tokenizer
 
     config = random_config(shape)
-    net = from_hf_config_and_state_dict(
-        config, _RandomWeights(config, seed), precision, f"random:{shape}"
-    )
+    weights = _RandomWeights(config, seed)
+    source = f"random:{shape}"
+    if precision == "fp32":
+        net = from_hf_config_and_state_dict(config, weights, precision, source)
+    else:  # pack each linear as it is drawn: a 3B model never exists in float32 at once
+        net = from_hf_config_and_state_dict(config, _WithoutLinears(weights), "fp32", source)
+        net = apply_precision(net, precision, reference=weights)
     folder = catalog.pull("qwen2.5-coder-0.5b")  # tokenizer files only are read
     return LoadedModel(f"random:{shape}", folder, net, Tokenizer.from_folder(folder), precision)
 
