@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import VeridraftError
-from ..segments import KINDS, Segment, _encode
+from ..segments import KINDS, Segment
 from . import processor as P
 from .encoder import encode
 from .positions import rope_index
@@ -162,6 +162,26 @@ def _render(messages: Sequence[dict[str, Any]], inputs: Sequence[P.VisionInput])
     return text, spans
 
 
+def encode_spans(tok, text: str, spans: list[tuple[str, int, int]]):
+    """Tokenize `text` once (no special tokens added, as a rendered chat is) -> (ids, segments):
+    a token belongs to the character span its first character is in (as segments.encode_chat
+    marks chat messages)."""
+    enc = tok.backend.encode(text, add_special_tokens=False)
+    starts = [o[0] for o in enc.offsets]
+    segments: list[Segment] = []
+    i, n = 0, len(starts)
+    for kind, a, b in spans:
+        while i < n and starts[i] < a:
+            i += 1
+        j = i
+        while j < n and starts[j] < b:
+            j += 1
+        if j > i:
+            segments.append((kind, i, j))
+        i = j
+    return list(enc.ids), segments
+
+
 def prepare(model, messages: Sequence[dict[str, Any]]) -> MultimodalPrompt:
     """Chat messages (text, `{"type": "image", "image": PATH}`, `{"type": "video", "video":
     PATH, "fps": 2.0, ...}` items) -> a MultimodalPrompt for `model` (a LoadedModel)."""
@@ -179,7 +199,7 @@ def prepare(model, messages: Sequence[dict[str, Any]]) -> MultimodalPrompt:
             )
     inputs = P.process_messages(messages)
     text, spans = _render(messages, inputs)
-    ids, segments = _encode(tok, text, spans, False)
+    ids, segments = encode_spans(tok, text, spans)
     vp = vision_prompt(net, ids, inputs)
     counts = {k: sum(v.num_tokens for v in inputs if v.kind == k) for k in ("image", "video")}
     return MultimodalPrompt(ids, segments, list(inputs), vp, text, counts)
