@@ -166,3 +166,19 @@ def test_a_multimodal_draft_model_reads_the_media_through_its_own_tower(
     target_rows = prepare(model, messages).vision.embeds
     assert seen and seen[0] is not None and seen[0].embeds.shape == target_rows.shape
     assert not torch.equal(seen[0].embeds, target_rows)
+
+
+@pytest.mark.slow
+def test_presses_and_loose_verification_report_their_fidelity(chat_model, messages):
+    """The lossy methods run on the multimodal prompt and say what they are: presses their KV
+    memory (M-RoPE keys re-rotated by slot in mm-shiftkv), loose verification its relaxations."""
+    _, model = chat_model
+    plain = multimodal.generate(model, messages, max_new_tokens=8, draft=None, eos_ids=())
+    for kv in ("snapkv:budget=0.25", "mm-shiftkv:budget=0.25", "hybridkv:budget=0.25"):
+        out = multimodal.generate(model, messages, max_new_tokens=8, kv=kv, eos_ids=())
+        assert "(lossy)" in out.stats.method and len(out.ids) == len(plain.ids)
+        assert any("KV memory held" in n for n in out.stats.notes), kv
+    loose = multimodal.generate(
+        model, messages, max_new_tokens=8, draft="ngram+loose:topk=5", eos_ids=()
+    )
+    assert loose.stats.lossy and loose.stats.verify.startswith("loose")
