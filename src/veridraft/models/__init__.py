@@ -27,6 +27,7 @@ from .base import PRECISIONS, Capture, ModelConfig, Skip, Transformer, read_json
 from .gemma3 import Gemma3
 from .llama import Llama
 from .precision import ALL_PRECISIONS, GGUF_PRECISIONS, apply_precision
+from .qwen2_vl import Qwen2VL
 
 __all__ = [
     "Capture",
@@ -37,7 +38,7 @@ __all__ = [
     "from_hf_config_and_state_dict",
 ]
 
-_ARCHS: dict[str, type[Transformer]] = {"llama": Llama, "gemma3": Gemma3}
+_ARCHS: dict[str, type[Transformer]] = {"llama": Llama, "gemma3": Gemma3, "qwen2_vl": Qwen2VL}
 
 
 def from_hf_config_and_state_dict(
@@ -318,6 +319,7 @@ def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
     if precision in GGUF_PRECISIONS:
         from .q4 import gguf_source
 
+        _no_multimodal_gguf(folder, precision)
         gguf = gguf_source(folder)  # fails before anything is read when there is none
         return _from_gguf(folder, gguf, _config(folder), precision)
     cfg = _config(folder)
@@ -336,6 +338,19 @@ def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
     model = apply_precision(model, precision, reference=sd)
     _return_freed_memory()
     return model
+
+
+def _no_multimodal_gguf(folder: Path, precision: str) -> None:
+    """The q4 modes read a GGUF, and a vision-language model's GGUF (with its mmproj) is not
+    read yet: say so before looking for one."""
+    from .config import MULTIMODAL_MODEL_TYPES
+
+    model_type = read_json(folder / "config.json").get("model_type")
+    if model_type in MULTIMODAL_MODEL_TYPES:
+        raise VeridraftError(
+            f"precision {precision!r} needs a GGUF and {model_type} models load from their HF "
+            "folder only; use precision fp32, bf16 or fp16w"
+        )
 
 
 def _from_gguf(folder: Path, gguf: Path, cfg: ModelConfig, precision: str) -> Transformer:

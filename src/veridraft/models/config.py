@@ -17,7 +17,20 @@ SUPPORTED_MODEL_TYPES = {
     "qwen2": "llama",
     "qwen3": "llama",
     "gemma3_text": "gemma3",
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_vl",
 }
+# the architectures whose prompts may hold images and video (models/qwen2_vl.py)
+MULTIMODAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def architectures() -> list[tuple[str, bool]]:
+    """(HF model_type, reads images and video) of every architecture veridraft runs."""
+    return [(mt, mt in MULTIMODAL_MODEL_TYPES) for mt in SUPPORTED_MODEL_TYPES]
+
+
+# the Qwen2 text decoder (q/k/v bias, optional sliding window) under each of its model types
+_QWEN2_TEXT = ("qwen2", "qwen2_vl", "qwen2_5_vl")
 
 
 @dataclass
@@ -49,6 +62,10 @@ class ModelConfig:
     attn_scale: float | None = None  # None: head_dim ** -0.5
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    # M-RoPE (Qwen2-VL): frequency pairs per (t, h, w) position stream; None = plain RoPE
+    mrope_section: list[int] | None = None
+    # a vision-language checkpoint's own keys (vision_config, image/video token ids), else None
+    vision: dict[str, Any] | None = None
 
     @property
     def layer_windows(self) -> list[int | None]:
@@ -68,6 +85,12 @@ class ModelConfig:
             top = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
             cfg = {**cfg["text_config"], **top, "model_type": "gemma3_text"}
             mt = "gemma3_text"
+        vision = None
+        if mt in MULTIMODAL_MODEL_TYPES:
+            # transformers 5 nests the decoder under text_config, 4 keeps it at the top level
+            top = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
+            vision = {**top, "vision_config": dict(cfg.get("vision_config") or {})}
+            cfg = {**top, **dict(cfg.get("text_config") or {}), "model_type": mt}
         if mt not in SUPPORTED_MODEL_TYPES:
             raise VeridraftError(
                 f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -85,13 +108,13 @@ class ModelConfig:
             raise VeridraftError("bidirectional Gemma 3 (embedding models) is not supported")
 
         window = cfg.get("sliding_window")
-        if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        if mt in (*_QWEN2_TEXT, "qwen3") and not cfg.get("use_sliding_window", False):
             window = None
         types = cfg.get("layer_types")
         if gemma and not types:
             pattern = int(cfg.get("sliding_window_pattern", 6))
             types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
-        elif mt in ("qwen2", "qwen3") and window and not types:
+        elif mt in (*_QWEN2_TEXT, "qwen3") and window and not types:
             mwl = int(cfg.get("max_window_layers", n_layers))
             types = [SLIDING if i >= mwl else FULL for i in range(n_layers)]
         elif mt == "mistral":
@@ -106,6 +129,7 @@ class ModelConfig:
             raise VeridraftError(f"unsupported activation {act!r} (silu, gelu_pytorch_tanh)")
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+        rope = rope_params(cfg, gemma)
         return cls(
             arch=SUPPORTED_MODEL_TYPES[mt],
             model_type=mt,
@@ -123,16 +147,18 @@ class ModelConfig:
             pad_token_id=cfg.get("pad_token_id"),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
             hidden_act=act,
-            qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
-            o_bias=mt != "qwen2" and bool(cfg.get("attention_bias", False)),
+            qkv_bias=mt in _QWEN2_TEXT or bool(cfg.get("attention_bias", False)),
+            o_bias=mt not in _QWEN2_TEXT and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=mt in ("qwen3", "gemma3_text"),
             sliding_window=int(window) if window else None,
             layer_types=list(types),
-            rope=rope_params(cfg, gemma),
+            rope=rope,
             attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None,
             attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
             final_logit_softcapping=cfg.get("final_logit_softcapping"),
+            mrope_section=mrope_section(rope, head_dim),
+            vision=vision,
         )
 
 
@@ -152,11 +178,31 @@ def rope_params(cfg: dict[str, Any], gemma: bool) -> dict[str, dict[str, Any]]:
     for p in out.values():
         p.setdefault("rope_theta", 1e4)
         p["rope_type"] = p.get("rope_type") or p.get("type") or "default"
-        if p["rope_type"] not in ("default", "linear", "llama3"):
+        if p["rope_type"] not in ("default", "linear", "llama3", "mrope"):
             raise VeridraftError(
-                f"unsupported rope_type {p['rope_type']!r} (default, linear, llama3)"
+                f"unsupported rope_type {p['rope_type']!r} (default, linear, llama3, mrope)"
             )
     return out
+
+
+def mrope_section(rope: dict[str, dict[str, Any]], head_dim: int) -> list[int] | None:
+    """M-RoPE's split of the head's frequency pairs over the (t, h, w) streams, or None.
+
+    Qwen2-VL configs write rope_type "mrope" (transformers 4) or keep "default" with an
+    mrope_section beside it (transformers 5); either way the frequencies are the default ones."""
+    p = rope[FULL]
+    section = p.get("mrope_section")
+    if section is None:
+        if p["rope_type"] == "mrope":
+            raise VeridraftError("rope_type 'mrope' needs an mrope_section; re-convert the model")
+        return None
+    section = [int(s) for s in section]
+    if len(section) != 3 or sum(section) != head_dim // 2:
+        raise VeridraftError(
+            f"mrope_section {section} must be 3 numbers summing to head_dim/2 = {head_dim // 2}; "
+            "fix the config's rope parameters"
+        )
+    return section
 
 
 def checkpoint_key(sd, name: str, source: str = "the checkpoint") -> str:

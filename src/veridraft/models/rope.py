@@ -10,7 +10,8 @@ from torch import Tensor
 
 
 def inv_freq(p: dict[str, Any], head_dim: int) -> Tensor:
-    """The inverse frequencies [head_dim / 2] of one rope setting (default, linear, llama3)."""
+    """The inverse frequencies [head_dim / 2] of one rope setting (default, linear, llama3; M-RoPE
+    ("mrope") uses the default frequencies, split over three position streams elsewhere)."""
     # same expression as transformers so the tables match it bit for bit
     exps = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv = 1.0 / (float(p["rope_theta"]) ** exps)
