@@ -178,9 +178,10 @@ def stable_bandwidth(rounds: int = 5, megabytes: int = 256) -> float:
 
 
 def _linears(net) -> list:
+    from .models.precision import PackedLinear
     from .models.q4 import Q4Linear
 
-    return [m for m in net.modules() if isinstance(m, Q4Linear | torch.nn.Linear)]
+    return [m for m in net.modules() if isinstance(m, Q4Linear | PackedLinear | torch.nn.Linear)]
 
 
 def matmul_macs(net) -> int:
@@ -192,9 +193,9 @@ def matmul_macs(net) -> int:
 def matmul_rate(net, rows: int = 64, outputs: int = 512, calls: int = 20, repeats: int = 7):
     """Multiply-adds/s of the model's own matmul kernel with its weights in cache: the first
     `outputs` outputs of its first linear (a view for q4 and q4a8, so the same kernel and layout)
-    over `rows` rows, the best of `repeats` runs of `calls` calls. The compute bound of a
-    forward: what the kernel's instruction mix reaches once the weights' bytes are not the
-    limit. None for a linear of another kind."""
+    over `rows` rows, the best of `repeats` runs of `calls` calls (a packed float linear, which
+    has no view: its smallest linear whole). The compute bound of a forward: what the kernel's
+    instruction mix reaches once the weights' bytes are not the limit. None without linears."""
     from .models.q4 import Q4Linear
 
     view = lin = None
@@ -208,9 +209,12 @@ def matmul_rate(net, rows: int = 64, outputs: int = 512, calls: int = 20, repeat
         if view is not None:
             break
     if view is None:
-        return None
+        lins = _linears(net)
+        if not lins:
+            return None
+        lin = view = min(lins, key=lambda m: m.in_features * m.out_features)
     n = view.out_features
-    dtype = torch.float32 if isinstance(lin, Q4Linear) else lin.weight.dtype
+    dtype = lin.weight.dtype if type(lin) is torch.nn.Linear else torch.float32
     x = torch.randn(rows, lin.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
     best = float("inf")
     with torch.inference_mode():
