@@ -145,13 +145,17 @@ def test_profile_command_on_a_tiny_model(tiny_dir, precision, capsys):
     argv = ["profile", "--model", str(tiny_dir), "--precision", precision, "--repeats", "1"]
     assert main([*argv, "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "T=16" in out and "break-even" in out
+    assert "T=32" in out and "break-even" in out
+    assert "bounds, ms: bytes read at the copy bandwidth" in out
     for d in ("ngram", "layerskip", "model"):
         assert d in out
     model = veridraft.load(tiny_dir, precision=precision)
     cost = load_cost(model)
     assert cost is not None and cost.precision == precision
-    assert sorted(cost.forward_ms) == [100, 256 - 17]  # the long context clipped to the window
+    # the long context clipped to the window, less the largest T (32) and one
+    assert sorted(cost.forward_ms) == [100, 256 - 33]
+    assert sorted(cost.bytes_bound_ms) == sorted(cost.forward_ms) and cost.bandwidth_GBps > 0
+    assert cost.compute_bound_ms[100][32] == pytest.approx(32 * cost.compute_bound_ms[100][1])
     assert all(v > 0 for row in cost.forward_ms.values() for v in row.values())
     assert {"ngram", "layerskip", "model"} <= set(cost.draft_ms)
     assert main([*argv, "--show", "--threads", "1"]) == 0

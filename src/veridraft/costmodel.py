@@ -53,6 +53,9 @@ def _at_t(row: dict[int, float], t: float) -> float:
     return row[ts[-1]] * t / ts[-1]  # beyond the table: proportional (pessimistic)
 
 
+TABLES = ("forward_ms", "tree_ms", "bytes_bound_ms", "compute_bound_ms")  # context -> T -> ms
+
+
 @dataclass
 class CostModel:
     model: str
@@ -66,6 +69,13 @@ class CostModel:
     # context -> T -> median ms of a forward over a root and T - 1 token-tree nodes (tree
     # attention gathers each row's ancestors, so it may cost more than a chain of T)
     tree_ms: dict[int, dict[int, float]] = field(default_factory=dict)
+    # context -> T -> what this machine bounds that forward at, ms: its bytes (weights and KV
+    # read once) at the copy bandwidth, its weight matmuls' multiply-adds at the matmul
+    # kernel's in-cache rate (profiles from before these were measured have neither)
+    bytes_bound_ms: dict[int, dict[int, float]] = field(default_factory=dict)
+    compute_bound_ms: dict[int, dict[int, float]] = field(default_factory=dict)
+    bandwidth_GBps: float = 0.0  # copy bandwidth, best of several
+    matmul_GMACs: float = 0.0  # the matmul kernel's in-cache multiply-adds per second, / 1e9
     cpu: str = ""
     torch: str = ""
     command: str = ""
@@ -168,7 +178,7 @@ class CostModel:
     def to_json(self) -> dict:
         d = asdict(self)
         d["format"] = FORMAT
-        for key in ("forward_ms", "tree_ms"):
+        for key in TABLES:
             d[key] = {
                 str(c): {str(t): v for t, v in row.items()} for c, row in getattr(self, key).items()
             }
@@ -179,7 +189,7 @@ class CostModel:
         if d.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} file (format {d.get('format')!r})")
         d = {k: v for k, v in d.items() if k != "format"}
-        for key in ("forward_ms", "tree_ms"):
+        for key in TABLES:
             d[key] = {
                 int(c): {int(t): float(v) for t, v in row.items()}
                 for c, row in d.get(key, {}).items()

@@ -2,8 +2,10 @@
 
     veridraft profile --model smollm2-135m [--precision fp16w] [--threads 2]
 
-Times a target forward over T = 1, 2, 4, 8, 16 new tokens at a short (100) and a long (1000)
-context (interleaved over T, after warm-up; medians), one step of each drafter - the drafter's own
+Times a target forward over T = 1, 2, 4, 8, 16, 32 new tokens at a short (100) and a long (1000)
+context (interleaved over T, after warm-up; medians), next to what this machine bounds each at:
+the bytes it reads at the measured copy bandwidth and its weight matmuls' multiply-adds at the
+model's own matmul kernel's in-cache rate; one step of each drafter - the drafter's own
 `propose` for one token, so its draft head (the subset head by default) and bookkeeping count:
 ngram lookup, the default layerskip drafter, a model drafter on the target's first layers.
 Universal drafting has no stored figure (its cost is its draft model's, unknown here):
@@ -27,7 +29,7 @@ from .costmodel import CostModel, machine_id
 from .models.kernels import cpu_name
 from .tree import tree_attn
 
-TS = (1, 2, 4, 8, 16)
+TS = (1, 2, 4, 8, 16, 32)
 CONTEXTS = (100, 1000)
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -166,10 +168,91 @@ def draft_costs(model, context: int = 100, repeats: int = 7, warmup: int = 2) ->
     return out
 
 
+def stable_bandwidth(rounds: int = 5, megabytes: int = 256) -> float:
+    """Copy bandwidth in bytes/s, the best of `rounds` measurements (each the best of 7 copies):
+    on a shared machine one round can read well below what the memory delivers, so a single
+    round's figure moves between runs; the best of several is the one that repeats."""
+    from .bench.ar_speed import copy_bandwidth
+
+    return max(copy_bandwidth(megabytes) for _ in range(rounds))
+
+
+def _linears(net) -> list:
+    from .models.precision import PackedLinear
+    from .models.q4 import Q4Linear
+
+    return [m for m in net.modules() if isinstance(m, Q4Linear | PackedLinear | torch.nn.Linear)]
+
+
+def matmul_macs(net) -> int:
+    """Multiply-adds of the weight matmuls per row (every linear, the head included; tied
+    weights once per use, as the forward runs them)."""
+    return sum(m.in_features * m.out_features for m in _linears(net))
+
+
+def matmul_rate(net, rows: int = 64, outputs: int = 512, calls: int = 20, repeats: int = 7):
+    """Multiply-adds/s of the model's own matmul kernel with its weights in cache: the first
+    `outputs` outputs of its first linear (a view for q4 and q4a8, so the same kernel and layout)
+    over `rows` rows, the best of `repeats` runs of `calls` calls (a packed float linear, which
+    has no view: its smallest linear whole). The compute bound of a forward: what the kernel's
+    instruction mix reaches once the weights' bytes are not the limit. None without linears."""
+    from .models.q4 import Q4Linear
+
+    view = lin = None
+    for lin in _linears(net):  # the first that gives a view (a fused linear's parts may not)
+        n = min(outputs, lin.out_features)
+        if isinstance(lin, Q4Linear):
+            view = lin.rows_view(0, n - n % 16) if n >= 16 else None
+        elif type(lin) is torch.nn.Linear:
+            view = torch.nn.Linear(lin.in_features, n, bias=False, dtype=lin.weight.dtype)
+            view.weight.data.copy_(lin.weight.data[:n])
+        if view is not None:
+            break
+    if view is None:
+        lins = _linears(net)
+        if not lins:
+            return None
+        lin = view = min(lins, key=lambda m: m.in_features * m.out_features)
+    n = view.out_features
+    dtype = lin.weight.dtype if type(lin) is torch.nn.Linear else torch.float32
+    x = torch.randn(rows, lin.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+    best = float("inf")
+    with torch.inference_mode():
+        view(x)
+        for _ in range(repeats):
+            s = time.perf_counter()
+            for _ in range(calls):
+                view(x)
+            best = min(best, time.perf_counter() - s)
+    return rows * n * lin.in_features * calls / best
+
+
+def bounds_ms(net, ts, contexts, bandwidth: float, rate: float | None):
+    """{context: {T: (bytes-bound ms, compute-bound ms or None)}}: the weights and the cache's
+    keys and values read once, at `bandwidth` bytes/s; T rows of the weight matmuls'
+    multiply-adds at `rate` per second (attention's are not counted)."""
+    from .bench.ar_speed import kv_bytes_per_position
+    from .models.precision import weight_nbytes_per_token
+
+    weights, kv, macs = weight_nbytes_per_token(net), kv_bytes_per_position(net), matmul_macs(net)
+    return {
+        c: {
+            t: (
+                (weights + kv * (c + t)) / bandwidth * 1e3,
+                t * macs / rate * 1e3 if rate else None,
+            )
+            for t in ts
+        }
+        for c in contexts
+    }
+
+
 def measure(model, repeats: int = 7, contexts=CONTEXTS, ts=TS, command: str = "") -> CostModel:
     net = model.net
     threads = torch.get_num_threads()
     fwd = forward_costs(net, ts, contexts, repeats)
+    bandwidth, rate = stable_bandwidth(), matmul_rate(net)
+    bounds = bounds_ms(net, ts, fwd, bandwidth, rate)
     trees = forward_costs(net, ts, contexts[:1], repeats, tree=True)
     drafts = draft_costs(model, context=min(fwd), repeats=repeats)
     cpu = cpu_name()
@@ -181,6 +264,12 @@ def measure(model, repeats: int = 7, contexts=CONTEXTS, ts=TS, command: str = ""
         forward_ms=fwd,
         tree_ms=trees,
         draft_ms=drafts,
+        bytes_bound_ms={c: {t: b[0] for t, b in row.items()} for c, row in bounds.items()},
+        compute_bound_ms={
+            c: {t: b[1] for t, b in row.items() if b[1] is not None} for c, row in bounds.items()
+        },
+        bandwidth_GBps=bandwidth / 1e9,
+        matmul_GMACs=(rate or 0.0) / 1e9,
         cpu=f"{cpu} ({threads} threads)",
         torch=torch.__version__,
         command=command,
@@ -261,10 +350,10 @@ def step_accounting(net, context: int = 100, steps: int = 20, bandwidth: float |
     the profiler cannot see into: their time is then that of one row through each of its
     linears in turn (with each call's Python overhead, so the share outside them, the rest of
     the fused step's time, is if anything understated)."""
-    from .bench.ar_speed import copy_bandwidth, kv_bytes_per_position
+    from .bench.ar_speed import kv_bytes_per_position
     from .models.precision import weight_nbytes_per_token
 
-    bw = bandwidth if bandwidth is not None else copy_bandwidth()
+    bw = bandwidth if bandwidth is not None else stable_bandwidth()
     gen = torch.Generator().manual_seed(0)
     tok = torch.randint(0, net.config.vocab_size, (1,), generator=gen)
     times = []
@@ -323,6 +412,27 @@ def report(cost: CostModel) -> str:
     for c, row in sorted(cost.forward_ms.items()):
         cells = "".join(f"{row[t]:9.1f} (x{row[t] / row[ts[0]]:.2f})" for t in ts)
         lines.append(f"{c:>7} {cells}")
+    if cost.bytes_bound_ms:
+        lines += [
+            "",
+            f"bounds, ms: bytes read at the copy bandwidth ({cost.bandwidth_GBps:.1f} GB/s, best "
+            "of 5) / the weight matmuls' multiply-adds at the matmul kernel's in-cache rate "
+            f"({cost.matmul_GMACs:.0f} G/s; attention's not counted), and the share of the "
+            "larger bound reached:",
+            "context " + "".join(f"{'T=' + str(t):>16}" for t in ts),
+        ]
+        for c, row in sorted(cost.forward_ms.items()):
+            cells = ""
+            for t in ts:
+                b = cost.bytes_bound_ms.get(c, {}).get(t)
+                k = cost.compute_bound_ms.get(c, {}).get(t)
+                if b is None:
+                    cells += f"{'-':>16}"
+                    continue
+                top = max(b, k or 0.0)
+                cell = f"{b:.0f}/{'-' if k is None else f'{k:.0f}'} {100 * top / row[t]:.0f}%"
+                cells += f"{cell:>16}"
+            lines.append(f"{c:>7} {cells}")
     short = min(cost.forward_ms)
     lines += ["", f"draft step, ms (fraction of a one-token target forward at context {short}):"]
     drafters = [d for d in ("ngram", "layerskip", "model") if d in cost.draft_ms]
@@ -365,13 +475,13 @@ def performance_table(
     """Markdown: per model and precision, ms per forward over T at contexts 100 and 1000 (the
     precisions interleaved round by round; medians), plain-decoding tokens/s (precisions
     interleaved per prompt; median over prompts) and the memory-bandwidth bound."""
-    from .bench.ar_speed import SAMPLE_PROMPTS, copy_bandwidth, kv_bytes_per_position
+    from .bench.ar_speed import SAMPLE_PROMPTS, kv_bytes_per_position
     from .generate import generate_ids, prompt_ids_for
     from .loader import load
     from .models.precision import weight_nbytes_per_token
 
     out = []
-    bw = copy_bandwidth()
+    bw = stable_bandwidth()
     for name in models:
         loaded = {p: load(name, precision=p) for p in precisions}
         timers = {p: ForwardTimer(m.net) for p, m in loaded.items()}

@@ -268,13 +268,44 @@ inline __m512i quad(const uint8_t* c, int q) {
 
 constexpr int64_t A8_ROWS = 12;  // rows per tile: 12 totals + 8 code vectors fit 32 registers
 
+// Rows r = 0..R-1 of one group: tot[r] += (isum * s) * d + z * (d * sum q). The one sequence of
+// instructions per row and group on every path (tile_a8, span_a8), so a row's result does not
+// depend on the path, the tile or the number of rows.
+template <int R, int NQ, int G>
+inline void group_a8(const __m512i* w, __m512 sv, __m512 zv, const int32_t* xw, int64_t kq,
+                     int64_t g, const float* xd, int64_t nd, const float* xs, int64_t ng,
+                     __m512* tot) {
+  // independent dot-product chains per row: integer sums, so their number changes nothing
+  constexpr int CH = R <= 2 ? 4 : R <= 4 ? 2 : 1;
+  const int64_t q0 = g * NQ;
+  // unrolled: the totals stay in registers
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    __m512i acc[CH];
+    for (int a = 0; a < CH; ++a) acc[a] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int q = 0; q < NQ; ++q)
+      acc[q % CH] = _mm512_dpbusd_epi32(acc[q % CH], w[q], _mm512_set1_epi32(xw[r * kq + q0 + q]));
+    for (int a = 1; a < CH; ++a) acc[0] = _mm512_add_epi32(acc[0], acc[a]);
+    const __m512 prod = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[0]), sv);
+    tot[r] = _mm512_fmadd_ps(prod, _mm512_set1_ps(xd[r * nd + g * G / 32]), tot[r]);
+    tot[r] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[r * ng + g]), tot[r]);
+  }
+}
+
+// A group's scale and zero as the multiply uses them: signed-byte codes are multiplied as
+// u = stored + 128, so the packed zero (which carries the + 128 s for stored codes) gives it back
+template <int MODE, int G, int SC>
+inline void scales_a8(int64_t g, const uint8_t* sa, const uint8_t* sb, __m512& sv, __m512& zv) {
+  group_scales<SC>(g, 256 / G, sa, sb, sv, zv);
+  if constexpr (MODE == INT8) zv = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), sv, zv);
+}
+
 template <int R, int MODE, int G, int SC>
 void tile_a8(const int8_t* xq, const float* xd, const float* xs, int64_t K, const uint8_t* codes,
              const uint8_t* sa, const uint8_t* sb, const float* bias, float* y, int64_t ldy) {
   constexpr int64_t BPG = code_bytes<MODE, G>;
   constexpr int NQ = G / 4;
-  // independent dot-product chains per row: integer sums, so their number changes nothing
-  constexpr int CH = R <= 2 ? 4 : R <= 4 ? 2 : 1;
   const auto* xw = reinterpret_cast<const int32_t*>(xq);  // 4 bytes per broadcast
   const int64_t ng = K / G, kq = K / 4, nd = K / 32;
   __m512 tot[R];
@@ -287,28 +318,101 @@ void tile_a8(const int8_t* xq, const float* xd, const float* xs, int64_t K, cons
 #pragma GCC unroll 8
     for (int q = 0; q < NQ; ++q) w[q] = quad<MODE, G>(c, q);
     __m512 sv, zv;
-    group_scales<SC>(g, 256 / G, sa, sb, sv, zv);
-    // signed-byte codes are multiplied as u = stored + 128: the packed zero (which carries the
-    // + 128 s for stored codes) gives it back
-    if constexpr (MODE == INT8) zv = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), sv, zv);
-    const int64_t q0 = g * NQ;
-    // unrolled: the totals stay in registers
-#pragma GCC unroll 12
-    for (int r = 0; r < R; ++r) {
-      __m512i acc[CH];
-      for (int a = 0; a < CH; ++a) acc[a] = _mm512_setzero_si512();
-#pragma GCC unroll 8
-      for (int q = 0; q < NQ; ++q)
-        acc[q % CH] = _mm512_dpbusd_epi32(acc[q % CH], w[q], _mm512_set1_epi32(xw[r * kq + q0 + q]));
-      for (int a = 1; a < CH; ++a) acc[0] = _mm512_add_epi32(acc[0], acc[a]);
-      const __m512 prod = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[0]), sv);
-      tot[r] = _mm512_fmadd_ps(prod, _mm512_set1_ps(xd[r * nd + g * G / 32]), tot[r]);
-      tot[r] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[r * ng + g]), tot[r]);
-    }
+    scales_a8<MODE, G, SC>(g, sa, sb, sv, zv);
+    group_a8<R, NQ, G>(w, sv, zv, xw, kq, g, xd, nd, xs, ng, tot);
   }
   for (int r = 0; r < R; ++r) {
     if (bias) tot[r] = _mm512_add_ps(tot[r], _mm512_loadu_ps(bias));
     _mm512_storeu_ps(y + r * ldy, tot[r]);
+  }
+}
+
+// ---- more rows than one register tile: the weights stream once ----
+//
+// Above A8_ROWS rows a block of 16 outputs is not multiplied tile after tile (each tile a full
+// pass over the block's codes, expanding them again). Instead the block's groups go in spans of
+// SPAN_QUADS expanded code vectors (8 KB, in L1): a span is read from memory and expanded once,
+// then every row tile runs over it with its totals in registers, parked in `tot` between spans.
+// Each row's steps (group_a8) and their order are those of tile_a8, so the result is the same
+// bits as a one-row forward.
+constexpr int64_t SPAN_QUADS = 128;
+constexpr int64_t MAX_A8_ROWS = 64;  // rows per call on this path
+
+template <int R, int NQ, int G, int64_t BPG>
+void span_rows_a8(const __m512i* wb, const __m512* szb, int64_t g0, int64_t g1, const int8_t* xq,
+                  const float* xd, const float* xs, int64_t K, float* totp, bool first,
+                  const uint8_t* next) {
+  const auto* xw = reinterpret_cast<const int32_t*>(xq);
+  const int64_t ng = K / G, kq = K / 4, nd = K / 32;
+  __m512 tot[R];
+  for (int r = 0; r < R; ++r) tot[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(totp + 16 * r);
+  for (int64_t g = g0; g < g1; ++g) {
+    // the next span's codes, a group's worth per group: they arrive while this one multiplies
+    if (next)
+      for (int64_t off = 0; off < BPG; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(next + (g - g0) * BPG + off), _MM_HINT_T0);
+    const __m512i* w = wb + (g - g0) * NQ;
+    __m512i wr[NQ];
+#pragma GCC unroll 8
+    for (int q = 0; q < NQ; ++q) wr[q] = _mm512_load_si512(w + q);
+    group_a8<R, NQ, G>(wr, szb[2 * (g - g0)], szb[2 * (g - g0) + 1], xw, kq, g, xd, nd, xs, ng,
+                       tot);
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(totp + 16 * r, tot[r]);
+}
+
+template <int NQ, int G, int64_t BPG>
+void span_tile_a8(int64_t R, const __m512i* wb, const __m512* szb, int64_t g0, int64_t g1,
+                  const int8_t* xq, const float* xd, const float* xs, int64_t K, float* totp,
+                  bool first, const uint8_t* next) {
+  switch (R) {
+#define VERIDRAFT_ROWS(n) \
+  case n:                 \
+    return span_rows_a8<n, NQ, G, BPG>(wb, szb, g0, g1, xq, xd, xs, K, totp, first, next);
+    VERIDRAFT_ROWS(1) VERIDRAFT_ROWS(2) VERIDRAFT_ROWS(3) VERIDRAFT_ROWS(4)
+    VERIDRAFT_ROWS(5) VERIDRAFT_ROWS(6) VERIDRAFT_ROWS(7) VERIDRAFT_ROWS(8)
+    VERIDRAFT_ROWS(9) VERIDRAFT_ROWS(10) VERIDRAFT_ROWS(11) VERIDRAFT_ROWS(12)
+#undef VERIDRAFT_ROWS
+  }
+}
+
+template <int MODE, int G, int SC>
+void span_a8(int64_t M, const int8_t* xq, const float* xd, const float* xs, int64_t K,
+             const uint8_t* codes, const uint8_t* sa, const uint8_t* sb, const float* bias,
+             float* y, int64_t ldy) {
+  constexpr int64_t BPG = code_bytes<MODE, G>;
+  constexpr int NQ = G / 4;
+  constexpr int64_t SG = SPAN_QUADS / NQ;  // groups per span
+  const int64_t ng = K / G, nd = K / 32;
+  alignas(64) __m512i wb[SPAN_QUADS];
+  alignas(64) __m512 szb[2 * SG];
+  alignas(64) float tot[MAX_A8_ROWS * 16];
+  // tiles of near-equal size (16 rows: 8 + 8, not 12 + 4)
+  const int64_t nt = (M + A8_ROWS - 1) / A8_ROWS;
+  for (int64_t g0 = 0; g0 < ng; g0 += SG) {
+    const int64_t g1 = std::min(ng, g0 + SG);
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* c = codes + g * BPG;
+      if (g0 == 0)  // later spans were fetched while the one before multiplied
+        for (int64_t off = 0; off < BPG; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH + off), _MM_HINT_T0);
+#pragma GCC unroll 8
+      for (int q = 0; q < NQ; ++q) wb[(g - g0) * NQ + q] = quad<MODE, G>(c, q);
+      scales_a8<MODE, G, SC>(g, sa, sb, szb[2 * (g - g0)], szb[2 * (g - g0) + 1]);
+    }
+    for (int64_t i = 0, r0 = 0; i < nt; ++i) {
+      const int64_t r1 = M * (i + 1) / nt;
+      // the first tile fetches the next span (past the last: the next block's first)
+      span_tile_a8<NQ, G, BPG>(r1 - r0, wb, szb, g0, g1, xq + r0 * K, xd + r0 * nd,
+                               xs + r0 * ng, K, tot + 16 * r0, g0 == 0,
+                               i == 0 ? codes + g1 * BPG : nullptr);
+      r0 = r1;
+    }
+  }
+  for (int64_t r = 0; r < M; ++r) {
+    __m512 t = _mm512_load_ps(tot + 16 * r);
+    if (bias) t = _mm512_add_ps(t, _mm512_loadu_ps(bias));
+    _mm512_storeu_ps(y + r * ldy, t);
   }
 }
 
@@ -346,6 +450,7 @@ template <int MODE, int G, int SC>
 void rows_a8(int64_t R, const int8_t* xq, const float* xd, const float* xs, int64_t K,
              const uint8_t* codes, const uint8_t* sa, const uint8_t* sb, const float* bias,
              float* y, int64_t ldy) {
+  if (R > A8_ROWS) return span_a8<MODE, G, SC>(R, xq, xd, xs, K, codes, sa, sb, bias, y, ldy);
   switch (R) {
 #define VERIDRAFT_ROWS(n) \
   case n:                 \
@@ -638,8 +743,8 @@ void q4_linear(const at::Tensor& x, at::Tensor& y, int64_t col, const at::Tensor
     const int64_t ldy = y.stride(0), nd = K / 32;
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
-        for (int64_t r0 = 0; r0 < M; r0 += A8_ROWS)
-          fa(std::min<int64_t>(A8_ROWS, M - r0), xq.data() + r0 * K, xd.data() + r0 * nd,
+        for (int64_t r0 = 0; r0 < M; r0 += MAX_A8_ROWS)
+          fa(std::min<int64_t>(MAX_A8_ROWS, M - r0), xq.data() + r0 * K, xd.data() + r0 * nd,
              xs.data() + r0 * ng, K, cp + b * bpb, sap + b * sas, sbp + b * sbs,
              bp ? bp + b * 16 : nullptr, yp + r0 * ldy + b * 16, ldy);
     });
