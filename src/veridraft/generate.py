@@ -427,3 +427,7 @@ class _TextStream:
         if new and new[-1] in self.tok.eos_ids:
             return text, "eos"
         return text, "length"
+
+
+# the batched ids API beside generate_ids
+from .batch import generate_batch  # noqa: E402, F401
