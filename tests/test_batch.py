@@ -229,9 +229,39 @@ def test_smollm2_q4a8_batch_equals_alone(real_model_dir):
         "The capital of France is Paris. The capital of Italy is",
         "List three colours: red, green,",
     ]
-    prompts = [tok.encode(t) for t in texts]
-    lens = [40, 24, 32]
-    for case in (dict(draft=None), dict(draft="suffix"), dict(temperature=0.8, seeds=[1, 2, 3])):
+    # the last prompt is prefilled in two chunks of the batch (512 positions, then the rest)
+    # beside the others' decoding, where generate_ids prefills it in one forward
+    long = " ".join(f"item {i}: the {i % 7}th colour of the list is blue." for i in range(60))
+    prompts = [tok.encode(t) for t in texts] + [tok.encode(long)]
+    assert 600 < len(prompts[-1]) < 1024
+    lens = [40, 24, 32, 20]
+    for case in (dict(draft=None), dict(draft="suffix"), dict(temperature=0.8, seeds=[1, 2, 3, 4])):
         want = _alone(model, prompts, lens, **case)
         got = generate_batch(model, prompts, max_new_tokens=lens, eos_ids=(), **case)
         assert [ids for ids, _ in got] == want, case
+
+
+@needs_kernels
+def test_logprobs_under_speculation_equal_plain(tiny_q4a8):
+    """Each emitted token's log-probability comes from the very logits row that chose it, so a
+    drafted (tree) run and a plain one report the same numbers, bitwise."""
+    from veridraft.drafters import make_drafter
+
+    prompts = _prompts(96, 3)
+
+    def run(draft):
+        b = Batcher(tiny_q4a8)
+        es = [
+            b.add(Request(p, 20, drafter=make_drafter(draft, tiny_q4a8), logprobs=3))
+            for p in prompts
+        ]
+        out = run_all(b, es)
+        return [e.logprobs for e in es], out
+
+    plain, out_p = run(None)
+    drafted, out_d = run("suffix")
+    assert sum(st.accepted for _, st in out_d) > 0
+    assert plain == drafted
+    for lps, (ids, _) in zip(plain, out_p):
+        assert [t for t, _, _ in lps] == ids
+        assert all(top[0][0] == t and top[0][1] == v for t, v, top in lps)  # greedy: the likeliest

@@ -81,6 +81,10 @@ class Request:
     should_stop: Callable[[list[int]], int | None] | None = None
     on_tokens: Callable[[list[int]], None] | None = None
     tokenizer: object = None
+    # the target's log-probabilities of every emitted token (Entry.logprobs), with this many
+    # most likely alternatives each; None: not computed
+    logprobs: int | None = None
+    on_logprobs: Callable[[list], None] | None = None  # each emitted token's, before on_tokens
 
 
 @dataclass
@@ -103,6 +107,10 @@ class Entry:
     t_arrival: float = field(default_factory=time.perf_counter)
     t_admitted: float | None = None
     draft_lens: list[int] = field(default_factory=list)  # per step, the draft cap it was given
+    # per emitted token (Request.logprobs): (id, log-probability, [(id, log-probability)] of
+    # the most likely ids), from the very logits that chose it
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    round_logits: torch.Tensor | None = None  # this round's verification logits
 
 
 class Region(KVCache):
@@ -121,8 +129,11 @@ def new_slab(net, positions: int) -> KVCache:
     c = net.config
     shape = (c.n_layers, c.n_kv_heads, positions, c.head_dim)
     slab = KVCache.__new__(KVCache)
-    slab.all_k = torch.zeros(shape, dtype=net.cache_dtype)
-    slab.all_v = torch.zeros(shape, dtype=net.cache_dtype)
+    # uninitialised: a row reads only positions its own sequence wrote (its prompt, its
+    # committed rows, this step's scratch rows), and untouched pages cost no memory, so a
+    # budget of several full contexts holds only what the admitted sequences use
+    slab.all_k = torch.empty(shape, dtype=net.cache_dtype)
+    slab.all_v = torch.empty(shape, dtype=net.cache_dtype)
     slab.k = [slab.all_k[i : i + 1] for i in range(c.n_layers)]
     slab.v = [slab.all_v[i : i + 1] for i in range(c.n_layers)]
     slab.max_len, slab.length, slab.low_water = positions, 0, positions
@@ -376,6 +387,17 @@ class Batcher:
             e.cache.length = n
             e.prompt_cache = None
         r = e.req
+        on_tokens = r.on_tokens
+        if r.logprobs is not None:
+
+            def on_tokens(ids, e=e, user=r.on_tokens):
+                lps = token_logprobs(e, ids)
+                e.logprobs.extend(lps)
+                if e.req.on_logprobs is not None:
+                    e.req.on_logprobs(lps)
+                if user is not None:
+                    user(ids)
+
         e.seq = start_seq(
             self.net,
             r.prompt_ids,
@@ -390,7 +412,7 @@ class Batcher:
             drafter=r.drafter,
             eos_ids=r.eos_ids,
             should_stop=r.should_stop,
-            on_tokens=r.on_tokens,
+            on_tokens=on_tokens,
             t_start=e.t_admitted,
             tokenizer=r.tokenizer,
         )
@@ -409,7 +431,8 @@ class Batcher:
         if not self.batched:
             for e, (tokens, kw) in zip(running, rows):
                 e._failing = True
-                commit(e.seq, self.net(tokens, e.seq.cache, **kw))
+                e.round_logits = self.net(tokens, e.seq.cache, **kw)
+                commit(e.seq, e.round_logits)
                 e._failing = False
             return
         logits = self._forward(seqs, rows)
@@ -417,7 +440,8 @@ class Batcher:
         for e, (tokens, _) in zip(running, rows):
             t = tokens.shape[0]
             e._failing = True
-            commit(e.seq, logits[at : at + t])
+            e.round_logits = logits[at : at + t]
+            commit(e.seq, e.round_logits)
             e._failing = False
             at += t
 
@@ -500,6 +524,33 @@ class Batcher:
         slab.all_k.index_copy_(2, dst_t, slab.all_k.index_select(2, src))
         slab.all_v.index_copy_(2, dst_t, slab.all_v.index_select(2, src))
         return logits
+
+
+def token_logprobs(e: Entry, ids: list[int]) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """The log-probabilities of `ids`, the first of the ids committed now: each from the logits
+    row that chose it (the prompt's last row for the first token; in a round, the row of the
+    accepted node's parent), so they are what plain decoding's rows give, bitwise."""
+    if not ids:
+        return []
+    if e.seq is None:  # the first token, from the prompt's last logits
+        rows = e.last[None]
+    else:
+        s = e.seq
+        if s.draft.parents is None:
+            idx = list(range(len(ids)))
+        else:
+            idx = ([0] + [1 + p for p in s.path])[: len(ids)]
+        rows = e.round_logits[idx]
+    lp = torch.log_softmax(rows.float(), -1)
+    k = e.req.logprobs or 0
+    out = []
+    for i, t in enumerate(ids):
+        top = []
+        if k:
+            v, j = lp[i].topk(k)
+            top = list(zip(j.tolist(), v.tolist()))
+        out.append((int(t), float(lp[i, t]), top))
+    return out
 
 
 def run_all(batcher: Batcher, entries: Sequence[Entry]) -> list[tuple[list[int], Stats]]:

@@ -140,6 +140,7 @@ class Seq:
     cap: object = None
     t0: float = 0.0
     t1: float = 0.0
+    path: list[int] = field(default_factory=list)  # the accepted draft nodes of the last round
     update: Callable[[Round], None] | None = None
     wants_scores: bool = False
     verify_capture: Callable | None = None
@@ -216,7 +217,7 @@ def commit(s: Seq, logits: torch.Tensor) -> list[int]:
     count), roll the cache back to the accepted path, tell the drafter; return the ids committed."""
     path, nxt, relaxed = s.rule.accept(logits, s.draft, s.sampling, s.generator)
     s.stats.relaxed += relaxed
-    n_acc = len(path)
+    n_acc, s.path = len(path), path
     # the accepted nodes' rows become consecutive positions (a no-op for a chain)
     s.cache.keep(s.start + 1, [s.start + 1 + i for i in path])
     s.cache.truncate(s.start + 1 + n_acc)
