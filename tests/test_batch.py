@@ -265,3 +265,26 @@ def test_logprobs_under_speculation_equal_plain(tiny_q4a8):
     for lps, (ids, _) in zip(plain, out_p):
         assert [t for t, _, _ in lps] == ids
         assert all(top[0][0] == t and top[0][1] == v for t, v, top in lps)  # greedy: the likeliest
+
+
+@needs_kernels
+def test_newcomer_prefill_is_chunked_between_rounds(tiny_q4a8):
+    """A long prompt joins in chunks, one per step, and the running request commits a round in
+    every one of those steps: its inter-token latency holds while the newcomer loads."""
+    g = torch.Generator().manual_seed(3)
+    long = torch.randint(0, 96, (200,), generator=g).tolist()
+    short = _prompts(96, 1)[0]
+    want = _alone(tiny_q4a8, [short, long], [40, 10])
+    b = Batcher(tiny_q4a8, prefill_chunk=64)
+    first = b.add(Request(short, 40))
+    while first.state != "running":
+        b.step()
+    late = b.add(Request(long, 10))
+    grew = []
+    while late.state != "running":
+        before = len(first.seq.new)
+        b.step()
+        grew.append(len(first.seq.new) - before)
+    assert grew == [1, 1, 1]  # 200 positions: chunks of 64, 64 and 72
+    got = run_all(b, [first, late])
+    assert [ids for ids, _ in got] == want
