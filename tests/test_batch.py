@@ -288,3 +288,41 @@ def test_newcomer_prefill_is_chunked_between_rounds(tiny_q4a8):
     assert grew == [1, 1, 1]  # 200 positions: chunks of 64, 64 and 72
     got = run_all(b, [first, late])
     assert [ids for ids, _ in got] == want
+
+
+class _Repeat:
+    """A drafter that always proposes its full allowance: the last id, repeated."""
+
+    name = "repeat"
+
+    def prefill(self, ctx):
+        pass
+
+    def propose(self, ctx, max_tokens):
+        from veridraft.draft import Draft
+
+        return Draft(tokens=[ctx.ids[-1]] * max_tokens)
+
+    def update(self, rnd):
+        pass
+
+
+@needs_kernels
+def test_wide_steps_equal_alone(tiny_q4a8):
+    """Eight sequences with 12-token drafts: steps far wider than a verification forward
+    (> 64 rows) still give every sequence its answer alone."""
+    prompts, lens = _prompts(96, 4) * 2, [30 + 2 * i for i in range(8)]
+    want = _alone(tiny_q4a8, prompts, lens, draft=_Repeat(), max_draft=12)
+    rows = []
+    orig = batch.Batcher._forward
+    batch.Batcher._forward = lambda self, seqs, r: (
+        rows.append(sum(len(t) for t, _ in r)) or orig(self, seqs, r)
+    )
+    b = Batcher(tiny_q4a8)
+    try:
+        es = [b.add(Request(p, m, drafter=_Repeat(), max_draft=12)) for p, m in zip(prompts, lens)]
+        got = run_all(b, es)
+    finally:
+        batch.Batcher._forward = orig
+    assert max(rows) > 64
+    assert [ids for ids, _ in got] == want

@@ -42,9 +42,10 @@ from .verify import STRICT, Rule
 
 # modes whose matmuls are row-invariant: the rows of several sequences share one forward
 ROW_INVARIANT = ("bf16", "q4", "q4a8")
-# rows of one batched forward; the fused q4 forward and the verification kernels are built for
-# short forwards (models/plan.py ROWWISE_MAX_T)
-MAX_ROWS = 64
+# rows of one batched forward (the scratch area of the slab): 8 sequences with 16-token drafts
+# fit; more sequences get shorter drafts. Every kernel of the step is row-invariant at any row
+# count, so this bounds memory, not exactness
+MAX_ROWS = 256
 # a newcomer's prompt positions per step in the row-invariant modes: a multiple of the prefill
 # attention tile (models/attention.py PREFILL_TILE), so its chunks fill the cache as a solo
 # prefill's do; fp32 / fp16w keep decode's own chunks
@@ -422,6 +423,8 @@ class Batcher:
         seqs = [e.seq for e in running]
         context = max(s.cache.length for s in seqs)
         caps = self.planner.caps(seqs, [e.req.adaptive for e in running], context)
+        room = MAX_ROWS // len(seqs) - 1  # each sequence's share of the forward's rows
+        caps = [min(k, room) for k in caps]
         rows = []
         for e, k in zip(running, caps):
             e.draft_lens.append(k)
