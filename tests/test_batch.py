@@ -326,3 +326,27 @@ def test_wide_steps_equal_alone(tiny_q4a8):
         batch.Batcher._forward = orig
     assert max(rows) > 64
     assert [ids for ids, _ in got] == want
+
+
+def test_planner_without_a_profile_learns_from_the_batchs_steps():
+    """No cost profile: the caps stay the requests' own until the batch has measured forwards of
+    two widths, then follow the measured cost (flat: drafts pay; steep: none do)."""
+    from types import SimpleNamespace
+
+    from veridraft.stats import Stats
+
+    def seq():
+        st = Stats(drafted=10, accepted=6)
+        return SimpleNamespace(drafter=object(), max_draft=8, stats=st)
+
+    seqs = [seq() for _ in range(4)]
+    planner = DraftPlanner(None)
+    assert planner.caps(seqs, [True] * 4) == [8] * 4
+    for i in range(20):  # flat: 10 ms whatever the rows
+        planner.observe(4 + i % 5, 10.0)
+    assert min(planner.caps(seqs, [True] * 4)) > 0
+    steep = DraftPlanner(None)
+    for i in range(20):  # every row costs its own forward
+        steep.observe(4 + i % 5, 10.0 * (4 + i % 5))
+    assert steep.caps(seqs, [True] * 4) == [0] * 4
+    assert steep.caps(seqs, [False, True, True, True])[0] == 8  # a sampled request keeps its own

@@ -171,17 +171,53 @@ class Allocator:
         self.free = merged
 
 
-class DraftPlanner:
-    """Draft tokens per sequence for this step from the cost model: the caps that maximise the
-    batch's expected tokens per second, where a draft token is one more row of a forward that
-    every running sequence waits for. k = 0 for all is always a candidate, so speculation never
-    makes a step slower by the model's account; at high load the caps fall to 0 by themselves.
+class MeasuredCost:
+    """The forward cost of this batch as measured by its own steps, for a machine without a cost
+    profile: ms(T) = a + b T fitted to the recent (rows, ms) of its forwards. Ready once it has
+    seen enough steps of at least two widths (ragged drafts and changing loads provide them)."""
 
-    cost: a costmodel.CostModel (its forward(T) ms and draft_cost per drafter); None keeps each
-    request's own max_draft."""
+    def __init__(self, keep: int = 256, min_samples: int = 16) -> None:
+        self.samples: list[tuple[int, float]] = []
+        self.keep, self.min_samples = keep, min_samples
+        self.fit: tuple[float, float] | None = None
+
+    def observe(self, rows: int, ms: float) -> None:
+        self.samples.append((rows, ms))
+        del self.samples[: -self.keep]
+        ts = [t for t, _ in self.samples]
+        if len(self.samples) < self.min_samples or len(set(ts)) < 2:
+            return
+        n = len(ts)
+        mt, mm = sum(ts) / n, sum(m for _, m in self.samples) / n
+        var = sum((t - mt) ** 2 for t in ts)
+        slope = max(0.0, sum((t - mt) * (m - mm) for t, m in self.samples) / var)
+        self.fit = (max(1e-3, mm - slope * mt), slope)
+
+    def forward(self, t: float, context: int | None = None, tree: bool = False) -> float:
+        a, b = self.fit
+        return a + b * t
+
+    def draft_cost(self, key, context: int | None = None) -> float | None:
+        return None  # measured per sequence (DraftPlanner)
+
+
+class DraftPlanner:
+    """Draft tokens per sequence for this step: the caps that maximise the batch's expected
+    tokens per second, where a draft token is one more row of a forward that every running
+    sequence waits for. k = 0 for all is always a candidate, so speculation never makes a step
+    slower by the cost model's account; as the batch grows the caps fall to 0 by themselves.
+
+    cost: a costmodel.CostModel (forward(T) ms and draft_cost per drafter, from `veridraft
+    profile`); None: the batch's own measured forwards (MeasuredCost), and until those suffice
+    each request's own max_draft. A drafter's step cost without a profile entry is its own
+    measured draft time per drafted token."""
 
     def __init__(self, cost=None, prior_alpha: float = 0.5) -> None:
         self.cost, self.prior = cost, prior_alpha
+        self.measured = MeasuredCost()
+
+    def observe(self, rows: int, ms: float) -> None:
+        self.measured.observe(rows, ms)
 
     def alpha(self, s: Seq) -> float:
         # a Beta-like prior: a sequence that has drafted little keeps near the prior
@@ -189,25 +225,27 @@ class DraftPlanner:
 
     def caps(self, seqs: list[Seq], adaptive: list[bool], context: int | None = None) -> list[int]:
         fixed = [s.max_draft if s.drafter is not None else 0 for s in seqs]
-        if self.cost is None or not seqs:
+        cost = self.cost if self.cost is not None else self.measured
+        if not seqs or (cost is self.measured and self.measured.fit is None):
             return fixed
         free = [i for i, s in enumerate(seqs) if s.drafter is not None and adaptive[i]]
         if not free:
             return fixed
         alphas = [self.alpha(s) for s in seqs]
-        steps = []
+        base = cost.forward(1, context)
+        step_ms = []  # per sequence, ms per drafted token
         for s in seqs:
             key = getattr(s.drafter, "cost_key", None) if s.drafter is not None else None
-            step = self.cost.draft_cost(key) if key else None
-            steps.append(step if step is not None else 0.0)
+            step = cost.draft_cost(key) if key else None
+            if step is not None:
+                step_ms.append(step * base)
+            else:
+                step_ms.append(1000 * s.stats.draft_s / s.stats.drafted if s.stats.drafted else 0.0)
 
         def rate(caps: list[int]) -> float:
             rows = sum(1 + k for k in caps)
             tokens = sum(sum(alphas[i] ** j for j in range(k + 1)) for i, k in enumerate(caps))
-            base = self.cost.forward(1, context)
-            ms = self.cost.forward(rows, context) + base * sum(
-                steps[i] * k for i, k in enumerate(caps)
-            )
+            ms = cost.forward(rows, context) + sum(step_ms[i] * k for i, k in enumerate(caps))
             return tokens / ms
 
         best = [0 if i in free else k for i, k in enumerate(fixed)]
@@ -431,14 +469,21 @@ class Batcher:
             e._failing = True
             rows.append(propose(e.seq, k))
             e._failing = False
+        n_rows = sum(tokens.shape[0] for tokens, _ in rows)
         if not self.batched:
+            ms = 0.0
             for e, (tokens, kw) in zip(running, rows):
                 e._failing = True
+                t0 = time.perf_counter()
                 e.round_logits = self.net(tokens, e.seq.cache, **kw)
+                ms += 1000 * (time.perf_counter() - t0)
                 commit(e.seq, e.round_logits)
                 e._failing = False
+            self.planner.observe(n_rows, ms)
             return
+        t0 = time.perf_counter()
         logits = self._forward(seqs, rows)
+        self.planner.observe(n_rows, 1000 * (time.perf_counter() - t0))
         at = 0
         for e, (tokens, _) in zip(running, rows):
             t = tokens.shape[0]
