@@ -229,8 +229,8 @@ def test_smollm2_q4a8_batch_equals_alone(real_model_dir):
         "The capital of France is Paris. The capital of Italy is",
         "List three colours: red, green,",
     ]
-    # the last prompt is prefilled in two chunks of the batch (512 positions, then the rest)
-    # beside the others' decoding, where generate_ids prefills it in one forward
+    # the last prompt is prefilled in chunks of the batch (batch.prefill_chunk_for) beside the
+    # others' decoding, where generate_ids prefills it in one forward
     long = " ".join(f"item {i}: the {i % 7}th colour of the list is blue." for i in range(60))
     prompts = [tok.encode(t) for t in texts] + [tok.encode(long)]
     assert 600 < len(prompts[-1]) < 1024

@@ -19,8 +19,9 @@ fp32 and fp16w are not row-invariant in that sense (MKL's float32 matmul moves r
 with the batch), so there a step runs one forward per sequence, interleaved: continuous
 batching's scheduling without the shared forward.
 
-A prompt runs through the target alone (decode.run_prompt's chunks into a private cache that is
-then copied into the slab), so it fills the cache exactly as a solo prefill does.
+A prompt runs through the target alone, a chunk per step (into a private cache that is then
+copied into the slab), in chunks that fill the cache exactly as a solo prefill does
+(`prefill_chunk_for`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,21 @@ MAX_ROWS = 256
 # attention tile (models/attention.py PREFILL_TILE), so its chunks fill the cache as a solo
 # prefill's do; fp32 / fp16w keep decode's own chunks
 BATCH_PREFILL_CHUNK = 512
+# where every prompt row is a per-row computation (the q4 kernels, prompt attention through the
+# decode kernel) any chunking fills the cache alike: small chunks keep the others' latency
+ROW_PREFILL_CHUNK = 64
+
+
+def prefill_chunk_for(net, batched: bool) -> int:
+    """The newcomer's prompt positions per step that fill its cache bitwise as a solo prefill."""
+    from .models import attnkernel
+
+    if not batched:
+        return PREFILL_CHUNK  # decode's own chunks: fp32 / fp16w rows depend on the forward
+    per_row = getattr(net, "precision", "") in ("q4", "q4a8") and attnkernel.for_prompts(
+        net.cache_dtype
+    )
+    return ROW_PREFILL_CHUNK if per_row else BATCH_PREFILL_CHUNK
 
 
 def row_invariant(net) -> bool:
@@ -295,7 +311,7 @@ class Batcher:
         self.max_num_seqs = max_num_seqs
         self.planner = planner or DraftPlanner(None)
         if prefill_chunk is None:
-            prefill_chunk = BATCH_PREFILL_CHUNK if self.batched else PREFILL_CHUNK
+            prefill_chunk = prefill_chunk_for(net, self.batched)
         self.prefill_chunk = prefill_chunk
         self.alloc = Allocator(kv_positions)
         self.slab = new_slab(net, kv_positions + MAX_ROWS) if self.batched else None
