@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from veridraft import batch
-from veridraft.batch import Batcher, DraftPlanner, Request, generate_batch, run_all
+from veridraft.batch import Batcher, DraftPlanner, Request, run_all
 from veridraft.errors import VeridraftError
-from veridraft.generate import generate_ids
+from veridraft.generate import generate_batch, generate_ids
 from veridraft.models import fused, kernels
 
 sys.path.insert(0, str(Path(__file__).parent / "models"))

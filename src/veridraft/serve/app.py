@@ -451,7 +451,7 @@ def batch_work(model, ids, max_tokens, sampling, req, drafters, top: int | None)
     import torch
 
     from ..batch import Request as BatchRequest
-    from ..generate import _TextStream
+    from ..generate import TextStream
 
     tok = model.tokenizer
     stops = req.stops()
@@ -471,7 +471,7 @@ def batch_work(model, ids, max_tokens, sampling, req, drafters, top: int | None)
                 pending[i].extend(entries)
                 logprobs[i].extend(entries)
 
-            ts = _TextStream(tok, stops, piece)
+            ts = TextStream(tok, stops, piece)
             texts.append(ts)
             gen = torch.Generator()
             if req.seed is not None:
