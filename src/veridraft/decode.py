@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,6 +52,18 @@ PREFILL_CHUNK = 1024
 TAIL_MIN = 65
 
 
+def prompt_bounds(n: int, chunk: int | None) -> list[int]:
+    """Where run_prompt splits n prompt positions into forwards: [0, .., n]."""
+    if chunk is not None and chunk < 0:
+        raise VeridraftError(f"prefill chunk must be a positive number of tokens, got {chunk}")
+    bounds = [0]
+    if chunk:
+        while n - bounds[-1] > chunk + TAIL_MIN - 1:
+            bounds.append(bounds[-1] + chunk)
+    bounds.append(n)
+    return bounds
+
+
 def run_prompt(
     target, ids: Sequence[int], cache: KVCache, chunk: int | None = PREFILL_CHUNK, capture=None
 ) -> torch.Tensor:
@@ -59,13 +71,7 @@ def run_prompt(
     positions (None or 0: one forward); return the logits of the last position [V].
     `capture` (models.base.Capture) is handed to every chunk's forward."""
     ids = list(ids)
-    if chunk is not None and chunk < 0:
-        raise VeridraftError(f"prefill chunk must be a positive number of tokens, got {chunk}")
-    bounds = [0]
-    if chunk:
-        while len(ids) - bounds[-1] > chunk + TAIL_MIN - 1:
-            bounds.append(bounds[-1] + chunk)
-    bounds.append(len(ids))
+    bounds = prompt_bounds(len(ids), chunk)
     logits = None
     parts: dict[int, list[torch.Tensor]] = {}  # captured hidden states, one tensor per chunk
     for a, b in zip(bounds, bounds[1:]):
@@ -105,6 +111,151 @@ def _update_fn(drafter) -> Callable[[Round], None]:
     if len(required) >= 2:
         return lambda r: fn(r.n_accepted, r.next_token)
     return fn
+
+
+@dataclass
+class Seq:
+    """One sequence between rounds: what the decode loop carries from round to round. `decode`
+    runs one; batch.py runs several, each with its own cache, drafter and draft length."""
+
+    ids: list[int]  # prompt and committed ids; ids[-1] not yet run through the target
+    new: list[int]  # the committed ids after the prompt
+    cache: KVCache
+    ctx: DecodeContext
+    stats: Stats
+    sampling: SamplingParams
+    generator: torch.Generator
+    rule: Rule
+    max_new_tokens: int
+    max_draft: int
+    drafter: Drafter | None = None
+    eos_ids: set[int] | frozenset[int] = frozenset()
+    should_stop: Callable[[list[int]], int | None] | None = None
+    on_tokens: Callable[[list[int]], None] | None = None
+    keep: int | None = None  # new ids to keep once finished; None while generating
+    t_start: float = 0.0
+    # this round: the draft, the cache length before it, its capture, propose's start and end
+    draft: Draft = field(default_factory=lambda: _EMPTY)
+    start: int = 0
+    cap: object = None
+    t0: float = 0.0
+    t1: float = 0.0
+    path: list[int] = field(default_factory=list)  # the accepted draft nodes of the last round
+    update: Callable[[Round], None] | None = None
+    wants_scores: bool = False
+    verify_capture: Callable | None = None
+
+
+def start_seq(
+    target, prompt_ids: Sequence[int], cache: KVCache, last: torch.Tensor, stats: Stats, **kw
+) -> Seq:
+    """A Seq whose prompt is in `cache` (`last`: the logits after it): the first token drawn,
+    the drafter prefilled, the first id handed to on_tokens. kw: Seq's settings and
+    `tokenizer`, `segments`, `prompt_capture` for the DecodeContext."""
+    tokenizer, segments = kw.pop("tokenizer", None), kw.pop("segments", ())
+    pcap = kw.pop("prompt_capture", None)
+    s = Seq(ids=list(prompt_ids), new=[], cache=cache, ctx=None, stats=stats, **kw)
+    s.ids.append(first_token(last, s.sampling, s.generator))
+    s.stats.prefill_s = time.perf_counter() - s.t_start
+    s.new = s.ids[len(prompt_ids) :]
+    s.ctx = DecodeContext(
+        ids=s.ids,
+        prompt_len=len(prompt_ids),
+        target=target,
+        cache=cache,
+        sampling=s.sampling,
+        generator=s.generator,
+        tokenizer=tokenizer,
+        max_new_tokens=s.max_new_tokens,
+        segments=check_segments(segments, len(prompt_ids)),
+        prompt_capture=pcap,
+    )
+    s.keep = _finish_point(s.new, s.eos_ids, s.should_stop, s.max_new_tokens)
+    if s.drafter is not None:
+        s.update = _update_fn(s.drafter)
+        s.wants_scores = bool(getattr(s.drafter, "wants_scores", False))
+        s.verify_capture = getattr(s.drafter, "verify_capture", None)
+    if s.drafter is not None and s.keep is None:
+        t = time.perf_counter()
+        cache.mark()
+        s.drafter.prefill(s.ctx)
+        _check_cache(cache, len(s.ids) - 1, s.stats.method, "prefill")
+        s.stats.draft_s += time.perf_counter() - t
+    if s.on_tokens:
+        s.on_tokens(s.new[: s.keep if s.keep is not None else len(s.new)])
+    return s
+
+
+def propose(s: Seq, max_draft: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Draft this round (at most max_draft tokens; None: the Seq's own cap); return the rows to
+    verify, [last id] + draft, and the forward's keywords (tree, capture)."""
+    budget = s.max_new_tokens - len(s.new)
+    limit = min(budget - 1, s.max_draft if max_draft is None else max_draft)
+    s.t0 = time.perf_counter()
+    s.draft, s.start = _EMPTY, s.cache.length
+    # a cap of 0 from a scheduler skips the drafter; the Seq's own cap keeps the call
+    if s.drafter is not None and budget > 1 and (limit > 0 or max_draft is None):
+        s.cache.mark()
+        s.draft = s.drafter.propose(s.ctx, limit)
+        _check_cache(s.cache, s.start, s.stats.method, "propose")
+        if len(s.draft.tokens) > limit:
+            raise ValueError(f"drafter {s.stats.method} proposed more tokens than allowed")
+    s.t1 = time.perf_counter()
+    tokens = torch.tensor([s.ids[-1], *s.draft.tokens], dtype=torch.long)
+    s.cap = s.verify_capture(s.ctx) if s.verify_capture is not None else None
+    kw = {}
+    if s.draft.parents is not None:  # a token tree: each node sees its ancestors only
+        kw["tree"] = tree_attn(s.draft.parents)
+        s.cap = s.cap if s.cap is not None and _hidden_only(s.cap) else None
+    if s.cap is not None:
+        kw["capture"] = s.cap
+    return tokens, kw
+
+
+def commit(s: Seq, logits: torch.Tensor) -> list[int]:
+    """Accept from the verification rows' logits (the forward has advanced the cache by their
+    count), roll the cache back to the accepted path, tell the drafter; return the ids committed."""
+    path, nxt, relaxed = s.rule.accept(logits, s.draft, s.sampling, s.generator)
+    s.stats.relaxed += relaxed
+    n_acc, s.path = len(path), path
+    # the accepted nodes' rows become consecutive positions (a no-op for a chain)
+    s.cache.keep(s.start + 1, [s.start + 1 + i for i in path])
+    s.cache.truncate(s.start + 1 + n_acc)
+    t2 = time.perf_counter()
+    committed = [*(s.draft.tokens[i] for i in path), nxt]
+    s.ids.extend(committed)
+    s.new.extend(committed)
+    s.stats.record_round(len(s.draft.tokens), n_acc)
+    if s.update is not None:
+        s.update(
+            Round(
+                n_accepted=n_acc,
+                next_token=nxt,
+                drafted=len(s.draft.tokens),
+                ids=s.ids,
+                draft_s=s.t1 - s.t0,
+                verify_s=t2 - s.t1,
+                scores=logits if s.wants_scores else None,
+                capture=s.cap,
+                path=path,
+            )
+        )
+    s.keep = _finish_point(s.new, s.eos_ids, s.should_stop, s.max_new_tokens)
+    if s.on_tokens:
+        shown = len(s.new) - len(committed)
+        s.on_tokens(s.new[shown : s.keep if s.keep is not None else len(s.new)])
+    s.stats.draft_s += s.t1 - s.t0
+    s.stats.verify_s += t2 - s.t1
+    s.stats.other_s += time.perf_counter() - t2
+    return committed
+
+
+def finish(s: Seq) -> tuple[list[int], Stats]:
+    """The new ids (cut at the finish point) and the stats of a finished Seq."""
+    del s.new[s.keep :]
+    s.stats.new_tokens = len(s.new)
+    s.stats.total_s = time.perf_counter() - s.t_start
+    return s.new, s.stats
 
 
 @torch.inference_mode()
@@ -157,96 +308,16 @@ def decode(
         cache = prefilled.cache
         cache.truncate(len(prompt_ids))
         last = prefilled.logits
-    ids = list(prompt_ids) + [first_token(last, sampling, generator)]
-    stats.prefill_s = time.perf_counter() - t_start
-    new = ids[len(prompt_ids) :]
-    ctx = DecodeContext(
-        ids=ids,
-        prompt_len=len(prompt_ids),
-        target=target,
-        cache=cache,
-        sampling=sampling,
-        generator=generator,
-        tokenizer=tokenizer,
-        max_new_tokens=max_new_tokens,
-        segments=check_segments(segments, len(prompt_ids)),
-        prompt_capture=pcap,
-    )
-    keep = _finish_point(new, eos_ids, should_stop, max_new_tokens)
-    update = None
-    wants_scores = False
-    verify_capture = None
-    if drafter is not None:
-        update = _update_fn(drafter)
-        wants_scores = bool(getattr(drafter, "wants_scores", False))
-        verify_capture = getattr(drafter, "verify_capture", None)
-    if drafter is not None and keep is None:
-        t = time.perf_counter()
-        cache.mark()
-        drafter.prefill(ctx)
-        _check_cache(cache, len(ids) - 1, stats.method, "prefill")
-        stats.draft_s += time.perf_counter() - t
-    if on_tokens:
-        on_tokens(new[: keep if keep is not None else len(new)])
-
-    while keep is None:
-        budget = max_new_tokens - len(new)
-        t0 = time.perf_counter()
-        draft = _EMPTY
-        start = cache.length
-        if drafter is not None and budget > 1:
-            cache.mark()
-            draft = drafter.propose(ctx, min(budget - 1, max_draft))
-            _check_cache(cache, start, stats.method, "propose")
-            if len(draft.tokens) > min(budget - 1, max_draft):
-                raise ValueError(f"drafter {stats.method} proposed more tokens than allowed")
-        t1 = time.perf_counter()
-        tokens = torch.tensor([ids[-1], *draft.tokens], dtype=torch.long)
-        cap = verify_capture(ctx) if verify_capture is not None else None
-        kw = {}
-        if draft.parents is not None:  # a token tree: each node sees its ancestors only
-            kw["tree"] = tree_attn(draft.parents)
-            cap = cap if cap is not None and _hidden_only(cap) else None
-        if cap is not None:
-            kw["capture"] = cap
-        logits = target(tokens, cache, **kw)
-        path, nxt, relaxed = rule.accept(logits, draft, sampling, generator)
-        stats.relaxed += relaxed
-        n_acc = len(path)
-        # the accepted nodes' rows become consecutive positions (a no-op for a chain)
-        cache.keep(start + 1, [start + 1 + i for i in path])
-        cache.truncate(start + 1 + n_acc)
-        t2 = time.perf_counter()
-        committed = [*(draft.tokens[i] for i in path), nxt]
-        ids.extend(committed)
-        new.extend(committed)
-        stats.record_round(len(draft.tokens), n_acc)
-        if update is not None:
-            update(
-                Round(
-                    n_accepted=n_acc,
-                    next_token=nxt,
-                    drafted=len(draft.tokens),
-                    ids=ids,
-                    draft_s=t1 - t0,
-                    verify_s=t2 - t1,
-                    scores=logits if wants_scores else None,
-                    capture=cap,
-                    path=path,
-                )
-            )
-        keep = _finish_point(new, eos_ids, should_stop, max_new_tokens)
-        if on_tokens:
-            shown = len(new) - len(committed)
-            on_tokens(new[shown : keep if keep is not None else len(new)])
-        t3 = time.perf_counter()
-        stats.draft_s += t1 - t0
-        stats.verify_s += t2 - t1
-        stats.other_s += t3 - t2
-    del new[keep:]
-    stats.new_tokens = len(new)
-    stats.total_s = time.perf_counter() - t_start
-    return new, stats
+    s = start_seq(
+        target, prompt_ids, cache, last, stats, sampling=sampling, generator=generator,
+        rule=rule, max_new_tokens=max_new_tokens, max_draft=max_draft, drafter=drafter,
+        eos_ids=eos_ids, should_stop=should_stop, on_tokens=on_tokens, t_start=t_start,
+        tokenizer=tokenizer, segments=segments, prompt_capture=pcap,
+    )  # fmt: skip
+    while s.keep is None:
+        tokens, kw = propose(s)
+        commit(s, target(tokens, s.cache, **kw))
+    return finish(s)
 
 
 def _hidden_only(cap) -> bool:

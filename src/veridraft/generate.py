@@ -16,6 +16,7 @@ import torch
 
 from . import drafters, presses
 from .auto import AUTO, LONG_PROMPT, pick_draft
+from .batch import Batcher, DraftPlanner, Request, run_all
 from .decode import PREFILL_CHUNK, Prefill, decode, prefill
 from .draft import DraftEnv, Drafter
 from .errors import VeridraftError
@@ -346,7 +347,7 @@ def generate(
         seg_ids, segments = encode_chat(tok, prompt)
         if seg_ids != ids:  # the same rendering; anything else would mark the wrong ids
             segments = []
-    text_out = _TextStream(tok, stops, stream)
+    text_out = TextStream(tok, stops, stream)
     new, stats = generate_ids(
         model,
         ids,
@@ -370,7 +371,7 @@ def generate(
     return Generation(ids=new, text=text, stats=stats, prompt_ids=ids, finish_reason=reason)
 
 
-class _TextStream:
+class TextStream:
     """Turns committed ids into text pieces, holding back what may still change: an incomplete
     UTF-8 sequence, or a tail that could be the start of a stop string."""
 
@@ -427,3 +428,78 @@ class _TextStream:
         if new and new[-1] in self.tok.eos_ids:
             return text, "eos"
         return text, "length"
+
+
+_TextStream = TextStream  # its earlier name
+
+
+def generate_batch(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int | Sequence[int] = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seeds: Sequence[int | None] | None = None,
+    draft: str | None = None,
+    max_draft: int = 16,
+    eos_ids: Sequence[int] | None = None,
+    max_num_seqs: int = 8,
+    kv_positions: int | None = None,
+    cost=None,
+    batched: bool | None = None,
+    **draft_options,
+) -> list[tuple[list[int], Stats]]:
+    """Generate after each of `prompts` (ids) together; return (new ids, stats) per prompt, each
+    bitwise what `generate_ids` gives that prompt alone with the same settings and seed.
+
+    Every prompt gets its own drafter (draft=, draft_options as in generate_ids) and random
+    source (seeds[i]; None: a fresh seed). max_num_seqs: sequences in a step at once (the
+    others wait). kv_positions: the KV budget (default: room for max_num_seqs of the longest).
+    cost: a costmodel.CostModel to size the drafts per step for the batch (sampled requests
+    keep max_draft: their seed reproduces only with their solo draft lengths); None: every
+    request drafts up to max_draft. batched: force (True) or refuse (False) shared forwards;
+    None: shared in the row-invariant modes (bf16, q4, q4a8), interleaved otherwise.
+    """
+    net = getattr(model, "net", model)
+    tok = getattr(model, "tokenizer", None)
+    n = len(prompts)
+    lens = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    seeds = [None] * n if seeds is None else list(seeds)
+    if len(lens) != n or len(seeds) != n:
+        raise VeridraftError("max_new_tokens and seeds need one value per prompt")
+    if any(int(m) != m or m < 1 for m in lens):
+        raise VeridraftError(f"max_new_tokens must be positive integers, got {lens}")
+    if isinstance(draft, str) and draft.strip().lower() in NO_DRAFT:
+        draft = None
+    if eos_ids is None:
+        eos_ids = getattr(tok, "eos_ids", None) or ()
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    env = draft_env(model)
+    if kv_positions is None:
+        longest = max(len(p) + m for p, m in zip(prompts, lens)) + max_draft + 1
+        kv_positions = longest * min(n, max_num_seqs)
+    planner = DraftPlanner(cost)
+    b = Batcher(
+        net, kv_positions=kv_positions, max_num_seqs=max_num_seqs, planner=planner,
+        batched=batched,
+    )  # fmt: skip
+    entries = []
+    for ids, m, seed in zip(prompts, lens, seeds):
+        gen = torch.Generator()
+        gen.manual_seed(seed) if seed is not None else gen.seed()
+        drafter = drafters.make_drafter(draft, model, env=env, **draft_options)
+        req = Request(
+            prompt_ids=[int(i) for i in ids],
+            max_new_tokens=int(m),
+            sampling=sampling,
+            generator=gen,
+            drafter=drafter,
+            max_draft=max_draft,
+            adaptive=sampling.greedy,
+            eos_ids=frozenset(eos_ids),
+            tokenizer=tok,
+        )
+        entries.append(b.add(req))
+    return run_all(b, entries)

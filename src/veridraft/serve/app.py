@@ -20,7 +20,7 @@ import secrets
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import VeridraftError
 from ..generate import Generation, generate, prompt_ids_for
-from .engine import Engine, Job, QueueFull, ShuttingDown
+from ..sampling import SamplingParams
+from .engine import BatchWork, Engine, Job, QueueFull, ShuttingDown
 from .metrics import Metrics, spec_counts
 from .protocol import (
     APIError,
@@ -61,6 +62,11 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 64
     shutdown_timeout: float = 30.0
+    # continuous batching: requests in one step at once, and the KV budget they share in
+    # positions (None: max_num_seqs full contexts); batch=False serves one request at a time
+    max_num_seqs: int = 8
+    kv_positions: int | None = None
+    batch: bool = True
 
 
 @dataclass
@@ -78,9 +84,9 @@ class Served:
     def name(self) -> str:
         return self.config.model_names[0]
 
-    def job_finished(self, job: Job, gen: Generation | None) -> None:
+    def job_finished(self, job: Job, result) -> None:
         """The engine's on_finish (worker thread): metrics, and the job time for Retry-After."""
-        self.metrics.finished(job, gen)
+        self.metrics.finished(job, None if result is None else _choices(result))
         if job.started is not None and job.finished is not None:
             self.job_s = 0.8 * self.job_s + 0.2 * (job.finished - job.started)
 
@@ -89,7 +95,10 @@ def create_app(model, config: ServerConfig) -> FastAPI:
     """An app serving `model` (a `veridraft.LoadedModel`)."""
     srv = Served(model, config, Metrics(config.model_names[0]))
     srv.engine = Engine(
-        config.max_queue, on_finish=srv.job_finished, on_queue_change=srv.metrics.queue_changed
+        config.max_queue,
+        on_finish=srv.job_finished,
+        on_queue_change=srv.metrics.queue_changed,
+        batcher=make_batcher(model, config) if config.batch else None,
     )
     srv.metrics.queue_changed(0, 0)
 
@@ -109,6 +118,23 @@ def create_app(model, config: ServerConfig) -> FastAPI:
     ):
         app.add_api_route(path, handler, methods=[method], response_model=None)
     return app
+
+
+def make_batcher(model, config: ServerConfig):
+    """The engine's Batcher for `model`: its KV budget, and draft lengths sized per step by
+    this machine's cost model when there is one (`veridraft profile`)."""
+    from ..batch import Batcher, DraftPlanner
+    from ..generate import draft_env
+
+    env = draft_env(model)
+    cost = env.cost(model) if env.cost is not None else None
+    positions = config.kv_positions or config.max_num_seqs * (model.context_length + 32)
+    return Batcher(
+        getattr(model, "net", model),
+        kv_positions=positions,
+        max_num_seqs=config.max_num_seqs,
+        planner=DraftPlanner(cost),
+    )
 
 
 @asynccontextmanager
@@ -141,24 +167,34 @@ async def chat_completions(request: Request):
     srv = _served(request)
     req: ChatRequest = await read(request, ChatRequest)
     max_tokens = req.max_completion_tokens or req.max_tokens
-    work = await prepare(srv, req, req.chat_messages(), None, max_tokens)
+    top = req.top_count()
+    work = await prepare(srv, req, req.chat_messages(), None, max_tokens, top)
     job = submit(srv, work)
     head = _head("chatcmpl", "chat.completion", srv.name)
+    tok = srv.model.tokenizer
     if req.stream:
         head["object"] = "chat.completion.chunk"
-        return stream(srv, job, head, _chat_chunk, _include_usage(req))
-    return await _whole(request, srv, job, head, _chat_content)
+        return stream(srv, job, head, _chat_chunk(tok), _include_usage(req), req.n)
+    return await _whole(request, srv, job, head, _chat_content(tok, top is not None))
 
 
 async def completions(request: Request):
     srv = _served(request)
     req: CompletionRequest = await read(request, CompletionRequest)
-    work = await prepare(srv, req, req.prompt, False, req.max_tokens)
+    work = await prepare(srv, req, req.prompt, False, req.max_tokens, req.logprobs)
     job = submit(srv, work)
     head = _head("cmpl", "text_completion", srv.name)
+    tok = srv.model.tokenizer
     if req.stream:
-        return stream(srv, job, head, _completion_chunk, _include_usage(req))
-    return await _whole(request, srv, job, head, lambda gen: {"text": gen.text})
+        return stream(srv, job, head, _completion_chunk(tok), _include_usage(req), req.n)
+    want = req.logprobs is not None
+    return await _whole(
+        request,
+        srv,
+        job,
+        head,
+        lambda c: {"text": c.gen.text, "logprobs": _completion_logprobs(tok, c.logprobs, want)},
+    )
 
 
 async def list_models(request: Request) -> dict:
@@ -223,7 +259,9 @@ async def health(request: Request) -> dict:
 
 
 async def prometheus(request: Request) -> Response:
-    return Response(_served(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    srv = _served(request)
+    srv.metrics.kv_usage(srv.engine.kv_usage())
+    return Response(srv.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 # -- request checks ------------------------------------------------------------------------------
@@ -293,36 +331,85 @@ def check_context(ids: list[int], max_tokens: int | None, ctx: int, chat: bool |
     return max_tokens
 
 
-async def request_drafter(srv: Served, req):
-    """The drafter a request asks for in `veridraft.draft` (null, "ar" or "none": none), else
-    the server's --draft. Built off the event loop: a model drafter may load a model. "auto"
-    stays a spec: generate() picks per prompt (and says what in the request's statistics)."""
-    from ..drafters import make_drafter
-
+def draft_spec(srv: Served, req) -> str | None:
+    """The drafter spec a request asks for in `veridraft.draft` (null, "ar" or "none": none),
+    else the server's --draft."""
     opts = req.veridraft
     spec = srv.config.draft
     if opts is not None and "draft" in opts.model_fields_set:
         spec = None if opts.draft in (None, "ar", "none") else opts.draft
-    if spec in ("auto", "none"):
-        return None if spec == "none" else spec
+    return None if spec == "none" else spec
+
+
+async def request_drafter(srv: Served, req):
+    """The request's drafter, built off the event loop (a model drafter may load a model).
+    "auto" stays a spec: generate() picks per prompt (and says what in the request's
+    statistics)."""
+    from ..drafters import make_drafter
+
+    spec = draft_spec(srv, req)
+    if spec is None or spec == "auto":
+        return spec
     try:
         return await asyncio.to_thread(make_drafter, spec, srv.model)
     except VeridraftError as e:
         raise APIError(400, str(e), param="veridraft.draft", code="invalid_draft") from None
 
 
-async def prepare(srv: Served, req, prompt, chat: bool | None, max_tokens: int | None):
-    """Validate what needs the model: prompt length, context, drafter. Returns the job's
-    work function."""
+@dataclass
+class Choice:
+    """One generated choice of a request, with its tokens' log-probabilities when asked."""
+
+    gen: Generation
+    logprobs: list | None = None
+    index: int = 0
+
+
+def _choices(result) -> list[Choice]:
+    """A job's result as choices: a batched job's list, or the Generation of one run alone."""
+    return result if isinstance(result, list) else [Choice(result)]
+
+
+async def prepare(
+    srv: Served, req, prompt, chat: bool | None, max_tokens: int | None, top: int | None = None
+):
+    """Validate what needs the model: prompt length, context, drafter. Returns the job's work:
+    a BatchWork for the batch, or a function of its own (a drafter the batch cannot take)."""
     check_model(req.model, srv.config)
     ids = prompt_ids(srv.model, prompt, chat)
     max_tokens = check_context(ids, max_tokens, srv.model.context_length, chat)
     opts = req.veridraft
+    temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+    top_k = opts.top_k if opts is not None else 0
+    top_p = 1.0 if req.top_p is None else req.top_p
+    batcher = srv.engine.batcher
+    spec = draft_spec(srv, req)
+    if batcher is not None:
+        drafters = await batch_drafters(srv, spec, ids, req.n)
+        if drafters is not None:
+            need = len(ids) + max_tokens + 17
+            if need > batcher.alloc.capacity:
+                raise APIError(
+                    400,
+                    f"this request needs {need} KV-cache positions (prompt + max_tokens) and the "
+                    f"server's KV budget holds {batcher.alloc.capacity}; lower max_tokens",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
+            sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+            return batch_work(srv.model, ids, max_tokens, sampling, req, drafters, top)
+    if req.n > 1 or top is not None:
+        raise APIError(
+            400,
+            "n > 1 and logprobs need the batching engine, which this request's drafter "
+            f"({spec}) does not run in; use another drafter or n=1 without logprobs",
+            param="n" if req.n > 1 else "logprobs",
+        )
     kw = dict(
         max_new_tokens=max_tokens,
-        temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-        top_k=opts.top_k if opts is not None else 0,
-        top_p=1.0 if req.top_p is None else req.top_p,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
         seed=req.seed,
         stop=req.stops() or None,
         draft=await request_drafter(srv, req),
@@ -336,11 +423,105 @@ async def prepare(srv: Served, req, prompt, chat: bool | None, max_tokens: int |
     return work
 
 
+async def batch_drafters(srv: Served, spec: str | None, ids: list[int], n: int):
+    """One drafter per choice for the batch (None entries: plain decoding), or None when the
+    drafter reads the target's activations, which a batched forward does not capture."""
+    from ..auto import pick_draft
+    from ..drafters import make_drafter
+    from ..generate import draft_env
+
+    if spec == "auto":
+        env = draft_env(srv.model)
+        cost = env.cost(srv.model) if env.cost is not None else None
+        spec = pick_draft(srv.model, len(ids), cost).value
+    if spec is None:
+        return [None] * n
+    try:
+        made = await asyncio.to_thread(lambda: [make_drafter(spec, srv.model) for _ in range(n)])
+    except VeridraftError as e:
+        raise APIError(400, str(e), param="veridraft.draft", code="invalid_draft") from None
+    if any(getattr(made[0], a, None) is not None for a in ("verify_capture", "prompt_capture")):
+        return None
+    return made
+
+
+def batch_work(model, ids, max_tokens, sampling, req, drafters, top: int | None) -> BatchWork:
+    """The batch requests of one API request: n choices, each with its own drafter and its
+    own seed (seed + choice index), its text streamed through a stop-string filter."""
+    import torch
+
+    from ..batch import Request as BatchRequest
+    from ..generate import TextStream
+
+    tok = model.tokenizer
+    stops = req.stops()
+    texts: list = []
+    pending: list[list] = [[] for _ in drafters]
+    logprobs: list[list] = [[] for _ in drafters]
+
+    def requests(on_piece) -> list:
+        out = []
+        for i, drafter in enumerate(drafters):
+
+            def piece(text, i=i):
+                on_piece(i, text, pending[i][:] if top is not None else None)
+                pending[i].clear()
+
+            def on_lp(entries, i=i):
+                pending[i].extend(entries)
+                logprobs[i].extend(entries)
+
+            ts = TextStream(tok, stops, piece)
+            texts.append(ts)
+            gen = torch.Generator()
+            if req.seed is not None:
+                gen.manual_seed(req.seed + i)
+            else:
+                gen.seed()
+            out.append(
+                BatchRequest(
+                    prompt_ids=ids,
+                    max_new_tokens=max_tokens,
+                    sampling=sampling,
+                    generator=gen,
+                    drafter=drafter,
+                    adaptive=sampling.greedy,
+                    eos_ids=frozenset(tok.eos_ids),
+                    should_stop=ts.stop_point if stops else None,
+                    on_tokens=ts.push if req.stream else None,
+                    on_logprobs=on_lp if top is not None else None,
+                    tokenizer=tok,
+                    logprobs=top,
+                )
+            )
+        return out
+
+    def finish(results) -> list[Choice]:
+        choices = []
+        for i, (new, stats) in enumerate(results):
+            text, reason = texts[i].final(new)
+            if req.stream:
+                texts[i].flush(text)
+                if pending[i]:  # log-probabilities of tokens whose text was held back
+                    texts[i].callback("")
+            gen = Generation(
+                ids=new, text=text, stats=stats, prompt_ids=list(ids), finish_reason=reason
+            )
+            choices.append(Choice(gen, logprobs[i][: len(new)] if top is not None else None, i))
+        return choices
+
+    return BatchWork(requests=requests, finish=finish)
+
+
 # -- the queue -----------------------------------------------------------------------------------
 
 
 def submit(srv: Served, work) -> Job:
-    job = Job(work=work, loop=asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    if isinstance(work, BatchWork):
+        job = Job(work=None, loop=loop, batch=work)
+    else:
+        job = Job(work=work, loop=loop)
     engine = srv.engine
     try:
         engine.submit(job)
@@ -396,15 +577,23 @@ async def outcome(request: Request, srv: Served, job: Job) -> Generation | None:
         srv.engine.cancel(job)  # a no-op once the job has finished
 
 
-async def _whole(
-    request: Request, srv: Served, job: Job, head: dict, content: Callable[[Generation], dict]
-) -> dict | Response:
+async def _whole(request: Request, srv: Served, job: Job, head: dict, content) -> dict | Response:
     """A non-streamed answer: the whole response once the job is done (499 if the client
-    left first)."""
-    gen = await outcome(request, srv, job)
-    if gen is None:
+    left first). content(choice) builds a choice's content."""
+    result = await outcome(request, srv, job)
+    if result is None:
         return Response(status_code=499)
-    return _response(head, gen, content(gen))
+    choices = _choices(result)
+    out = [
+        {"index": c.index, "logprobs": None, **content(c), "finish_reason": _finish_reason(c.gen)}
+        for c in choices
+    ]
+    return {
+        **head,
+        "choices": out,
+        "usage": _usage(choices),
+        "veridraft": request_stats(choices[0].gen),
+    }
 
 
 # -- responses and streaming ---------------------------------------------------------------------
@@ -423,19 +612,71 @@ def _finish_reason(gen: Generation) -> str:
     return "length" if gen.finish_reason == "length" else "stop"
 
 
-def _usage(gen: Generation) -> dict:
-    n_prompt, n_new = len(gen.prompt_ids), gen.stats.new_tokens
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
+def _usage(choices: list[Choice]) -> dict:
+    """OpenAI's token counts (completion tokens of every choice), and the speculative
+    statistics of the request under vLLM's counter names."""
+    n_prompt = len(choices[0].gen.prompt_ids)
+    n_new = sum(c.gen.stats.new_tokens for c in choices)
+    spec = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0}
+    per_pos: list[int] = []
+    for c in choices:
+        counts = spec_counts(c.gen.stats)
+        for k in ("drafts", "draft_tokens", "accepted_tokens"):
+            spec[f"num_{k}"] += counts[k]
+        for i, v in enumerate(counts["accepted_per_pos"]):
+            per_pos[i : i + 1] = [(per_pos[i] if i < len(per_pos) else 0) + v]
+    spec["num_accepted_tokens_per_pos"] = per_pos
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": n_new,
+        "total_tokens": n_prompt + n_new,
+        "spec_decode": spec,
+    }
 
 
-def _response(head: dict, gen: Generation, content: dict) -> dict:
-    """A whole (not streamed) response in OpenAI's shape: one choice holding `content`."""
-    choice = {"index": 0, **content, "logprobs": None, "finish_reason": _finish_reason(gen)}
-    return {**head, "choices": [choice], "usage": _usage(gen), "veridraft": request_stats(gen)}
+def _token(tok, i: int) -> str:
+    return tok.decode([i])
 
 
-def _chat_content(gen: Generation) -> dict:
-    return {"message": {"role": "assistant", "content": gen.text}}
+def _chat_logprobs(tok, entries: list | None) -> dict | None:
+    """OpenAI's chat `logprobs`: per token its text, log-probability, bytes and alternatives."""
+    if entries is None:
+        return None
+
+    def one(i, lp):
+        text = _token(tok, i)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {**one(i, lp), "top_logprobs": [one(j, v) for j, v in top]} for i, lp, top in entries
+        ]
+    }
+
+
+def _completion_logprobs(tok, entries: list | None, want: bool, offset: int = 0) -> dict | None:
+    """The completions API's `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
+    if not want or entries is None:
+        return None
+    tokens = [_token(tok, i) for i, _, _ in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [{_token(tok, j): v for j, v in top} for _, _, top in entries],
+        "text_offset": offsets,
+    }
+
+
+def _chat_content(tok, want_logprobs: bool):
+    def content(c: Choice) -> dict:
+        lp = _chat_logprobs(tok, c.logprobs) if want_logprobs else None
+        return {"message": {"role": "assistant", "content": c.gen.text}, "logprobs": lp}
+
+    return content
 
 
 def request_stats(gen: Generation) -> dict:
@@ -461,18 +702,34 @@ def _include_usage(req) -> bool:
     return bool(opts and opts.include_usage)
 
 
-def _chat_chunk(text: str | None, finish: str | None) -> dict:
-    if text is None:  # the opening chunk carries the role, as OpenAI's does
-        delta = {"role": "assistant", "content": ""}
-    else:
-        delta = {"content": text} if text else {}
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+def _chat_chunk(tok):
+    def chunk(index: int, text: str | None, finish: str | None, lps=None) -> dict:
+        if text is None:  # the opening chunk carries the role, as OpenAI's does
+            delta = {"role": "assistant", "content": ""}
+        else:
+            delta = {"content": text} if text else {}
+        return {
+            "index": index,
+            "delta": delta,
+            "logprobs": _chat_logprobs(tok, lps),
+            "finish_reason": finish,
+        }
+
+    return chunk
 
 
-def _completion_chunk(text: str | None, finish: str | None) -> dict | None:
-    if text is None:  # completions have no opening chunk
-        return None
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+def _completion_chunk(tok):
+    def chunk(index: int, text: str | None, finish: str | None, lps=None) -> dict | None:
+        if text is None:  # completions have no opening chunk
+            return None
+        return {
+            "index": index,
+            "text": text,
+            "logprobs": _completion_logprobs(tok, lps, lps is not None),
+            "finish_reason": finish,
+        }
+
+    return chunk
 
 
 def _sse(obj) -> str:
@@ -491,25 +748,32 @@ async def events(srv: Served, job: Job) -> AsyncIterator[tuple[str, object]]:
         srv.engine.cancel(job)
 
 
-def stream(srv: Served, job: Job, head: dict, chunk, include_usage: bool) -> StreamingResponse:
-    """SSE in OpenAI's shape: chunks, a last chunk with finish_reason, a usage chunk when
-    asked, then `data: [DONE]`. `chunk(text, finish_reason)` builds one choice."""
+def stream(
+    srv: Served, job: Job, head: dict, chunk, include_usage: bool, n: int = 1
+) -> StreamingResponse:
+    """SSE in OpenAI's shape: chunks, a last chunk per choice with finish_reason, a usage chunk
+    when asked, then `data: [DONE]`. `chunk(index, text, finish_reason, logprobs)` builds one
+    choice."""
     extra = {"usage": None} if include_usage else {}
 
     async def body() -> AsyncIterator[str]:
-        first = chunk(None, None)
-        if first is not None:
-            yield _sse({**head, "choices": [first], **extra})
+        for i in range(n):
+            first = chunk(i, None, None)
+            if first is not None:
+                yield _sse({**head, "choices": [first], **extra})
         async for kind, value in events(srv, job):
             if kind == "text":
-                yield _sse({**head, "choices": [chunk(value, None)], **extra})
+                index, text, lps = value if isinstance(value, tuple) else (0, value, None)
+                yield _sse({**head, "choices": [chunk(index, text, None, lps)], **extra})
             elif kind == "done":
-                gen: Generation = value
-                last = {**head, "choices": [chunk("", _finish_reason(gen))], **extra}
-                last["veridraft"] = request_stats(gen)
-                yield _sse(last)
+                choices = _choices(value)
+                for c in choices:
+                    last = {**head, "choices": [chunk(c.index, "", _finish_reason(c.gen))]}
+                    last.update(extra)
+                    last["veridraft"] = request_stats(c.gen)
+                    yield _sse(last)
                 if include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(gen)})
+                    yield _sse({**head, "choices": [], "usage": _usage(choices)})
             elif kind == "error":
                 yield _sse(failure(value).body())
             # "cancelled" only happens when this stream is already closing

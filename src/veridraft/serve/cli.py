@@ -20,9 +20,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="OpenAI-compatible server (/v1/chat/completions, /v1/completions, "
-        "/v1/models; vLLM's /tokenize, /detokenize and /version; /health, /metrics). One "
-        "generation runs at a time (a CPU is fastest at batch 1); other requests wait in a "
-        "first-come, first-served queue.",
+        "/v1/models; vLLM's /tokenize, /detokenize and /version; /health, /metrics). Requests "
+        "are batched continuously: up to --max-num-seqs share each target forward (in bf16, q4 "
+        "and q4a8; fp32 and fp16w interleave their forwards), each answer bitwise its answer "
+        "alone; the rest wait first come, first served.",
     )
     s.add_argument(
         "--model", "-m", default=DEFAULT_MODEL, help="catalog name, GGUF file or HF folder"
@@ -52,6 +53,24 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         type=int,
         default=64,
         help="requests that may wait for the engine; more are answered 429 (default 64)",
+    )
+    s.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=8,
+        help="requests generated together (one batch step each round; default 8)",
+    )
+    s.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=0,
+        help="KV-cache positions the batch shares (a request holds prompt + max_tokens); a "
+        "request that does not fit waits (default: --max-num-seqs full contexts)",
+    )
+    s.add_argument(
+        "--no-batch",
+        action="store_true",
+        help="one generation at a time, as a single-user server",
     )
     s.add_argument(
         "--served-model-name", default=None, help="the model id clients send (default: the name)"
@@ -100,6 +119,12 @@ def run_serve(args: argparse.Namespace) -> int:
         return _print_vllm_config(args)
     if args.max_queue < 0:
         raise VeridraftError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_num_seqs < 1:
+        raise VeridraftError(f"--max-num-seqs must be at least 1, got {args.max_num_seqs}")
+    if args.kv_cache_tokens < 0:
+        raise VeridraftError(
+            f"--kv-cache-tokens must be a positive number of positions, got {args.kv_cache_tokens}"
+        )
     import torch
     import uvicorn
 
@@ -122,6 +147,9 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         max_queue=args.max_queue,
         shutdown_timeout=args.shutdown_timeout,
+        max_num_seqs=args.max_num_seqs,
+        kv_positions=args.kv_cache_tokens or None,
+        batch=not args.no_batch,
     )
     app = create_app(model, config)
     print(

@@ -1,11 +1,15 @@
-"""One generation at a time, requests served first come, first served.
+"""Continuous batching: every admitted request advances one round per engine step.
 
-A CPU runs one generation fastest on its own (batch 1; the cores are already busy with one
-forward), so the engine is a single worker thread fed by a FIFO queue. The event loop never runs
-model code: each job reports back through an asyncio queue (`Job.events`), so one request's text
-can only reach its own queue. Cancelling a waiting job removes it from the queue at once;
-cancelling the running job raises inside the streaming callback, so generation stops at the next
-piece of text (the next verification round that produces text).
+One worker thread runs the loop: it admits queued requests into a `batch.Batcher` (up to
+--max-num-seqs, within the KV budget), and each step prefills a chunk of the oldest newcomer and
+runs one round of every running request in one target forward (in the row-invariant modes;
+interleaved forwards otherwise). Each request's answer is bitwise its answer alone (batch.py).
+The event loop never runs model code: each job reports back through an asyncio queue
+(`Job.events`), so one request's text can only reach its own queue. Cancelling a waiting job
+removes it from the queue at once; a running one leaves the batch before the next step.
+
+A job without a batch request (`Job.work`: a generation the batch cannot take, such as a drafter
+that reads the target's activations) runs alone, between batches, first come, first served.
 """
 
 from __future__ import annotations
@@ -35,12 +39,24 @@ class ShuttingDown(Exception):
 
 
 @dataclass
+class BatchWork:
+    """A job's generations for the batch: `requests(on_piece)` makes its batch.Requests (one
+    per choice, n > 1 gives several) whose text goes to on_piece(choice, piece, logprobs);
+    `finish(results)` turns their (new ids, stats) into the job's result."""
+
+    requests: Callable[[Callable[[int, str], None]], list]
+    finish: Callable[[list], Any]
+
+
+@dataclass
 class Job:
     """One request's generation. `work(on_text)` runs in the worker thread and returns the result;
     it must call `on_text(piece)` for each piece of text (that is where cancellation lands)."""
 
-    work: Callable[[Callable[[str], None]], Any]
+    work: Callable[[Callable[[str], None]], Any] | None
     loop: asyncio.AbstractEventLoop
+    batch: BatchWork | None = None
+    entries: list = field(default_factory=list)  # its batch.Entry per choice, once admitted
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival: float = field(default_factory=time.perf_counter)
     started: float | None = None
@@ -58,59 +74,72 @@ class Job:
 
 
 class Engine:
-    """FIFO queue + one worker thread. `on_finish(job, result)` is called once per job that ran
-    or was cancelled while waiting (result None unless it completed), e.g. to record metrics."""
+    """The queue and the worker thread. `on_finish(job, result)` is called once per job that ran
+    or was cancelled (result None unless it completed), e.g. to record metrics.
+
+    batcher: a batch.Batcher for jobs with `batch` work (None: only `work` jobs, one at a time).
+    max_queue: jobs that may wait (not yet admitted to the batch) before submit answers
+    QueueFull."""
 
     def __init__(
         self,
         max_queue: int = 64,
         on_finish: Callable[[Job, Any], None] | None = None,
         on_queue_change: Callable[[int, int], None] | None = None,
+        batcher=None,
     ) -> None:
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
         self.max_queue = max_queue
+        self.batcher = batcher
         self._on_finish = on_finish
         self._on_queue_change = on_queue_change
         self._waiting: collections.deque[Job] = collections.deque()
+        self._batched: list[Job] = []  # jobs handed to the batcher
         self._cv = threading.Condition()
-        self._running: Job | None = None
+        self._running: Job | None = None  # a `work` job running alone
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="veridraft-engine", daemon=True)
         self._thread.start()
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + sum(1 for j in self._batched if not _admitted(j))
 
     @property
     def running(self) -> int:
-        return 1 if self._running is not None else 0
+        return (self._running is not None) + sum(1 for j in self._batched if _admitted(j))
+
+    def kv_usage(self) -> float:
+        """The fraction of the batch's KV budget held by admitted requests."""
+        return self.batcher.usage() if self.batcher is not None else 0.0
 
     def _changed(self) -> None:
         if self._on_queue_change is not None:
-            self._on_queue_change(self.running, len(self._waiting))
+            self._on_queue_change(self.running, self.waiting)
 
     def submit(self, job: Job) -> None:
         with self._cv:
             if self._closed:
                 raise ShuttingDown()
-            # The slot being served does not count: max_queue is how many may wait.
-            if len(self._waiting) >= self.max_queue and (
-                self._running is not None or self._waiting
-            ):
+            if job.batch is not None and self.batcher is None:
+                raise ValueError("this engine has no batcher for batch work")
+            # The requests being served do not count: max_queue is how many may wait.
+            if self.waiting >= self.max_queue and (self.running or self.waiting):
                 raise QueueFull()
             self._waiting.append(job)
             self._changed()
             self._cv.notify()
 
     def cancel(self, job: Job) -> None:
-        """Stop a job: a waiting one leaves the queue now, a running one at its next piece."""
+        """Stop a job: a waiting one leaves the queue now, a running one before the next step
+        (a `work` job at its next piece)."""
         job.cancelled.set()
         with self._cv:
             try:
                 self._waiting.remove(job)
             except ValueError:
+                self._cv.notify()  # a batched job leaves at the top of the next step
                 return
             job.outcome = "abort"
             job.finished = time.perf_counter()
@@ -119,8 +148,8 @@ class Engine:
         job.emit("cancelled")
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Refuse new jobs, cancel the waiting ones, let the running one finish for up to
-        `timeout` seconds, then cancel it too."""
+        """Refuse new jobs, answer the waiting ones with an error, let the running ones finish
+        for up to `timeout` seconds, then cancel them too."""
         with self._cv:
             self._closed = True
             dropped = list(self._waiting)
@@ -132,27 +161,122 @@ class Engine:
             job.outcome = "abort"
             job.emit("error", ShuttingDown("the server is shutting down"))
         self._thread.join(timeout)
-        running = self._running
-        if running is not None:
-            running.cancelled.set()
-            self._thread.join(timeout)
+        with self._cv:
+            for job in [self._running, *self._batched]:
+                if job is not None:
+                    job.cancelled.set()
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    # ---- the worker thread ----
 
     def _loop(self) -> None:
         while True:
+            solo = None
             with self._cv:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not self._batched and not self._closed:
                     self._cv.wait()
-                if not self._waiting:
+                if self._closed and not self._batched:
                     return
-                job = self._waiting.popleft()
-                self._running = job
+                while self._waiting:  # in order: a `work` job waits for the batch to drain
+                    job = self._waiting[0]
+                    if job.batch is None:
+                        if not self._batched:
+                            solo = self._running = self._waiting.popleft()
+                        break
+                    self._waiting.popleft()
+                    self._batched.append(job)
+                    self._enter(job)
                 self._changed()
-            try:
-                self._run(job)
-            finally:
-                with self._cv:
-                    self._running = None
-                    self._changed()
+            if solo is not None:
+                try:
+                    self._run(solo)
+                finally:
+                    with self._cv:
+                        self._running = None
+                        self._changed()
+                continue
+            if self._closed:
+                self._drop_unadmitted()
+            self._step()
+
+    def _enter(self, job: Job) -> None:
+        """Hand a job's requests to the batcher (a request it refuses ends the job)."""
+
+        def on_piece(choice: int, piece: str, logprobs=None) -> None:
+            if job.cancelled.is_set():
+                raise Cancelled()
+            now = time.perf_counter()
+            if job.first_piece is None:
+                job.first_piece = now
+            job.piece_times.append(now)
+            job.emit("text", (choice, piece, logprobs))
+
+        try:
+            for req in job.batch.requests(on_piece):
+                job.entries.append(self.batcher.add(req))
+        except Exception as e:
+            self._end(job, None, e)
+
+    def _drop_unadmitted(self) -> None:
+        """At shutdown: jobs the batch has not admitted yet get an error now."""
+        for job in list(self._batched):
+            if not _admitted(job):
+                self._end(job, None, ShuttingDown("the server is shutting down"))
+
+    def _step(self) -> None:
+        b = self.batcher
+        for job in list(self._batched):  # cancelled jobs leave before the step
+            if job.cancelled.is_set():
+                self._end(job, None, Cancelled())
+        if not self._batched:
+            return
+        try:
+            b.step()
+        except Exception as e:  # the batch itself failed: every request in it gets the error
+            log.exception("batch step failed")
+            for job in list(self._batched):
+                self._end(job, None, e)
+            return
+        for job in list(self._batched):
+            if job.started is None and _admitted(job):
+                job.started = min(e.t_admitted for e in job.entries if e.t_admitted)
+                job.outcome = "running"
+            err = next((e.error for e in job.entries if e.error is not None), None)
+            if err is not None:
+                self._end(job, None, err)
+            elif job.entries and all(e.state == "done" for e in job.entries):
+                try:
+                    result = job.batch.finish([e.result for e in job.entries])
+                except Exception as e:
+                    self._end(job, None, e)
+                else:
+                    self._end(job, result, None)
+        with self._cv:
+            self._changed()
+
+    def _end(self, job: Job, result: Any, error: BaseException | None) -> None:
+        for e in job.entries:
+            if e.state not in ("done", "error", "cancelled"):
+                self.batcher.cancel(e)
+        if job in self._batched:
+            self._batched.remove(job)
+        if isinstance(error, Cancelled) or (error is not None and job.cancelled.is_set()):
+            job.outcome, error = "abort", None
+        elif error is not None:
+            job.outcome = "error"
+            if not _is_user_error(error) and not isinstance(error, ShuttingDown):
+                log.error("generation failed: %s: %s", type(error).__name__, error)
+        else:
+            job.outcome = "done"
+        job.finished = time.perf_counter()
+        self._finish(job, result)
+        if job.outcome == "done":
+            job.emit("done", result)
+        elif job.outcome == "abort":
+            job.emit("cancelled")
+        else:
+            job.emit("error", error)
 
     def _finish(self, job: Job, result: Any) -> None:
         if self._on_finish is not None:
@@ -195,6 +319,10 @@ class Engine:
             job.emit("cancelled")
         else:
             job.emit("error", error)
+
+
+def _admitted(job: Job) -> bool:
+    return any(e.state != "waiting" for e in job.entries)
 
 
 def _is_user_error(e: Exception) -> bool:

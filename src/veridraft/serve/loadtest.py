@@ -5,14 +5,16 @@
 
 starts `veridraft serve` on a free loopback port (or uses --base-url), then for each concurrency
 level and drafter sends a fixed number of streaming chat requests (Spec-Bench dev questions, first
-turns, greedy) from that many client threads, and prints requests per minute, time to first token
-and tokens/s. The drafter is chosen per request (the `veridraft` extension field), so one server
+turns, greedy) from that many client threads, and prints the aggregate tokens/s of all clients,
+time to first token and inter-token latency (the gap between streamed chunks, as the client sees
+it: with speculation one chunk may carry several tokens), p50 and p99. The drafter is chosen per request (the `veridraft` extension field), so one server
 serves every row. Everything is bounded: requests per level, and --time-limit for the whole run.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -32,6 +34,7 @@ class Result:
     e2e: float
     tokens: int
     tau: float | None
+    gaps: list[float] = field(default_factory=list)  # seconds between streamed chunks
 
 
 @dataclass
@@ -56,10 +59,22 @@ class Level:
             "req_per_min": 60 * len(r) / self.wall_s if self.wall_s else 0.0,
             "ttft_median_s": statistics.median(ttft) if ttft else float("nan"),
             "ttft_p90_s": ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))] if ttft else float("nan"),
+            "ttft_p50_s": pct(ttft, 0.5),
+            "ttft_p99_s": pct(ttft, 0.99),
+            "itl_p50_s": pct([g for x in r for g in x.gaps], 0.5),
+            "itl_p99_s": pct([g for x in r for g in x.gaps], 0.99),
             "tokens_per_s": toks / self.wall_s if self.wall_s else 0.0,
             "stream_tokens_per_s": statistics.median(decode) if decode else float("nan"),
             "tau": statistics.mean(taus) if taus else float("nan"),
         }
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The q-quantile of xs (nearest rank), NaN for none."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
 
 
 def _prompts(n: int) -> list[list[dict]]:
@@ -72,7 +87,7 @@ def _prompts(n: int) -> list[list[dict]]:
 def _one(client, model: str, messages, max_tokens: int, draft: str) -> Result:
     t0 = time.perf_counter()
     ttft = None
-    tokens, tau = 0, None
+    tokens, tau, times = 0, None, []
     stream = client.chat.completions.create(
         model=model,
         messages=messages,
@@ -83,15 +98,18 @@ def _one(client, model: str, messages, max_tokens: int, draft: str) -> Result:
         extra_body={"veridraft": {"draft": None if draft == "none" else draft}},
     )
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content and ttft is None:
-            ttft = time.perf_counter() - t0
+        if chunk.choices and chunk.choices[0].delta.content:
+            times.append(time.perf_counter())
+            if ttft is None:
+                ttft = times[-1] - t0
         stats = (chunk.model_extra or {}).get("veridraft")
         if stats:
             tau = stats["tau"]
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     e2e = time.perf_counter() - t0
-    return Result(ttft=ttft if ttft is not None else e2e, e2e=e2e, tokens=tokens, tau=tau)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return Result(ttft if ttft is not None else e2e, e2e, tokens, tau, gaps)
 
 
 def run_level(client, model, prompts, draft, concurrency, n_requests, max_tokens, deadline):
@@ -138,7 +156,8 @@ def _start_server(args) -> tuple[subprocess.Popen, str]:
     }
     cmd = [sys.executable, "-m", "veridraft.cli", "serve", "--model", args.model,
            "--precision", args.precision, "--port", str(port), "--log-level", "warning",
-           "--max-queue", str(max(64, max(args.concurrency)))]  # fmt: skip
+           "--max-queue", str(max(64, max(args.concurrency))),
+           "--max-num-seqs", str(args.max_num_seqs)]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, env=env)
@@ -158,16 +177,17 @@ def _start_server(args) -> tuple[subprocess.Popen, str]:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| drafter | clients | requests | req/min | TTFT median (s) | TTFT p90 (s) | "
-        "tokens/s (all clients) | tokens/s per stream (median) | τ |"
+        "| drafter | clients | requests | tokens/s (all clients) | TTFT p50 (s) | TTFT p99 (s) | "
+        "ITL p50 (ms) | ITL p99 (ms) | tokens/s per stream (median) | τ |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['draft']} | {r['clients']} | {r['requests']}"
             + (f" ({r['errors']} failed)" if r["errors"] else "")
-            + f" | {r['req_per_min']:.1f} | {r['ttft_median_s']:.2f} | {r['ttft_p90_s']:.2f} | "
-            f"{r['tokens_per_s']:.1f} | {r['stream_tokens_per_s']:.1f} | {r['tau']:.2f} |"
+            + f" | {r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
+            f"{1000 * r['itl_p50_s']:.0f} | {1000 * r['itl_p99_s']:.0f} | "
+            f"{r['stream_tokens_per_s']:.1f} | {r['tau']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -184,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4,16", help="client counts, comma-separated")
     p.add_argument("--drafts", default="none,ngram", help="drafter specs; 'none' = plain")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument(
+        "--max-num-seqs", type=int, default=8, help="the started server's --max-num-seqs"
+    )
     p.add_argument("--requests", type=int, default=0, help="per level (default: max(8, clients))")
     p.add_argument("--time-limit", type=float, default=900.0, help="seconds for the whole run")
     args = p.parse_args(argv)

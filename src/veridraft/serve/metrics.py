@@ -91,6 +91,12 @@ class Metrics:
             "vllm:num_requests_running", "Requests being generated", lab, registry=r
         )
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests in the queue", lab, registry=r)
+        self.kv = Gauge(
+            "vllm:kv_cache_usage_perc",
+            "Fraction of the KV-cache budget held by admitted requests (1 = full)",
+            lab,
+            registry=r,
+        )
         self.phase = {
             p: counter(f"veridraft:{p}_seconds", f"Time spent in {p} (all requests)")
             for p in ("prefill", "draft", "verify", "other")
@@ -100,28 +106,40 @@ class Metrics:
         self.running.labels(self.model_name).set(running)
         self.waiting.labels(self.model_name).set(waiting)
 
+    def kv_usage(self, fraction: float) -> None:
+        self.kv.labels(self.model_name).set(fraction)
+
     def reject(self, reason: str) -> None:
         self.rejected.labels(self.model_name, reason).inc()
 
-    def finished(self, job, gen) -> None:
-        """Record one job that ran (gen is the Generation when it completed, else None)."""
+    def finished(self, job, choices) -> None:
+        """Record one job that ran (choices: its generated choices, each with a `gen`, when it
+        completed, else None)."""
         m = self.model_name
         if job.started is not None:
             self.queue_time.labels(m).observe(job.started - job.arrival)
-        if gen is None:
+        if choices is None:
             self.requests.labels(m, job.outcome).inc()
             return
-        st: Stats = gen.stats
+        gen = choices[0].gen
         reason = "length" if gen.finish_reason == "length" else "stop"
         self.requests.labels(m, reason).inc()
+        for i, c in enumerate(choices):  # n choices share one prompt
+            self._tokens(c.gen.stats, prompt=i == 0)
         first = job.first_piece if job.first_piece is not None else job.finished
         self.ttft.labels(m).observe(first - job.arrival)
         for a, b in zip(job.piece_times, job.piece_times[1:]):
             self.itl.labels(m).observe(b - a)
         self.e2e.labels(m).observe(job.finished - job.arrival)
+        st: Stats = gen.stats
         if st.new_tokens > 1:
             self.tpot.labels(m).observe(st.decode_s / (st.new_tokens - 1))
-        self.prompt_tokens.labels(m).inc(st.prompt_tokens)
+
+    def _tokens(self, st: Stats, prompt: bool) -> None:
+        """A choice's token and acceptance counts."""
+        m = self.model_name
+        if prompt:
+            self.prompt_tokens.labels(m).inc(st.prompt_tokens)
         self.generation_tokens.labels(m).inc(st.new_tokens)
         c = spec_counts(st)
         self.drafts.labels(m).inc(c["drafts"])

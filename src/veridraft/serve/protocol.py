@@ -1,9 +1,9 @@
 """Request schemas (pydantic, strict: unknown fields and wrong types are rejected) and
 OpenAI-shaped error bodies.
 
-Only what the engine can honour is accepted: `n` must be 1, penalties must be 0 and logprobs are
-not produced; such a request gets a 400 that names the field rather than a silently different
-answer. veridraft-specific options travel in the `veridraft` extension object, the way vLLM takes
+Only what the engine can honour is accepted: penalties must be 0, `n` and the number of top
+log-probabilities are bounded; such a request gets a 400 that names the field rather than a
+silently different answer. veridraft-specific options travel in the `veridraft` extension object, the way vLLM takes
 its extra body (`extra_body={"veridraft": {"draft": "ngram"}}` with the openai client).
 """
 
@@ -40,6 +40,10 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
+
+
+MAX_N = 16  # choices per request (rows of one batch)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 class _Strict(BaseModel):
@@ -92,9 +96,9 @@ class _Common(_Strict):
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported (one generation per request); send n=1")
+    def _choices(cls, v: int) -> int:
+        if not 1 <= v <= MAX_N:
+            raise ValueError(f"n must be between 1 and {MAX_N} (choices per request)")
         return v
 
     @field_validator("frequency_penalty", "presence_penalty")
@@ -119,7 +123,8 @@ class _Common(_Strict):
 class CompletionRequest(_Common):
     prompt: str
     echo: bool = False
-    logprobs: None = None
+    # the target's log-probability of each emitted token and of this many likeliest ones
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     @field_validator("echo")
     @classmethod
@@ -132,10 +137,22 @@ class CompletionRequest(_Common):
 class ChatRequest(_Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     def chat_messages(self) -> list[dict]:
         return _as_dicts(self.messages)
+
+    def top_count(self) -> int | None:
+        """Alternatives per token when log-probabilities are asked, else None."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(
+                400,
+                "top_logprobs needs logprobs=true; send both",
+                param="top_logprobs",
+                code="invalid_value",
+            )
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def _as_dicts(messages: list[ChatMessage]) -> list[dict]:

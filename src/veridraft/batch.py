@@ -1,0 +1,630 @@
+"""Continuous batching: several sequences decoded together, each answer bitwise its answer alone.
+
+A step runs one target forward over the rows of every running sequence (its last id and its
+draft, a chain or a token tree): each sequence keeps its own KV cache, drafter, draft length and
+acceptance (ragged rounds), and sequences join and leave between steps. A newcomer's prompt is
+prefilled a chunk per step, so the running ones keep their inter-token latency.
+
+Why the rows of other sequences cannot change a row: in the row-invariant modes (bf16, q4,
+q4a8) every matmul gives row i the same bits whatever the other rows are (models/precision.py,
+models/q4.py), and the decode attention kernel reduces a row over the sequence of keys it reads,
+in blocks at fixed offsets of that sequence (models/attnkernel.cpp). So the caches of all
+sequences live in one slab (`Slab`): sequence s owns positions [off_s, off_s + n_s), a step
+writes its new rows to a scratch area at the slab's end, and each row reads its own sequence's
+cached positions and then, as explicit positions, its own sequence's new rows up to itself (a
+tree node: its ancestors), which is the key sequence a one-sequence forward reads. The scratch
+rows are then copied to their sequences, and each sequence's round ends as `decode`'s does.
+
+fp32 and fp16w are not row-invariant in that sense (MKL's float32 matmul moves rows by ~1e-6
+with the batch), so there a step runs one forward per sequence, interleaved: continuous
+batching's scheduling without the shared forward.
+
+A prompt runs through the target alone, a chunk per step (into a private cache that is then
+copied into the slab), in chunks that fill the cache exactly as a solo prefill does
+(`prefill_chunk_for`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import KVCache
+from .decode import PREFILL_CHUNK, Seq, commit, finish, prompt_bounds, propose, start_seq
+from .draft import Drafter
+from .errors import VeridraftError
+from .models.attention import KERNEL, Span, Step, first_key
+from .sampling import SamplingParams
+from .stats import Stats
+from .verify import STRICT, Rule
+
+# modes whose matmuls are row-invariant: the rows of several sequences share one forward
+ROW_INVARIANT = ("bf16", "q4", "q4a8")
+# rows of one batched forward (the scratch area of the slab): 8 sequences with 16-token drafts
+# fit; more sequences get shorter drafts. Every kernel of the step is row-invariant at any row
+# count, so this bounds memory, not exactness
+MAX_ROWS = 256
+# a newcomer's prompt positions per step in the row-invariant modes: a multiple of the prefill
+# attention tile (models/attention.py PREFILL_TILE), so its chunks fill the cache as a solo
+# prefill's do; fp32 / fp16w keep decode's own chunks
+BATCH_PREFILL_CHUNK = 512
+# where every prompt row is a per-row computation (the q4 kernels, prompt attention through the
+# decode kernel) any chunking fills the cache alike: small chunks keep the others' latency
+ROW_PREFILL_CHUNK = 64
+
+
+def prefill_chunk_for(net, batched: bool) -> int:
+    """The newcomer's prompt positions per step that fill its cache bitwise as a solo prefill."""
+    from .models import attnkernel
+
+    if not batched:
+        return PREFILL_CHUNK  # decode's own chunks: fp32 / fp16w rows depend on the forward
+    per_row = getattr(net, "precision", "") in ("q4", "q4a8") and attnkernel.for_prompts(
+        net.cache_dtype
+    )
+    return ROW_PREFILL_CHUNK if per_row else BATCH_PREFILL_CHUNK
+
+
+def row_invariant(net) -> bool:
+    """Whether `net` can run several sequences' rows in one forward, each bitwise alone."""
+    from .models import attnkernel
+
+    return (
+        getattr(net, "precision", "fp32") in ROW_INVARIANT
+        and bool(getattr(net, "rowwise_attention", False))
+        and net.config.head_dim <= 256
+        and attnkernel.load() is not None
+    )
+
+
+@dataclass
+class Request:
+    """One generation to batch: decode's arguments for one sequence."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    drafter: Drafter | None = None
+    max_draft: int = 16
+    # False: this request drafts max_draft tokens whatever the load (a sampled request with a
+    # drafter: its seed reproduces only with the draft lengths it had alone)
+    adaptive: bool = True
+    rule: Rule | None = None
+    eos_ids: frozenset[int] = frozenset()
+    should_stop: Callable[[list[int]], int | None] | None = None
+    on_tokens: Callable[[list[int]], None] | None = None
+    tokenizer: object = None
+    # the target's log-probabilities of every emitted token (Entry.logprobs), with this many
+    # most likely alternatives each; None: not computed
+    logprobs: int | None = None
+    on_logprobs: Callable[[list], None] | None = None  # each emitted token's, before on_tokens
+
+
+@dataclass
+class Entry:
+    """A request in the batcher: waiting, prefilling, running, then done (or cancelled)."""
+
+    req: Request
+    need: int  # cache positions it holds while admitted
+    state: str = "waiting"
+    off: int = -1  # its slab positions start here (row-invariant modes)
+    cache: KVCache | None = None
+    prompt_cache: KVCache | None = None  # the private cache a slab sequence prefills into
+    bounds: list[int] = field(default_factory=list)
+    done_to: int = 0  # prompt positions prefilled so far
+    last: torch.Tensor | None = None
+    seq: Seq | None = None
+    stats: Stats | None = None
+    result: tuple[list[int], Stats] | None = None
+    error: Exception | None = None
+    t_arrival: float = field(default_factory=time.perf_counter)
+    t_admitted: float | None = None
+    draft_lens: list[int] = field(default_factory=list)  # per step, the draft cap it was given
+    # per emitted token (Request.logprobs): (id, log-probability, [(id, log-probability)] of
+    # the most likely ids), from the very logits that chose it
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    round_logits: torch.Tensor | None = None  # this round's verification logits
+
+
+class Region(KVCache):
+    """One sequence's positions [off, off + n) of a slab, seen as its own KVCache (views): the
+    decode loop's rollback (keep, truncate) and a drafter's checks work on it unchanged."""
+
+    def __init__(self, slab: KVCache, off: int, n: int) -> None:
+        self.k = [t[:, :, off : off + n] for t in slab.k]
+        self.v = [t[:, :, off : off + n] for t in slab.v]
+        self.max_len, self.length, self.low_water, self.off = n, 0, n, off
+
+
+def new_slab(net, positions: int) -> KVCache:
+    """A KVCache of `positions` whose layers are slices of one tensor: a step's scratch rows
+    reach every layer of their sequences in one copy."""
+    c = net.config
+    shape = (c.n_layers, c.n_kv_heads, positions, c.head_dim)
+    slab = KVCache.__new__(KVCache)
+    # uninitialised: a row reads only positions its own sequence wrote (its prompt, its
+    # committed rows, this step's scratch rows), and untouched pages cost no memory, so a
+    # budget of several full contexts holds only what the admitted sequences use
+    slab.all_k = torch.empty(shape, dtype=net.cache_dtype)
+    slab.all_v = torch.empty(shape, dtype=net.cache_dtype)
+    slab.k = [slab.all_k[i : i + 1] for i in range(c.n_layers)]
+    slab.v = [slab.all_v[i : i + 1] for i in range(c.n_layers)]
+    slab.max_len, slab.length, slab.low_water = positions, 0, positions
+    return slab
+
+
+class Allocator:
+    """First-fit ranges of cache positions; freed ranges merge with their neighbours."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.free: list[tuple[int, int]] = [(0, capacity)]  # (start, length), by start
+
+    @property
+    def used(self) -> int:
+        return self.capacity - sum(n for _, n in self.free)
+
+    def alloc(self, n: int) -> int | None:
+        for i, (a, m) in enumerate(self.free):
+            if m >= n:
+                self.free[i : i + 1] = [(a + n, m - n)] if m > n else []
+                return a
+        return None
+
+    def release(self, a: int, n: int) -> None:
+        self.free.append((a, n))
+        self.free.sort()
+        merged: list[tuple[int, int]] = []
+        for s, m in self.free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + m)
+            else:
+                merged.append((s, m))
+        self.free = merged
+
+
+class MeasuredCost:
+    """The forward cost of this batch as measured by its own steps, for a machine without a cost
+    profile: ms(T) = a + b T fitted to the recent (rows, ms) of its forwards. Ready once it has
+    seen enough steps of at least two widths (ragged drafts and changing loads provide them)."""
+
+    def __init__(self, keep: int = 256, min_samples: int = 16) -> None:
+        self.samples: list[tuple[int, float]] = []
+        self.keep, self.min_samples = keep, min_samples
+        self.fit: tuple[float, float] | None = None
+
+    def observe(self, rows: int, ms: float) -> None:
+        self.samples.append((rows, ms))
+        del self.samples[: -self.keep]
+        ts = [t for t, _ in self.samples]
+        if len(self.samples) < self.min_samples or len(set(ts)) < 2:
+            return
+        n = len(ts)
+        mt, mm = sum(ts) / n, sum(m for _, m in self.samples) / n
+        var = sum((t - mt) ** 2 for t in ts)
+        slope = max(0.0, sum((t - mt) * (m - mm) for t, m in self.samples) / var)
+        self.fit = (max(1e-3, mm - slope * mt), slope)
+
+    def forward(self, t: float, context: int | None = None, tree: bool = False) -> float:
+        a, b = self.fit
+        return a + b * t
+
+    def draft_cost(self, key, context: int | None = None) -> float | None:
+        return None  # measured per sequence (DraftPlanner)
+
+
+class DraftPlanner:
+    """Draft tokens per sequence for this step: the caps that maximise the batch's expected
+    tokens per second, where a draft token is one more row of a forward that every running
+    sequence waits for. k = 0 for all is always a candidate, so speculation never makes a step
+    slower by the cost model's account; as the batch grows the caps fall to 0 by themselves.
+
+    cost: a costmodel.CostModel (forward(T) ms and draft_cost per drafter, from `veridraft
+    profile`); None: the batch's own measured forwards (MeasuredCost), and until those suffice
+    each request's own max_draft. A drafter's step cost without a profile entry is its own
+    measured draft time per drafted token."""
+
+    def __init__(self, cost=None, prior_alpha: float = 0.5) -> None:
+        self.cost, self.prior = cost, prior_alpha
+        self.measured = MeasuredCost()
+
+    def observe(self, rows: int, ms: float) -> None:
+        self.measured.observe(rows, ms)
+
+    def alpha(self, s: Seq) -> float:
+        # a Beta-like prior: a sequence that has drafted little keeps near the prior
+        return (s.stats.accepted + 2 * self.prior) / (s.stats.drafted + 2)
+
+    def caps(self, seqs: list[Seq], adaptive: list[bool], context: int | None = None) -> list[int]:
+        fixed = [s.max_draft if s.drafter is not None else 0 for s in seqs]
+        cost = self.cost if self.cost is not None else self.measured
+        if not seqs or (cost is self.measured and self.measured.fit is None):
+            return fixed
+        free = [i for i, s in enumerate(seqs) if s.drafter is not None and adaptive[i]]
+        if not free:
+            return fixed
+        alphas = [self.alpha(s) for s in seqs]
+        base = cost.forward(1, context)
+        step_ms = []  # per sequence, ms per drafted token
+        for s in seqs:
+            key = getattr(s.drafter, "cost_key", None) if s.drafter is not None else None
+            step = cost.draft_cost(key) if key else None
+            if step is not None:
+                step_ms.append(step * base)
+            else:
+                step_ms.append(1000 * s.stats.draft_s / s.stats.drafted if s.stats.drafted else 0.0)
+
+        def rate(caps: list[int]) -> float:
+            rows = sum(1 + k for k in caps)
+            tokens = sum(sum(alphas[i] ** j for j in range(k + 1)) for i, k in enumerate(caps))
+            ms = cost.forward(rows, context) + sum(step_ms[i] * k for i, k in enumerate(caps))
+            return tokens / ms
+
+        best = [0 if i in free else k for i, k in enumerate(fixed)]
+        best_rate = rate(best)
+        top = max(fixed[i] for i in free)
+        for k in range(1, top + 1):
+            cand = [min(k, fixed[i]) if i in free else fixed[i] for i in range(len(seqs))]
+            if sum(1 + c for c in cand) > MAX_ROWS:
+                break
+            r = rate(cand)
+            if r > best_rate:
+                best, best_rate = cand, r
+        return best
+
+
+class Batcher:
+    """The continuous-batching loop's state: `add` requests, call `step` until `idle`.
+
+    kv_positions: the KV-cache budget in positions, shared by every admitted sequence (a
+    sequence holds prompt + max_new_tokens + max_draft + 1); a request that can never fit is
+    refused at `add`, one that does not fit now waits. max_num_seqs: sequences admitted at
+    once. planner: the draft caps per step (DraftPlanner; None: each request's max_draft)."""
+
+    def __init__(
+        self,
+        net,
+        *,
+        kv_positions: int = 32768,
+        max_num_seqs: int = 8,
+        planner: DraftPlanner | None = None,
+        prefill_chunk: int | None = None,
+        batched: bool | None = None,
+    ) -> None:
+        if max_num_seqs < 1:
+            raise VeridraftError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
+        if kv_positions < 1:
+            raise VeridraftError(
+                f"the KV budget must be a positive number of positions, got {kv_positions}"
+            )
+        self.net = net
+        self.batched = row_invariant(net) if batched is None else batched
+        if self.batched and not row_invariant(net):
+            raise VeridraftError(
+                f"precision {getattr(net, 'precision', 'fp32')!r} is not row-invariant: "
+                f"batched forwards need one of {', '.join(ROW_INVARIANT)}"
+            )
+        self.max_num_seqs = max_num_seqs
+        self.planner = planner or DraftPlanner(None)
+        if prefill_chunk is None:
+            prefill_chunk = prefill_chunk_for(net, self.batched)
+        self.prefill_chunk = prefill_chunk
+        self.alloc = Allocator(kv_positions)
+        self.slab = new_slab(net, kv_positions + MAX_ROWS) if self.batched else None
+        self.waiting: list[Entry] = []
+        self.active: list[Entry] = []  # prefilling or running, in admission order
+        self.steps = 0
+
+    # ---- requests in and out ----
+
+    def add(self, req: Request) -> Entry:
+        max_len = getattr(self.net.config, "max_position_embeddings", None)
+        n = len(req.prompt_ids)
+        if n < 1:
+            raise VeridraftError("the prompt is empty")
+        if max_len is not None and n + req.max_new_tokens > max_len:
+            raise VeridraftError(
+                f"prompt ({n} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the "
+                f"model's context length ({max_len}); shorten the prompt or lower max_new_tokens"
+            )
+        for name in ("verify_capture", "prompt_capture"):
+            if req.drafter is not None and getattr(req.drafter, name, None) is not None:
+                raise VeridraftError(
+                    f"drafter {req.drafter.name} reads the target's own activations, which a "
+                    "batched forward does not capture; generate with it alone (generate_ids)"
+                )
+        need = n + req.max_new_tokens + req.max_draft + 1
+        if need > self.alloc.capacity:
+            raise VeridraftError(
+                f"this request needs {need} KV-cache positions (prompt + max_tokens + draft) and "
+                f"the budget holds {self.alloc.capacity}; lower max_tokens or raise the KV budget"
+            )
+        e = Entry(req=req, need=need)
+        self.waiting.append(e)
+        return e
+
+    def cancel(self, e: Entry) -> None:
+        """Drop a request now (between steps); its cache positions are freed."""
+        if e in self.waiting:
+            self.waiting.remove(e)
+        elif e in self.active:
+            self._release(e)
+        e.state = "cancelled"
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.active
+
+    @property
+    def running(self) -> list[Entry]:
+        return [e for e in self.active if e.state == "running"]
+
+    def usage(self) -> float:
+        """The fraction of the KV budget held by admitted sequences."""
+        return self.alloc.used / self.alloc.capacity
+
+    def _release(self, e: Entry) -> None:
+        self.active.remove(e)
+        if e.off >= 0:
+            self.alloc.release(e.off, e.need)
+        e.cache = e.prompt_cache = e.last = None
+
+    # ---- one step ----
+
+    @torch.inference_mode()
+    def step(self) -> list[Entry]:
+        """Admit what fits, prefill one chunk of the oldest newcomer, run one round of every
+        running sequence; return the entries that finished (done or failed) in this step."""
+        self.steps += 1
+        self._admit()
+        ended: list[Entry] = []
+        pre = next((e for e in self.active if e.state == "prefill"), None)
+        if pre is not None:
+            self._guard(pre, self._prefill_chunk, ended)
+        running = self.running
+        if running:
+            try:
+                self._round(running)
+            except Exception as exc:  # a failing drafter or callback ends its own request
+                bad = [e for e in running if getattr(e, "_failing", False)] or running
+                for e in bad:
+                    e.error, e.state = exc, "error"
+        for e in list(self.active):
+            if e.state == "running" and e.seq.keep is not None:
+                e.result = finish(e.seq)
+                e.state = "done"
+            if e.state in ("done", "error"):
+                self._release(e)
+                ended.append(e)
+        return ended
+
+    def _guard(self, e: Entry, fn, ended) -> None:
+        try:
+            fn(e)
+        except Exception as exc:
+            e.error, e.state = exc, "error"
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.active) < self.max_num_seqs:
+            e = self.waiting[0]
+            off = self.alloc.alloc(e.need)
+            if off is None:  # first come, first served: later ones wait behind it
+                return
+            self.waiting.pop(0)
+            e.off, e.state, e.t_admitted = off, "prefill", time.perf_counter()
+            n = len(e.req.prompt_ids)
+            e.stats = Stats(prompt_tokens=n, method=getattr(e.req.drafter, "name", "ar"))
+            rule = e.req.rule or STRICT
+            e.stats.verify, e.stats.lossy = rule.name, bool(rule.lossy)
+            if self.batched:
+                e.cache = Region(self.slab, off, e.need)
+                e.prompt_cache = self.net.new_cache(n)
+            else:
+                e.cache = e.prompt_cache = self.net.new_cache(e.need)
+            e.bounds = prompt_bounds(n, self.prefill_chunk)[1:]
+            self.active.append(e)
+
+    def _prefill_chunk(self, e: Entry) -> None:
+        b = e.bounds.pop(0)
+        tokens = torch.tensor(e.req.prompt_ids[e.done_to : b], dtype=torch.long)
+        e.last = self.net(tokens, e.prompt_cache, num_logits=1)[-1]
+        e.done_to = b
+        if e.bounds:
+            return
+        if self.batched:  # the prompt's rows into the sequence's slab positions
+            n = e.done_to
+            self.slab.all_k[:, :, e.off : e.off + n] = torch.cat(e.prompt_cache.k)[:, :, :n]
+            self.slab.all_v[:, :, e.off : e.off + n] = torch.cat(e.prompt_cache.v)[:, :, :n]
+            e.cache.length = n
+            e.prompt_cache = None
+        r = e.req
+        on_tokens = r.on_tokens
+        if r.logprobs is not None:
+
+            def on_tokens(ids, e=e, user=r.on_tokens):
+                lps = token_logprobs(e, ids)
+                e.logprobs.extend(lps)
+                if e.req.on_logprobs is not None:
+                    e.req.on_logprobs(lps)
+                if user is not None:
+                    user(ids)
+
+        e.seq = start_seq(
+            self.net,
+            r.prompt_ids,
+            e.cache,
+            e.last,
+            e.stats,
+            sampling=r.sampling,
+            generator=r.generator,
+            rule=r.rule or STRICT,
+            max_new_tokens=r.max_new_tokens,
+            max_draft=r.max_draft,
+            drafter=r.drafter,
+            eos_ids=r.eos_ids,
+            should_stop=r.should_stop,
+            on_tokens=on_tokens,
+            t_start=e.t_admitted,
+            tokenizer=r.tokenizer,
+        )
+        e.state = "running"
+
+    def _round(self, running: list[Entry]) -> None:
+        seqs = [e.seq for e in running]
+        context = max(s.cache.length for s in seqs)
+        caps = self.planner.caps(seqs, [e.req.adaptive for e in running], context)
+        room = MAX_ROWS // len(seqs) - 1  # each sequence's share of the forward's rows
+        caps = [min(k, room) for k in caps]
+        rows = []
+        for e, k in zip(running, caps):
+            e.draft_lens.append(k)
+            e._failing = True
+            rows.append(propose(e.seq, k))
+            e._failing = False
+        n_rows = sum(tokens.shape[0] for tokens, _ in rows)
+        if not self.batched:
+            ms = 0.0
+            for e, (tokens, kw) in zip(running, rows):
+                e._failing = True
+                t0 = time.perf_counter()
+                e.round_logits = self.net(tokens, e.seq.cache, **kw)
+                ms += 1000 * (time.perf_counter() - t0)
+                commit(e.seq, e.round_logits)
+                e._failing = False
+            self.planner.observe(n_rows, ms)
+            return
+        t0 = time.perf_counter()
+        logits = self._forward(seqs, rows)
+        self.planner.observe(n_rows, 1000 * (time.perf_counter() - t0))
+        at = 0
+        for e, (tokens, _) in zip(running, rows):
+            t = tokens.shape[0]
+            e._failing = True
+            e.round_logits = logits[at : at + t]
+            commit(e.seq, e.round_logits)
+            e._failing = False
+            at += t
+
+    # ---- the batched forward ----
+
+    def _forward(self, seqs: list[Seq], rows: list[tuple[torch.Tensor, dict]]) -> torch.Tensor:
+        """One forward over every sequence's rows; each sequence's cache advances by its rows
+        as a forward of its own would advance it."""
+        net, slab = self.net, self.slab
+        scratch = self.alloc.capacity
+        tokens = torch.cat([r[0] for r in rows])
+        t_all = tokens.shape[0]
+        if t_all > MAX_ROWS:
+            raise VeridraftError(f"a batched step takes at most {MAX_ROWS} rows, got {t_all}")
+        # per row: its position, its sequence's cached range and its own new rows (ext)
+        pos, seq_of, news = [], [], []
+        at = 0
+        for j, (s, (tok, kw)) in enumerate(zip(seqs, rows)):
+            t, cur = tok.shape[0], s.cache.length
+            tree = kw.get("tree")
+            if tree is None:
+                depth, anc = list(range(t)), [list(range(i + 1)) for i in range(t)]
+            else:
+                depth, anc = tree.depth.tolist(), tree.rows
+            for i in range(t):
+                pos.append(cur + depth[i])
+                seq_of.append(j)
+                news.append([(at + r, cur + depth[r]) for r in anc[i]])
+            at += t
+        groups: dict[int | None, int] = {}
+        lo_l, hi_l, ext_l = [], [], []
+        for w in net.windows:
+            if w in groups:
+                continue
+            groups[w] = len(lo_l)
+            lo, hi, ext = [], [], []
+            for r in range(t_all):
+                s = seqs[seq_of[r]]
+                off, cur = s.cache.off, s.cache.length
+                first = first_key(pos[r], w)
+                lo.append(off + min(first, cur)), hi.append(off + cur)
+                ext.append([scratch + a for a, p in news[r] if p >= first])
+            width = max(len(x) for x in ext)
+            e = torch.full((1, t_all, width), -1, dtype=torch.long)
+            for r, x in enumerate(ext):
+                e[0, r, : len(x)] = torch.tensor(x, dtype=torch.long)
+            lo_l.append(torch.tensor(lo, dtype=torch.long))
+            hi_l.append(torch.tensor(hi, dtype=torch.long))
+            ext_l.append(e)
+        group_of = [groups[w] for w in net.windows]
+        qpos = torch.tensor(pos, dtype=torch.long)
+        rope = [net.rope.at(j, qpos) for j in range(len(net.rope.inv_freq))]
+        x = net.embed(tokens)
+        if net.fused is not None:
+            cos = [c.reshape(t_all, -1).contiguous() for c, _ in rope]
+            sin = [s.reshape(t_all, -1).contiguous() for _, s in rope]
+            n_layers = len(net.layers)
+            logits, _ = net.fused.net.forward(
+                x.contiguous(), slab.k, slab.v, scratch, cos, sin, lo_l, hi_l, ext_l,
+                group_of, [True] * n_layers, t_all, False,
+            )  # fmt: skip
+            logits = net._softcap(logits)
+        else:
+            spans = [
+                Span(0, None, None, w, kernel_keys=(lo_l[g], hi_l[g], ext_l[g]))
+                for w, g in zip(net.windows, group_of)
+            ]
+            step = Step(slab, scratch, t_all, rope, spans, True, paths=[KERNEL] * len(spans))
+            for layer in net.layers:
+                x = layer(x, step, True, True)
+            logits = net._softcap(net.output(net.norm(x))).float()
+        # the scratch rows to their sequences: row r of sequence s at s's position cur + r
+        dst = []
+        for s, (tok, _) in zip(seqs, rows):
+            a = s.cache.off + s.cache.length
+            dst.append(torch.arange(a, a + tok.shape[0]))
+            s.cache.note_write(s.cache.length)
+            s.cache.advance(tok.shape[0])
+        dst_t, src = torch.cat(dst), torch.arange(scratch, scratch + t_all)
+        slab.all_k.index_copy_(2, dst_t, slab.all_k.index_select(2, src))
+        slab.all_v.index_copy_(2, dst_t, slab.all_v.index_select(2, src))
+        return logits
+
+
+def token_logprobs(e: Entry, ids: list[int]) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """The log-probabilities of `ids`, the first of the ids committed now: each from the logits
+    row that chose it (the prompt's last row for the first token; in a round, the row of the
+    accepted node's parent), so they are what plain decoding's rows give, bitwise."""
+    if not ids:
+        return []
+    if e.seq is None:  # the first token, from the prompt's last logits
+        rows = e.last[None]
+    else:
+        s = e.seq
+        if s.draft.parents is None:
+            idx = list(range(len(ids)))
+        else:
+            idx = ([0] + [1 + p for p in s.path])[: len(ids)]
+        rows = e.round_logits[idx]
+    lp = torch.log_softmax(rows.float(), -1)
+    k = e.req.logprobs or 0
+    out = []
+    for i, t in enumerate(ids):
+        top = []
+        if k:
+            v, j = lp[i].topk(k)
+            top = list(zip(j.tolist(), v.tolist()))
+        out.append((int(t), float(lp[i, t]), top))
+    return out
+
+
+def run_all(batcher: Batcher, entries: Sequence[Entry]) -> list[tuple[list[int], Stats]]:
+    """Step until every entry has ended; their (new ids, stats) in order (a failed one
+    raises its error)."""
+    while any(e.state not in ("done", "error", "cancelled") for e in entries):
+        batcher.step()
+    out = []
+    for e in entries:
+        if e.error is not None:
+            raise e.error
+        out.append(e.result)
+    return out
