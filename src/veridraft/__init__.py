@@ -22,6 +22,7 @@ _LAZY = {
     "Generation": "generate",
     "generate": "generate",
     "generate_ids": "generate",
+    "generate_batch": "generate",
     "LoadedModel": "loader",
     "load": "loader",
     "SamplingParams": "sampling",
@@ -35,6 +36,7 @@ __all__ = [
     "Stats",
     "VeridraftError",
     "generate",
+    "generate_batch",
     "generate_ids",
     "load",
 ]

@@ -563,9 +563,9 @@ class Batcher:
             cos = [c.reshape(t_all, -1).contiguous() for c, _ in rope]
             sin = [s.reshape(t_all, -1).contiguous() for _, s in rope]
             n_layers = len(net.layers)
-            logits, _ = net.fused.net.forward(
+            logits, *_ = net.fused.net.forward(
                 x.contiguous(), slab.k, slab.v, scratch, cos, sin, lo_l, hi_l, ext_l,
-                group_of, [True] * n_layers, t_all, False,
+                group_of, [True] * n_layers, t_all, False, [],
             )  # fmt: skip
             logits = net._softcap(logits)
         else:

@@ -149,8 +149,9 @@ def _profile(args: argparse.Namespace) -> int:
 PROFILE_DESCRIPTION = """\
 Measure the cost model of a model on this machine.
 
-Times a target forward over T = 1, 2, 4, 8, 16 new tokens at a short (100) and a long (1000)
-context, or at those of --contexts (interleaved over T, after warm-up; medians), one step of each
+Times a target forward over T = 1, 2, 4, 8, 16, 32 new tokens at a short (100) and a long (1000)
+context, or at those of --contexts (interleaved over T, after warm-up; medians), with the time
+the bytes it reads and its multiply-adds bound it to on this machine, one step of each
 drafter (ngram lookup, layerskip draft forward, the model drafter's forward with the first
 layers), stores the result next to the model and prints it with the speedup speculative
 decoding would give at acceptance rates 0.5-0.9 and the best draft length.
