@@ -350,3 +350,5 @@ def test_planner_without_a_profile_learns_from_the_batchs_steps():
         steep.observe(4 + i % 5, 10.0 * (4 + i % 5))
     assert steep.caps(seqs, [True] * 4) == [0] * 4
     assert steep.caps(seqs, [False, True, True, True])[0] == 8  # a sampled request keeps its own
+    # a lone request waits for no one: it drafts as it would alone, whatever the fit says
+    assert steep.caps(seqs[:1], [True]) == [8]

@@ -221,7 +221,8 @@ class DraftPlanner:
     """Draft tokens per sequence for this step: the caps that maximise the batch's expected
     tokens per second, where a draft token is one more row of a forward that every running
     sequence waits for. k = 0 for all is always a candidate, so speculation never makes a step
-    slower by the cost model's account; as the batch grows the caps fall to 0 by themselves.
+    slower by the cost model's account; as the batch grows the caps fall to 0 by themselves. A
+    sequence running alone keeps its own cap, as decode() would.
 
     cost: a costmodel.CostModel (forward(T) ms and draft_cost per drafter, from `veridraft
     profile`); None: the batch's own measured forwards (MeasuredCost), and until those suffice
@@ -242,7 +243,9 @@ class DraftPlanner:
     def caps(self, seqs: list[Seq], adaptive: list[bool], context: int | None = None) -> list[int]:
         fixed = [s.max_draft if s.drafter is not None else 0 for s in seqs]
         cost = self.cost if self.cost is not None else self.measured
-        if not seqs or (cost is self.measured and self.measured.fit is None):
+        # a lone sequence waits for no one: it drafts as decode() would alone (the measured
+        # fit, noisy on a busy machine, must not switch off the drafting a request asked for)
+        if len(seqs) <= 1 or (cost is self.measured and self.measured.fit is None):
             return fixed
         free = [i for i, s in enumerate(seqs) if s.drafter is not None and adaptive[i]]
         if not free:

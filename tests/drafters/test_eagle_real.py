@@ -74,7 +74,7 @@ def test_greedy_equals_plain_with_a_trained_head(
 ):
     model = smollm2_packed if precision == PACKED else real_model("smollm2-135m")
     drafter = make_drafter(f"eagle:head={head_dir},mode={mode},k=4", model)
-    drafted = accepted = 0
+    drafted = accepted = rounds = 0
     for q in QUESTIONS:
         prompt = prompt_ids(model, q, max_tokens=120)
         ref = plain_greedy(model, prompt, NEW_TOKENS)
@@ -89,7 +89,7 @@ def test_greedy_equals_plain_with_a_trained_head(
         assert out == ref, f"eagle {mode} on smollm2-135m {precision}, {q['category']}"
         drafted += stats.drafted
         accepted += stats.accepted
-    # the head knows these answers: much of what it drafts is kept (measured: 0.24-0.36 of a
-    # chain's tokens, 0.27 of a tree's nodes, where a tree of 12 nodes and depth 4 keeps at
-    # most a third)
-    assert accepted > 0.15 * drafted > 0, (accepted, drafted)
+        rounds += len(out) - stats.accepted  # each round emits its accepted drafts + one
+    # the head knows these answers: its drafts are kept (measured: 0.85-2.6 accepted tokens
+    # per verification round across the modes)
+    assert drafted > 0 and accepted > 0.5 * rounds, (accepted, rounds, drafted)
