@@ -142,10 +142,8 @@ class Engine:
                 self._cv.notify()  # a batched job leaves at the top of the next step
                 return
             job.outcome = "abort"
-            job.finished = time.perf_counter()
             self._changed()
-        self._finish(job, None)
-        job.emit("cancelled")
+        self._close(job, None, None)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Refuse new jobs, answer the waiting ones with an error, let the running ones finish
@@ -269,21 +267,23 @@ class Engine:
                 log.error("generation failed: %s: %s", type(error).__name__, error)
         else:
             job.outcome = "done"
+        self._close(job, result, error)
+
+    def _close(self, job: Job, result: Any, error: BaseException | None) -> None:
+        """The end of every job, batched or not: metrics first, so that a client that has its
+        answer also finds it counted, then the job's last event."""
         job.finished = time.perf_counter()
-        self._finish(job, result)
+        if self._on_finish is not None:
+            try:
+                self._on_finish(job, result)
+            except Exception:
+                log.exception("recording metrics failed")
         if job.outcome == "done":
             job.emit("done", result)
         elif job.outcome == "abort":
             job.emit("cancelled")
         else:
             job.emit("error", error)
-
-    def _finish(self, job: Job, result: Any) -> None:
-        if self._on_finish is not None:
-            try:
-                self._on_finish(job, result)
-            except Exception:
-                log.exception("recording metrics failed")
 
     def _run(self, job: Job) -> None:
         job.started = time.perf_counter()
@@ -310,15 +310,7 @@ class Engine:
             job.outcome, error = "error", e
             if not _is_user_error(e):
                 log.exception("generation failed")
-        job.finished = time.perf_counter()
-        # Metrics first, so that a client that has its answer also finds it counted.
-        self._finish(job, result)
-        if job.outcome == "done":
-            job.emit("done", result)
-        elif job.outcome == "abort":
-            job.emit("cancelled")
-        else:
-            job.emit("error", error)
+        self._close(job, result, error)
 
 
 def _admitted(job: Job) -> bool:
