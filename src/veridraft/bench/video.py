@@ -103,7 +103,9 @@ class VideoRow:
     draft_s: float = 0.0
     verify_s: float = 0.0
     total_s: float = 0.0
-    kv_bytes: int = 0
+    prefill_s: float = 0.0
+    kv_bytes: int = 0  # the full cache of prompt + new tokens
+    kv_held: int = 0  # what a press kept (the full cache without one)
     notes: list[str] = field(default_factory=list)
 
 
@@ -224,6 +226,15 @@ def sample_videos(folder: str | None) -> list[Path]:
     return sorted(dest.glob("*.mp4"))
 
 
+def _held_bytes(notes: list[str]) -> int:
+    """KV bytes a press kept, read from its --stats line ("KV memory held X MB vs ...")."""
+    for note in notes:
+        m = re.search(r"KV memory held ([0-9.]+) MB", note)
+        if m:
+            return int(float(m.group(1)) * 2**20)
+    return 0
+
+
 def _fidelity(ids: list[int], ref: list[int]) -> float:
     return sum(a == b for a, b in zip(ids, ref)) / max(1, len(ref))
 
@@ -281,9 +292,11 @@ def run_video(model, video: Path, methods: list[str], max_new_tokens: int, fps: 
             draft_s=stats.draft_s,
             verify_s=stats.verify_s,
             total_s=stats.total_s,
+            prefill_s=stats.prefill_s,
             kv_bytes=full_kv_bytes(model.net, len(mp.ids) + max_new_tokens),
             notes=[n for n in stats.notes if n.startswith("kv ")],
         )
+        row.kv_held = _held_bytes(row.notes) or row.kv_bytes
         rows.append(row)
     video_in = mp.inputs[0]
     return dict(
@@ -316,17 +329,18 @@ def video_report(results: dict) -> str:
             f"visual tokens, {v['prompt_tokens']} prompt tokens; processor + vision tower "
             f"{v['prepare_s']:.2f} s.",
             "",
-            "| method | exact vs ar | fidelity | drafted | accepted | rounds | draft s/round | "
-            "verify s/round | total s | KV MB (full cache) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| method | exact vs ar | fidelity | drafted | accepted | rounds | prefill s | "
+            "draft s/round | verify s/round | total s | KV MB held (full) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in v["rows"]:
             n = max(1, r["rounds"])
             exact = "lossy" if r["exact"] is None else ("yes" if r["exact"] else "NO")
             out.append(
                 f"| {r['method']} | {exact} | {r['fidelity']:.2f} | {r['drafted']} | "
-                f"{r['accepted']} | {r['rounds']} | {r['draft_s'] / n:.4f} | "
-                f"{r['verify_s'] / n:.4f} | {r['total_s']:.2f} | {r['kv_bytes'] / 2**20:.1f} |"
+                f"{r['accepted']} | {r['rounds']} | {r.get('prefill_s', 0.0):.2f} | "
+                f"{r['draft_s'] / n:.4f} | {r['verify_s'] / n:.4f} | {r['total_s']:.2f} | "
+                f"{r.get('kv_held', r['kv_bytes']) / 2**20:.1f} ({r['kv_bytes'] / 2**20:.1f}) |"
             )
         notes = [f"- {r['method']}: {note}" for r in v["rows"] for note in r["notes"]]
         out += ["", *notes, ""] if notes else [""]
