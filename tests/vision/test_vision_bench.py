@@ -41,3 +41,43 @@ def test_video_suite_on_random_weights(real_model_dir, sample_video, tmp_path, c
     press = rows["kv=snapkv:budget=0.25"]
     assert press["exact"] is None and "KV memory held" in press["notes"][0]
     assert "RANDOM WEIGHTS" in capsys.readouterr().out
+
+
+def test_method_specs_are_checked_before_the_run():
+    from veridraft.bench.video import check_methods
+    from veridraft.errors import VeridraftError
+
+    # the long run must not start when one spec cannot: a press without its budget, a typo
+    with pytest.raises(VeridraftError, match="hybridkv needs a budget"):
+        check_methods(["ar", "ngram", "kv=hybridkv"])
+    with pytest.raises(VeridraftError, match="ngarm"):
+        check_methods(["ar", "ngarm"])
+    # control: the same methods, well formed, pass
+    check_methods(["ar", "ngram", "pruned", "kv=hybridkv:budget=0.25", "kv=mm-shiftkv:budget=0.25"])
+
+
+def test_a_failed_method_fails_its_row_in_the_report():
+    from veridraft.bench.video import VideoRow, video_report
+
+    ok = VideoRow(method="ar", ids=[1, 2], exact=None, fidelity=1.0, rounds=2, kv_bytes=2**20)
+    bad = VideoRow(method="kv=x", ids=[], exact=None, fidelity=0.0, error="x is not a press")
+    video = dict(
+        video="v.mp4",
+        grid_thw=[2, 4, 4],
+        frames=4,
+        visual_tokens=8,
+        prompt_tokens=20,
+        prepare_s=0.1,
+        rows=[ok.__dict__, bad.__dict__],
+    )
+    results = dict(
+        model="random:tiny",
+        precision="fp32",
+        cpu="cpu",
+        load="0.0",
+        max_new_tokens=2,
+        videos=[video],
+    )
+    report = video_report(results)
+    assert "| kv=x | failed: x is not a press |" in report
+    assert "| ar | lossy | 1.00 |" in report

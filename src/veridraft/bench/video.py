@@ -107,6 +107,7 @@ class VideoRow:
     kv_bytes: int = 0  # the full cache of prompt + new tokens
     kv_held: int = 0  # what a press kept (the full cache without one)
     notes: list[str] = field(default_factory=list)
+    error: str = ""  # a method that failed fails its row, not the run
 
 
 def random_config(shape: str) -> dict:
@@ -239,6 +240,21 @@ def _fidelity(ids: list[int], ref: list[int]) -> float:
     return sum(a == b for a, b in zip(ids, ref)) / max(1, len(ref))
 
 
+def check_methods(methods: list[str]) -> None:
+    """Every method spec parsed before the first (long) prefill: a typo or a missing budget
+    fails in a second with the press's or drafter's own message, not after the run."""
+    from ..drafters import DRAFTERS
+    from ..presses import make_press
+
+    for method in methods:
+        if method == "ar":
+            continue
+        if method.startswith("kv="):
+            make_press(method[3:])
+        else:
+            DRAFTERS.resolve(DRAFTERS.parse(method))
+
+
 def run_video(model, video: Path, methods: list[str], max_new_tokens: int, fps: float) -> dict:
     """One video through every method: the prompt's figures and one VideoRow per method."""
     from ..generate import draft_env
@@ -268,16 +284,21 @@ def run_video(model, video: Path, methods: list[str], max_new_tokens: int, fps: 
         draft = None if method == "ar" else method
         if method.startswith("kv="):
             draft, kw["kv"] = None, method[3:]
-        new, stats = generate_prompt(
-            model,
-            mp,
-            draft=draft,
-            env=env,
-            max_new_tokens=max_new_tokens,
-            eos_ids=(),
-            warn=False,
-            **kw,
-        )
+        try:
+            new, stats = generate_prompt(
+                model,
+                mp,
+                draft=draft,
+                env=env,
+                max_new_tokens=max_new_tokens,
+                eos_ids=(),
+                warn=False,
+                **kw,
+            )
+        except VeridraftError as e:
+            print(f"veridraft: {method} failed: {e}", file=sys.stderr)
+            rows.append(VideoRow(method=method, ids=[], exact=None, fidelity=0.0, error=str(e)))
+            continue
         if ref is None:
             ref = new if method == "ar" else None
         lossy = bool(stats.lossy) or "kv" in kw
@@ -334,6 +355,9 @@ def video_report(results: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in v["rows"]:
+            if r.get("error"):
+                out.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 9)
+                continue
             n = max(1, r["rounds"])
             exact = "lossy" if r["exact"] is None else ("yes" if r["exact"] else "NO")
             out.append(
@@ -373,6 +397,7 @@ def run_video_suite(args) -> int:
     methods = [m.strip() for m in methods.split(",") if m.strip()]
     if methods[0] != "ar":
         methods.insert(0, "ar")  # exactness is measured against plain decoding
+    check_methods(methods)
     videos = sample_videos(args.questions)[: args.limit or None]
     results = dict(
         model=spec,
@@ -397,7 +422,10 @@ def run_video_suite(args) -> int:
     print(text)
     print(f"results: {out / 'results.json'}\nreport: {out / 'report.md'}")
     bad = [r["method"] for v in results["videos"] for r in v["rows"] if r["exact"] is False]
+    failed = [r["method"] for v in results["videos"] for r in v["rows"] if r.get("error")]
+    if failed:
+        print(f"veridraft: FAILED: {', '.join(sorted(set(failed)))}", file=sys.stderr)
     if bad:
         print(f"veridraft: NOT EXACT: {', '.join(sorted(set(bad)))}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if failed else 0
