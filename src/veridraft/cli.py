@@ -263,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print speculative-decoding statistics")
     g.set_defaults(func=_generate)
 
-    m = sub.add_parser("models", help="list or pull catalog models")
-    msub = m.add_subparsers(dest="models_cmd", required=True)
+    m = sub.add_parser("models", help="list or pull catalog models (alone: list)")
+    msub = m.add_subparsers(dest="models_cmd")  # `veridraft models` alone lists, as `list` does
     msub.add_parser("list", help="list the catalog and what is on disk")
     mp = msub.add_parser("pull", help="download a catalog model's GGUF, config and tokenizer")
     mp.add_argument("name")

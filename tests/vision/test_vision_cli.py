@@ -13,3 +13,11 @@ def test_models_list_names_the_multimodal_architectures(capsys, monkeypatch, tmp
     multi = next(line for line in out if "multimodal" in line)
     assert "qwen2_5_vl" in multi and "qwen2_vl" in multi and "llama" not in multi
     assert "llama" in text and "qwen2_vl" not in text
+
+
+def test_models_alone_lists(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("VERIDRAFT_HOME", str(tmp_path))
+    assert main(["models", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert main(["models"]) == 0
+    assert capsys.readouterr().out == listed and "multimodal" in listed
