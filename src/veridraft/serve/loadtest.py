@@ -496,7 +496,7 @@ def _check(args) -> None:
         ) from None
     if min(args.concurrency) < 1 or max(args.concurrency) > 64:
         raise VeridraftError("--clients values must be between 1 and 64")
-    args.peers = [s.strip() for s in args.peer.split(",") if s.strip()]
+    args.peers = list(dict.fromkeys(s.strip() for s in args.peer.split(",") if s.strip()))
     bad = [s for s in args.peers if s not in PEERS]
     if bad or not args.peers:
         raise VeridraftError(f"--peer {bad[0] if bad else ''!r} is none of {', '.join(PEERS)}")
