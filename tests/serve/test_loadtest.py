@@ -1,11 +1,14 @@
 """The load test's llama-server peer: its command line, its drafter specs, a peer that cannot
-start (its rows fail with the reason, the run goes on), and the report's memory column."""
+start (its rows fail with the reason, the run goes on), the report's memory column, and a whole
+run against stand-in servers (no llama-server binary needed)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import sys
 
 import pytest
 
@@ -180,3 +183,131 @@ def test_the_table_shows_the_server_and_its_peak_memory():
     line = table([row]).splitlines()[-1]
     assert line.startswith("| llama-server | none | 2 | 2 | 10.0 | 0.10 | 0.20 | 60 | 70 |")
     assert line.endswith("| – | 50 | 123 |")  # no τ from llama-server
+
+
+# A stand-in for llama-server, stdlib only: /health, /v1/models and a streamed
+# /v1/chat/completions of max_tokens one-word chunks, then a usage chunk. It notes its command
+# line and every request (without the messages) in record.jsonl beside its --model file.
+FAKE_SERVER = """\
+import json, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+argv = sys.argv[1:]
+opt = lambda flag: argv[argv.index(flag) + 1]
+port = int(opt("--port"))
+record = Path(opt("--model")).with_name("record.jsonl")
+
+
+def note(**kw):
+    with open(record, "a") as f:
+        f.write(json.dumps({"port": port, **kw}) + "\\n")
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def _json(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/health":
+            self._json({"status": "ok"})
+        elif self.path == "/v1/models":
+            model = {"id": "fake", "object": "model", "created": 0, "owned_by": "test"}
+            self._json({"object": "list", "data": [model]})
+        else:
+            self.send_error(404)
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        note(request={k: v for k, v in req.items() if k != "messages"})
+        n, prompt = req["max_tokens"], len(req["messages"][0]["content"].split())
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        base = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "fake"}
+
+        def send(obj):
+            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\\n\\n")
+            self.wfile.flush()
+
+        for i in range(n):
+            time.sleep(0.002)
+            delta = {"index": 0, "delta": {"content": f" w{i}"}, "finish_reason": None}
+            chunk = {**base, "choices": [delta]}
+            if "veridraft" in req:
+                chunk["veridraft"] = {"tau": 2.0}
+            send(chunk)
+        usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+        send({**base, "choices": [], "usage": usage})
+        self.wfile.write(b"data: [DONE]\\n\\n")
+
+
+note(argv=argv)
+ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def test_both_servers_run_every_client_count_in_alternating_order(tmp_path, capsys, monkeypatch):
+    """The whole run against two stand-in servers: llama-server's command line and request
+    fields, veridraft's, the order flipping per client count, and every row's figures."""
+    fake = tmp_path / "llama-server"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_SERVER}")
+    fake.chmod(0o755)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+
+    def fake_veridraft(args):
+        # The same stand-in under veridraft's name: one server for every drafter.
+        s = loadtest.start_llama_server(args, "none")
+        s.name, s.draft = "veridraft", None
+        return s
+
+    monkeypatch.setattr(loadtest, "start_veridraft", fake_veridraft)
+    code = loadtest.main(
+        ["--peer", "veridraft,llama-server", "--llama-server", str(fake), "--model", str(gguf),
+         "--clients", "1,2", "--drafts", "none", "--requests", "3", "--max-tokens", "6",
+         "--max-num-seqs", "2", "--ctx-per-slot", "512", "--threads", "2"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = [ln.split(" | ") for ln in out.splitlines() if ln.startswith("| ") and "---" not in ln]
+    rows = rows[1:]  # the header
+    # server, clients: the order flips from one client count to the next
+    assert [(r[0].strip("| "), r[2]) for r in rows] == [
+        ("veridraft", "1"), ("llama-server", "1"), ("llama-server", "2"), ("veridraft", "2")
+    ]  # fmt: skip
+    for r in rows:
+        assert r[3] == "3"  # requests, none failed
+        assert float(r[4]) > 0  # tokens/s
+        assert float(r[9]) > 0  # tokens/s per stream
+        assert r[10] == ("2.00" if r[0] == "| veridraft" else "–")  # τ: veridraft's own
+        assert int(r[11]) > 5  # the prompt tokens the server counted
+        assert int(r[12].rstrip(" |")) > 1  # the server process's peak RSS, MB
+
+    notes = [json.loads(ln) for ln in (tmp_path / "record.jsonl").read_text().splitlines()]
+    argvs = {n["port"]: n["argv"] for n in notes if "argv" in n}
+    assert len(argvs) == 2
+    for argv in argvs.values():
+        assert _value(argv, "--parallel") == "2" and _value(argv, "--ctx-size") == "1024"
+        assert _value(argv, "--model") == str(gguf)
+    requests = [n for n in notes if "request" in n]
+    assert len(requests) == 2 * (1 + 2 * 3)  # per server: a warm-up, 3 per client count
+    for n in requests:
+        req = n["request"]
+        assert req["stream"] is True and req["temperature"] == 0
+        assert req["max_tokens"] in (6, 8)  # the run's, or the warm-up's
+    by_port = {p: [n["request"] for n in requests if n["port"] == p] for p in argvs}
+    kinds = sorted(
+        ("veridraft" in rs[0], all(r.get("cache_prompt") is False for r in rs))
+        for rs in by_port.values()
+    )
+    # One server got veridraft's drafter field, the other llama-server's cache_prompt: false.
+    assert kinds == [(False, True), (True, False)]
