@@ -37,8 +37,8 @@ setup-llamacpp: setup
 
 # llama.cpp's own llama-server, the peer of `veridraft serve` in `veridraft loadtest`: built from
 # the llama.cpp vendored in llama-cpp-python's source distribution, with the CPU flags above,
-# into $(VERIDRAFT_HOME)/bin/llama-server (a few minutes on two cores; again only when the
-# version or the flags change). Needs cmake and a C++ compiler (apt-get install cmake g++).
+# into $(VERIDRAFT_HOME)/bin/llama-server (about 15 minutes on two busy cores; again only when
+# the version or the flags change). Needs cmake and a C++ compiler (apt-get install cmake g++).
 LLAMA_SERVER_VERSION ?= 0.3.36
 setup-llama-server: setup
 	VERIDRAFT_HOME="$(VERIDRAFT_HOME)" $(PY) -m veridraft.serve.llama_server \
