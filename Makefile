@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.veridraft-setup
 
-.PHONY: setup setup-llamacpp setup-kvpress demo test lint format bench clean
+.PHONY: setup setup-llamacpp setup-llama-server setup-kvpress demo test lint format bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,15 @@ setup-llamacpp: setup
 	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PY) -m pip install --no-cache-dir --force-reinstall \
 		--no-deps 'llama-cpp-python>=0.2.90'
 	$(PY) -m pip install --quiet 'llama-cpp-python>=0.2.90'
+
+# llama.cpp's own llama-server, the peer of `veridraft serve` in `veridraft loadtest`: built from
+# the llama.cpp vendored in llama-cpp-python's source distribution, with the CPU flags above,
+# into $(VERIDRAFT_HOME)/bin/llama-server (about 15 minutes on two busy cores; again only when
+# the version or the flags change). Needs cmake and a C++ compiler (apt-get install cmake g++).
+LLAMA_SERVER_VERSION ?= 0.3.36
+setup-llama-server: setup
+	VERIDRAFT_HOME="$(VERIDRAFT_HOME)" $(PY) -m veridraft.serve.llama_server \
+		--package-version $(LLAMA_SERVER_VERSION) --cmake-args "$(LLAMACPP_CMAKE_ARGS)" --jobs 2
 
 # kvpress for the kvpress:* peers of `veridraft bench`. kvpress 0.5.5 needs transformers < 5.3,
 # older than ours, so it gets a venv of its own; that venv sees this one's torch through a .pth

@@ -1,4 +1,4 @@
-"""`veridraft` command line: generate, models, bench, data, profile, tune, serve. Logic lives in the library.
+"""`veridraft` command line: generate, models, bench, data, profile, tune, serve, loadtest. Logic lives in the library.
 
 The commands import what they run (torch, the models) when they run, so that `veridraft --help`
 and every `--help` answer without loading torch."""
@@ -13,6 +13,7 @@ from .data.cli import add_data_parser
 from .defaults import DEFAULT_MODEL
 from .errors import VeridraftError
 from .serve.cli import add_serve_parser
+from .serve.loadtest import add_loadtest_parser
 from .train.cli import add_train_parser
 from .tune.cli import add_tune_parser
 
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune_parser(sub)
     add_train_parser(sub)
     add_serve_parser(sub)
+    add_loadtest_parser(sub)
     return p
 
 

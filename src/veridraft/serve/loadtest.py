@@ -1,24 +1,36 @@
-"""A bounded load run against a veridraft server on loopback, with the openai client.
+"""A bounded load run against veridraft's server and llama.cpp's on loopback, with the openai client.
 
-    python -m veridraft.serve.loadtest --model smollm2-135m --precision fp16w \\
-        --concurrency 1,4,16 --drafts none,ngram --max-tokens 48
+    veridraft loadtest --model smollm2-135m --precision q4a8 --threads 2 \\
+        --peer veridraft,llama-server --clients 1,2,4 --drafts none --max-tokens 64
 
-starts `veridraft serve` on a free loopback port (or uses --base-url), then for each concurrency
-level and drafter sends a fixed number of streaming chat requests (Spec-Bench dev questions, first
-turns, greedy) from that many client threads, and prints the aggregate tokens/s of all clients,
-time to first token and inter-token latency (the gap between streamed chunks, as the client sees
-it: with speculation one chunk may carry several tokens), p50 and p99. The drafter is chosen per request (the `veridraft` extension field), so one server
-serves every row. Everything is bounded: requests per level, and --time-limit for the whole run.
+(also `python -m veridraft.serve.loadtest`) starts each server under test on a free loopback
+port (or uses --base-url), then for each client count, server and drafter sends a fixed number of
+streaming chat requests (Spec-Bench dev questions, first turns, greedy) from that many client
+threads, and prints the aggregate tokens/s of all clients, time to first token and inter-token
+latency (the gap between streamed chunks, as the client sees it: with speculation one chunk may
+carry several tokens), p50 and p99, and the server process's peak resident memory.
+
+Servers: `veridraft` (`veridraft serve`; the drafter is chosen per request, so one server serves
+every drafter) and `llama-server` (llama.cpp's own server, built by `make setup-llama-server`, on
+the model's original GGUF with --parallel slots and continuous batching; drafters `none` and
+`model:NAME[:k=K]`, a server each, NAME's GGUF as its draft model). Both get the same prompts,
+the same max tokens, the same number of slots and the same KV positions per slot. With several
+servers each client count runs all of them, in alternating order. A server that does not start
+fails its rows with the reason; the others run. Everything is bounded: requests per level, and
+--time-limit for the whole run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -26,6 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..defaults import DEFAULT_MODEL
+from ..errors import VeridraftError
+
+PEERS = ("veridraft", "llama-server")
+START_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -35,6 +51,7 @@ class Result:
     tokens: int
     tau: float | None
     gaps: list[float] = field(default_factory=list)  # seconds between streamed chunks
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -44,6 +61,9 @@ class Level:
     wall_s: float = 0.0
     results: list[Result] = field(default_factory=list)
     errors: int = 0
+    server: str = "veridraft"
+    peak_rss_mb: float = float("nan")  # the server process's VmHWM after this level
+    failed: str | None = None  # why the server of this row did not run it
 
     def row(self) -> dict:
         r = self.results
@@ -52,10 +72,12 @@ class Level:
         decode = [(x.tokens - 1) / (x.e2e - x.ttft) for x in r if x.tokens > 1 and x.e2e > x.ttft]
         taus = [x.tau for x in r if x.tau is not None]
         return {
+            "server": self.server,
             "draft": self.draft,
             "clients": self.concurrency,
             "requests": len(r),
             "errors": self.errors,
+            "failed": self.failed,
             "req_per_min": 60 * len(r) / self.wall_s if self.wall_s else 0.0,
             "ttft_median_s": statistics.median(ttft) if ttft else float("nan"),
             "ttft_p90_s": ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))] if ttft else float("nan"),
@@ -66,6 +88,8 @@ class Level:
             "tokens_per_s": toks / self.wall_s if self.wall_s else 0.0,
             "stream_tokens_per_s": statistics.median(decode) if decode else float("nan"),
             "tau": statistics.mean(taus) if taus else float("nan"),
+            "prompt_tokens_mean": statistics.mean(x.prompt_tokens for x in r) if r else 0.0,
+            "peak_rss_mb": self.peak_rss_mb,
         }
 
 
@@ -84,10 +108,11 @@ def _prompts(n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": q.turns[0]}] for q in qs]
 
 
-def _one(client, model: str, messages, max_tokens: int, draft: str) -> Result:
+def _one(client, model: str, messages, max_tokens: int, extra: dict) -> Result:
+    """One streamed chat request; `extra` is the server's own request fields."""
     t0 = time.perf_counter()
     ttft = None
-    tokens, tau, times = 0, None, []
+    tokens, prompt_tokens, tau, times = 0, 0, None, []
     stream = client.chat.completions.create(
         model=model,
         messages=messages,
@@ -95,7 +120,7 @@ def _one(client, model: str, messages, max_tokens: int, draft: str) -> Result:
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
-        extra_body={"veridraft": {"draft": None if draft == "none" else draft}},
+        extra_body=extra,
     )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -107,13 +132,26 @@ def _one(client, model: str, messages, max_tokens: int, draft: str) -> Result:
             tau = stats["tau"]
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
+            prompt_tokens = chunk.usage.prompt_tokens
     e2e = time.perf_counter() - t0
     gaps = [b - a for a, b in zip(times, times[1:])]
-    return Result(ttft if ttft is not None else e2e, e2e, tokens, tau, gaps)
+    return Result(ttft if ttft is not None else e2e, e2e, tokens, tau, gaps, prompt_tokens)
 
 
-def run_level(client, model, prompts, draft, concurrency, n_requests, max_tokens, deadline):
+def request_extra(server: str, draft: str) -> dict:
+    """The request fields a server gets beside OpenAI's. veridraft: this request's drafter.
+    llama-server: no reuse of a previous request's prompt cache, since veridraft has none and the
+    same prompts come back at every level; the drafter is the server's own."""
+    if server == "llama-server":
+        return {"cache_prompt": False}
+    return {"veridraft": {"draft": None if draft == "none" else draft}}
+
+
+def run_level(
+    client, model, prompts, draft, concurrency, n_requests, max_tokens, deadline, extra=None
+):
     level = Level(draft, concurrency)
+    extra = request_extra("veridraft", draft) if extra is None else extra
     lock = threading.Lock()
     todo = list(range(n_requests))
 
@@ -124,7 +162,7 @@ def run_level(client, model, prompts, draft, concurrency, n_requests, max_tokens
                     return
                 i = todo.pop(0)
             try:
-                r = _one(client, model, prompts[i % len(prompts)], max_tokens, draft)
+                r = _one(client, model, prompts[i % len(prompts)], max_tokens, extra)
             except Exception as e:  # counted and shown; the run goes on
                 print(f"request failed: {type(e).__name__}: {e}", file=sys.stderr)
                 with lock:
@@ -143,12 +181,89 @@ def run_level(client, model, prompts, draft, concurrency, n_requests, max_tokens
     return level
 
 
-def _start_server(args) -> tuple[subprocess.Popen, str]:
-    import socket
+# -- the servers ----------------------------------------------------------------------------------
 
+
+@dataclass
+class Server:
+    """One server under test: its process (None for a --base-url server) and /v1 URL, or why it
+    did not start. `draft` is the drafter it was started with (llama-server: one per server);
+    None when it takes every drafter per request (veridraft)."""
+
+    name: str
+    draft: str | None = None
+    base: str | None = None
+    proc: subprocess.Popen | None = None
+    log: object = None  # the file its output goes to
+    error: str | None = None
+
+    def serves(self, draft: str) -> bool:
+        return self.draft is None or self.draft == draft
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.log is not None:
+            self.log.close()
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def peak_rss_mb(pid: int | None) -> float:
+    """A process's peak resident memory (VmHWM of /proc/PID/status) in MB; NaN where unknown."""
+    if pid is None:
+        return float("nan")
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return float("nan")
+
+
+def _last_line(log) -> str:
+    if log is None:
+        return ""
+    log.flush()
+    log.seek(0)
+    lines = [ln.strip() for ln in log.read().splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+def _wait_ready(server: Server, url: str, timeout: float = START_TIMEOUT_S) -> Server:
+    """Wait for GET /health to answer 200 (llama-server answers 503 while it loads)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            last = _last_line(server.log)
+            server.error = f"{server.name} exited with status {server.proc.returncode}" + (
+                f": {last}" if last else ""
+            )
+            server.stop()
+            return server
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                server.base = url + "/v1"
+                return server
+        except OSError:
+            time.sleep(0.5)
+    server.stop()
+    server.error = f"{server.name} did not answer /health within {timeout:.0f} s"
+    return server
+
+
+def start_veridraft(args) -> Server:
+    port = free_port()
     src = str(Path(__file__).resolve().parents[2])
     env = {
         **os.environ,
@@ -157,89 +272,321 @@ def _start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "veridraft.cli", "serve", "--model", args.model,
            "--precision", args.precision, "--port", str(port), "--log-level", "warning",
            "--max-queue", str(max(64, max(args.concurrency))),
-           "--max-num-seqs", str(args.max_num_seqs)]  # fmt: skip
+           "--max-num-seqs", str(args.max_num_seqs),
+           "--kv-cache-tokens", str(args.max_num_seqs * args.ctx_per_slot)]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return proc, url + "/v1"
-        except OSError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit("the server did not start within 300 s")
+    server = Server("veridraft")
+    # Its output goes to the terminal, as `veridraft serve`'s does.
+    server.proc = subprocess.Popen(cmd, env=env)
+    return _wait_ready(server, f"http://127.0.0.1:{port}")
+
+
+def model_gguf(name: str) -> Path:
+    """The GGUF llama-server loads for a model: a .gguf path as given, else the original GGUF of
+    a model folder or catalog model (source.gguf, or the file veridraft.json records)."""
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise VeridraftError(f"{p} is not a file")
+        return p
+    from ..home import home
+
+    folder = p if p.is_dir() else home() / "models" / name
+    if not folder.is_dir():
+        raise VeridraftError(f"model {name!r} is not pulled: run `veridraft models pull {name}`")
+    if (folder / "source.gguf").is_file():
+        return folder / "source.gguf"
+    try:
+        src = json.loads((folder / "veridraft.json").read_text()).get("source_path")
+    except (OSError, ValueError):
+        src = None
+    if src and Path(src).is_file():
+        return Path(src)
+    raise VeridraftError(f"{folder} has no original GGUF for llama-server (no source.gguf)")
+
+
+def llama_draft(draft: str) -> tuple[str | None, int | None]:
+    """A drafter spec as llama-server runs it: `none` -> (None, None), `model:NAME[:k=K]` ->
+    (NAME, K or None for llama.cpp's default draft length). Anything else is a one-line error."""
+    from ..spec import as_int, parse
+
+    if draft == "none":
+        return None, None
+    s = parse(draft, "drafter")
+    unknown = set(s.params) - {"k", "num_tokens"}
+    if s.name != "model" or not s.arg or unknown:
+        raise VeridraftError(
+            f"llama-server drafts with a draft model only: use none or model:NAME[:k=K], "
+            f"got {draft!r}"
+        )
+    k = s.params.get("k", s.params.get("num_tokens"))
+    return s.arg, None if k is None else as_int("model", "k", k, lo=1)
+
+
+def llama_server_command(
+    binary: str | Path,
+    gguf: str | Path,
+    *,
+    port: int,
+    slots: int,
+    ctx_per_slot: int,
+    threads: int = 0,
+    draft_gguf: str | Path | None = None,
+    draft_max: int | None = None,
+) -> list[str]:
+    """llama-server's command line: `slots` parallel slots with continuous batching, a KV cache
+    of slots × ctx_per_slot positions (each slot gets its share), and a draft model when given.
+    No prompt cache in host memory (--cache-ram 0): veridraft keeps none, and the load test sends
+    the same prompts at every level. threads 0 leaves llama.cpp's default."""
+    cmd = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+           "--parallel", str(slots), "--cont-batching", "--ctx-size", str(slots * ctx_per_slot),
+           "--cache-ram", "0", "--no-webui"]  # fmt: skip
+    if threads:
+        cmd += ["--threads", str(threads), "--threads-batch", str(threads)]
+    if draft_gguf is not None:
+        # The draft type is named: llama.cpp infers only its head types (MTP, ...) from a GGUF.
+        cmd += ["--model-draft", str(draft_gguf), "--spec-type", "draft-simple"]
+        if draft_max is not None:
+            cmd += ["--spec-draft-n-max", str(draft_max), "--spec-draft-n-min", "0"]
+        if threads:
+            cmd += ["--threads-draft", str(threads)]
+    return cmd
+
+
+def start_llama_server(args, draft: str) -> Server:
+    """llama-server on the model's GGUF for one drafter; a Server with the reason when it cannot
+    start (no binary, no GGUF, a drafter it has no equivalent of, or a process that exits)."""
+    from .llama_server import binary_path
+
+    server = Server("llama-server", draft=draft)
+    binary = Path(args.llama_server) if args.llama_server else binary_path()
+    try:
+        if not (binary.is_file() and os.access(binary, os.X_OK)):
+            raise VeridraftError(
+                f"llama-server not found at {binary}: `make setup-llama-server` builds it"
+            )
+        draft_model, draft_max = llama_draft(draft)
+        port = free_port()
+        cmd = llama_server_command(
+            binary,
+            model_gguf(args.model),
+            port=port,
+            slots=args.max_num_seqs,
+            ctx_per_slot=args.ctx_per_slot,
+            threads=args.threads,
+            draft_gguf=model_gguf(draft_model) if draft_model else None,
+            draft_max=draft_max,
+        )
+    except VeridraftError as e:
+        server.error = str(e)
+        return server
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    # Its log is long: kept in a file, and its last line is the reason if it exits.
+    server.log = tempfile.TemporaryFile("w+")
+    try:
+        server.proc = subprocess.Popen(cmd, stdout=server.log, stderr=subprocess.STDOUT)
+    except OSError as e:
+        server.error = f"llama-server did not start: {e}"
+        server.log.close()
+        return server
+    return _wait_ready(server, f"http://127.0.0.1:{port}")
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def _f(x: float, fmt: str, scale: float = 1.0) -> str:
+    return "–" if x != x else format(scale * x, fmt)
 
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| drafter | clients | requests | tokens/s (all clients) | TTFT p50 (s) | TTFT p99 (s) | "
-        "ITL p50 (ms) | ITL p99 (ms) | tokens/s per stream (median) | τ |"
+        "| server | drafter | clients | requests | tokens/s (all clients) | TTFT p50 (s) | "
+        "TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) | tokens/s per stream (median) | τ | "
+        "prompt tokens (mean) | peak RSS (MB) |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
+        lead = f"| {r.get('server', 'veridraft')} | {r['draft']} | {r['clients']} | "
+        if r.get("failed"):
+            lines.append(lead + f"failed: {r['failed']} |" + " – |" * 9)
+            continue
         lines.append(
-            f"| {r['draft']} | {r['clients']} | {r['requests']}"
+            lead
+            + f"{r['requests']}"
             + (f" ({r['errors']} failed)" if r["errors"] else "")
-            + f" | {r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
-            f"{1000 * r['itl_p50_s']:.0f} | {1000 * r['itl_p99_s']:.0f} | "
-            f"{r['stream_tokens_per_s']:.1f} | {r['tau']:.2f} |"
+            + f" | {r['tokens_per_s']:.1f} | {_f(r['ttft_p50_s'], '.2f')} | "
+            f"{_f(r['ttft_p99_s'], '.2f')} | {_f(r['itl_p50_s'], '.0f', 1000)} | "
+            f"{_f(r['itl_p99_s'], '.0f', 1000)} | {_f(r['stream_tokens_per_s'], '.1f')} | "
+            f"{_f(r['tau'], '.2f')} | {r.get('prompt_tokens_mean', 0.0):.0f} | "
+            f"{_f(r.get('peak_rss_mb', float('nan')), '.0f')} |"
         )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m veridraft.serve.loadtest", description=__doc__)
+# -- the command ----------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--peer",
+        default="veridraft",
+        help="servers to load, comma-separated: veridraft, llama-server (default: veridraft)",
+    )
     p.add_argument(
         "--base-url", default=None, help="a running server's /v1 URL (default: start one)"
     )
     p.add_argument("--api-key", default=os.environ.get("VERIDRAFT_API_KEY", "none"))
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--concurrency", default="1,4,16", help="client counts, comma-separated")
-    p.add_argument("--drafts", default="none,ngram", help="drafter specs; 'none' = plain")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="catalog name, GGUF file or folder")
+    p.add_argument("--precision", default="fp32", help="veridraft's precision (default fp32)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="each started server's threads (default: its own)"
+    )
+    p.add_argument(
+        "--concurrency", "--clients", default="1,4,16", help="client counts, comma-separated"
+    )
+    p.add_argument(
+        "--drafts",
+        default="none,ngram",
+        help="drafter specs; 'none' = plain (llama-server: none and model:NAME[:k=K])",
+    )
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument(
-        "--max-num-seqs", type=int, default=8, help="the started server's --max-num-seqs"
+        "--max-num-seqs",
+        type=int,
+        default=8,
+        help="the started servers' slots: veridraft's --max-num-seqs, llama-server's --parallel",
+    )
+    p.add_argument(
+        "--ctx-per-slot",
+        type=int,
+        default=2048,
+        help="KV positions per slot: veridraft's --kv-cache-tokens and llama-server's "
+        "--ctx-size are slots × this (default 2048)",
+    )
+    p.add_argument(
+        "--llama-server",
+        default=None,
+        help="the llama-server binary (default: $VERIDRAFT_HOME/bin/llama-server, which "
+        "`make setup-llama-server` builds)",
     )
     p.add_argument("--requests", type=int, default=0, help="per level (default: max(8, clients))")
     p.add_argument("--time-limit", type=float, default=900.0, help="seconds for the whole run")
-    args = p.parse_args(argv)
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    drafts = [d.strip() for d in args.drafts.split(",")]
-    if min(args.concurrency) < 1 or max(args.concurrency) > 64:
-        p.error("--concurrency values must be between 1 and 64")
 
+
+def add_loadtest_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "loadtest",
+        help="a bounded load run against veridraft serve and llama.cpp's llama-server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=run_loadtest)
+    return p
+
+
+def _check(args) -> None:
+    try:
+        args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
+    except ValueError:
+        raise VeridraftError(
+            f"--clients must be integers separated by commas, got {args.concurrency!r}"
+        ) from None
+    if min(args.concurrency) < 1 or max(args.concurrency) > 64:
+        raise VeridraftError("--clients values must be between 1 and 64")
+    args.peers = list(dict.fromkeys(s.strip() for s in args.peer.split(",") if s.strip()))
+    bad = [s for s in args.peers if s not in PEERS]
+    if bad or not args.peers:
+        raise VeridraftError(f"--peer {bad[0] if bad else ''!r} is none of {', '.join(PEERS)}")
+    if args.base_url and len(args.peers) != 1:
+        raise VeridraftError("--base-url names one server: give one --peer with it")
+    if args.max_num_seqs < 1 or args.ctx_per_slot < 1:
+        raise VeridraftError("--max-num-seqs and --ctx-per-slot must be at least 1")
+
+
+def start_servers(args, drafts: list[str]) -> list[Server]:
+    """Every server the run needs, started one after the other before any is measured."""
+    if args.base_url:
+        name = args.peers[0]
+        return [Server(name, draft=None, base=args.base_url)]
+    servers = []
+    for name in args.peers:
+        if name == "veridraft":
+            servers.append(start_veridraft(args))
+        else:
+            servers += [start_llama_server(args, d) for d in drafts]
+    for s in servers:
+        if s.error:
+            print(f"{s.name} ({s.draft or 'every drafter'}): {s.error}", file=sys.stderr)
+    return servers
+
+
+def run_loadtest(args) -> int:
+    _check(args)
+    drafts = [d.strip() for d in args.drafts.split(",")]
     import openai
 
-    proc = None
-    base = args.base_url
-    if base is None:
-        proc, base = _start_server(args)
+    servers = start_servers(args, drafts)
+    rows: list[dict] = []
     try:
-        client = openai.OpenAI(base_url=base, api_key=args.api_key, max_retries=0, timeout=600)
-        model = client.models.list().data[0].id
         prompts = _prompts(max(args.concurrency) * 2)
+        clients = {}
+        for s in servers:
+            if s.error:
+                continue
+            try:
+                client = openai.OpenAI(
+                    base_url=s.base, api_key=args.api_key, max_retries=0, timeout=600
+                )
+                model = client.models.list().data[0].id
+                extra = request_extra(s.name, s.draft or drafts[0])
+                _one(client, model, prompts[0], 8, extra)  # warm-up, not counted
+                clients[id(s)] = (client, model)
+            except Exception as e:  # this server's rows fail; the others run
+                s.error = f"{type(e).__name__}: {e}".splitlines()[0][:200]
         deadline = time.monotonic() + args.time_limit
-        _one(client, model, prompts[0], 8, drafts[0])  # warm-up, not counted
-        rows = []
-        for c in args.concurrency:
-            for d in drafts:  # drafters back to back at each level
-                n = args.requests or max(8, c)
-                level = run_level(client, model, prompts, d, c, n, args.max_tokens, deadline)
-                rows.append(level.row())
-                print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        for i, c in enumerate(args.concurrency):
+            # Alternate which server goes first, so neither always runs on a machine the other
+            # has just warmed (or left busy).
+            order = args.peers if i % 2 == 0 else args.peers[::-1]
+            for name in order:
+                for d in drafts:  # drafters back to back at each level
+                    s = next(x for x in servers if x.name == name and x.serves(d))
+                    if s.error:
+                        level = Level(d, c, server=name, failed=s.error)
+                    else:
+                        client, model = clients[id(s)]
+                        n = args.requests or max(8, c)
+                        extra = request_extra(name, d)
+                        level = run_level(
+                            client, model, prompts, d, c, n, args.max_tokens, deadline, extra
+                        )
+                        level.server = name
+                        level.peak_rss_mb = peak_rss_mb(s.proc.pid if s.proc else None)
+                    rows.append(level.row())
+                    print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         print(table(rows))
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
-    return 0
+        for s in servers:
+            s.stop()
+    return 1 if any(r["failed"] for r in rows) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m veridraft.serve.loadtest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run_loadtest(args)
+    except VeridraftError as e:
+        print(f"veridraft: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
