@@ -24,6 +24,7 @@ from .rules import make_rule, split_method
 from .sampling import SamplingParams
 from .stats import Stats
 from .verify import Rule
+from .vision.chat import has_media
 
 Messages = list[dict]
 
@@ -332,12 +333,35 @@ def generate(
     kv: a KV-compression press (lossy), e.g. "snapkv:budget=1024" or "adakv:budget=0.25".
     verify: None / "strict" (lossless) or "loose:topk=5,lam=0.7,shift=2,anchor=content"
     (lossy loose verification, rules.py); lossless=True refuses a lossy rule.
+    Messages holding images or videos ({"type": "image", "image": PATH}, {"type": "video",
+    "video": PATH, "fps": 2.0} content items) run on a Qwen2-VL / Qwen2.5-VL model
+    (`veridraft.multimodal`); a text-only model refuses them.
     """
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise VeridraftError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stops):
         raise VeridraftError("stop strings must be non-empty strings")
+    if has_media(prompt):  # images or video: the vision-language path
+        from . import multimodal  # it builds on this module's generate_ids
+
+        return multimodal.generate(
+            model,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            stream=stream,
+            draft=draft,
+            chat=chat,
+            kv=kv,
+            verify=verify,
+            lossless=lossless,
+            **draft_options,
+        )
     ids = prompt_ids_for(model, prompt, chat)
     tok = model.tokenizer
     segments: list = []

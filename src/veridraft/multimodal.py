@@ -1,8 +1,11 @@
 """Generation from chat messages with images and videos (Qwen2-VL / Qwen2.5-VL models).
 
-out = veridraft.multimodal.generate(model, [{"role": "user", "content": [
+out = veridraft.generate(model, [{"role": "user", "content": [
     {"type": "video", "video": "clip.mp4", "fps": 2.0},
     {"type": "text", "text": "What happens in this video?"}]}], draft="pruned")
+
+`veridraft.generate` sends messages that hold an image or a video here (`generate` below, the
+same call for messages only).
 
 vision/chat.py prepares the prompt (media through the processor and the vision tower, M-RoPE
 positions, "video"/"image"/"question" segments); decoding is `generate_ids` with the model's
@@ -11,13 +14,13 @@ VisionPrompt active, so every method runs on it as on a text prompt.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import Any
 
 from . import drafters
 from .errors import VeridraftError
-from .generate import NO_DRAFT, Generation, draft_env, generate_ids
+from .generate import NO_DRAFT, Generation, TextStream, draft_env, generate_ids
 from .rules import split_method
 from .stats import Stats
 from .vision.chat import (
@@ -80,14 +83,38 @@ def generate_prompt(
 
 
 def generate(
-    model, messages: Sequence[dict[str, Any]], max_new_tokens: int = 128, **kw
+    model,
+    messages: Sequence[dict[str, Any]],
+    max_new_tokens: int = 128,
+    *,
+    stop: str | Sequence[str] | None = None,
+    stream: Callable[[str], None] | None = None,
+    chat: bool | None = None,
+    **kw,
 ) -> Generation:
     """Text for chat messages with images and videos (a LoadedModel of a Qwen2-VL or
-    Qwen2.5-VL folder). Keywords are generate_ids' (draft, kv, verify, temperature, seed, ...)
-    and the drafter's options."""
+    Qwen2.5-VL model); `veridraft.generate` routes such messages here. stop and stream as in
+    `veridraft.generate`; the other keywords are generate_ids' (draft, kv, verify, temperature,
+    seed, ...) and the drafter's options."""
+    if chat is False:
+        raise VeridraftError(
+            "chat=False joins the messages as raw text, which cannot carry images or video; "
+            "leave chat unset for messages with media"
+        )
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise VeridraftError("stop strings must be non-empty strings")
     mp = prepare(model, messages)
-    new, stats = generate_prompt(model, mp, max_new_tokens=max_new_tokens, **kw)
-    tok = model.tokenizer
-    text = tok.decode(new, skip_special_tokens=True)
-    reason = "eos" if new and new[-1] in (getattr(tok, "eos_ids", None) or ()) else "length"
+    text_out = TextStream(model.tokenizer, stops, stream)
+    new, stats = generate_prompt(
+        model,
+        mp,
+        max_new_tokens=max_new_tokens,
+        should_stop=text_out.stop_point if stops else None,
+        on_tokens=text_out.push if stream else None,
+        **kw,
+    )
+    text, reason = text_out.final(new)
+    if stream:
+        text_out.flush(text)
     return Generation(ids=new, text=text, stats=stats, prompt_ids=mp.ids, finish_reason=reason)
