@@ -33,7 +33,9 @@ def model(tmp_path_factory):
     _, gguf, proj = H.write_pair(H.make_hf_model("qwen2_5_vl", 5), out, "qwen2_5_vl")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(catalog, "models_dir", lambda: out / "models")
-        yield veridraft.load(gguf, precision="fp32", mmproj=proj)
+        model = veridraft.load(gguf, precision="fp32", mmproj=proj)
+        model.files = (gguf, proj)  # for the command line's test
+        yield model
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +95,19 @@ def test_a_text_prompt_on_the_vision_model_runs_as_text(model):
             out = model.net(torch.tensor(ids), model.net.new_cache(len(ids) + 1), num_logits=1)
         ids.append(int(out[-1].argmax()))
     assert gen.ids == ids[len(gen.prompt_ids) :]
+
+
+def test_the_command_line_reads_images_and_the_mmproj(model, messages, capsys):
+    from veridraft.cli import main
+
+    image = messages[0]["content"][0]["image"]
+    content = [{"type": "image", "image": image}, {"type": "text", "text": "he he"}]
+    want = veridraft.generate(model, [{"role": "user", "content": content}], 8, draft=None)
+    gguf, proj = model.files
+    argv = ["generate", "he he", "-m", str(gguf), "--mmproj", str(proj), "-n", "8"]
+    argv += ["--draft", "none", "--precision", "fp32"]
+    assert main([*argv, "--image", image]) == 0
+    out = capsys.readouterr().out
+    assert out == want.text + "\n"
+    assert main(argv) == 0  # the same prompt without the image: the text path, other text
+    assert capsys.readouterr().out != out

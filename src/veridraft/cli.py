@@ -28,6 +28,11 @@ def _generate(args: argparse.Namespace) -> int:
     model = load(args.model, precision=args.precision, mmproj=args.mmproj)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     chat = False if args.raw else (True if model.tokenizer.has_chat_template else None)
+    media = [{"type": "image", "image": p} for p in args.image or ()]
+    media += [{"type": "video", "video": p, "fps": args.fps} for p in args.video or ()]
+    if media:  # one user turn: the images and videos, then the prompt's text
+        prompt = [{"role": "user", "content": [*media, {"type": "text", "text": prompt}]}]
+        chat = False if args.raw else None  # the vision path renders the template
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)
@@ -230,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the vision tower GGUF of a Qwen2-VL / Qwen2.5-VL GGUF, as llama.cpp's converter "
         "writes it with --mmproj (default: the mmproj-*.gguf beside the model)",
     )
+    g.add_argument(
+        "--image", action="append", default=None, help="an image file for the prompt (repeatable)"
+    )
+    g.add_argument(
+        "--video", action="append", default=None, help="a video file for the prompt (repeatable)"
+    )
+    g.add_argument("--fps", type=float, default=2.0, help="frames a second read from each --video")
     g.add_argument("--max-new-tokens", "-n", type=int, default=256)
     g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0)
