@@ -8,7 +8,9 @@ logits = model(tokens, cache, skip=None, view=None, capture=None, num_logits=Non
 The q4 modes read everything from the GGUF: its quantized blocks for the linears, the other
 tensors (embeddings, norms, biases) de-quantized on load. The float modes read float32
 safetensors: the folder's own, or a copy made from its GGUF once, when such a mode is first asked
-for (catalog.float32_copy).
+for (catalog.float32_copy). A Qwen2-VL / Qwen2.5-VL made from llama.cpp's GGUF + mmproj pair
+(models/mmproj.py) makes no copy: the float modes de-quantize its decoder as they read it, and
+every mode reads its vision tower from the mmproj.
 """
 
 from __future__ import annotations

@@ -176,7 +176,8 @@ class Qwen2VL(Llama):
             if bool(pads.any()):
                 raise VeridraftError(
                     "the prompt holds image/video pad tokens but no images or video were given; "
-                    "generate from the chat messages with veridraft.generate (veridraft.multimodal.generate)"
+                    "generate from the chat messages with veridraft.generate "
+                    "(or veridraft.multimodal.generate)"
                 )
         if vp is None or a >= vp.length:
             return x
