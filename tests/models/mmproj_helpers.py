@@ -81,11 +81,11 @@ def _quantized(w: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, object
     return blocks, quants.dequantize(blocks, t).reshape(w.shape).astype(np.float32), t
 
 
-def write_pair(hf, out: Path, family: str, kinds: dict | None = None, name: str = "tiny", swap=()):
+def write_pair(hf, out: Path, family: str, kinds=None, name: str = "tiny", swap=(), skip=()):
     """Write `hf` as (out/NAME.gguf, out/mmproj-NAME-f16.gguf), replacing its weights by the
     values the files de-quantize to; then save the HF folder out/hf. Returns the three paths.
     `swap`: two GGUF tensor names of the same shape, each written under the other's name (a
-    broken file, for the tests that must fail)."""
+    broken file, for the tests that must fail); `skip`: mmproj metadata keys left out."""
     kinds = {**KINDS, **(kinds or {})}
     other = dict(zip(swap, reversed(swap), strict=True))
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,8 @@ def write_pair(hf, out: Path, family: str, kinds: dict | None = None, name: str 
     m.add_float32(v + "attention.layer_norm_epsilon", 1e-6)
     if family == "qwen2_5_vl":
         m.add_bool("clip.use_silu", True)
-        m.add_uint32(v + "n_wa_pattern", vis_cfg.fullatt_block_indexes[0] + 1)
+        if v + "n_wa_pattern" not in skip:
+            m.add_uint32(v + "n_wa_pattern", vis_cfg.fullatt_block_indexes[0] + 1)
     for key in sorted(sd):
         if not key.startswith("model.visual."):
             continue

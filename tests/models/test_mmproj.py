@@ -225,6 +225,14 @@ def test_an_mmproj_of_another_width_is_not_the_pair(pair, tmp_path):
     one_line(lambda: veridraft.load(gguf, mmproj=pair[3]), "not a pair", "rows of 32")
 
 
+def test_a_qwen2_5_vl_mmproj_without_its_window_pattern_is_refused(tmp_path):
+    """Which blocks attend over the whole frame is in the file only: not guessed."""
+    hf = H.make_hf_model("qwen2_5_vl", 3)
+    skip = ("clip.vision.n_wa_pattern",)
+    _, gguf, proj = H.write_pair(hf, tmp_path, "qwen2_5_vl", skip=skip)
+    one_line(lambda: veridraft.load(gguf, mmproj=proj), "n_wa_pattern", "re-convert")
+
+
 def test_q4_on_the_hf_folder_still_names_the_pair(pair):
     one_line(lambda: models.from_folder(pair[1], "q4"), "HF folder only", "mmproj=PATH")
 

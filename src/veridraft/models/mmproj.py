@@ -486,8 +486,16 @@ def vision_config(path: Path, meta: dict[str, Any], tensors: Mapping, family: st
             "mlp_ratio": mlp // hidden,
             "hidden_act": "quick_gelu",
         }
+    # the blocks of full attention: every n-th (n_wa_pattern, what the converter writes for
+    # Qwen2.5-VL), or listed (wa_layer_indexes, the key of the irregular patterns)
     n_wa = int(meta.get(v + "n_wa_pattern", 0))
-    full = [b for b in range(depth) if not n_wa or (b + 1) % n_wa == 0]
+    full = [int(b) for b in meta.get(v + "wa_layer_indexes", ())]
+    if not full and n_wa < 1:
+        raise VeridraftError(
+            f"{path} lacks {v}n_wa_pattern (which blocks attend over the whole frame): "
+            "re-convert the mmproj with llama.cpp"
+        )
+    full = full or [b for b in range(depth) if (b + 1) % n_wa == 0]
     return {
         **common,
         "hidden_size": hidden,
