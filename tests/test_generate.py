@@ -96,6 +96,14 @@ def test_bad_arguments_are_clear_errors(tiny, kwargs, word):
         veridraft.generate(tiny, "Hello", **kwargs)
 
 
+def test_media_on_a_text_model_is_a_one_line_error(tiny):
+    content = [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "What is it?"}]
+    msgs = [{"role": "user", "content": content}]
+    with pytest.raises(VeridraftError, match="text-only model and cannot read images") as e:
+        veridraft.generate(tiny, msgs, max_new_tokens=2)
+    assert "\n" not in str(e.value) and "Qwen2-VL" in str(e.value)
+
+
 def test_bad_prompt_type(tiny):
     with pytest.raises(VeridraftError, match="prompt"):
         veridraft.generate(tiny, [{"role": "user"}])

@@ -26,9 +26,14 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load(args.model, precision=args.precision)
+    model = load(args.model, precision=args.precision, mmproj=args.mmproj)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     chat = False if args.raw else (True if model.tokenizer.has_chat_template else None)
+    media = [{"type": "image", "image": p} for p in args.image or ()]
+    media += [{"type": "video", "video": p, "fps": args.fps} for p in args.video or ()]
+    if media:  # one user turn: the images and videos, then the prompt's text
+        prompt = [{"role": "user", "content": [*media, {"type": "text", "text": prompt}]}]
+        chat = False if args.raw else None  # the vision path renders the template
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)
@@ -93,8 +98,8 @@ def _models(args: argparse.Namespace) -> int:
     archs = architectures()
     print("architectures (HF folders): text " + ", ".join(a for a, mm in archs if not mm))
     print(
-        "  multimodal (images and video; veridraft.multimodal.generate, fp32/bf16/fp16w): "
-        + ", ".join(a for a, mm in archs if mm)
+        "  multimodal (images and video in veridraft.generate's chat messages; an HF folder, "
+        "or a GGUF with its mmproj): " + ", ".join(a for a, mm in archs if mm)
     )
     return 0
 
@@ -225,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model", "-m", default=DEFAULT_MODEL, help="catalog name, GGUF file or HF folder"
     )
+    g.add_argument(
+        "--mmproj",
+        default=None,
+        help="the vision tower GGUF of a Qwen2-VL / Qwen2.5-VL GGUF, as llama.cpp's converter "
+        "writes it with --mmproj (default: the mmproj-*.gguf beside the model)",
+    )
+    g.add_argument(
+        "--image", action="append", default=None, help="an image file for the prompt (repeatable)"
+    )
+    g.add_argument(
+        "--video", action="append", default=None, help="a video file for the prompt (repeatable)"
+    )
+    g.add_argument("--fps", type=float, default=2.0, help="frames a second read from each --video")
     g.add_argument("--max-new-tokens", "-n", type=int, default=256)
     g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0)

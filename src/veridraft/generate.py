@@ -9,8 +9,10 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +26,14 @@ from .rules import make_rule, split_method
 from .sampling import SamplingParams
 from .stats import Stats
 from .verify import Rule
+from .vision.chat import (
+    MultimodalPrompt,
+    check_drafter,
+    has_media,
+    prepare,
+    require_multimodal,
+    vision_prompt,
+)
 
 Messages = list[dict]
 
@@ -332,12 +342,33 @@ def generate(
     kv: a KV-compression press (lossy), e.g. "snapkv:budget=1024" or "adakv:budget=0.25".
     verify: None / "strict" (lossless) or "loose:topk=5,lam=0.7,shift=2,anchor=content"
     (lossy loose verification, rules.py); lossless=True refuses a lossy rule.
+    Messages holding images or videos ({"type": "image", "image": PATH}, {"type": "video",
+    "video": PATH, "fps": 2.0} content items) run on a Qwen2-VL / Qwen2.5-VL model
+    (`veridraft.multimodal`); a text-only model refuses them.
     """
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise VeridraftError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stops):
         raise VeridraftError("stop strings must be non-empty strings")
+    if has_media(prompt):  # images or video: the vision-language path
+        return generate_media(
+            model,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            stream=stream,
+            draft=draft,
+            chat=chat,
+            kv=kv,
+            verify=verify,
+            lossless=lossless,
+            **draft_options,
+        )
     ids = prompt_ids_for(model, prompt, chat)
     tok = model.tokenizer
     segments: list = []
@@ -503,3 +534,94 @@ def generate_batch(
         )
         entries.append(b.add(req))
     return run_all(b, entries)
+
+
+# ---- images and video (Qwen2-VL / Qwen2.5-VL; `veridraft.multimodal` names these) ----
+
+# generate_ids' own keywords; any other keyword is a drafter option
+_GENERATE_KEYS = frozenset(
+    {
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "sampling",
+        "seed",
+        "generator",
+        "eos_ids",
+        "should_stop",
+        "on_tokens",
+        "max_draft",
+        "prefilled",
+        "warn",
+        "kv",
+        "verify",
+        "lossless",
+        "prefill_chunk",
+    }
+)
+
+
+def generate_prompt(
+    model, mp: MultimodalPrompt, *, draft=None, env=None, **kw
+) -> tuple[list[int], Stats]:
+    """`generate_ids` for a prompt `vision.chat.prepare` made: (new ids, stats). `draft` is a
+    method spec, a Drafter or None ("auto" is plain decoding: the cost model knows text prompts
+    only); the other keywords are generate_ids' or the drafter's options."""
+    net = require_multimodal(model)
+    if isinstance(draft, str):
+        draft, rule = split_method(draft)
+        if rule is not None:
+            if kw.get("verify") is not None:
+                raise VeridraftError(f"the rule is given twice: {rule!r} in draft= and in verify=")
+            kw["verify"] = rule
+        if draft is None or draft.strip().lower() in (*NO_DRAFT, "auto"):
+            draft = None
+    env = env or draft_env(model)
+    options = {k: kw.pop(k) for k in list(kw) if k not in _GENERATE_KEYS}
+    spec = draft if isinstance(draft, str) else ""
+    drafter = drafters.make_drafter(draft, model, env=env, **options)
+    with ExitStack() as stack:
+        stack.enter_context(net.use_prompt(mp.vision))
+        for dnet in check_drafter(drafter, spec):
+            if dnet is not net:  # a draft VLM sees the media through its own tower
+                stack.enter_context(dnet.use_prompt(vision_prompt(dnet, mp.ids, mp.inputs)))
+        return generate_ids(model, mp.ids, draft=drafter, env=env, segments=mp.segments, **kw)
+
+
+def generate_media(
+    model,
+    messages: Sequence[dict[str, Any]],
+    max_new_tokens: int = 128,
+    *,
+    stop: str | Sequence[str] | None = None,
+    stream: Callable[[str], None] | None = None,
+    chat: bool | None = None,
+    **kw,
+) -> Generation:
+    """Text for chat messages with images and videos (a LoadedModel of a Qwen2-VL or
+    Qwen2.5-VL model); `veridraft.generate` routes such messages here. stop and stream as in
+    `veridraft.generate`; the other keywords are generate_ids' (draft, kv, verify, temperature,
+    seed, ...) and the drafter's options."""
+    if chat is False:
+        raise VeridraftError(
+            "chat=False joins the messages as raw text, which cannot carry images or video; "
+            "leave chat unset for messages with media"
+        )
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise VeridraftError("stop strings must be non-empty strings")
+    mp = prepare(model, messages)
+    text_out = TextStream(model.tokenizer, stops, stream)
+    new, stats = generate_prompt(
+        model,
+        mp,
+        max_new_tokens=max_new_tokens,
+        should_stop=text_out.stop_point if stops else None,
+        on_tokens=text_out.push if stream else None,
+        **kw,
+    )
+    text, reason = text_out.final(new)
+    if stream:
+        text_out.flush(text)
+    return Generation(ids=new, text=text, stats=stats, prompt_ids=mp.ids, finish_reason=reason)

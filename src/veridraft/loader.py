@@ -121,13 +121,17 @@ def load_folder(folder: str | Path, precision: str = AUTO, name: str | None = No
     )
 
 
-def gguf_folder(gguf: str | Path) -> Path:
+def gguf_folder(gguf: str | Path, mmproj: str | Path | None = None) -> Path:
     """The folder of a GGUF file: its config and tokenizer, read out once into
     $VERIDRAFT_HOME/models/gguf-<sha256[:16]>/ (a few MB; the GGUF stays where it is and
-    veridraft.json records its path); return it."""
+    veridraft.json records its path); return it. A Qwen2-VL / Qwen2.5-VL GGUF also needs its
+    vision tower, the `mmproj` GGUF (default: the one beside it; models/mmproj.py)."""
     from .models import convert
+    from .models import mmproj as vl
 
     gguf = Path(gguf).expanduser().resolve()
+    if mmproj is not None or vl.architecture(gguf) in (vl.TEXT_ARCH, vl.CLIP_ARCH):
+        return vl.pair_folder(gguf, mmproj)
     sha = convert.sha256_file(gguf)
     final = catalog.models_dir() / f"gguf-{sha[:16]}"
     if catalog.is_complete(final):
@@ -173,24 +177,46 @@ def _hub_folder(repo_id: str) -> Path:
     return Path(path)
 
 
-def load(name_or_path: str | Path, precision: str = AUTO) -> LoadedModel:
+def load(
+    name_or_path: str | Path, precision: str = AUTO, mmproj: str | Path | None = None
+) -> LoadedModel:
     """Load a model by catalog name, GGUF file path, HF folder path or hub id.
 
     precision: "auto" (the fastest mode this CPU runs for the model: `veridraft.auto`), or
-    "fp32" (the reference: the original weights), "fp16w", "bf16", "q4", "q4a8"."""
+    "fp32" (the reference: the original weights), "fp16w", "bf16", "q4", "q4a8".
+    mmproj: the vision tower GGUF of a Qwen2-VL / Qwen2.5-VL GGUF, as llama.cpp's converter
+    writes the pair (default: the mmproj beside the GGUF). A folder of llama.cpp files without
+    config.json (the GGUF and its mmproj-*.gguf) loads that pair."""
     spec = str(name_or_path)
+    path = Path(spec).expanduser()
+    is_gguf = path.is_file() and (path.suffix.lower() == ".gguf" or _looks_like_gguf(path))
+    if mmproj is not None and not is_gguf and not path.is_dir():
+        raise VeridraftError(
+            f"mmproj is the vision tower of a Qwen2-VL / Qwen2.5-VL GGUF and {spec} is not a "
+            "GGUF file: give the language model's .gguf, or load without mmproj"
+        )
     if isinstance(name_or_path, str) and spec in catalog.CATALOG:
         folder = catalog.pull(spec)  # returns at once when already pulled
         return load_folder(folder, precision, name=spec)
 
-    path = Path(spec).expanduser()
     if path.exists():
-        if path.is_file() and path.suffix.lower() == ".gguf":
-            return load_folder(gguf_folder(path), precision, name=path.stem)
+        if is_gguf:
+            return load_folder(gguf_folder(path, mmproj), precision, name=path.stem)
         if path.is_dir() and (path / "config.json").is_file():
+            if mmproj is not None:
+                raise VeridraftError(
+                    f"{path} is an HF folder (its tower is in its safetensors): load it "
+                    "without mmproj"
+                )
             return load_folder(path, precision)
-        if path.is_file() and _looks_like_gguf(path):
-            return load_folder(gguf_folder(path), precision, name=path.stem)
+        if path.is_dir():
+            from .models.mmproj import find_pair
+
+            pair = find_pair(path)  # llama.cpp's files: the GGUF and its mmproj-*.gguf
+            if pair is not None:
+                gguf, found = pair
+                folder = gguf_folder(gguf, mmproj or found)
+                return load_folder(folder, precision, name=gguf.stem)
         raise VeridraftError(
             f"{path} is not a model: expected a GGUF file or a folder with config.json"
         )

@@ -8,7 +8,9 @@ logits = model(tokens, cache, skip=None, view=None, capture=None, num_logits=Non
 The q4 modes read everything from the GGUF: its quantized blocks for the linears, the other
 tensors (embeddings, norms, biases) de-quantized on load. The float modes read float32
 safetensors: the folder's own, or a copy made from its GGUF once, when such a mode is first asked
-for (catalog.float32_copy).
+for (catalog.float32_copy). A Qwen2-VL / Qwen2.5-VL made from llama.cpp's GGUF + mmproj pair
+(models/mmproj.py) makes no copy: the float modes de-quantize its decoder as they read it, and
+every mode reads its vision tower from the mmproj.
 """
 
 from __future__ import annotations
@@ -319,13 +321,20 @@ def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
     if precision in GGUF_PRECISIONS:
         from .q4 import gguf_source
 
-        _no_multimodal_gguf(folder, precision)
+        _multimodal_needs_pair(folder, precision)
         gguf = gguf_source(folder)  # fails before anything is read when there is none
         return _from_gguf(folder, gguf, _config(folder), precision)
     cfg = _config(folder)
     weights = folder
     if not _has_weights(folder) and any((folder / f).is_file() for f in _GGUF_MARKS):
         from .catalog import float32_copy
+        from .mmproj import is_pair_folder
+
+        if is_pair_folder(folder):  # a GGUF + mmproj pair: de-quantized as it is read
+            from .q4 import gguf_source
+
+            why = f"precision {precision!r} de-quantizes the model's GGUF"
+            return _from_gguf(folder, gguf_source(folder, why), cfg, precision)
 
         weights = float32_copy(folder, precision)
     files = _weight_files(weights)
@@ -340,31 +349,47 @@ def from_folder(path: str | Path, precision: str = "fp32") -> Transformer:
     return model
 
 
-def _no_multimodal_gguf(folder: Path, precision: str) -> None:
-    """The q4 modes read a GGUF, and a vision-language model's GGUF (with its mmproj) is not
-    read yet: say so before looking for one."""
+def _multimodal_needs_pair(folder: Path, precision: str) -> None:
+    """The q4 modes run a vision-language model from its GGUF + mmproj pair: an HF folder of
+    one has no GGUF, and a folder made from the GGUF alone has no tower. Say so before looking
+    for a GGUF."""
     from .config import MULTIMODAL_MODEL_TYPES
+    from .mmproj import MMPROJ_FLAG, is_pair_folder
 
     model_type = read_json(folder / "config.json").get("model_type")
-    if model_type in MULTIMODAL_MODEL_TYPES:
+    if model_type in MULTIMODAL_MODEL_TYPES and not is_pair_folder(folder):
         raise VeridraftError(
-            f"precision {precision!r} needs a GGUF and {model_type} models load from their HF "
-            "folder only; use precision fp32, bf16 or fp16w"
+            f"precision {precision!r} runs a {model_type} model from its GGUF and mmproj "
+            f"(llama.cpp's pair) and {folder} is an HF folder only; use precision fp32, bf16 "
+            f"or fp16w, or load the .gguf with {MMPROJ_FLAG}"
         )
 
 
 def _from_gguf(folder: Path, gguf: Path, cfg: ModelConfig, precision: str) -> Transformer:
-    """q4 / q4a8 from the GGUF alone: the linears its blocks, the rest de-quantized."""
+    """A model from the GGUF alone: q4 / q4a8 its blocks for the linears, the rest
+    de-quantized; a float mode (a vision-language pair's) every tensor de-quantized as it is
+    read. A vision-language model's tower comes from the mmproj the folder records."""
     from .convert import repair_hint
     from .q4 import apply_q4
 
     fix = repair_hint(folder)
     sd = _GGUFStateDict(gguf, cfg, fix)
+    if cfg.arch == "qwen2_vl":
+        from .mmproj import with_tower
+
+        sd = with_tower(sd, folder, cfg.model_type)
+    packed = precision != "fp32"  # built with meta linears, each read when it is packed
     try:
-        model = from_hf_config_and_state_dict(cfg, _WithoutLinears(sd), "fp32", str(gguf))
+        model = from_hf_config_and_state_dict(
+            cfg, _WithoutLinears(sd) if packed else sd, "fp32", str(gguf)
+        )
     except RuntimeError as e:  # load_state_dict: a tensor's shape is not config.json's
         why = " ".join(str(e).split())[:200]
         raise VeridraftError(f"{gguf} does not fit {folder / 'config.json'} ({why}): {fix}") from e
-    model = apply_q4(model, gguf, reference=sd, a8=precision == "q4a8", fix=fix)
-    _return_freed_memory()
+    if precision in GGUF_PRECISIONS:
+        model = apply_q4(model, gguf, reference=sd, a8=precision == "q4a8", fix=fix)
+    elif packed:
+        model = apply_precision(model, precision, reference=sd)
+    if packed:
+        _return_freed_memory()
     return model

@@ -15,7 +15,8 @@ The decoder is Llama's block with Qwen2's q/k/v biases (models/llama.py); two th
 Both come from the `VisionPrompt` set on the model (`with net.use_prompt(vp): ...`); without one
 the model is a text model whose positions are its slots, which is what Qwen2-VL computes for a
 text-only prompt. The vision tower (vision/encoder.py) stays in float32 torch in every mode;
-the decoder runs in veridraft's modes (fp32, fp16w, bf16 from the HF folder).
+the decoder runs in veridraft's modes: fp32, fp16w and bf16 from an HF folder or a GGUF + mmproj
+pair, q4 and q4a8 from the pair's GGUF (models/mmproj.py reads the pair).
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ class Qwen2VL(Llama):
             if bool(pads.any()):
                 raise VeridraftError(
                     "the prompt holds image/video pad tokens but no images or video were given; "
-                    "generate from the chat messages with veridraft.multimodal.generate"
+                    "generate from the chat messages with veridraft.generate "
+                    "(or veridraft.multimodal.generate)"
                 )
         if vp is None or a >= vp.length:
             return x

@@ -49,9 +49,28 @@ def require_multimodal(model) -> Any:
         kind = getattr(getattr(net, "config", None), "model_type", type(net).__name__)
         raise VeridraftError(
             f"{getattr(model, 'name', kind)} ({kind}) is a text-only model and cannot read "
-            "images or video; load a Qwen2-VL or Qwen2.5-VL model folder"
+            "images or video; load a Qwen2-VL or Qwen2.5-VL model (an HF folder, or a GGUF "
+            "with its mmproj)"
         )
     return net
+
+
+def has_media(messages: Any) -> bool:
+    """Whether chat messages hold an image or video item (content lists as `prepare` reads
+    them: an item's "type", else its "image" / "video" key)."""
+    if not isinstance(messages, list):
+        return False
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        for item in content if isinstance(content, list) else ():
+            if not isinstance(item, dict):
+                continue
+            kind = item.get("type") or (
+                "image" if "image" in item else "video" if "video" in item else "text"
+            )
+            if kind in ("image", "video"):
+                return True
+    return False
 
 
 def vision_prompt(net, ids: Sequence[int], inputs: Sequence[P.VisionInput]):
