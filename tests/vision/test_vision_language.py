@@ -229,7 +229,7 @@ def test_packed_modes_run_the_decoder_with_a_float32_tower(pair, precision):
     assert not torch.equal(got, want)  # really another mode
 
 
-def test_q4_modes_say_they_need_the_hf_folder(pair):
+def test_q4_modes_on_an_hf_folder_say_they_need_the_gguf_pair(pair):
     _, folder, _ = pair
     with pytest.raises(VeridraftError, match="HF folder only; use precision fp32, bf16 or fp16w"):
         models.from_folder(folder, "q4")
