@@ -352,3 +352,36 @@ def test_planner_without_a_profile_learns_from_the_batchs_steps():
     assert steep.caps(seqs, [False, True, True, True])[0] == 8  # a sampled request keeps its own
     # a lone request waits for no one: it drafts as it would alone, whatever the fit says
     assert steep.caps(seqs[:1], [True]) == [8]
+
+
+def test_planner_prices_wide_steps_by_the_measured_curve_not_a_line():
+    """A CPU forward is flat up to a few rows and steep after: 10 ms up to 8 rows, then 5 ms a
+    row more. A straight line through those steps prices 16 rows at about 30 ms and lets four
+    sequences draft 3 tokens each; measured, 16 rows cost 50 ms and a round of drafts there
+    loses, while one draft each (8 rows, 10 ms) still pays."""
+    from types import SimpleNamespace
+
+    from veridraft.batch import MeasuredCost
+    from veridraft.stats import Stats
+
+    def ms(rows):
+        return 10.0 if rows <= 8 else 10.0 + 5.0 * (rows - 8)
+
+    cost = MeasuredCost()
+    for i in range(40):
+        rows = (4, 8, 12, 16)[i % 4]
+        cost.observe(rows, ms(rows) + (0.3 if i % 3 == 0 else 0.0))  # noise
+    assert cost.forward(8) == pytest.approx(10.0, abs=0.31)
+    assert cost.forward(16) == pytest.approx(50.0, abs=0.31)
+    assert cost.forward(6) <= cost.forward(8) <= cost.forward(12)
+    assert cost.forward(32) == pytest.approx(100.0, rel=0.01)  # past the widest: its per-row cost
+
+    seqs = [
+        SimpleNamespace(drafter=object(), max_draft=3, stats=Stats(drafted=100, accepted=70))
+        for _ in range(4)
+    ]
+    planner = DraftPlanner(None)
+    for i in range(40):
+        rows = (4, 8, 12, 16)[i % 4]
+        planner.observe(rows, ms(rows))
+    assert planner.caps(seqs, [True] * 4) == [1] * 4

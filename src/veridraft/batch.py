@@ -26,6 +26,7 @@ copied into the slab), in chunks that fill the cache exactly as a solo prefill d
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -189,29 +190,39 @@ class Allocator:
 
 class MeasuredCost:
     """The forward cost of this batch as measured by its own steps, for a machine without a cost
-    profile: ms(T) = a + b T fitted to the recent (rows, ms) of its forwards. Ready once it has
-    seen enough steps of at least two widths (ragged drafts and changing loads provide them)."""
+    profile: the median ms of the recent forwards of each width, joined by straight lines. A
+    straight line through all of them would not do: a CPU forward costs about the same up to
+    some 4-8 rows and then grows steeply, and a line averages the two regimes, pricing wide
+    steps too low exactly where drafts stop paying. Beyond the widest measured width a row costs
+    its share of that width's forward (never less per row than measured). Ready once it has seen
+    enough steps of at least two widths (ragged drafts and changing loads provide them)."""
 
     def __init__(self, keep: int = 256, min_samples: int = 16) -> None:
         self.samples: list[tuple[int, float]] = []
         self.keep, self.min_samples = keep, min_samples
-        self.fit: tuple[float, float] | None = None
+        self.fit: list[tuple[int, float]] | None = None  # (width, ms), widths ascending
 
     def observe(self, rows: int, ms: float) -> None:
         self.samples.append((rows, ms))
         del self.samples[: -self.keep]
-        ts = [t for t, _ in self.samples]
-        if len(self.samples) < self.min_samples or len(set(ts)) < 2:
+        widths = sorted({t for t, _ in self.samples})
+        if len(self.samples) < self.min_samples or len(widths) < 2:
             return
-        n = len(ts)
-        mt, mm = sum(ts) / n, sum(m for _, m in self.samples) / n
-        var = sum((t - mt) ** 2 for t in ts)
-        slope = max(0.0, sum((t - mt) * (m - mm) for t, m in self.samples) / var)
-        self.fit = (max(1e-3, mm - slope * mt), slope)
+        points, floor = [], 0.0
+        for w in widths:
+            floor = max(floor, statistics.median(m for t, m in self.samples if t == w))
+            points.append((w, floor))  # more rows never cost less: noise is smoothed upwards
+        self.fit = points
 
     def forward(self, t: float, context: int | None = None, tree: bool = False) -> float:
-        a, b = self.fit
-        return a + b * t
+        pts = self.fit
+        if t <= pts[0][0]:
+            return pts[0][1]
+        for (w0, m0), (w1, m1) in zip(pts, pts[1:]):
+            if t <= w1:
+                return m0 + (m1 - m0) * (t - w0) / (w1 - w0)
+        w, m = pts[-1]
+        return m * t / w
 
     def draft_cost(self, key, context: int | None = None) -> float | None:
         return None  # measured per sequence (DraftPlanner)
