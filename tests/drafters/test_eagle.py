@@ -24,7 +24,15 @@ from safetensors.torch import load_file
 from veridraft.decode import decode
 from veridraft.draft import Draft, DraftEnv
 from veridraft.drafters import make_drafter
-from veridraft.drafters.eagle import EagleDrafter, default_aux_ids, load_head, save_head
+from veridraft.drafters.eagle import (
+    EagleDrafter,
+    EagleHead,
+    HeadConfig,
+    HeadRunner,
+    default_aux_ids,
+    load_head,
+    save_head,
+)
 from veridraft.errors import VeridraftError
 from veridraft.models.base import Capture
 from veridraft.sampling import SamplingParams
@@ -75,6 +83,8 @@ SPECS = {
     "random-tree": "eagle:head={base}/random,mode=tree,k=4,topk=3,nodes=8",
     "trained-chain": "eagle:head={base}/trained,mode=chain,k=4",
     "trained-tree": "eagle:head={base}/trained,mode=tree,k=4,topk=2,nodes=6",
+    "bf16-chain": "eagle:head={base}/trained,mode=chain,k=4,weights=bf16",
+    "bf16-tree": "eagle:head={base}/trained,mode=tree,k=4,topk=2,nodes=6,weights=bf16",
 }
 
 
@@ -120,6 +130,76 @@ def test_sampling_distribution_matches_exact(tiny, which):
     d = make_drafter(SPECS[which].format(base=base), net)
     counts = sample_first(net, PROMPT, d, 2000, N_TOKENS, SAMPLING, seed=1)
     assert chi2_pvalue(counts, joint) > ACCEPT_P
+
+
+def _attend(q, k, v, mask):
+    """The plain grouped attention: q [R, H, hd] over k, v [L, KV, hd] repeated per group,
+    where mask [R, L] is True."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = torch.einsum("rhd,lhd->hrl", q, k) / q.shape[-1] ** 0.5
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hrl,lhd->rhd", torch.softmax(s, -1), v)
+
+
+def test_runner_computes_the_heads_layer():
+    """HeadRunner (stacked weights, in-place head-major cache, grouped attention without
+    repeated KV, RoPE tables) is EagleHead's layer: the prompt's rows causally, then a tree
+    level whose rows each see the real rows, their drafted ancestors and themselves."""
+    c = HeadConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=40,
+        draft_vocab_size=24,
+        target_hidden_size=32,
+        aux_ids=(1, 2, 3),
+    )
+    torch.manual_seed(0)
+    head = EagleHead(c)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.uniform_(0.5, 1.5)
+    run = HeadRunner(head, bf16=False)
+    run.reserve(16)
+    feats, emb = torch.randn(6, 96), torch.randn(6, 32)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    with torch.no_grad():
+        hidden = head.fc(feats)
+        q, k, v = head.qkv(hidden, emb, torch.arange(6))
+        want = head.finish(hidden, _attend(q, k, v, causal))
+        got = run.layer(run.fc(feats), emb, 0, slice(0, 6), 0, causal)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(run.logits(got), head.logits(want))
+        # three drafted rows at one position past the real ones; the third is the first's child
+        h2, e2 = torch.randn(3, 32), torch.randn(3, 32)
+        tree = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 1]], dtype=torch.bool)
+        q2, k2, v2 = head.qkv(h2, e2, torch.full((3,), 6))
+        mask = torch.cat((torch.ones(3, 6, dtype=torch.bool), tree), 1)
+        want2 = head.finish(h2, _attend(q2, torch.cat((k, k2)), torch.cat((v, v2)), mask))
+        got2 = run.layer(h2, e2, 6, slice(6, 7), 6, tree)
+        torch.testing.assert_close(got2, want2)
+
+
+def test_bf16_runner_rounds_only(tiny):
+    """bfloat16 weights change the head's numbers by rounding, not its predictions."""
+    _, _, base = tiny
+    head = load_head(base / "trained")
+    f32, b16 = HeadRunner(head, bf16=False), HeadRunner(head, bf16=True)
+    torch.manual_seed(1)
+    feats = torch.randn(5, 3 * head.config.target_hidden_size)
+    emb = torch.randn(5, head.config.hidden_size)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    outs = []
+    with torch.no_grad():
+        for run in (f32, b16):
+            run.reserve(8)
+            outs.append(run.logits(run.layer(run.fc(feats), emb, 0, slice(0, 5), 0, causal)))
+    torch.testing.assert_close(outs[1], outs[0], atol=0.1, rtol=0.05)
+    assert not torch.equal(outs[1], outs[0])
 
 
 class _Lying:
