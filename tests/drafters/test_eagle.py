@@ -21,6 +21,8 @@ from drafting_helpers import (
 )
 from safetensors.torch import load_file
 
+from veridraft.bench import eagle_head
+from veridraft.bench.eagle_head import PlainDrafter, attend
 from veridraft.decode import decode
 from veridraft.draft import Draft, DraftEnv
 from veridraft.drafters import make_drafter
@@ -132,16 +134,6 @@ def test_sampling_distribution_matches_exact(tiny, which):
     assert chi2_pvalue(counts, joint) > ACCEPT_P
 
 
-def _attend(q, k, v, mask):
-    """The plain grouped attention: q [R, H, hd] over k, v [L, KV, hd] repeated per group,
-    where mask [R, L] is True."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    s = torch.einsum("rhd,lhd->hrl", q, k) / q.shape[-1] ** 0.5
-    s = s.masked_fill(~mask, float("-inf"))
-    return torch.einsum("hrl,lhd->rhd", torch.softmax(s, -1), v)
-
-
 def test_runner_computes_the_heads_layer():
     """HeadRunner (stacked weights, in-place head-major cache, grouped attention without
     repeated KV, RoPE tables) is EagleHead's layer: the prompt's rows causally, then a tree
@@ -170,7 +162,7 @@ def test_runner_computes_the_heads_layer():
     with torch.no_grad():
         hidden = head.fc(feats)
         q, k, v = head.qkv(hidden, emb, torch.arange(6))
-        want = head.finish(hidden, _attend(q, k, v, causal))
+        want = head.finish(hidden, attend(q, k, v, causal))
         got = run.layer(run.fc(feats), emb, 0, slice(0, 6), 0, causal)
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(run.logits(got), head.logits(want))
@@ -179,7 +171,7 @@ def test_runner_computes_the_heads_layer():
         tree = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 1]], dtype=torch.bool)
         q2, k2, v2 = head.qkv(h2, e2, torch.full((3,), 6))
         mask = torch.cat((torch.ones(3, 6, dtype=torch.bool), tree), 1)
-        want2 = head.finish(h2, _attend(q2, torch.cat((k, k2)), torch.cat((v, v2)), mask))
+        want2 = head.finish(h2, attend(q2, torch.cat((k, k2)), torch.cat((v, v2)), mask))
         got2 = run.layer(h2, e2, 6, slice(6, 7), 6, tree)
         torch.testing.assert_close(got2, want2)
 
@@ -200,6 +192,78 @@ def test_bf16_runner_rounds_only(tiny):
             outs.append(run.logits(run.layer(run.fc(feats), emb, 0, slice(0, 5), 0, causal)))
     torch.testing.assert_close(outs[1], outs[0], atol=0.1, rtol=0.05)
     assert not torch.equal(outs[1], outs[0])
+
+
+class _Shadow:
+    """Decodes with `main` while `ref` gets the same calls (prefill, update, propose) and
+    drafts from the same state: counts the rounds and those whose drafts differ."""
+
+    def __init__(self, main: EagleDrafter, ref: EagleDrafter) -> None:
+        self.main, self.ref = main, ref
+        self.prompt_capture, self.verify_capture = main.prompt_capture, main.verify_capture
+        self.rounds = self.differ = self.branched = 0
+
+    def prefill(self, ctx) -> None:
+        self.main.prefill(ctx)
+        self.ref.prefill(ctx)
+
+    def update(self, rnd) -> None:
+        self.main.update(rnd)
+        self.ref.update(rnd)
+
+    def propose(self, ctx, max_tokens: int) -> Draft:
+        d, r = self.main.propose(ctx, max_tokens), self.ref.propose(ctx, max_tokens)
+        self.rounds += 1
+        self.differ += (d.tokens, d.parents) != (r.tokens, r.parents)
+        self.branched += d.parents is not None
+        return d
+
+
+SHADOWED = {
+    "chain": {"mode": "chain", "k": 4},
+    "tree": {"mode": "tree", "k": 4, "topk": 3, "nodes": 10},
+}
+
+
+def _shadow(net, head, params) -> _Shadow:
+    sh = _Shadow(EagleDrafter(head, **params), PlainDrafter(head, **params))
+    for start in (0, 4, 8):  # three prompts: rounds at many cache lengths
+        prompt = PROMPT[start:] + PROMPT[:start]
+        decode(
+            net, prompt, max_new_tokens=40, sampling=GREEDY, generator=torch.Generator(), drafter=sh
+        )
+    return sh
+
+
+@pytest.mark.parametrize("which", ["random", "trained"])
+@pytest.mark.parametrize("mode", list(SHADOWED))
+def test_runner_drafts_what_the_plain_head_drafts(tiny, which, mode):
+    """The drafter's forward (HeadRunner) proposes, round after round, exactly the tokens and
+    tree the head run plainly proposes (PlainDrafter: EagleHead's pieces, repeated KV, a
+    concatenated cache, the previous implementation)."""
+    net, _, base = tiny
+    sh = _shadow(net, load_head(base / which), SHADOWED[mode])
+    assert sh.rounds >= 30 and sh.differ == 0, (sh.rounds, sh.differ)
+    assert (sh.branched > sh.rounds // 2) == (mode == "tree"), sh.branched
+
+
+def _ungrouped(q, k, v, mask):
+    """Grouped attention with the groups dealt round-robin (`repeat`, not
+    `repeat_interleave`): query head h reads KV head h % kv_heads."""
+    rep = q.shape[1] // k.shape[1]
+    return attend(q, k.repeat(1, rep, 1), v.repeat(1, rep, 1), mask)
+
+
+@pytest.mark.parametrize("mode", list(SHADOWED))
+def test_shadow_catches_a_wrong_grouping(tiny, monkeypatch, mode):
+    """The control: a reference that pairs query heads with the wrong KV heads (in the random
+    head, the only change) drafts differently, and the comparison above sees it."""
+    net, _, base = tiny
+    head = load_head(base / "random")
+    assert head.config.num_attention_heads > head.config.num_key_value_heads > 1
+    monkeypatch.setattr(eagle_head, "attend", _ungrouped)
+    sh = _shadow(net, head, SHADOWED[mode])
+    assert sh.rounds >= 30 and sh.differ > 0, (sh.rounds, sh.differ)
 
 
 class _Lying:

@@ -462,7 +462,7 @@ def check_head(head: EagleHead, net, where: str, model_name: str) -> None:
 
 
 @dataclass
-class _Node:
+class Node:
     token: int
     parent: int  # index in the node list, -1: a child of the last committed token
     logp: float  # path log-probability under the head
@@ -648,7 +648,7 @@ class EagleDrafter:
         head call per level, the level's nodes as its rows, each seeing its ancestors' rows."""
         run, lo, topk = self.runner, self._len, self.topk
         levels = min(self.k, max_tokens)
-        nodes: list[_Node] = []
+        nodes: list[Node] = []
         # the frontier: its nodes, and their output hidden states and logits as rows
         front, hid, lg = [-1], self._h, self._logits
         row_of: dict[int, int] = {}  # node -> its drafted row (0 = the first after lo)
@@ -659,7 +659,7 @@ class EagleDrafter:
             for j, vals, idx in zip(front, top.values.tolist(), top.indices.tolist()):
                 logp = nodes[j].logp if j >= 0 else 0.0
                 for v, i in zip(vals, idx):
-                    nodes.append(_Node(self._ids[i], j, logp + v, depth))
+                    nodes.append(Node(self._ids[i], j, logp + v, depth))
                     children.append(len(nodes) - 1)
             if depth == levels:
                 break
@@ -687,7 +687,7 @@ class EagleDrafter:
             front = best
         return self._pick(nodes, ctx, max_tokens)
 
-    def _pick(self, nodes: list[_Node], ctx: DecodeContext, max_tokens: int) -> Draft:
+    def _pick(self, nodes: list[Node], ctx: DecodeContext, max_tokens: int) -> Draft:
         """The tree's most likely nodes, prefix-closed, as a Draft."""
         order = sorted(range(len(nodes)), key=lambda j: (-nodes[j].logp, nodes[j].depth, j))
         picked: list[int] = []
