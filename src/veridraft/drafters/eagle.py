@@ -241,6 +241,7 @@ class EagleHead(nn.Module):
 # -- the draft-time forward --
 
 WEIGHTS_CHOICES = ("fp32", "bf16")
+PACK_ROWS = 16  # oneDNN's batch-size hint for the reorder: a draft call runs 1..topk rows
 
 
 class _Dense:
@@ -270,9 +271,6 @@ class _Dense:
         else:
             y = F.linear(x, self.w)
         return y.float()
-
-
-PACK_ROWS = 16  # oneDNN's batch-size hint for the reorder: a draft call runs 1..topk rows
 
 
 class HeadRunner:
