@@ -245,27 +245,26 @@ PACK_ROWS = 16  # oneDNN's batch-size hint for the reorder: a draft call runs 1.
 
 
 class _Dense:
-    """x [R, in] float32 -> x @ W.T [R, out] float32, with W float32, or bfloat16 reordered
-    once into oneDNN's blocked layout (half the bytes a one-row step reads, no reorder per
-    call; without oneDNN a plain bfloat16 matmul). Not models.precision.PackedLinear: drafts
-    need no batch invariance, so no row-floor probe and no padded rows."""
+    """x [R, in] float32 -> x @ W.T [R, out] float32, W (float32, or bfloat16: half the bytes a
+    step reads) reordered once into oneDNN's blocked layout. A draft call runs 1 to topk rows;
+    oneDNN reads the weights once for all of them (a plain float32 matmul of 2-3 rows measured
+    2-3x its one-row time here, oneDNN's about one-row time). Without oneDNN: F.linear. Not
+    models.precision.PackedLinear: drafts need no batch invariance, so no row-floor probe and
+    no padded rows."""
 
     def __init__(self, w: Tensor, bf16: bool) -> None:
-        w = w.detach()
-        self.bf16 = bf16
-        self.w: Tensor | None = w.to(torch.bfloat16 if bf16 else torch.float32).contiguous()
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.w: Tensor | None = w.detach().to(self.dtype).contiguous()
         self.packed = None
-        if bf16 and torch.backends.mkldnn.is_available():
+        if torch.backends.mkldnn.is_available():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.w, PACK_ROWS)
                 self.w = None
-            except (RuntimeError, AttributeError):  # a torch without the op: plain bf16
+            except (RuntimeError, AttributeError):  # a torch without the op: F.linear
                 self.packed = None
 
     def __call__(self, x: Tensor) -> Tensor:
-        if not self.bf16:
-            return F.linear(x, self.w)
-        x = x.to(torch.bfloat16)
+        x = x.to(self.dtype)
         if self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         else:
@@ -278,8 +277,9 @@ class HeadRunner:
     one to a few rows a draft step runs. On a CPU such a step costs its weight bytes plus
     torch's per-call overhead, so it makes few calls over few bytes:
 
-    - q/k/v is one matmul and gate/up another (their weights stacked once); with `bf16`,
-      bfloat16 weights prepacked once, which halves the bytes read per step (and rounds);
+    - q/k/v is one matmul and gate/up another (their weights stacked once), every weight
+      prepacked once for oneDNN, which reads it once for all of a call's rows (`bf16`: in
+      bfloat16, half the bytes, and rounded);
     - the KV cache is preallocated head-major, [kv_heads, rows, hd], and written in place;
       grouped-query attention multiplies each KV head's keys by its group of query heads as one
       matrix (no repeated KV);
