@@ -21,10 +21,20 @@ from drafting_helpers import (
 )
 from safetensors.torch import load_file
 
+from veridraft.bench import eagle_head
+from veridraft.bench.eagle_head import PlainDrafter, attend
 from veridraft.decode import decode
 from veridraft.draft import Draft, DraftEnv
 from veridraft.drafters import make_drafter
-from veridraft.drafters.eagle import EagleDrafter, default_aux_ids, load_head, save_head
+from veridraft.drafters.eagle import (
+    EagleDrafter,
+    EagleHead,
+    HeadConfig,
+    HeadRunner,
+    default_aux_ids,
+    load_head,
+    save_head,
+)
 from veridraft.errors import VeridraftError
 from veridraft.models.base import Capture
 from veridraft.sampling import SamplingParams
@@ -75,6 +85,8 @@ SPECS = {
     "random-tree": "eagle:head={base}/random,mode=tree,k=4,topk=3,nodes=8",
     "trained-chain": "eagle:head={base}/trained,mode=chain,k=4",
     "trained-tree": "eagle:head={base}/trained,mode=tree,k=4,topk=2,nodes=6",
+    "bf16-chain": "eagle:head={base}/trained,mode=chain,k=4,weights=bf16",
+    "bf16-tree": "eagle:head={base}/trained,mode=tree,k=4,topk=2,nodes=6,weights=bf16",
 }
 
 
@@ -120,6 +132,138 @@ def test_sampling_distribution_matches_exact(tiny, which):
     d = make_drafter(SPECS[which].format(base=base), net)
     counts = sample_first(net, PROMPT, d, 2000, N_TOKENS, SAMPLING, seed=1)
     assert chi2_pvalue(counts, joint) > ACCEPT_P
+
+
+def test_runner_computes_the_heads_layer():
+    """HeadRunner (stacked weights, in-place head-major cache, grouped attention without
+    repeated KV, RoPE tables) is EagleHead's layer: the prompt's rows causally, then a tree
+    level whose rows each see the real rows, their drafted ancestors and themselves."""
+    c = HeadConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=40,
+        draft_vocab_size=24,
+        target_hidden_size=32,
+        aux_ids=(1, 2, 3),
+    )
+    torch.manual_seed(0)
+    head = EagleHead(c)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.uniform_(0.5, 1.5)
+    run = HeadRunner(head, bf16=False)
+    run.reserve(16)
+    feats, emb = torch.randn(6, 96), torch.randn(6, 32)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    with torch.no_grad():
+        hidden = head.fc(feats)
+        q, k, v = head.qkv(hidden, emb, torch.arange(6))
+        want = head.finish(hidden, attend(q, k, v, causal))
+        got = run.layer(run.fc(feats), emb, 0, slice(0, 6), 0, causal)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(run.logits(got), head.logits(want))
+        # three drafted rows at one position past the real ones; the third is the first's child
+        h2, e2 = torch.randn(3, 32), torch.randn(3, 32)
+        tree = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 1]], dtype=torch.bool)
+        q2, k2, v2 = head.qkv(h2, e2, torch.full((3,), 6))
+        mask = torch.cat((torch.ones(3, 6, dtype=torch.bool), tree), 1)
+        want2 = head.finish(h2, attend(q2, torch.cat((k, k2)), torch.cat((v, v2)), mask))
+        got2 = run.layer(h2, e2, 6, slice(6, 7), 6, tree)
+        torch.testing.assert_close(got2, want2)
+
+
+def test_bf16_runner_rounds_only(tiny):
+    """bfloat16 weights change the head's numbers by rounding, not its predictions."""
+    _, _, base = tiny
+    head = load_head(base / "trained")
+    f32, b16 = HeadRunner(head, bf16=False), HeadRunner(head, bf16=True)
+    torch.manual_seed(1)
+    feats = torch.randn(5, 3 * head.config.target_hidden_size)
+    emb = torch.randn(5, head.config.hidden_size)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    outs = []
+    with torch.no_grad():
+        for run in (f32, b16):
+            run.reserve(8)
+            outs.append(run.logits(run.layer(run.fc(feats), emb, 0, slice(0, 5), 0, causal)))
+    torch.testing.assert_close(outs[1], outs[0], atol=0.1, rtol=0.05)
+    assert not torch.equal(outs[1], outs[0])
+
+
+class _Shadow:
+    """Decodes with `main` while `ref` gets the same calls (prefill, update, propose) and
+    drafts from the same state: counts the rounds and those whose drafts differ."""
+
+    def __init__(self, main: EagleDrafter, ref: EagleDrafter) -> None:
+        self.main, self.ref = main, ref
+        self.prompt_capture, self.verify_capture = main.prompt_capture, main.verify_capture
+        self.rounds = self.differ = self.branched = 0
+
+    def prefill(self, ctx) -> None:
+        self.main.prefill(ctx)
+        self.ref.prefill(ctx)
+
+    def update(self, rnd) -> None:
+        self.main.update(rnd)
+        self.ref.update(rnd)
+
+    def propose(self, ctx, max_tokens: int) -> Draft:
+        d, r = self.main.propose(ctx, max_tokens), self.ref.propose(ctx, max_tokens)
+        self.rounds += 1
+        self.differ += (d.tokens, d.parents) != (r.tokens, r.parents)
+        self.branched += d.parents is not None
+        return d
+
+
+SHADOWED = {
+    "chain": {"mode": "chain", "k": 4},
+    "tree": {"mode": "tree", "k": 4, "topk": 3, "nodes": 10},
+}
+
+
+def _shadow(net, head, params) -> _Shadow:
+    sh = _Shadow(EagleDrafter(head, **params), PlainDrafter(head, **params))
+    for start in (0, 4, 8):  # three prompts: rounds at many cache lengths
+        prompt = PROMPT[start:] + PROMPT[:start]
+        decode(
+            net, prompt, max_new_tokens=40, sampling=GREEDY, generator=torch.Generator(), drafter=sh
+        )
+    return sh
+
+
+@pytest.mark.parametrize("which", ["random", "trained"])
+@pytest.mark.parametrize("mode", list(SHADOWED))
+def test_runner_drafts_what_the_plain_head_drafts(tiny, which, mode):
+    """The drafter's forward (HeadRunner) proposes, round after round, exactly the tokens and
+    tree the head run plainly proposes (PlainDrafter: EagleHead's pieces, repeated KV, a
+    concatenated cache, the previous implementation)."""
+    net, _, base = tiny
+    sh = _shadow(net, load_head(base / which), SHADOWED[mode])
+    assert sh.rounds >= 30 and sh.differ == 0, (sh.rounds, sh.differ)
+    assert (sh.branched > sh.rounds // 2) == (mode == "tree"), sh.branched
+
+
+def _ungrouped(q, k, v, mask):
+    """Grouped attention with the groups dealt round-robin (`repeat`, not
+    `repeat_interleave`): query head h reads KV head h % kv_heads."""
+    rep = q.shape[1] // k.shape[1]
+    return attend(q, k.repeat(1, rep, 1), v.repeat(1, rep, 1), mask)
+
+
+@pytest.mark.parametrize("mode", list(SHADOWED))
+def test_shadow_catches_a_wrong_grouping(tiny, monkeypatch, mode):
+    """The control: a reference that pairs query heads with the wrong KV heads (in the random
+    head, the only change) drafts differently, and the comparison above sees it."""
+    net, _, base = tiny
+    head = load_head(base / "random")
+    assert head.config.num_attention_heads > head.config.num_key_value_heads > 1
+    monkeypatch.setattr(eagle_head, "attend", _ungrouped)
+    sh = _shadow(net, head, SHADOWED[mode])
+    assert sh.rounds >= 30 and sh.differ > 0, (sh.rounds, sh.differ)
 
 
 class _Lying:

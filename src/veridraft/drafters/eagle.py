@@ -12,12 +12,15 @@ The features cost no extra forward: the drafter asks the verification forward (c
 and the prompt's forwards for those three layers (`verify_capture`, `prompt_capture` in
 veridraft.draft) and keeps the rows of the accepted path.
 
-Spec: ``eagle[:head=PATH][:k=N,topk=K,nodes=N,mode=chain|tree]``. `head`: a head folder, or a
-name under ``<model folder>/heads/`` (default: the newest ``heads/eagle-*`` there). `mode=tree`
-(default) grows a token tree best-first by path probability, `k` levels deep, the `topk` best
-nodes of a level expanded by their `topk` best children (EAGLE-2's dynamic tree); the number of
-nodes verified is `CostModel.best_nodes` of their path probabilities when the machine has a cost
-profile, else `nodes`. `mode=chain` drafts `k` tokens.
+Spec: ``eagle[:head=PATH][:k=N,topk=K,nodes=N,mode=chain|tree,weights=fp32|bf16]``.
+`head`: a head folder, or a name under ``<model folder>/heads/`` (default: the newest
+``heads/eagle-*`` there). `mode=tree` (default) grows a token tree best-first by path
+probability, `k` levels deep, the `topk` best nodes of a level expanded by their `topk` best
+children (EAGLE-2's dynamic tree); the number of nodes verified is `CostModel.best_nodes` of
+their path probabilities when the machine has a cost profile, else `nodes`. `mode=chain` drafts
+`k` tokens. `weights=bf16` runs the head's matmuls in bfloat16: a draft step reads half the
+bytes, but the rounding changes a few drafts (near ties), so the default is float32, which
+drafts the tokens EagleHead's own layer predicts (HeadRunner).
 
 Lossless: greedy drafts are argmaxes (point masses); under sampling a chain samples each token
 from the head's distribution and reports it as q, and a tree proposes its distinct top-k
@@ -235,14 +238,129 @@ class EagleHead(nn.Module):
         return self.lm_head(self.norm(h))
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """q [R, H, hd] over keys k, v [L, KV, hd] where mask [R, L] is True -> [R, H, hd]."""
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    s = torch.einsum("rhd,lhd->hrl", q, k) / math.sqrt(q.shape[-1])
-    s = s.masked_fill(~mask, float("-inf"))
-    return torch.einsum("hrl,lhd->rhd", torch.softmax(s, -1), v)
+# -- the draft-time forward --
+
+WEIGHTS_CHOICES = ("fp32", "bf16")
+PACK_ROWS = 16  # oneDNN's batch-size hint for the reorder: a draft call runs 1..topk rows
+
+
+class _Dense:
+    """x [R, in] float32 -> x @ W.T [R, out] float32, W (float32, or bfloat16: half the bytes a
+    step reads) reordered once into oneDNN's blocked layout. A draft call runs 1 to topk rows;
+    oneDNN reads the weights once for all of them (a plain float32 matmul of 2-3 rows measured
+    2-3x its one-row time here, oneDNN's about one-row time). Without oneDNN: F.linear. Not
+    models.precision.PackedLinear: drafts need no batch invariance, so no row-floor probe and
+    no padded rows."""
+
+    def __init__(self, w: Tensor, bf16: bool) -> None:
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.w: Tensor | None = w.detach().to(self.dtype).contiguous()
+        self.packed = None
+        if torch.backends.mkldnn.is_available():
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.w, PACK_ROWS)
+                self.w = None
+            except (RuntimeError, AttributeError):  # a torch without the op: F.linear
+                self.packed = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = x.to(self.dtype)
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        else:
+            y = F.linear(x, self.w)
+        return y.float()
+
+
+class HeadRunner:
+    """The head's layer at draft time: the same function as EagleHead's pieces, shaped for the
+    one to a few rows a draft step runs. On a CPU such a step costs its weight bytes plus
+    torch's per-call overhead, so it makes few calls over few bytes:
+
+    - q/k/v is one matmul and gate/up another (their weights stacked once), every weight
+      prepacked once for oneDNN, which reads it once for all of a call's rows (`bf16`: in
+      bfloat16, half the bytes, and rounded);
+    - the KV cache is preallocated head-major, [kv_heads, rows, hd], and written in place;
+      grouped-query attention multiplies each KV head's keys by its group of query heads as one
+      matrix (no repeated KV);
+    - RoPE reads cos/sin tables (the sign of rotate-half folded into sin).
+    """
+
+    def __init__(self, head: EagleHead, bf16: bool) -> None:
+        c, m = head.config, head.midlayer
+        a, mlp = m.self_attn, m.mlp
+        self.config, self.bf16 = c, bf16
+        self.group = c.num_attention_heads // c.num_key_value_heads
+        self.scale = math.sqrt(c.head_dim)
+        self.fc = _Dense(head.fc.weight, bf16)
+        self.qkv = _Dense(torch.cat((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)), bf16)
+        self.o = _Dense(a.o_proj.weight, bf16)
+        self.gate_up = _Dense(torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)), bf16)
+        self.down = _Dense(mlp.down_proj.weight, bf16)
+        self.lm_head = _Dense(head.lm_head.weight, bf16)
+        # the head's own norms: the same rounding as EagleHead (F.rms_norm's fused op differs
+        # in the last bit, which can flip a near tie)
+        self.norms = {
+            "emb": m.input_layernorm,
+            "hidden": m.hidden_norm,
+            "post": m.post_attention_layernorm,
+            "final": head.norm,
+        }
+        self.inv_freq = head.inv_freq
+        self.k = self.v = self.cos = self.sin = None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+    def reserve(self, rows: int) -> None:
+        """Room for `rows` cache rows and RoPE positions 0 .. rows - 1."""
+        if self.rows >= rows:
+            return
+        c = self.config
+        self.k = torch.empty(c.num_key_value_heads, rows, c.head_dim)
+        self.v = torch.empty_like(self.k)
+        f = torch.arange(rows, dtype=torch.float32)[:, None] * self.inv_freq
+        emb = torch.cat((f, f), -1)  # EagleHead.rope's angles, bit for bit
+        half = c.head_dim // 2
+        sin = emb.sin()
+        self.cos = emb.cos()
+        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), -1)
+
+    def _norm(self, x: Tensor, which: str) -> Tensor:
+        return self.norms[which](x)
+
+    def layer(
+        self, hidden: Tensor, emb: Tensor, at: int, pos: slice, free: int, mask: Tensor | None
+    ) -> Tensor:
+        """Output hidden states [R, D] of R rows with inputs `hidden` and token embeddings `emb`
+        [R, D] at head positions `pos` (R of them, or one shared by all rows). Their keys and
+        values go to cache rows at .. at + R - 1; they attend to rows 0 .. free - 1 and, of the
+        rows free .. at + R - 1, where mask [R, at + R - free] is True (None: all of them)."""
+        c = self.config
+        r, heads, kv = hidden.shape[0], c.num_attention_heads, c.num_key_value_heads
+        hd, g = c.head_dim, self.group
+        x = torch.cat((self._norm(emb, "emb"), self._norm(hidden, "hidden")), -1)
+        y = self.qkv(x)
+        qk = y[:, : (heads + kv) * hd].view(r, heads + kv, hd)
+        qk = qk * self.cos[pos, None] + qk.roll(hd // 2, -1) * self.sin[pos, None]
+        end = at + r
+        self.k[:, at:end] = qk[:, heads:].transpose(0, 1)
+        self.v[:, at:end] = y[:, (heads + kv) * hd :].view(r, kv, hd).transpose(0, 1)
+        # query head h reads KV head h // g (repeat_interleave's grouping)
+        q = qk[:, :heads].reshape(r, kv, g, hd).permute(1, 2, 0, 3).reshape(kv, g * r, hd)
+        s = torch.matmul(q, self.k[:, :end].transpose(1, 2)).div_(self.scale)  # [kv, g * r, end]
+        if mask is not None:
+            s.view(kv, g, r, end)[..., free:].masked_fill_(~mask, float("-inf"))
+        o = torch.matmul(torch.softmax(s, -1), self.v[:, :end])  # [kv, g * r, hd]
+        o = o.view(kv, g, r, hd).permute(2, 0, 1, 3).reshape(r, heads * hd)
+        h = hidden + self.o(o)
+        gu = self.gate_up(self._norm(h, "post"))
+        gate, up = gu.chunk(2, -1)
+        return h + self.down(F.silu(gate) * up)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return self.lm_head(self._norm(h, "final"))
 
 
 # -- checkpoint --
@@ -342,14 +460,11 @@ def check_head(head: EagleHead, net, where: str, model_name: str) -> None:
 
 
 @dataclass
-class _Node:
+class Node:
     token: int
     parent: int  # index in the node list, -1: a child of the last committed token
     logp: float  # path log-probability under the head
     depth: int
-    row: int = -1  # its row among the drafted head keys, once expanded
-    hidden: Tensor | None = None  # the layer output of its row (predicts its children)
-    logits: Tensor | None = None
 
 
 class EagleDrafter:
@@ -357,7 +472,7 @@ class EagleDrafter:
 
     name = "eagle"
     takes_arg = None  # optional: eagle:head=PATH (or eagle:PATH) before the parameters
-    usage = "eagle[:head=PATH][:k=N,topk=K,nodes=N,mode=chain|tree]"
+    usage = "eagle[:head=PATH][:k=N,topk=K,nodes=N,mode=chain|tree,weights=fp32|bf16]"
     description = (
         "EAGLE-3 draft head: one decoder layer over the target's own hidden states "
         "(`veridraft train head` makes one)"
@@ -368,6 +483,12 @@ class EagleDrafter:
         "topk": Param(int, 3, "children expanded per tree node"),
         "nodes": Param(int, None, "tree nodes verified (default: the cost model's best, else 12)"),
         "mode": Param(str, "tree", "a token tree or a chain", ("chain", "tree")),
+        "weights": Param(
+            str,
+            "fp32",
+            "the head's matmul weights: bf16 steps faster but changes a few drafts",
+            WEIGHTS_CHOICES,
+        ),
     }
     aliases = {"num_tokens": "k", "depth": "k", "path": "head"}
 
@@ -379,6 +500,7 @@ class EagleDrafter:
         topk: int = 3,
         nodes: int | None = None,
         mode: str = "tree",
+        weights: str = "fp32",
         cost=None,
     ) -> None:
         m = "eagle"
@@ -387,16 +509,18 @@ class EagleDrafter:
         self.topk = as_int(m, "topk", topk, lo=1, hi=64)
         self.nodes = None if nodes is None else as_int(m, "nodes", nodes, lo=1)
         self.mode = as_choice(m, "mode", mode, ("tree", "chain"))
+        self.weights = as_choice(m, "weights", weights, WEIGHTS_CHOICES)
         self.cost = cost
         self.ids = head.draft_ids
+        self._ids = self.ids.tolist()  # target id of each draft id, without a tensor per lookup
+        self.runner = HeadRunner(head, self.weights == "bf16")
         self._net = None
         self._ctx: DecodeContext | None = None
-        self._k = self._v = None  # the head's KV cache [max, kv_heads, hd]
-        self._len = 0  # real rows in it
+        self._len = 0  # real rows in the runner's cache
         self._start = 0  # target position of head row 0
         self._pending: list[Tensor] = []  # target features of positions not yet run [n, 3D]
-        self._h: Tensor | None = None  # the last real row's output hidden state
-        self._logits: Tensor | None = None
+        self._h: Tensor | None = None  # the last real row's output hidden state [1, D]
+        self._logits: Tensor | None = None  # [1, draft vocab]
 
     @classmethod
     def from_spec(
@@ -418,7 +542,10 @@ class EagleDrafter:
         return cls(head, cost=cost, **params)
 
     def __repr__(self) -> str:
-        return f"EagleDrafter(k={self.k}, topk={self.topk}, nodes={self.nodes}, mode={self.mode!r})"
+        return (
+            f"EagleDrafter(k={self.k}, topk={self.topk}, nodes={self.nodes}, mode={self.mode!r}, "
+            f"weights={self.weights!r})"
+        )
 
     # -- the captures --
 
@@ -438,12 +565,9 @@ class EagleDrafter:
     # -- drafter protocol --
 
     def prefill(self, ctx: DecodeContext) -> None:
-        c = self.head.config
         self._ctx, self._net = ctx, ctx.target
-        size = ctx.cache.max_len + 1
-        if self._k is None or self._k.shape[0] < size:
-            self._k = torch.empty(size, c.num_key_value_heads, c.head_dim)
-            self._v = torch.empty_like(self._k)
+        # the real rows, then a round's drafted rows: a chain's k, a tree's topk per level
+        self.runner.reserve(ctx.cache.max_len + 1 + self.k * self.topk)
         self._len, self._h, self._logits = 0, None, None
         feats = self._features(ctx.prompt_capture, None)
         # without the prompt's features (prefilled earlier) the head starts at the first
@@ -483,47 +607,22 @@ class EagleDrafter:
         self._pending = []
         a = self._start + self._len  # target position of the first pending row
         n = feats.shape[0]
-        if a + n > len(ids) - 1 or a + n > self._k.shape[0]:
-            raise VeridraftError("eagle: captured features ran ahead of the committed ids")
-        head = self.head
-        hidden = head.fc(feats.float())
-        emb = self._embed(ids[a + 1 : a + n + 1])
-        pos = torch.arange(self._len, self._len + n)
-        q, k, v = head.qkv(hidden, emb, pos)
         lo = self._len
-        self._k[lo : lo + n], self._v[lo : lo + n] = k, v
+        if a + n > len(ids) - 1 or lo + n > self.runner.rows - self.k * self.topk:
+            raise VeridraftError("eagle: captured features ran ahead of the committed ids")
+        run = self.runner
+        hidden = run.fc(feats.float())
+        emb = self._embed(ids[a + 1 : a + n + 1])
+        causal = None if n == 1 else torch.ones(n, n, dtype=torch.bool).tril()
+        out = run.layer(hidden, emb, lo, slice(lo, lo + n), lo, causal)
         self._len += n
-        mask = torch.ones(n, lo + n, dtype=torch.bool)
-        mask[:, lo:] = torch.ones(n, n, dtype=torch.bool).tril()
-        out = head.finish(hidden, attend(q, self._k[: lo + n], self._v[: lo + n], mask))
-        self._h = out[-1]
-        self._logits = head.logits(self._h)
-
-    def _rows(self, hidden: Tensor, tokens: list[int], depth: list[int], anc: list[list[int]]):
-        """Draft rows past the real ones: row r has input hidden[r] and tokens[r], sits
-        depth[r] positions past the last real row and sees the real rows, the drafted rows
-        anc[r] and itself. Returns the rows' output hidden states and logits."""
-        head, lo = self.head, self._len
-        n = len(tokens)
-        base = lo + len(self._dk)
-        q, k, v = head.qkv(hidden, self._embed(tokens), torch.tensor(depth) + lo - 1)
-        self._dk.extend(k.unbind(0))
-        self._dv.extend(v.unbind(0))
-        keys = torch.cat((self._k[:lo], torch.stack(self._dk)))
-        vals = torch.cat((self._v[:lo], torch.stack(self._dv)))
-        mask = torch.zeros(n, keys.shape[0], dtype=torch.bool)
-        mask[:, :lo] = True
-        for r in range(n):
-            for a in anc[r]:
-                mask[r, lo + a] = True
-            mask[r, base + r] = True
-        out = head.finish(hidden, attend(q, keys, vals, mask))
-        return out, head.logits(out)
+        self._h = out[-1:]
+        self._logits = run.logits(self._h)
 
     def _chain(self, ctx: DecodeContext, k: int) -> Draft:
         sampled = not ctx.sampling.greedy
-        self._dk, self._dv = [], []
-        h, logits = self._h, self._logits
+        run, lo = self.runner, self._len
+        h, logits = self._h, self._logits[0]
         tokens: list[int] = []
         qs: list[Tensor] = []
         for i in range(k):
@@ -534,44 +633,60 @@ class EagleDrafter:
                 tok = sample(q, ctx.generator)
                 qs.append(q)
             else:
-                tok = int(self.ids[int(logits.argmax())])
+                tok = self._ids[int(logits.argmax())]
             tokens.append(tok)
-            if i + 1 < k:
-                out, lg = self._rows(h[None], [tok], [i + 1], [list(range(i))])
-                h, logits = out[0], lg[0]
+            if i + 1 < k:  # drafted row i sits at head position lo + i and sees every row
+                h = run.layer(h, self._embed([tok]), lo + i, slice(lo + i, lo + i + 1), lo, None)
+                logits = run.logits(h)[0]
         return Draft(tokens=tokens, q=torch.stack(qs) if sampled else None)
 
     def _tree(self, ctx: DecodeContext, max_tokens: int) -> Draft:
         """EAGLE-2's dynamic tree: each level expands the `topk` most likely nodes by their
-        `topk` best children; every node is a candidate, the most likely are verified."""
-        self._dk, self._dv = [], []
-        nodes: list[_Node] = []
-        frontier = [(-1, self._h, self._logits, 0.0, [])]  # (node, hidden, logits, logp, anc)
-        for depth in range(1, min(self.k, max_tokens) + 1):
+        `topk` best children; every node is a candidate, the most likely are verified. One
+        head call per level, the level's nodes as its rows, each seeing its ancestors' rows."""
+        run, lo, topk = self.runner, self._len, self.topk
+        levels = min(self.k, max_tokens)
+        nodes: list[Node] = []
+        # the frontier: its nodes, and their output hidden states and logits as rows
+        front, hid, lg = [-1], self._h, self._logits
+        row_of: dict[int, int] = {}  # node -> its drafted row (0 = the first after lo)
+        anc = torch.zeros(levels * topk, levels * topk, dtype=torch.bool)  # row sees row
+        for depth in range(1, levels + 1):
+            top = torch.log_softmax(lg, -1).topk(min(topk, lg.shape[-1]), -1)
             children: list[int] = []
-            for parent, _, logits, logp, _ in frontier:
-                lp = torch.log_softmax(logits, -1)
-                top = lp.topk(min(self.topk, lp.shape[0]))
-                for v, i in zip(top.values.tolist(), top.indices.tolist()):
-                    nodes.append(_Node(int(self.ids[i]), parent, logp + v, depth))
+            for j, vals, idx in zip(front, top.values.tolist(), top.indices.tolist()):
+                logp = nodes[j].logp if j >= 0 else 0.0
+                for v, i in zip(vals, idx):
+                    nodes.append(Node(self._ids[i], j, logp + v, depth))
                     children.append(len(nodes) - 1)
-            if depth == self.k:
+            if depth == levels:
                 break
-            best = sorted(children, key=lambda j: -nodes[j].logp)[: self.topk]
-            hid = {f[0]: f[1] for f in frontier}
-            ancs = {f[0]: f[4] for f in frontier}
-            anc = [
-                ancs[nodes[j].parent]
-                + ([nodes[nodes[j].parent].row] if nodes[j].parent >= 0 else [])
-                for j in best
-            ]
-            hidden = torch.stack([hid[nodes[j].parent] for j in best])
-            first = len(self._dk)
-            out, lg = self._rows(hidden, [nodes[j].token for j in best], [depth] * len(best), anc)
-            frontier = []
+            best = sorted(children, key=lambda j: -nodes[j].logp)[:topk]
+            first = len(row_of)
+            where = {j: r for r, j in enumerate(front)}
+            take = torch.tensor([where[nodes[j].parent] for j in best])
+            rows = torch.arange(first, first + len(best))
+            if depth > 1:
+                anc[rows] = anc[torch.tensor([row_of[nodes[j].parent] for j in best])]
+            anc[rows, rows] = True
             for r, j in enumerate(best):
-                nodes[j].row = first + r
-                frontier.append((j, out[r], lg[r], nodes[j].logp, anc[r]))
+                row_of[j] = first + r
+            end = first + len(best)
+            pos = slice(lo + depth - 1, lo + depth)
+            hid = run.layer(
+                hid.index_select(0, take),
+                self._embed([nodes[j].token for j in best]),
+                lo + first,
+                pos,
+                lo,
+                anc[first:end, :end],
+            )
+            lg = run.logits(hid)
+            front = best
+        return self._pick(nodes, ctx, max_tokens)
+
+    def _pick(self, nodes: list[Node], ctx: DecodeContext, max_tokens: int) -> Draft:
+        """The tree's most likely nodes, prefix-closed, as a Draft."""
         order = sorted(range(len(nodes)), key=lambda j: (-nodes[j].logp, nodes[j].depth, j))
         picked: list[int] = []
         where: dict[int, int] = {}
