@@ -1,6 +1,6 @@
 """The load test's llama-server peer: its command line, its drafter specs, a peer that cannot
-start (its rows fail with the reason, the run goes on), the report's memory column, and a whole
-run against stand-in servers (no llama-server binary needed)."""
+start (its rows fail with the reason, the run goes on), the report's memory column, and whole
+runs against stand-in servers (no llama-server binary needed), in ABBA order."""
 
 from __future__ import annotations
 
@@ -255,9 +255,9 @@ ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """
 
 
-def test_both_servers_run_every_client_count_in_alternating_order(tmp_path, capsys, monkeypatch):
-    """The whole run against two stand-in servers: llama-server's command line and request
-    fields, veridraft's, the order flipping per client count, and every row's figures."""
+def _stand_ins(tmp_path, monkeypatch):
+    """The stand-in as llama-server, and under veridraft's name (one server for every drafter);
+    the model file it is given."""
     fake = tmp_path / "llama-server"
     fake.write_text(f"#!{sys.executable}\n{FAKE_SERVER}")
     fake.chmod(0o755)
@@ -265,12 +265,24 @@ def test_both_servers_run_every_client_count_in_alternating_order(tmp_path, caps
     gguf.write_bytes(b"GGUF")
 
     def fake_veridraft(args):
-        # The same stand-in under veridraft's name: one server for every drafter.
         s = loadtest.start_llama_server(args, "none")
         s.name, s.draft = "veridraft", None
         return s
 
     monkeypatch.setattr(loadtest, "start_veridraft", fake_veridraft)
+    return fake, gguf
+
+
+def _sequential(units: list, n: int) -> list:
+    """The order the load test used before it interleaved: each unit's n requests back to back."""
+    return [u for u in units for _ in range(n)]
+
+
+def test_both_servers_run_every_client_count_in_alternating_order(tmp_path, capsys, monkeypatch):
+    """The whole run against two stand-in servers: llama-server's command line and request
+    fields, veridraft's, the order flipping per client count and ABBA within one, and every
+    row's figures over both halves."""
+    fake, gguf = _stand_ins(tmp_path, monkeypatch)
     code = loadtest.main(
         ["--peer", "veridraft,llama-server", "--llama-server", str(fake), "--model", str(gguf),
          "--clients", "1,2", "--drafts", "none", "--requests", "3", "--max-tokens", "6",
@@ -311,3 +323,60 @@ def test_both_servers_run_every_client_count_in_alternating_order(tmp_path, caps
     )
     # One server got veridraft's drafter field, the other llama-server's cache_prompt: false.
     assert kinds == [(False, True), (True, False)]
+
+    # The measured requests (max_tokens 6, not the warm-ups' 8) in the order the servers got
+    # them: per client count, 2 then 1 of the 3 requests, the second half in reverse (ABBA).
+    vd = next(p for p, rs in by_port.items() if "veridraft" in rs[0])
+    seen = ["V" if n["port"] == vd else "L" for n in requests if n["request"]["max_tokens"] == 6]
+    abba = ["V", "V", "L", "L", "L", "V"] + ["L", "L", "V", "V", "V", "L"]
+    assert seen == abba
+    # The control: the old order, each server's 3 requests back to back, is not what ran.
+    assert seen != _sequential(["V", "L"], 3) + _sequential(["L", "V"], 3)
+    assert "Order: interleaved (ABBA)" in out
+
+
+def test_drafters_run_in_abba_order_and_each_row_sums_both_halves(tmp_path, capsys, monkeypatch):
+    fake, gguf = _stand_ins(tmp_path, monkeypatch)
+    code = loadtest.main(
+        ["--peer", "veridraft", "--llama-server", str(fake), "--model", str(gguf),
+         "--clients", "1", "--drafts", "none,ngram,suffix", "--requests", "4",
+         "--max-tokens", "5", "--max-num-seqs", "1", "--ctx-per-slot", "256"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    notes = [json.loads(ln) for ln in (tmp_path / "record.jsonl").read_text().splitlines()]
+    seen = [
+        n["request"]["veridraft"]["draft"] or "none"
+        for n in notes
+        if "request" in n and n["request"]["max_tokens"] == 5
+    ]
+    units = ["none", "ngram", "suffix"]
+    assert seen == [d for d in units + units[::-1] for _ in range(2)]
+    assert seen != _sequential(units, 4)  # the control: the old order would fail the check
+    rows = [ln.split(" | ") for ln in out.splitlines() if ln.startswith("| veridraft")]
+    assert [r[1] for r in rows] == units  # the table keeps the first half's order
+    for r in rows:
+        assert r[3] == "4"  # both halves' requests in one row
+
+
+def test_abba_splits_the_requests_and_reverses_the_second_half():
+    assert loadtest.abba(["A", "B"], 5) == [("A", 0, 3), ("B", 0, 3), ("B", 3, 2), ("A", 3, 2)]
+    assert loadtest.abba(["A", "B", "C"], 1) == [("A", 0, 1), ("B", 0, 1), ("C", 0, 1)]
+
+
+def test_a_row_over_two_halves_is_total_tokens_over_total_time():
+    def half(wall, tokens, ttft, gap, rss):
+        lv = Level("ngram", 2, wall_s=wall, server="veridraft", peak_rss_mb=rss)
+        lv.results = [loadtest.Result(ttft, 1.0, tokens, 2.0, [gap])]
+        return lv
+
+    a, b = half(1.0, 20, 0.1, 0.01, 100.0), half(3.0, 20, 0.3, 0.03, 120.0)
+    b.errors = 1
+    row = loadtest.merge([a, b]).row()
+    # 40 tokens in 4 s: 10/s; the mean of the halves' rates (20/s and 6.7/s) would be 13.3.
+    assert row["tokens_per_s"] == pytest.approx(10.0)
+    assert row["requests"] == 2 and row["errors"] == 1
+    assert row["ttft_p50_s"] == pytest.approx(0.1) and row["ttft_p99_s"] == pytest.approx(0.3)
+    assert row["itl_p99_s"] == pytest.approx(0.03)
+    assert row["peak_rss_mb"] == 120.0
+    assert (row["server"], row["draft"], row["clients"]) == ("veridraft", "ngram", 2)

@@ -15,8 +15,10 @@ every drafter) and `llama-server` (llama.cpp's own server, built by `make setup-
 the model's original GGUF with --parallel slots and continuous batching; drafters `none` and
 `model:NAME[:k=K]`, a server each, NAME's GGUF as its draft model). Both get the same prompts,
 the same max tokens, the same number of slots and the same KV positions per slot. With several
-servers each client count runs all of them, in alternating order. A server that does not start
-fails its rows with the reason; the others run. Everything is bounded: requests per level, and
+servers each client count runs all of them, in alternating order. Within a client count the
+requests run in two halves, the second in reverse order of server and drafter (A B ... B A), and
+each row sums both halves, so a machine whose load drifts favours no drafter or server. A server
+that does not start fails its rows with the reason; the others run. Everything is bounded: requests per level, and
 --time-limit for the whole run.
 """
 
@@ -179,6 +181,37 @@ def run_level(
         t.join()
     level.wall_s = time.perf_counter() - t0
     return level
+
+
+def abba(units: list, n: int) -> list[tuple[object, int, int]]:
+    """The run order of one client count: (unit, first request, request count) for each half.
+    The first half of the n requests goes to every unit in order, the second half in reverse
+    (A B ... B A), so a machine whose load drifts during the level weighs on every unit alike
+    instead of favouring whichever ran first. An empty half (n = 1) is left out."""
+    first, second = n - n // 2, n // 2
+    out = [(u, 0, first) for u in units]
+    if second:
+        out += [(u, first, second) for u in reversed(units)]
+    return out
+
+
+def merge(levels: list[Level]) -> Level:
+    """One row out of a unit's halves: their requests together over their summed wall time
+    (tokens/s = all tokens / all wall time; percentiles over every request)."""
+    out = Level(levels[0].draft, levels[0].concurrency, server=levels[0].server)
+    for lv in levels:
+        out.wall_s += lv.wall_s
+        out.results += lv.results
+        out.errors += lv.errors
+    rss = [lv.peak_rss_mb for lv in levels if lv.peak_rss_mb == lv.peak_rss_mb]
+    out.peak_rss_mb = max(rss) if rss else float("nan")
+    return out
+
+
+ORDER_NOTE = (
+    "Order: interleaved (ABBA). Each client count's requests ran in two halves, the first in "
+    "the table's order of servers and drafters, the second in reverse; each row is both halves."
+)
 
 
 # -- the servers ----------------------------------------------------------------------------------
@@ -551,23 +584,32 @@ def run_loadtest(args) -> int:
             # Alternate which server goes first, so neither always runs on a machine the other
             # has just warmed (or left busy).
             order = args.peers if i % 2 == 0 else args.peers[::-1]
-            for name in order:
-                for d in drafts:  # drafters back to back at each level
-                    s = next(x for x in servers if x.name == name and x.serves(d))
-                    if s.error:
-                        level = Level(d, c, server=name, failed=s.error)
-                    else:
-                        client, model = clients[id(s)]
-                        n = args.requests or max(8, c)
-                        extra = request_extra(name, d)
-                        level = run_level(
-                            client, model, prompts, d, c, n, args.max_tokens, deadline, extra
-                        )
-                        level.server = name
-                        level.peak_rss_mb = peak_rss_mb(s.proc.pid if s.proc else None)
-                    rows.append(level.row())
-                    print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            units = [(name, d) for name in order for d in drafts]
+            n = args.requests or max(8, c)
+            halves: dict[tuple[str, str], list[Level]] = {u: [] for u in units}
+            for (name, d), first, count in abba(units, n):
+                s = next(x for x in servers if x.name == name and x.serves(d))
+                if s.error:
+                    continue
+                client, model = clients[id(s)]
+                part = [prompts[(first + j) % len(prompts)] for j in range(count)]
+                extra = request_extra(name, d)
+                level = run_level(
+                    client, model, part, d, c, count, args.max_tokens, deadline, extra
+                )
+                level.server = name
+                level.peak_rss_mb = peak_rss_mb(s.proc.pid if s.proc else None)
+                halves[(name, d)].append(level)
+            for name, d in units:
+                s = next(x for x in servers if x.name == name and x.serves(d))
+                if s.error:
+                    level = Level(d, c, server=name, failed=s.error)
+                else:
+                    level = merge(halves[(name, d)])
+                rows.append(level.row())
+                print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         print(table(rows))
+        print(f"\n{ORDER_NOTE}")
     finally:
         for s in servers:
             s.stop()
