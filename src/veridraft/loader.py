@@ -11,7 +11,6 @@ use (models/catalog.py).
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,28 +134,13 @@ def gguf_folder(gguf: str | Path, mmproj: str | Path | None = None) -> Path:
     sha = convert.sha256_file(gguf)
     final = catalog.models_dir() / f"gguf-{sha[:16]}"
     if catalog.is_complete(final):
-        _record_source(final, gguf)  # the same bytes may have moved since
+        catalog.record_paths(final, source_path=gguf)  # the same bytes may have moved since
         return final
     catalog.log(f"reading the config and tokenizer of {gguf} into {final} (once)")
     with catalog.staging_dir(final) as tmp:
         convert.write_metadata(gguf, tmp, name=gguf.stem, source_sha256=sha)
-        _record_source(tmp, gguf)
+        catalog.record_paths(tmp, source_path=gguf)
     return final
-
-
-def _record_source(folder: Path, gguf: Path) -> None:
-    """Record the GGUF's path in veridraft.json (written whole, then renamed over the old)."""
-    meta_path = folder / catalog.MARKER
-    meta = json.loads(meta_path.read_text())
-    if meta.get("source_path") == str(gguf):
-        return
-    meta["source_path"] = str(gguf)
-    tmp = meta_path.with_name(f".{meta_path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, meta_path)
-    except OSError:  # a read-only models folder: q4 then names the old path in its error
-        tmp.unlink(missing_ok=True)
 
 
 def _hub_folder(repo_id: str) -> Path:

@@ -27,7 +27,7 @@ from ..draft import DecodeContext, Draft, Round
 from ..drafters.eagle import EagleDrafter, Node, find_head, load_head
 from ..models.base import Capture
 from ..models.kernels import cpu_name
-from ..sampling import SamplingParams, probs, sample
+from ..sampling import SamplingParams
 
 VARIANTS = {
     "chain-3": {"mode": "chain", "k": 3},
@@ -96,14 +96,7 @@ class PlainDrafter(EagleDrafter):
         tokens: list[int] = []
         qs: list[Tensor] = []
         for i in range(k):
-            if sampled:
-                full = torch.full((self.head.config.vocab_size,), float("-inf"))
-                full[self.ids] = logits
-                q = probs(full, ctx.sampling)
-                tok = sample(q, ctx.generator)
-                qs.append(q)
-            else:
-                tok = int(self.ids[int(logits.argmax())])
+            tok = self._next_token(logits, ctx, qs)
             tokens.append(tok)
             if i + 1 < k:
                 out, lg = self._rows(h, [tok], i + 1, [list(range(i))])
@@ -159,7 +152,7 @@ def _capture(layers: tuple[int, ...], rows: int, dim: int, g: torch.Generator) -
     )
 
 
-class Session:
+class FakeDecode:
     """One drafter decoding a fake sequence: `step()` is one round's propose() after an update
     with two new rows (one accepted token and the bonus token)."""
 
@@ -193,12 +186,12 @@ class Session:
 def measure(drafters: dict, context: int = 300, repeats: int = 40, warm: int = 3) -> dict:
     """{name: median ms of a round's propose()} for drafters built on the same head, run
     interleaved (the order reverses every repeat)."""
-    sessions = {k: Session(d, context, repeats + warm) for k, d in drafters.items()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    names = list(sessions)
+    runs = {k: FakeDecode(d, context, repeats + warm) for k, d in drafters.items()}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    names = list(runs)
     for r in range(repeats + warm):
         for k in names if r % 2 else names[::-1]:
-            t = sessions[k].step()
+            t = runs[k].step()
             if r >= warm:
                 times[k].append(t * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}

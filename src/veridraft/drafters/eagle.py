@@ -619,6 +619,18 @@ class EagleDrafter:
         self._h = out[-1:]
         self._logits = run.logits(self._h)
 
+    def _next_token(self, logits: Tensor, ctx: DecodeContext, qs: list[Tensor]) -> int:
+        """A chain's next token from the head's draft-vocabulary logits: the argmax (greedy), or
+        a sample from the target-vocabulary distribution, appended to qs (speculative
+        sampling needs the q of every drafted token)."""
+        if ctx.sampling.greedy:
+            return self._ids[int(logits.argmax())]
+        full = torch.full((self.head.config.vocab_size,), float("-inf"))
+        full[self.ids] = logits
+        q = probs(full, ctx.sampling)
+        qs.append(q)
+        return sample(q, ctx.generator)
+
     def _chain(self, ctx: DecodeContext, k: int) -> Draft:
         sampled = not ctx.sampling.greedy
         run, lo = self.runner, self._len
@@ -626,14 +638,7 @@ class EagleDrafter:
         tokens: list[int] = []
         qs: list[Tensor] = []
         for i in range(k):
-            if sampled:
-                full = torch.full((self.head.config.vocab_size,), float("-inf"))
-                full[self.ids] = logits
-                q = probs(full, ctx.sampling)
-                tok = sample(q, ctx.generator)
-                qs.append(q)
-            else:
-                tok = self._ids[int(logits.argmax())]
+            tok = self._next_token(logits, ctx, qs)
             tokens.append(tok)
             if i + 1 < k:  # drafted row i sits at head position lo + i and sees every row
                 h = run.layer(h, self._embed([tok]), lo + i, slice(lo + i, lo + i + 1), lo, None)

@@ -167,6 +167,24 @@ DEFAULT_MODEL = next(e.name for e in CATALOG.values() if e.default)
 # paths
 
 
+def record_paths(folder: Path, **paths: Path) -> None:
+    """Record where a folder's source files are (`source_path=`, `mmproj_path=`, ...) in its
+    veridraft.json, written whole, then renamed over the old. A read-only models folder keeps
+    the old paths, which the modes then name in their errors."""
+    meta_path = folder / MARKER
+    meta = json.loads(meta_path.read_text())
+    new = {k: str(v) for k, v in paths.items()}
+    if all(meta.get(k) == v for k, v in new.items()):
+        return
+    meta.update(new)
+    tmp = meta_path.with_name(f".{meta_path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, meta_path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
 def models_dir() -> Path:
     return home() / "models"
 

@@ -67,7 +67,7 @@ def _invalid(path: Path, why: str = "", fix: str = "") -> VeridraftError:
 # the GGUF's tensor table
 
 # GGUF metadata value types -> struct format of one scalar (8: string, 9: array)
-_SCALAR = {
+SCALAR_FORMAT = {
     0: "B",
     1: "b",
     2: "H",
@@ -161,13 +161,13 @@ def _read_gguf(path: Path, fix: str) -> GGUFFile:
             pos += n
         elif vtype == 9:
             etype, count = take("I"), take("Q")
-            if etype in _SCALAR:
-                pos += count * struct.calcsize(_SCALAR[etype])
+            if etype in SCALAR_FORMAT:
+                pos += count * struct.calcsize(SCALAR_FORMAT[etype])
             else:
                 for _ in range(count):
                     skip(etype)
         else:
-            pos += struct.calcsize(_SCALAR[vtype])
+            pos += struct.calcsize(SCALAR_FORMAT[vtype])
 
     if bytes(mv[:4]) != b"GGUF":
         raise _invalid(path, "no GGUF magic", fix)
@@ -177,8 +177,8 @@ def _read_gguf(path: Path, fix: str) -> GGUFFile:
         key, vtype = string(), take("I")
         if key in _KEEP and vtype == 8:
             kept[key] = string()
-        elif key in _KEEP and vtype in _SCALAR:
-            kept[key] = take(_SCALAR[vtype])
+        elif key in _KEEP and vtype in SCALAR_FORMAT:
+            kept[key] = take(SCALAR_FORMAT[vtype])
         else:
             skip(vtype)
     alignment = int(kept.get("general.alignment", 32))

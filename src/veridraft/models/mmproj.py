@@ -69,19 +69,6 @@ _VISION_TOKENS = {
 # ---------------------------------------------------------------------------------------------
 # metadata
 
-_SCALAR = {
-    0: "B",
-    1: "b",
-    2: "H",
-    3: "h",
-    4: "I",
-    5: "i",
-    6: "f",
-    7: "?",
-    10: "Q",
-    11: "q",
-    12: "d",
-}
 _NUMPY = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8"}
 _NUMPY |= {11: "<i8", 12: "<f8"}
 
@@ -126,7 +113,7 @@ def _read_metadata(path: Path, only: tuple[str, ...]) -> dict[str, Any]:
         if vtype == 8:
             return string(keep)
         if vtype != 9:
-            return take(_SCALAR[vtype])
+            return take(convert.SCALAR_FORMAT[vtype])
         etype, count = take("I"), take("Q")
         if etype in _NUMPY:
             size = np.dtype(_NUMPY[etype]).itemsize
@@ -236,27 +223,13 @@ def pair_folder(gguf: str | os.PathLike, mmproj: str | os.PathLike | None = None
     sha, msha = convert.sha256_file(gguf), convert.sha256_file(mmproj)
     final = catalog.models_dir() / f"gguf-{sha[:16]}-{msha[:8]}"
     if catalog.is_complete(final):
-        _record_sources(final, gguf, mmproj)  # the same bytes may have moved since
+        # the same bytes may have moved since
+        catalog.record_paths(final, source_path=gguf, mmproj_path=mmproj)
         return final
     catalog.log(f"reading the config and tokenizer of {gguf} and {mmproj.name} into {final} (once)")
     with catalog.staging_dir(final) as tmp:
         write_pair_metadata(gguf, mmproj, tmp, name=gguf.stem, sha=sha, mmproj_sha=msha)
     return final
-
-
-def _record_sources(folder: Path, gguf: Path, mmproj: Path) -> None:
-    """Record both files' paths in veridraft.json (written whole, then renamed over the old)."""
-    meta_path = folder / catalog.MARKER
-    meta = json.loads(meta_path.read_text())
-    if meta.get("source_path") == str(gguf) and meta.get("mmproj_path") == str(mmproj):
-        return
-    meta["source_path"], meta["mmproj_path"] = str(gguf), str(mmproj)
-    tmp = meta_path.with_name(f".{meta_path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, meta_path)
-    except OSError:  # a read-only models folder: the modes then name the old paths in errors
-        tmp.unlink(missing_ok=True)
 
 
 def write_pair_metadata(
