@@ -286,6 +286,12 @@ def test_newcomer_prefill_is_chunked_between_rounds(tiny_q4a8):
         b.step()
         grew.append(len(first.seq.new) - before)
     assert grew == [1, 1, 1]  # 200 positions: chunks of 64, 64 and 72
+    # the loop's clock: the chunks counted as prefill, the rounds as decode, and once every
+    # prompt is in, steps add to decode alone
+    assert b.busy_s["prefill"] > 0 and b.busy_s["decode"] > 0
+    prefill, decode = b.busy_s["prefill"], b.busy_s["decode"]
+    b.step()
+    assert b.busy_s["prefill"] == prefill and b.busy_s["decode"] > decode
     got = run_all(b, [first, late])
     assert [ids for ids, _ in got] == want
 

@@ -332,6 +332,10 @@ class Batcher:
         self.waiting: list[Entry] = []
         self.active: list[Entry] = []  # prefilling or running, in admission order
         self.steps = 0
+        # the loop's own seconds in prompt chunks and in decoding rounds: steps run one after
+        # the other, so these add up to its busy time (a request's Stats cannot: its prefill
+        # spans the other requests' rounds between its chunks)
+        self.busy_s = {"prefill": 0.0, "decode": 0.0}
 
     # ---- requests in and out ----
 
@@ -398,15 +402,19 @@ class Batcher:
         ended: list[Entry] = []
         pre = next((e for e in self.active if e.state == "prefill"), None)
         if pre is not None:
+            t0 = time.perf_counter()
             self._guard(pre, self._prefill_chunk, ended)
+            self.busy_s["prefill"] += time.perf_counter() - t0
         running = self.running
         if running:
+            t0 = time.perf_counter()
             try:
                 self._round(running)
             except Exception as exc:  # a failing drafter or callback ends its own request
                 bad = [e for e in running if getattr(e, "_failing", False)] or running
                 for e in bad:
                     e.error, e.state = exc, "error"
+            self.busy_s["decode"] += time.perf_counter() - t0
         for e in list(self.active):
             if e.state == "running" and e.seq.keep is not None:
                 e.result = finish(e.seq)

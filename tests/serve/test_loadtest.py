@@ -100,7 +100,7 @@ def test_a_missing_binary_fails_its_rows_with_the_reason_not_the_run(tmp_path, c
     for row, clients in zip(rows, (1, 2)):
         assert row.startswith(f"| llama-server | none | {clients} | failed: llama-server not found")
         assert str(missing) in row and "make setup-llama-server" in row
-        assert row.count("|") == 14  # the header's 13 columns
+        assert row.count("|") == 16  # the header's 15 columns
     assert "llama-server not found" in err
 
 
@@ -182,7 +182,54 @@ def test_the_table_shows_the_server_and_its_peak_memory():
     assert row["prompt_tokens_mean"] == 50
     line = table([row]).splitlines()[-1]
     assert line.startswith("| llama-server | none | 2 | 2 | 10.0 | 0.10 | 0.20 | 60 | 70 |")
-    assert line.endswith("| – | 50 | 123 |")  # no τ from llama-server
+    assert line.endswith("| – | 50 | 123 | – | – |")  # no τ, no engine clock from llama-server
+
+
+def test_the_engine_clock_gives_the_prefill_share_and_the_rate_of_decode_rounds():
+    level = Level("none", 2, wall_s=2.0, busy={"prefill": 0.5, "decode": 1.5})
+    level.results = [loadtest.Result(0.1, 1.0, 10, None, [0.05]) for _ in range(4)]
+    row = level.row()
+    assert row["prefill_share"] == pytest.approx(0.25)
+    # 40 tokens, 4 of them first tokens (from the prompts' last rows): 36 in 1.5 s of rounds
+    assert row["decode_tokens_per_s"] == pytest.approx(24.0)
+    assert table([row]).splitlines()[-1].endswith("| 25% | 24.0 |")
+    other = Level("none", 2, wall_s=1.0, busy={"prefill": 0.5, "decode": 0.5})
+    other.results = level.results[:1]
+    merged = loadtest.merge([level, other]).row()  # the halves' seconds add up
+    assert merged["prefill_share"] == pytest.approx(1.0 / 3.0)
+    assert math.isnan(loadtest.merge([level, Level("none", 2, wall_s=1.0)]).row()["prefill_share"])
+
+
+def test_engine_busy_reads_veridrafts_metrics_and_nothing_from_other_servers(monkeypatch):
+    text = (
+        "# HELP veridraft:engine_busy_seconds_total x\n"
+        'veridraft:engine_busy_seconds_total{model_name="m",phase="prefill"} 1.25\n'
+        'veridraft:engine_busy_seconds_total{model_name="m",phase="decode"} 3.5\n'
+        'veridraft:prefill_seconds_total{model_name="m"} 9.0\n'
+    )
+    seen = []
+
+    class Answer:
+        def __init__(self, body):
+            self.body = body
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def read(self):
+            return self.body.encode()
+
+    def fake_open(url, timeout):
+        seen.append(url)
+        return Answer(text if "good" in url else "llamacpp:prompt_seconds_total 4\n")
+
+    monkeypatch.setattr(loadtest.urllib.request, "urlopen", fake_open)
+    assert loadtest.engine_busy("http://good:1/v1") == {"prefill": 1.25, "decode": 3.5}
+    assert seen[-1] == "http://good:1/metrics"
+    assert loadtest.engine_busy("http://other:1/v1") is None
 
 
 # A stand-in for llama-server, stdlib only: /health, /v1/models and a streamed

@@ -121,6 +121,15 @@ def test_concurrent_streams_equal_their_answers_alone(tiny, live):
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
         assert m[(name, (("model_name", NAME),))] == 0
     assert (("vllm:kv_cache_usage_perc", (("model_name", NAME),))) in m
+    # the engine's own clock: prompts and rounds both ran, and the load test reads the same
+    busy = {
+        ph: m[("veridraft:engine_busy_seconds_total", (("model_name", NAME), ("phase", ph)))]
+        for ph in ("prefill", "decode")
+    }
+    assert busy["prefill"] > 0 and busy["decode"] > 0
+    from veridraft.serve.loadtest import engine_busy
+
+    assert engine_busy(live.url + "/v1") == pytest.approx(busy, rel=0.5)
 
 
 def test_cancel_mid_stream_frees_its_place(tiny, live):

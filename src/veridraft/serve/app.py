@@ -261,6 +261,7 @@ async def health(request: Request) -> dict:
 async def prometheus(request: Request) -> Response:
     srv = _served(request)
     srv.metrics.kv_usage(srv.engine.kv_usage())
+    srv.metrics.engine_busy(srv.engine.busy())
     return Response(srv.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

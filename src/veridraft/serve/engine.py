@@ -114,6 +114,11 @@ class Engine:
         """The fraction of the batch's KV budget held by admitted requests."""
         return self.batcher.usage() if self.batcher is not None else 0.0
 
+    def busy(self) -> dict[str, float]:
+        """Seconds the batch loop has spent in prompt chunks and in decoding rounds."""
+        b = self.batcher
+        return dict(b.busy_s) if b is not None else {"prefill": 0.0, "decode": 0.0}
+
     def _changed(self) -> None:
         if self._on_queue_change is not None:
             self._on_queue_change(self.running, self.waiting)

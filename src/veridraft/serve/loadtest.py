@@ -8,7 +8,10 @@ port (or uses --base-url), then for each client count, server and drafter sends 
 streaming chat requests (Spec-Bench dev questions, first turns, greedy) from that many client
 threads, and prints the aggregate tokens/s of all clients, time to first token and inter-token
 latency (the gap between streamed chunks, as the client sees it: with speculation one chunk may
-carry several tokens), p50 and p99, and the server process's peak resident memory.
+carry several tokens), p50 and p99, and the server process's peak resident memory. For
+veridraft it also reads the engine's own clock from /metrics (`veridraft:engine_busy_seconds`):
+the share of the engine's time that went to prompts, and the tokens per second of its decoding
+rounds alone, which is what batching multiplies (the aggregate also carries every prompt).
 
 Servers: `veridraft` (`veridraft serve`; the drafter is chosen per request, so one server serves
 every drafter) and `llama-server` (llama.cpp's own server, built by `make setup-llama-server`, on
@@ -28,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -66,6 +70,7 @@ class Level:
     server: str = "veridraft"
     peak_rss_mb: float = float("nan")  # the server process's VmHWM after this level
     failed: str | None = None  # why the server of this row did not run it
+    busy: dict[str, float] | None = None  # the engine's prefill / decode seconds in this level
 
     def row(self) -> dict:
         r = self.results
@@ -73,6 +78,8 @@ class Level:
         ttft = sorted(x.ttft for x in r)
         decode = [(x.tokens - 1) / (x.e2e - x.ttft) for x in r if x.tokens > 1 and x.e2e > x.ttft]
         taus = [x.tau for x in r if x.tau is not None]
+        b = self.busy or {}
+        pre, dec = b.get("prefill", float("nan")), b.get("decode", float("nan"))
         return {
             "server": self.server,
             "draft": self.draft,
@@ -92,6 +99,9 @@ class Level:
             "tau": statistics.mean(taus) if taus else float("nan"),
             "prompt_tokens_mean": statistics.mean(x.prompt_tokens for x in r) if r else 0.0,
             "peak_rss_mb": self.peak_rss_mb,
+            "prefill_share": pre / (pre + dec) if pre + dec > 0 else float("nan"),
+            # a request's first token comes from its prompt's last row, the rest from rounds
+            "decode_tokens_per_s": (toks - len(r)) / dec if dec > 0 else float("nan"),
         }
 
 
@@ -205,6 +215,27 @@ def merge(levels: list[Level]) -> Level:
         out.errors += lv.errors
     rss = [lv.peak_rss_mb for lv in levels if lv.peak_rss_mb == lv.peak_rss_mb]
     out.peak_rss_mb = max(rss) if rss else float("nan")
+    if all(lv.busy is not None for lv in levels):
+        out.busy = {p: sum(lv.busy.get(p, 0.0) for lv in levels) for p in ("prefill", "decode")}
+    return out
+
+
+_BUSY = re.compile(r'^veridraft:engine_busy_seconds_total\{[^}]*phase="(\w+)"[^}]*\} (\S+)$', re.M)
+
+
+def engine_busy(base: str) -> dict[str, float] | None:
+    """veridraft's engine seconds so far by phase, from the server's /metrics (None: a server
+    without them, e.g. llama-server, or one that does not answer)."""
+    url = base.rstrip("/").removesuffix("/v1") + "/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+    except (OSError, ValueError):
+        return None
+    if "veridraft:engine_busy_seconds" not in text:
+        return None
+    out = {"prefill": 0.0, "decode": 0.0}  # a phase not run yet has no sample
+    out.update({p: float(v) for p, v in _BUSY.findall(text)})
     return out
 
 
@@ -437,13 +468,14 @@ def table(rows: list[dict]) -> str:
     head = (
         "| server | drafter | clients | requests | tokens/s (all clients) | TTFT p50 (s) | "
         "TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) | tokens/s per stream (median) | τ | "
-        "prompt tokens (mean) | peak RSS (MB) |"
+        "prompt tokens (mean) | peak RSS (MB) | prefill share of engine time | "
+        "tokens/s in decode rounds |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         lead = f"| {r.get('server', 'veridraft')} | {r['draft']} | {r['clients']} | "
         if r.get("failed"):
-            lines.append(lead + f"failed: {r['failed']} |" + " – |" * 9)
+            lines.append(lead + f"failed: {r['failed']} |" + " – |" * 11)
             continue
         lines.append(
             lead
@@ -453,7 +485,9 @@ def table(rows: list[dict]) -> str:
             f"{_f(r['ttft_p99_s'], '.2f')} | {_f(r['itl_p50_s'], '.0f', 1000)} | "
             f"{_f(r['itl_p99_s'], '.0f', 1000)} | {_f(r['stream_tokens_per_s'], '.1f')} | "
             f"{_f(r['tau'], '.2f')} | {r.get('prompt_tokens_mean', 0.0):.0f} | "
-            f"{_f(r.get('peak_rss_mb', float('nan')), '.0f')} |"
+            f"{_f(r.get('peak_rss_mb', float('nan')), '.0f')} | "
+            f"{_f(r.get('prefill_share', float('nan')), '.0%')} | "
+            f"{_f(r.get('decode_tokens_per_s', float('nan')), '.1f')} |"
         )
     return "\n".join(lines)
 
@@ -594,9 +628,13 @@ def run_loadtest(args) -> int:
                 client, model = clients[id(s)]
                 part = [prompts[(first + j) % len(prompts)] for j in range(count)]
                 extra = request_extra(name, d)
+                before = engine_busy(s.base) if name == "veridraft" else None
                 level = run_level(
                     client, model, part, d, c, count, args.max_tokens, deadline, extra
                 )
+                after = engine_busy(s.base) if before is not None else None
+                if after is not None:
+                    level.busy = {p: after[p] - before[p] for p in ("prefill", "decode")}
                 level.server = name
                 level.peak_rss_mb = peak_rss_mb(s.proc.pid if s.proc else None)
                 halves[(name, d)].append(level)

@@ -13,6 +13,12 @@ Only completed requests add to the token and acceptance counters (a cancelled ge
 statistics). `vllm:inter_token_latency_seconds` observes the gap between consecutive pieces of
 streamed text: one verification round may commit several tokens, as one vLLM engine step does
 with speculative decoding. The draft / verify split has no vLLM name: `veridraft:*_seconds`.
+
+`veridraft:engine_busy_seconds{phase="prefill"|"decode"}` is the batch loop's own time in
+prompt chunks and in decoding rounds. Its steps run one after another, so over a window the two
+add up to the time the engine worked, and prefill / (prefill + decode) is the share of it that
+went to prompts. (`veridraft:prefill_seconds` sums each request's admission-to-first-token time,
+which overlaps between concurrent requests.)
 """
 
 from __future__ import annotations
@@ -101,6 +107,20 @@ class Metrics:
             p: counter(f"veridraft:{p}_seconds", f"Time spent in {p} (all requests)")
             for p in ("prefill", "draft", "verify", "other")
         }
+        self.busy = counter(
+            "veridraft:engine_busy_seconds",
+            "The batch loop's time in prompt chunks (prefill) and decoding rounds (decode)",
+            ["phase"],
+        )
+        self._busy_seen: dict[str, float] = {}
+
+    def engine_busy(self, seconds: dict[str, float]) -> None:
+        """Bring the busy counters up to the engine's running totals."""
+        for phase, total in seconds.items():
+            step = total - self._busy_seen.get(phase, 0.0)
+            if step > 0:
+                self.busy.labels(self.model_name, phase).inc(step)
+                self._busy_seen[phase] = total
 
     def queue_changed(self, running: int, waiting: int) -> None:
         self.running.labels(self.model_name).set(running)
