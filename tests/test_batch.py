@@ -296,6 +296,46 @@ def test_newcomer_prefill_is_chunked_between_rounds(tiny_q4a8):
     assert [ids for ids, _ in got] == want
 
 
+@needs_kernels
+@pytest.mark.parametrize("where", ["callback", "drafter"])
+def test_a_request_that_fails_mid_round_leaves_the_others_exact(tiny_q4a8, where):
+    """A request whose callback raises (a client that left) or whose drafter raises ends alone,
+    between the shared forward and the others' commits: every other request still gets exactly
+    its answer alone. (Ending the round at the failure would leave the later sequences with
+    rows in their caches that were never committed.)"""
+    from veridraft.drafters import make_drafter
+
+    prompts = _prompts(96, 4)
+    want = _alone(tiny_q4a8, prompts[1:], [20, 20, 20], draft="ngram")
+    b = Batcher(tiny_q4a8)
+    calls = []
+
+    def leave(ids):
+        calls.append(ids)
+        if len(calls) == 3:
+            raise RuntimeError("the client went away")
+
+    class Broken(_Repeat):
+        def propose(self, ctx, max_tokens):
+            calls.append(max_tokens)
+            if len(calls) == 3:
+                raise RuntimeError("the drafter broke")
+            return super().propose(ctx, max_tokens)
+
+    bad = (
+        Request(prompts[0], 20, on_tokens=leave)
+        if where == "callback"
+        else Request(prompts[0], 20, drafter=Broken())
+    )
+    first = b.add(bad)  # first in the batch: every other row comes after it
+    rest = [b.add(Request(p, 20, drafter=make_drafter("ngram", tiny_q4a8))) for p in prompts[1:]]
+    while any(e.state not in ("done", "error") for e in [first, *rest]):
+        b.step()
+    assert first.state == "error"
+    assert str(first.error) in ("the client went away", "the drafter broke")
+    assert [e.result[0] for e in rest] == want
+
+
 class _Repeat:
     """A drafter that always proposes its full allowance: the last id, repeated."""
 

@@ -410,10 +410,10 @@ class Batcher:
             t0 = time.perf_counter()
             try:
                 self._round(running)
-            except Exception as exc:  # a failing drafter or callback ends its own request
-                bad = [e for e in running if getattr(e, "_failing", False)] or running
-                for e in bad:
-                    e.error, e.state = exc, "error"
+            except Exception as exc:  # the shared forward itself failed: every row with it
+                for e in running:
+                    if e.state == "running":
+                        e.error, e.state = exc, "error"
             self.busy_s["decode"] += time.perf_counter() - t0
         for e in list(self.active):
             if e.state == "running" and e.seq.keep is not None:
@@ -501,34 +501,37 @@ class Batcher:
         caps = self.planner.caps(seqs, [e.req.adaptive for e in running], context)
         room = MAX_ROWS // len(seqs) - 1  # each sequence's share of the forward's rows
         caps = [min(k, room) for k in caps]
-        rows = []
+        # A request's own failure (its drafter, its callback: a client that left) ends that
+        # request alone and never skips another's part of the round: a sequence whose rows ran
+        # through the forward but were not committed would continue from a wrong cache.
+        rows, proposed = [], []
         for e, k in zip(running, caps):
             e.draft_lens.append(k)
-            e._failing = True
-            rows.append(propose(e.seq, k))
-            e._failing = False
+            row = _own(e, propose, e.seq, k)
+            if row is not None:
+                rows.append(row)
+                proposed.append(e)
+        running = proposed
+        if not running:
+            return
         n_rows = sum(tokens.shape[0] for tokens, _ in rows)
         if not self.batched:
             ms = 0.0
             for e, (tokens, kw) in zip(running, rows):
-                e._failing = True
                 t0 = time.perf_counter()
                 e.round_logits = self.net(tokens, e.seq.cache, **kw)
                 ms += 1000 * (time.perf_counter() - t0)
-                commit(e.seq, e.round_logits)
-                e._failing = False
+                _own(e, commit, e.seq, e.round_logits)
             self.planner.observe(n_rows, ms)
             return
         t0 = time.perf_counter()
-        logits = self._forward(seqs, rows)
+        logits = self._forward([e.seq for e in running], rows)
         self.planner.observe(n_rows, 1000 * (time.perf_counter() - t0))
         at = 0
         for e, (tokens, _) in zip(running, rows):
             t = tokens.shape[0]
-            e._failing = True
             e.round_logits = logits[at : at + t]
-            commit(e.seq, e.round_logits)
-            e._failing = False
+            _own(e, commit, e.seq, e.round_logits)
             at += t
 
     # ---- the batched forward ----
@@ -610,6 +613,15 @@ class Batcher:
         slab.all_k.index_copy_(2, dst_t, slab.all_k.index_select(2, src))
         slab.all_v.index_copy_(2, dst_t, slab.all_v.index_select(2, src))
         return logits
+
+
+def _own(e: Entry, fn, *args):
+    """fn(*args) for entry e; an exception ends e alone (returns None)."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        e.error, e.state = exc, "error"
+        return None
 
 
 def token_logprobs(e: Entry, ids: list[int]) -> list[tuple[int, float, list[tuple[int, float]]]]:

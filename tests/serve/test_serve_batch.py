@@ -7,6 +7,7 @@ one smollm2-135m in q4a8 (shared forwards), with the counts of what was sent and
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import uvicorn
-from serve_helpers import free_port, make_tiny_model, metric_values
+from serve_helpers import free_port, make_tiny_model, metric_values, post_json
 
 import veridraft
 from veridraft.serve.app import ServerConfig, create_app
@@ -286,3 +287,119 @@ def test_smollm2_q4a8_concurrent_clients_share_forwards(real_model_dir):
     print(f"sent 4, answered {len(got)}, widest step {max(widths)} requests")
     assert got == want
     assert max(widths) >= 2
+
+
+# bad requests sent while the batch is full: each refused before it queues, naming its field
+BAD_UNDER_LOAD = [
+    ({"max_tokens": -5}, "max_tokens"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"n": 17}, "n"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"messages": []}, "messages"),
+    ({"veridraft": {"draft": "nosuch"}}, "veridraft.draft"),
+    ({"max_tokens": 100000}, "max_tokens"),
+]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_smollm2_q4a8_fault_matrix_under_load(real_model_dir):
+    """Shared forwards on a full batch (2 slots, a queue of 2), with everything at once: six
+    streams that must each equal their answer alone (several drafters; a 429 is retried as a
+    client would), one cancelled mid-stream, one client that vanishes without reading, and bad
+    input at several fields. Counts are printed; no request is lost, the engine ends idle."""
+    import socket
+
+    real_model_dir("smollm2-135m")
+    model = veridraft.load("smollm2-135m", precision="q4a8")
+    cfg = ServerConfig(model_names=(NAME,), max_queue=2, max_num_seqs=2)
+    server = Live(create_app(model, cfg))
+    engine = server.app.state.engine
+    counts = {"sent": 0, "answered": 0, "rejected (429)": 0, "bad input (400)": 0,
+              "cancelled": 0, "vanished": 0}  # fmt: skip
+    lock = threading.Lock()
+
+    def note(key):
+        with lock:
+            counts[key] += 1
+
+    good = [(PROMPTS[i % 4], 20 + 3 * i, d) for i, d in
+            enumerate([None, "ngram", "suffix", None, "ngram", "suffix"])]  # fmt: skip
+    want = [_solo(model, p, max_new_tokens=m, temperature=0.0).text for p, m, _ in good]
+    try:
+        client = server.client()
+
+        def run_good(case):
+            p, m, d = case
+            while True:
+                note("sent")
+                try:
+                    text = _stream(client, p, max_tokens=m, temperature=0,
+                                   extra_body={"veridraft": {"draft": d}})[0]  # fmt: skip
+                except openai.RateLimitError:
+                    note("rejected (429)")
+                    time.sleep(0.2)
+                    continue
+                note("answered")
+                return text
+
+        def cancel():
+            while True:
+                note("sent")
+                try:
+                    s = client.chat.completions.create(
+                        model=NAME, messages=_msgs(PROMPTS[1]), stream=True, max_tokens=400
+                    )
+                    break
+                except openai.RateLimitError:
+                    note("rejected (429)")
+                    time.sleep(0.2)
+            for i, _ in enumerate(s):
+                if i == 2:
+                    break
+            s.close()
+            note("cancelled")
+
+        def vanish():
+            note("sent")
+            body = json.dumps({"model": NAME, "messages": _msgs(PROMPTS[3]), "max_tokens": 400,
+                               "stream": True}).encode()  # fmt: skip
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode() + b"\r\n\r\n" + body
+                )  # fmt: skip
+                time.sleep(0.3)
+            note("vanished")
+
+        def bad(case):
+            fields, param = case
+            note("sent")
+            body = {"model": NAME, "messages": _msgs("hi"), "max_tokens": 4, **fields}
+            status, err, _ = post_json(server.url + "/v1/chat/completions", body)
+            assert status == 400 and err["error"]["param"] == param, (fields, status, err)
+            note("bad input (400)")
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = pool.map(run_good, good)
+            others = [pool.submit(cancel), pool.submit(vanish)]
+            time.sleep(0.2)  # the batch is full now: the bad requests arrive under load
+            others += [pool.submit(bad, c) for c in BAD_UNDER_LOAD]
+            got = list(answers)
+            for f in others:
+                f.result()
+        deadline = time.monotonic() + 60
+        while engine.running or engine.waiting:  # the cancelled and vanished ones are dropped
+            assert time.monotonic() < deadline, "an abandoned request still holds its place"
+            time.sleep(0.05)
+        usage = engine.kv_usage()
+    finally:
+        server.stop()
+    ended = sum(v for k, v in counts.items() if k != "sent")
+    lost = counts["sent"] - ended
+    print(", ".join(f"{k} {v}" for k, v in counts.items()) + f", lost {lost}")
+    assert got == want
+    assert counts["bad input (400)"] == len(BAD_UNDER_LOAD) and counts["cancelled"] == 1
+    assert counts["rejected (429)"] >= 1  # 8 requests at once for 2 slots and 2 places
+    assert lost == 0 and usage == 0.0
