@@ -205,6 +205,30 @@ def test_greedy_decoding_is_the_same_on_both_paths(tiny):
     assert a == b and len(a) == 20
 
 
+def test_forwards_in_two_threads_at_once_give_each_its_own_answer(tiny):
+    """The fused forward lets the GIL go (a server's event loop streams while a step
+    computes), so two threads may be inside it at once on one model: each call keeps to its
+    own buffers and cache, and every thread gets the ids it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = tiny
+    prompts = [
+        torch.randint(0, VOCAB, (40 + 9 * i,), generator=torch.Generator().manual_seed(i)).tolist()
+        for i in range(4)
+    ]
+
+    def run(prompt):
+        ids, _ = decode(net, prompt, max_new_tokens=24, sampling=SamplingParams(),
+                        generator=torch.Generator())  # fmt: skip
+        return ids
+
+    alone = [run(p) for p in prompts]
+    assert len({tuple(a) for a in alone}) == 4  # four different answers to mix up
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(run, prompts)) == alone
+
+
 def test_the_fused_forward_can_be_switched_off(monkeypatch, tmp_path):
     monkeypatch.setenv("VERIDRAFT_FUSED", "0")
     monkeypatch.setattr(fused, "_loaded", {})

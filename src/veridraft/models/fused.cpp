@@ -429,5 +429,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t>())
       .def("add_layer", &Net::add_layer)
       .def("set_head", &Net::set_head)
-      .def("forward", &Net::forward);
+      // the GIL is let go for the whole forward (C++ only, nothing of Python's is touched):
+      // the server's event loop streams the last step's text while this step computes
+      .def("forward", &Net::forward, py::call_guard<py::gil_scoped_release>());
 }

@@ -782,6 +782,8 @@ void q4_linear(const at::Tensor& x, at::Tensor& y, int64_t col, const at::Tensor
 
 #ifndef VERIDRAFT_NO_MODULE  // fused.cpp compiles this file into its own library
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_linear", &q4_linear, "y[:, col:col+N] = x @ W.T (+ bias) from packed codes");
+  // without the GIL, as torch's own operators run: other Python threads go on meanwhile
+  m.def("q4_linear", &q4_linear, "y[:, col:col+N] = x @ W.T (+ bias) from packed codes",
+        py::call_guard<py::gil_scoped_release>());
 }
 #endif
