@@ -374,6 +374,30 @@ def test_wide_steps_equal_alone(tiny_q4a8):
     assert [ids for ids, _ in got] == want
 
 
+def test_planner_gives_the_rows_to_the_sequences_that_accept():
+    """Two sequences, one accepting 90% of its drafts and one 10%, on a forward whose rows
+    cost something: the first gets a long draft, the second none (one draft length for both
+    would spend rows on the one that wastes them)."""
+    from types import SimpleNamespace
+
+    from veridraft.stats import Stats
+
+    class Linear:
+        def forward(self, t, context=None, tree=False):
+            return 10.0 + 0.5 * t
+
+        def draft_cost(self, key, context=None):
+            return None
+
+    def seq(accepted):
+        return SimpleNamespace(
+            drafter=object(), max_draft=8, stats=Stats(drafted=100, accepted=accepted)
+        )
+
+    caps = DraftPlanner(Linear()).caps([seq(90), seq(10), seq(90)], [True] * 3)
+    assert caps[1] == 0 and caps[0] == caps[2] >= 4, caps
+
+
 def test_planner_without_a_profile_learns_from_the_batchs_steps():
     """No cost profile: the caps stay the requests' own until the batch has measured forwards of
     two widths, then follow the measured cost (flat: drafts pay; steep: none do)."""

@@ -231,9 +231,10 @@ class MeasuredCost:
 class DraftPlanner:
     """Draft tokens per sequence for this step: the caps that maximise the batch's expected
     tokens per second, where a draft token is one more row of a forward that every running
-    sequence waits for. k = 0 for all is always a candidate, so speculation never makes a step
-    slower by the cost model's account; as the batch grows the caps fall to 0 by themselves. A
-    sequence running alone keeps its own cap, as decode() would.
+    sequence waits for. Candidates: k = 0 for all (so speculation never makes a step slower by
+    the cost model's account), one k for all, and rows handed out one at a time to the sequence
+    whose next draft token pays most (by its own acceptance rate); as the batch grows the caps
+    fall to 0 by themselves. A sequence running alone keeps its own cap, as decode() would.
 
     cost: a costmodel.CostModel (forward(T) ms and draft_cost per drafter, from `veridraft
     profile`); None: the batch's own measured forwards (MeasuredCost), and until those suffice
@@ -281,14 +282,37 @@ class DraftPlanner:
         best = [0 if i in free else k for i, k in enumerate(fixed)]
         best_rate = rate(best)
         top = max(fixed[i] for i in free)
-        for k in range(1, top + 1):
+        for k in range(1, top + 1):  # one draft length for all
             cand = [min(k, fixed[i]) if i in free else fixed[i] for i in range(len(seqs))]
             if sum(1 + c for c in cand) > MAX_ROWS:
                 break
             r = rate(cand)
             if r > best_rate:
                 best, best_rate = cand, r
-        return best
+        # then rows where they pay most: from no drafts, one more token at a time to the
+        # sequence whose next token adds most to the batch's rate (a sequence that accepts
+        # much gets long drafts, one that accepts little none), while the rate grows
+        cand = [0 if i in free else k for i, k in enumerate(fixed)]
+        rows = sum(1 + c for c in cand)
+        tokens = sum(sum(alphas[i] ** j for j in range(k + 1)) for i, k in enumerate(cand))
+        drafting = sum(step_ms[i] * k for i, k in enumerate(cand))
+        r = tokens / (cost.forward(rows, context) + drafting)
+        while rows < MAX_ROWS:
+            wider = cost.forward(rows + 1, context)
+            nxt = None
+            for i in free:
+                if cand[i] < fixed[i]:
+                    ri = (tokens + alphas[i] ** (cand[i] + 1)) / (wider + drafting + step_ms[i])
+                    if nxt is None or ri > nxt[1]:
+                        nxt = (i, ri)
+            if nxt is None or nxt[1] <= r:
+                break
+            i, r = nxt
+            tokens += alphas[i] ** (cand[i] + 1)
+            drafting += step_ms[i]
+            cand[i] += 1
+            rows += 1
+        return cand if r > best_rate else best
 
 
 class Batcher:
