@@ -398,6 +398,35 @@ def test_planner_gives_the_rows_to_the_sequences_that_accept():
     assert caps[1] == 0 and caps[0] == caps[2] >= 4, caps
 
 
+def test_planner_prices_a_newcomers_drafter_by_its_kinds_measured_cost():
+    """A drafter that costs a forward's worth per token (a draft model on a busy CPU) stops
+    drafting in the batch once measured, and a request that joins later with the same kind
+    of drafter is priced by what it cost the others, not as free before its first draft."""
+    from types import SimpleNamespace
+
+    from veridraft.stats import Stats
+
+    class Flat:
+        def forward(self, t, context=None, tree=False):
+            return 10.0
+
+        def draft_cost(self, key, context=None):
+            return None
+
+    def seq(drafted, draft_s):
+        st = Stats(drafted=drafted, accepted=drafted // 2, draft_s=draft_s, method="model:x")
+        return SimpleNamespace(drafter=object(), max_draft=4, stats=st)
+
+    planner = DraftPlanner(Flat())
+    slow, fresh = seq(40, 0.8), seq(0, 0.0)  # 20 ms per drafted token, twice a forward
+    assert planner.caps([slow, fresh], [True, True]) == [0, 0]
+    planner.retire(slow)  # it leaves; its kind's cost stays
+    assert planner.caps([fresh, seq(0, 0.0)], [True, True]) == [0, 0]
+    # the control: a kind never measured drafts (nothing says it costs anything)
+    other = SimpleNamespace(drafter=object(), max_draft=4, stats=Stats(method="ngram"))
+    assert planner.caps([other, other], [True, True]) == [4, 4]
+
+
 def test_planner_without_a_profile_learns_from_the_batchs_steps():
     """No cost profile: the caps stay the requests' own until the batch has measured forwards of
     two widths, then follow the measured cost (flat: drafts pay; steep: none do)."""

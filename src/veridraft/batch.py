@@ -238,12 +238,33 @@ class DraftPlanner:
 
     cost: a costmodel.CostModel (forward(T) ms and draft_cost per drafter, from `veridraft
     profile`); None: the batch's own measured forwards (MeasuredCost), and until those suffice
-    each request's own max_draft. A drafter's step cost without a profile entry is its own
-    measured draft time per drafted token."""
+    each request's own max_draft. A drafter's step cost without a profile entry is the
+    measured draft time per drafted token of its kind, pooled over the running and the past
+    sequences that used it (a newcomer's first drafts are not priced as free)."""
 
     def __init__(self, cost=None, prior_alpha: float = 0.5) -> None:
         self.cost, self.prior = cost, prior_alpha
         self.measured = MeasuredCost()
+        # seconds and drafted tokens per drafter name, of sequences that have left: a new
+        # request's drafter is priced by its kind's past before it has drafted itself
+        self.history: dict[str, list[float]] = {}
+
+    def retire(self, s: Seq) -> None:
+        """Keep what a leaving sequence's drafter cost."""
+        if s.drafter is not None and s.stats.drafted:
+            h = self.history.setdefault(s.stats.method, [0.0, 0])
+            h[0] += s.stats.draft_s
+            h[1] += s.stats.drafted
+
+    def _draft_ms(self, seqs: list[Seq]) -> dict[str, float]:
+        """ms per drafted token of each drafter kind: its running and past sequences pooled."""
+        pool = {name: list(h) for name, h in self.history.items()}
+        for s in seqs:
+            if s.drafter is not None and s.stats.drafted:
+                h = pool.setdefault(s.stats.method, [0.0, 0])
+                h[0] += s.stats.draft_s
+                h[1] += s.stats.drafted
+        return {name: 1000 * t / n for name, (t, n) in pool.items()}
 
     def observe(self, rows: int, ms: float) -> None:
         self.measured.observe(rows, ms)
@@ -265,13 +286,14 @@ class DraftPlanner:
         alphas = [self.alpha(s) for s in seqs]
         base = cost.forward(1, context)
         step_ms = []  # per sequence, ms per drafted token
+        pooled = self._draft_ms(seqs)
         for s in seqs:
             key = getattr(s.drafter, "cost_key", None) if s.drafter is not None else None
             step = cost.draft_cost(key) if key else None
             if step is not None:
                 step_ms.append(step * base)
             else:
-                step_ms.append(1000 * s.stats.draft_s / s.stats.drafted if s.stats.drafted else 0.0)
+                step_ms.append(pooled.get(s.stats.method, 0.0))
 
         def rate(caps: list[int]) -> float:
             rows = sum(1 + k for k in caps)
@@ -410,6 +432,8 @@ class Batcher:
         return self.alloc.used / self.alloc.capacity
 
     def _release(self, e: Entry) -> None:
+        if e.seq is not None:
+            self.planner.retire(e.seq)
         self.active.remove(e)
         if e.off >= 0:
             self.alloc.release(e.off, e.need)
