@@ -21,8 +21,8 @@ the same max tokens, the same number of slots and the same KV positions per slot
 servers each client count runs all of them, in alternating order. Within a client count the
 requests run in two halves, the second in reverse order of server and drafter (A B ... B A), and
 each row sums both halves, so a machine whose load drifts favours no drafter or server. A server
-that does not start fails its rows with the reason; the others run. Everything is bounded: requests per level, and
---time-limit for the whole run.
+that does not start fails its rows with the reason; the others run. Everything is bounded:
+requests per level, and --time-limit for the whole run.
 """
 
 from __future__ import annotations
