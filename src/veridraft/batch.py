@@ -189,8 +189,9 @@ class Allocator:
 
 
 class MeasuredCost:
-    """The forward cost of this batch as measured by its own steps, for a machine without a cost
-    profile: the median ms of the recent forwards of each width, joined by straight lines. A
+    """The cost of a round of this batch as measured by its own steps (the forward, and every
+    row's verification and commit; drafting is priced apart), for a machine without a cost
+    profile: the median ms of the recent rounds of each width, joined by straight lines. A
     straight line through all of them would not do: a CPU forward costs about the same up to
     some 4-8 rows and then grows steeply, and a line averages the two regimes, pricing wide
     steps too low exactly where drafts stop paying. Beyond the widest measured width a row costs
@@ -563,24 +564,23 @@ class Batcher:
         if not running:
             return
         n_rows = sum(tokens.shape[0] for tokens, _ in rows)
-        if not self.batched:
-            ms = 0.0
-            for e, (tokens, kw) in zip(running, rows):
-                t0 = time.perf_counter()
-                e.round_logits = self.net(tokens, e.seq.cache, **kw)
-                ms += 1000 * (time.perf_counter() - t0)
-                _own(e, commit, e.seq, e.round_logits)
-            self.planner.observe(n_rows, ms)
-            return
+        # The planner prices a width by what a round of it costs besides drafting: the forward
+        # and every row's verification and commit (the rows' share outside the forward is what
+        # makes a draft that the forward alone would pay for a loss)
         t0 = time.perf_counter()
-        logits = self._forward([e.seq for e in running], rows)
+        if not self.batched:
+            for e, (tokens, kw) in zip(running, rows):
+                e.round_logits = self.net(tokens, e.seq.cache, **kw)
+                _own(e, commit, e.seq, e.round_logits)
+        else:
+            logits = self._forward([e.seq for e in running], rows)
+            at = 0
+            for e, (tokens, _) in zip(running, rows):
+                t = tokens.shape[0]
+                e.round_logits = logits[at : at + t]
+                _own(e, commit, e.seq, e.round_logits)
+                at += t
         self.planner.observe(n_rows, 1000 * (time.perf_counter() - t0))
-        at = 0
-        for e, (tokens, _) in zip(running, rows):
-            t = tokens.shape[0]
-            e.round_logits = logits[at : at + t]
-            _own(e, commit, e.seq, e.round_logits)
-            at += t
 
     # ---- the batched forward ----
 
