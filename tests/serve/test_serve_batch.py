@@ -191,6 +191,60 @@ def test_full_queue_answers_429(live):
     print("sent 3, answered 2, rejected 1 (429), lost 0")
 
 
+def test_shutdown_cuts_a_running_stream_with_a_last_chunk_that_says_so(tiny):
+    """The server's shutdown cancels what is still running after its timeout: a stream's text
+    so far stands and its last chunk has finish_reason "abort" (its client is still there; a
+    client that leaves gets nothing), a whole response is a 503 that says why."""
+    server = Live(create_app(tiny, ServerConfig(model_names=(NAME,), max_num_seqs=4)))
+    engine = server.app.state.engine
+    client = server.client()
+    gate = threading.Event()
+    out: dict = {}
+
+    def stream():
+        text, finish = "", []
+        s = client.chat.completions.create(
+            model=NAME, messages=_msgs(PROMPTS[0]), stream=True, max_tokens=200, temperature=0
+        )
+        for c in s:
+            if c.choices:
+                text += c.choices[0].delta.content or ""
+                finish += [c.choices[0].finish_reason] if c.choices[0].finish_reason else []
+            gate.wait(20)  # a slow reader: still generating when the shutdown comes
+        out["stream"] = (text, finish)
+
+    def whole():
+        try:
+            client.chat.completions.create(
+                model=NAME, messages=_msgs(PROMPTS[1]), max_tokens=200, temperature=0
+            )
+        except openai.APIStatusError as e:
+            out["whole"] = (e.status_code, str(e))
+
+    orig = engine._step
+
+    def held_step():  # 50 ms a step until the gate opens: both requests are still running
+        gate.wait(0.05)
+        orig()
+
+    engine._step = held_step
+    threads = [threading.Thread(target=f) for f in (stream, whole)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while engine.running < 2:
+        assert time.monotonic() < deadline, "both requests should be running"
+        time.sleep(0.02)
+    engine.shutdown(0.0)
+    gate.set()
+    for t in threads:
+        t.join(30)
+    server.stop()
+    text, finish = out["stream"]
+    assert finish == ["abort"], finish
+    assert out["whole"][0] == 503 and "shutting down" in out["whole"][1]
+
+
 def test_n_choices_and_seeds(tiny, live):
     r = live.client().chat.completions.create(
         model=NAME, messages=_msgs(PROMPTS[0]), n=3, max_tokens=15, temperature=1.0, seed=40

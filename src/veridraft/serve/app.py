@@ -571,6 +571,8 @@ async def outcome(request: Request, srv: Served, job: Job) -> Generation | None:
             if kind == "error":
                 raise failure(value)
             if kind == "cancelled":
+                if value == "shutdown":  # cut by the server, and the client is still here
+                    raise failure(ShuttingDown("the server is shutting down"))
                 return None
             getter = asyncio.ensure_future(job.events.get())
     finally:
@@ -777,7 +779,12 @@ def stream(
                     yield _sse({**head, "choices": [], "usage": _usage(choices)})
             elif kind == "error":
                 yield _sse(failure(value).body())
-            # "cancelled" only happens when this stream is already closing
+            elif kind == "cancelled" and value == "shutdown":
+                # cut by the server's shutdown: the text so far stands, and a last chunk per
+                # choice says so, with vLLM's finish reason for an aborted request
+                for i in range(n):
+                    yield _sse({**head, "choices": [chunk(i, "", "abort")], **extra})
+            # any other "cancelled" happens when this stream is already closing
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(

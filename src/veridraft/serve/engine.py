@@ -65,6 +65,9 @@ class Job:
     finished: float | None = None
     outcome: str = "waiting"  # waiting | running | done | error | abort
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # cancelled by the server's shutdown, not by its client: the client is still there and is
+    # told its answer was cut (the last event is ("cancelled", "shutdown"))
+    cut_by_shutdown: bool = False
 
     def emit(self, kind: str, value: Any = None) -> None:
         try:
@@ -167,6 +170,7 @@ class Engine:
         with self._cv:
             for job in [self._running, *self._batched]:
                 if job is not None:
+                    job.cut_by_shutdown = True
                     job.cancelled.set()
             self._cv.notify_all()
         self._thread.join(timeout)
@@ -286,7 +290,7 @@ class Engine:
         if job.outcome == "done":
             job.emit("done", result)
         elif job.outcome == "abort":
-            job.emit("cancelled")
+            job.emit("cancelled", "shutdown" if job.cut_by_shutdown else None)
         else:
             job.emit("error", error)
 
