@@ -251,6 +251,14 @@ void heads(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratch<
 // (element 2d of a pair's vector is key j's dim d, 2d + 1 key j + 1's): p_j v_j + p_j+1 v_j+1
 // is one vdpbf16ps per 16 dims with the pair of weights broadcast. Both layouts are built once
 // per block and read by every query head of the group and every row that shares the block.
+//
+// Those rows (the rows of a chain or of a prompt slice, in all but their last block) go through
+// the block together: a pass takes up to QMAX (row, query head) queries, and each key or value
+// vector it loads serves four queries before the next load. A block's two layouts are 64 KB at
+// head dim 128, twice L1, so one query at a time read them from L2 again for every query; keys
+// are now taken 64 at a time and values 64 dims at a time, which stay in L1 across the pass. A
+// query's products, chains and summation order are its own whatever shares its pass, so every
+// row is still bitwise what a one-row call computes.
 
 // Queries (row, query head) per pass over a block: their scores and weights stay in L1.
 constexpr int QMAX = 16;
