@@ -255,9 +255,8 @@ void heads(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratch<
 // Those rows (the rows of a chain or of a prompt slice, in all but their last block) go through
 // the block together: a pass takes up to QMAX (row, query head) queries, and each key or value
 // vector it loads serves four queries before the next load. A block's two layouts are 64 KB at
-// head dim 128, twice L1, so one query at a time read them from L2 again for every query; keys
-// are now taken 64 at a time and values 64 dims at a time, which stay in L1 across the pass. A
-// query's products, chains and summation order are its own whatever shares its pass, so every
+// head dim 128, twice L1, so a pass takes the keys 64 at a time and the values 64 dims at a
+// time, which stay in L1 for all its queries. A query's products, chains and summation order are its own whatever shares its pass, so every
 // row is still bitwise what a one-row call computes.
 
 // Queries (row, query head) per pass over a block: their scores and weights stay in L1.
