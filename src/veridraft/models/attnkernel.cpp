@@ -256,8 +256,9 @@ void heads(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratch<
 // the block together: a pass takes up to QMAX (row, query head) queries, and each key or value
 // vector it loads serves four queries before the next load. A block's two layouts are 64 KB at
 // head dim 128, twice L1, so a pass takes the keys 64 at a time and the values 64 dims at a
-// time, which stay in L1 for all its queries. A query's products, chains and summation order are its own whatever shares its pass, so every
-// row is still bitwise what a one-row call computes.
+// time, which stay in L1 for all its queries. A query's products, chains and summation order
+// are its own whatever shares its pass, so every row is still bitwise what a one-row call
+// computes.
 
 // Queries (row, query head) per pass over a block: their scores and weights stay in L1.
 constexpr int QMAX = 16;
