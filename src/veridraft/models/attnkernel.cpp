@@ -422,7 +422,8 @@ inline void values_q(const ScratchH<HD>& S, const Query* qs, int qi, int c0, int
         for (int c = 0; c < CC; ++c) {
             const __m512bh vv =
                 (__m512bh)_mm512_load_si512(S.vp + jp * 2 * HD + 32 * (c0 + c));
-            for (int q = 0; q < NQ; ++q) acc[q][c] = _mm512_dpbf16_ps(acc[q][c], vv, (__m512bh)pw[q]);
+            for (int q = 0; q < NQ; ++q)
+                acc[q][c] = _mm512_dpbf16_ps(acc[q][c], vv, (__m512bh)pw[q]);
         }
     }
     for (int q = 0; q < NQ; ++q)
