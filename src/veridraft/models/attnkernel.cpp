@@ -251,6 +251,17 @@ void heads(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratch<
 // (element 2d of a pair's vector is key j's dim d, 2d + 1 key j + 1's): p_j v_j + p_j+1 v_j+1
 // is one vdpbf16ps per 16 dims with the pair of weights broadcast. Both layouts are built once
 // per block and read by every query head of the group and every row that shares the block.
+//
+// Those rows (the rows of a chain or of a prompt slice, in all but their last block) go through
+// the block together: a pass takes up to QMAX (row, query head) queries, and each key or value
+// vector it loads serves four queries before the next load. A block's two layouts are 64 KB at
+// head dim 128, twice L1, so a pass takes the keys 64 at a time and the values 64 dims at a
+// time, which stay in L1 for all its queries. A query's products, chains and summation order
+// are its own whatever shares its pass, so every row is still bitwise what a one-row call
+// computes.
+
+// Queries (row, query head) per pass over a block: their scores and weights stay in L1.
+constexpr int QMAX = 16;
 
 // Scratch row stride of the keys: a whole number of 32-element (64-byte) bfloat16 vectors.
 template <int HD>
@@ -260,8 +271,9 @@ template <int HD>
 struct ScratchH {
     alignas(64) uint32_t kt[BLOCK * KS<HD> / 2];  // [BLOCK / 16][KS / 2][16] key dword pairs
     alignas(64) uint16_t vp[BLOCK * HD];          // [BLOCK / 2][HD][2]
-    alignas(64) float s[4 * BLOCK];               // one pass's scores, then weights
-    alignas(64) uint16_t sp[4 * BLOCK];           // the weights rounded to bfloat16
+    alignas(64) float s[QMAX * BLOCK];            // one pass's scores, then weights
+    alignas(64) uint16_t sp[QMAX * BLOCK];        // the weights rounded to bfloat16
+    alignas(64) uint32_t qw[QMAX * KS<HD> / 2];   // the pass's queries as bfloat16 pairs
     __mmask16 live16[BLOCK / 16];                 // per 16 keys: which hold a key
     int64_t lo = -1, n = 0, b = -1;
 };
@@ -357,71 +369,129 @@ void fill_h(const Rows& R, int64_t t, int64_t h, int64_t j0, int64_t nk, Scratch
     }
 }
 
-// Scores of NG consecutive 16-key groups for one query (its dword pairs qw): each group in two
-// chains (even and odd pairs) added at the end, the same sequence whatever NG.
-template <int HD, int NG>
-inline void scores_h(const uint32_t* kt, const uint32_t* qw, __m512 out[NG]) {
+// One query of a pass over a block: a (row, query head) pair and where its block partials go.
+struct Query {
+    const float* q;
+    float* m;
+    float* l;
+    float* acc;
+};
+
+// Scores of NQ queries over NG consecutive 16-key groups (qw: each query's dword pairs, NP
+// apart): per query and group two chains (even and odd pairs) added at the end, the same
+// sequence whatever NQ and NG. Each key vector loaded serves the NQ queries before the next.
+template <int HD, int NQ, int NG>
+inline void scores_q(const uint32_t* kt, const uint32_t* qw, __m512 out[NQ][NG]) {
     constexpr int NP = KS<HD> / 2;
-    __m512 a[NG][2];
-    for (int g = 0; g < NG; ++g) a[g][0] = a[g][1] = _mm512_setzero_ps();
-#pragma GCC unroll 8
+    __m512 a[NQ][NG][2];
+    for (int q = 0; q < NQ; ++q)
+        for (int g = 0; g < NG; ++g) a[q][g][0] = a[q][g][1] = _mm512_setzero_ps();
+#pragma GCC unroll 4
     for (int i = 0; i < NP; i += 2) {
-        const __m512bh q0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(qw[i]));
-        const __m512bh q1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(qw[i + 1]));
+        __m512bh q0[NQ], q1[NQ];
+        for (int q = 0; q < NQ; ++q) {
+            q0[q] = (__m512bh)_mm512_set1_epi32(static_cast<int>(qw[q * NP + i]));
+            q1[q] = (__m512bh)_mm512_set1_epi32(static_cast<int>(qw[q * NP + i + 1]));
+        }
         for (int g = 0; g < NG; ++g) {
             const uint32_t* k = kt + g * NP * 16;
-            a[g][0] = _mm512_dpbf16_ps(a[g][0], (__m512bh)_mm512_load_si512(k + i * 16), q0);
-            a[g][1] = _mm512_dpbf16_ps(a[g][1], (__m512bh)_mm512_load_si512(k + (i + 1) * 16), q1);
+            const __m512bh k0 = (__m512bh)_mm512_load_si512(k + i * 16);
+            const __m512bh k1 = (__m512bh)_mm512_load_si512(k + (i + 1) * 16);
+            for (int q = 0; q < NQ; ++q) {
+                a[q][g][0] = _mm512_dpbf16_ps(a[q][g][0], k0, q0[q]);
+                a[q][g][1] = _mm512_dpbf16_ps(a[q][g][1], k1, q1[q]);
+            }
         }
     }
-    for (int g = 0; g < NG; ++g) out[g] = _mm512_add_ps(a[g][0], a[g][1]);
+    for (int q = 0; q < NQ; ++q)
+        for (int g = 0; g < NG; ++g) out[q][g] = _mm512_add_ps(a[q][g][0], a[q][g][1]);
 }
 
-// As heads(), for a bfloat16 cache.
-template <int HD, int NA>
-void heads_h(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, ScratchH<HD>& S,
-             float* m_out, float* l_out, float* acc_out, int64_t part_stride, int64_t acc_stride) {
-    constexpr int CK = KS<HD> / 32, CV = HD / 16, NP = KS<HD> / 2;
-    const int64_t nk16 = (nk + 15) / 16 * 16;
-    const float NEG = -std::numeric_limits<float>::infinity();
-    for (int a = 0; a < NA; ++a) {
-        const float* qp = R.q + (h * R.group + a0 + a) * R.q_head + t * R.q_row;
-        alignas(64) uint32_t qw[NP];
-        for (int c = 0; c < CK; ++c) {
-            const __m512 lo = _mm512_maskz_loadu_ps(tail(R.hd, 2 * c), qp + 32 * c);
-            const __m512 hi = _mm512_maskz_loadu_ps(tail(R.hd, 2 * c + 1), qp + 32 * c + 16);
-            _mm512_store_si512(qw + 16 * c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-        }
-        float* s = S.s + a * BLOCK;
-        auto finish = [&](int64_t j, __m512 x) {
-            // keys past nk belong to a longer row's fill
-            const __mmask16 live = S.live16[j / 16] &
-                                   (j + 16 <= nk ? __mmask16(0xFFFF)
-                                                 : static_cast<__mmask16>((1u << (nk - j)) - 1));
-            x = _mm512_mul_ps(x, _mm512_set1_ps(R.scale));
-            if (R.softcap > 0) {
-                alignas(64) float tmp[16];
-                _mm512_store_ps(tmp, x);
-                for (int e = 0; e < 16; ++e) tmp[e] = std::tanh(tmp[e] / R.softcap) * R.softcap;
-                x = _mm512_load_ps(tmp);
-            }
-            _mm512_store_ps(s + j, _mm512_mask_blend_ps(live, _mm512_set1_ps(NEG), x));
-        };
-        int64_t j = 0;
-        for (; j + 64 <= nk16; j += 64) {
-            __m512 x[4];
-            scores_h<HD, 4>(S.kt + j * NP, qw, x);
-            for (int g = 0; g < 4; ++g) finish(j + 16 * g, x[g]);
-        }
-        for (; j < nk16; j += 16) {
-            __m512 x[1];
-            scores_h<HD, 1>(S.kt + j * NP, qw, x);
-            finish(j, x[0]);
+// Weighted sums of values for NQ queries (from qi) and CC 16-dim chunks of the head dim (from
+// c0): acc += p[j] v[j] + p[j + 1] v[j + 1], pairs in order (masked keys: p = v = 0). Each value
+// vector loaded serves the NQ queries.
+template <int HD, int NQ, int CC>
+inline void values_q(const ScratchH<HD>& S, const Query* qs, int qi, int c0, int64_t npairs) {
+    __m512 acc[NQ][CC];
+    for (int q = 0; q < NQ; ++q)
+        for (int c = 0; c < CC; ++c) acc[q][c] = _mm512_setzero_ps();
+    const int32_t* sp32 = reinterpret_cast<const int32_t*>(S.sp) + qi * (BLOCK / 2);
+    for (int64_t jp = 0; jp < npairs; ++jp) {
+        __m512i pw[NQ];
+        for (int q = 0; q < NQ; ++q) pw[q] = _mm512_set1_epi32(sp32[q * (BLOCK / 2) + jp]);
+        for (int c = 0; c < CC; ++c) {
+            const __m512bh vv =
+                (__m512bh)_mm512_load_si512(S.vp + jp * 2 * HD + 32 * (c0 + c));
+            for (int q = 0; q < NQ; ++q)
+                acc[q][c] = _mm512_dpbf16_ps(acc[q][c], vv, (__m512bh)pw[q]);
         }
     }
-    for (int a = 0; a < NA; ++a) {
-        float* s = S.s + a * BLOCK;
-        uint16_t* sp = S.sp + a * BLOCK;
+    for (int q = 0; q < NQ; ++q)
+        for (int c = 0; c < CC; ++c) _mm512_storeu_ps(qs[qi + q].acc + 16 * (c0 + c), acc[q][c]);
+}
+
+// nq <= QMAX queries of KV head h over the nk keys in the scratch, a bfloat16 cache: each
+// query's block maximum, sum of weights and weighted sum of values, by the rule of the header.
+// Every query's arithmetic is its own (the passes only share the loads of keys and values), so
+// a query's partials are the same whichever others share the pass.
+template <int HD>
+void queries_h(const Rows& R, int nq, const Query* qs, int64_t nk, ScratchH<HD>& S) {
+    constexpr int CK = KS<HD> / 32, CV = HD / 16, NP = KS<HD> / 2;
+    constexpr int CC = CV < 4 ? CV : 4;  // value chunks per pass: 4 queries x 4 accumulators
+    const int64_t nk16 = (nk + 15) / 16 * 16;
+    const float NEG = -std::numeric_limits<float>::infinity();
+    for (int q = 0; q < nq; ++q) {
+        for (int c = 0; c < CK; ++c) {
+            const float* qp = qs[q].q;
+            const __m512 lo = _mm512_maskz_loadu_ps(tail(R.hd, 2 * c), qp + 32 * c);
+            const __m512 hi = _mm512_maskz_loadu_ps(tail(R.hd, 2 * c + 1), qp + 32 * c + 16);
+            _mm512_store_si512(S.qw + q * NP + 16 * c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    }
+    auto finish = [&](int q, int64_t j, __m512 x) {
+        // keys past nk belong to a longer row's fill
+        const __mmask16 live = S.live16[j / 16] &
+                               (j + 16 <= nk ? __mmask16(0xFFFF)
+                                             : static_cast<__mmask16>((1u << (nk - j)) - 1));
+        x = _mm512_mul_ps(x, _mm512_set1_ps(R.scale));
+        if (R.softcap > 0) {
+            alignas(64) float tmp[16];
+            _mm512_store_ps(tmp, x);
+            for (int e = 0; e < 16; ++e) tmp[e] = std::tanh(tmp[e] / R.softcap) * R.softcap;
+            x = _mm512_load_ps(tmp);
+        }
+        _mm512_store_ps(S.s + q * BLOCK + j, _mm512_mask_blend_ps(live, _mm512_set1_ps(NEG), x));
+    };
+    // scores, 64 keys at a time (their transposed keys stay in L1 for every query)
+    for (int64_t j0 = 0; j0 < nk16; j0 += 64) {
+        const int64_t jn = std::min<int64_t>(nk16, j0 + 64);
+        for (int q0 = 0; q0 < nq; q0 += 4) {
+            const int n = std::min(nq - q0, 4);
+            int64_t j = j0;
+#define VD_SCORES(NQ, NG)                                                           \
+    {                                                                               \
+        __m512 x[NQ][NG];                                                           \
+        scores_q<HD, NQ, NG>(S.kt + j * NP, S.qw + q0 * NP, x);                     \
+        for (int q = 0; q < NQ; ++q)                                                \
+            for (int g = 0; g < NG; ++g) finish(q0 + q, j + 16 * g, x[q][g]);       \
+    }
+#define VD_SCORES_N(NG)                   \
+    switch (n) {                          \
+        case 1: VD_SCORES(1, NG) break;   \
+        case 2: VD_SCORES(2, NG) break;   \
+        case 3: VD_SCORES(3, NG) break;   \
+        default: VD_SCORES(4, NG) break;  \
+    }
+            for (; j + 32 <= jn; j += 32) VD_SCORES_N(2)
+            for (; j < jn; j += 16) VD_SCORES_N(1)
+#undef VD_SCORES_N
+#undef VD_SCORES
+        }
+    }
+    // weights e^(s - max), exactly zero where masked, rounded to bfloat16
+    for (int q = 0; q < nq; ++q) {
+        float* s = S.s + q * BLOCK;
+        uint16_t* sp = S.sp + q * BLOCK;
         __m512 vm = _mm512_set1_ps(NEG);
         for (int64_t j = 0; j < nk16; j += 16) vm = _mm512_max_ps(vm, _mm512_load_ps(s + j));
         const float mx = _mm512_reduce_max_ps(vm);
@@ -442,41 +512,47 @@ void heads_h(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratc
             for (int64_t j = 0; j < nk16; j += 16)
                 _mm256_store_si256(reinterpret_cast<__m256i*>(sp + j), _mm256_setzero_si256());
         }
-        m_out[(a0 + a) * part_stride] = mx;
-        l_out[(a0 + a) * part_stride] = _mm512_reduce_add_ps(lsum);
+        *qs[q].m = mx;
+        *qs[q].l = _mm512_reduce_add_ps(lsum);
     }
-    // values: acc[a] += p[j] v[j] + p[j + 1] v[j + 1], pairs in order (masked keys: p = v = 0)
-    __m512 acc[NA][CV];
-    for (int a = 0; a < NA; ++a)
-        for (int c = 0; c < CV; ++c) acc[a][c] = _mm512_setzero_ps();
-    const int32_t* sp32 = reinterpret_cast<const int32_t*>(S.sp);
-    for (int64_t jp = 0; jp < (nk + 1) / 2; ++jp) {
-        __m512i pw[NA];
-        for (int a = 0; a < NA; ++a) pw[a] = _mm512_set1_epi32(sp32[a * (BLOCK / 2) + jp]);
-        for (int c = 0; c < CV; ++c) {
-            const __m512bh vv = (__m512bh)_mm512_load_si512(S.vp + jp * 2 * HD + 32 * c);
-            for (int a = 0; a < NA; ++a) acc[a][c] = _mm512_dpbf16_ps(acc[a][c], vv, (__m512bh)pw[a]);
-        }
-    }
-    for (int a = 0; a < NA; ++a) {
-        float* dst = acc_out + (a0 + a) * acc_stride;
-        for (int c = 0; c < CV; ++c) _mm512_storeu_ps(dst + c * 16, acc[a][c]);
-    }
+    // values, CC chunks of the head dim at a time (their vectors stay in L1 for every query)
+    const int64_t npairs = (nk + 1) / 2;
+    for (int c0 = 0; c0 < CV; c0 += CC)
+        for (int q0 = 0; q0 < nq; q0 += 4) switch (std::min(nq - q0, 4)) {
+                case 1: values_q<HD, 1, CC>(S, qs, q0, c0, npairs); break;
+                case 2: values_q<HD, 2, CC>(S, qs, q0, c0, npairs); break;
+                case 3: values_q<HD, 3, CC>(S, qs, q0, c0, npairs); break;
+                default: values_q<HD, 4, CC>(S, qs, q0, c0, npairs); break;
+            }
 }
 
-// Row t over its keys in the scratch, every query head of KV head h's group, a few at a time.
-template <int HD, class S_>
-void reduce(const Rows& R, int64_t t, int64_t h, int64_t nk, S_& S, float* m_out,
+// Rows t0 .. t1 (inclusive), which read the same nk keys of the scratch, over KV head h: every
+// query head of its group, QMAX queries a pass. Partials go to bm, bl [T, G] and ba [T, G, HD].
+template <int HD>
+void rows_h(const Rows& R, int64_t t0, int64_t t1, int64_t h, int64_t nk, ScratchH<HD>& S,
+            float* bm, float* bl, float* ba) {
+    const int64_t G = R.group;
+    Query qs[QMAX];
+    int nq = 0;
+    for (int64_t t = t0; t <= t1; ++t)
+        for (int64_t a = 0; a < G; ++a) {
+            const int64_t i = t * G + a;
+            qs[nq++] = Query{R.q + (h * G + a) * R.q_head + t * R.q_row, bm + i, bl + i,
+                             ba + i * HD};
+            if (nq == QMAX) queries_h<HD>(R, nq, qs, nk, S), nq = 0;
+        }
+    if (nq > 0) queries_h<HD>(R, nq, qs, nk, S);
+}
+
+// Row t over its keys in the scratch (a float32 cache), every query head of KV head h's group,
+// a few at a time.
+template <int HD>
+void reduce(const Rows& R, int64_t t, int64_t h, int64_t nk, Scratch<HD>& S, float* m_out,
             float* l_out, float* acc_out, int64_t part_stride, int64_t acc_stride) {
-    constexpr int HC = HD <= 64 ? 4 : HD == 128 ? 2 : 1;  // heads per pass: <= 16 accumulators
-    constexpr bool H = std::is_same_v<S_, ScratchH<HD>>;
+    constexpr int64_t HC = HD <= 64 ? 4 : HD == 128 ? 2 : 1;  // heads per pass: <= 16 accumulators
     for (int64_t a0 = 0; a0 < R.group; a0 += HC) {
         const int64_t na = std::min<int64_t>(R.group - a0, HC);
-#define VD_HEADS(N)                                                                             \
-    if constexpr (H)                                                                            \
-        heads_h<HD, N>(R, t, h, a0, nk, S, m_out, l_out, acc_out, part_stride, acc_stride);    \
-    else                                                                                        \
-        heads<HD, N>(R, t, h, a0, nk, S, m_out, l_out, acc_out, part_stride, acc_stride)
+#define VD_HEADS(N) heads<HD, N>(R, t, h, a0, nk, S, m_out, l_out, acc_out, part_stride, acc_stride)
         if (na == 1) { VD_HEADS(1); }
         if constexpr (HC >= 2) if (na == 2) { VD_HEADS(2); }
         if constexpr (HC >= 4) {
@@ -560,13 +636,23 @@ void run(const Rows& R, float* out) {
                     }
             S.lo = -1;
             for (int64_t b = sb * SUPER; b < (sb + 1) * SUPER; ++b) {
-                for (int64_t t = R.T - 1; t >= 0; --t) {  // the longest rows first
-                    if (b >= nb[t]) continue;
+                const int64_t j0 = b * BLOCK;
+                auto keys = [&](int64_t t) {  // row t's keys in block b, and whether all cached
                     const int64_t contiguous = R.hi[t] - R.lo[t];
-                    const int64_t j0 = b * BLOCK;
                     const int64_t nk = std::min(contiguous + R.n_ext, j0 + BLOCK) - j0;
-                    const bool run = j0 + nk <= contiguous;
-                    if (!(run && S.lo == R.lo[t] && S.n >= 0 && nk <= S.n && S.b == b)) {
+                    return std::make_pair(nk, j0 + nk <= contiguous);
+                };
+                auto reuses = [&](int64_t t) {
+                    const auto [nk, run] = keys(t);
+                    return run && S.lo == R.lo[t] && S.n >= 0 && nk <= S.n && S.b == b;
+                };
+                for (int64_t t = R.T - 1; t >= 0;) {  // the longest rows first
+                    if (b >= nb[t]) {
+                        --t;
+                        continue;
+                    }
+                    const auto [nk, run] = keys(t);
+                    if (!reuses(t)) {
                         if constexpr (std::is_same_v<S_, ScratchH<HD>>)
                             fill_h<HD>(R, t, h, j0, nk, S);
                         else
@@ -575,12 +661,24 @@ void run(const Rows& R, float* out) {
                         S.n = nk;
                         S.b = b;
                     }
-                    reduce<HD, S_>(R, t, h, nk, S, bm + t * G, bl + t * G, ba + t * G * HD, 1, HD);
-                    for (int64_t a = 0; a < G; ++a) {
-                        const int64_t i = (t * n_h + h * G + a) * max_ns + sb;
-                        merge_into<HD>(m[i], l[i], acc + i * HD, bm[t * G + a], bl[t * G + a],
-                                       ba + (t * G + a) * HD);
+                    // bfloat16: the next rows that read these same nk keys from the scratch
+                    // share the pass (a chain's rows, all but their last block)
+                    int64_t t0 = t;
+                    if constexpr (std::is_same_v<S_, ScratchH<HD>>) {
+                        while (t0 > 0 && b < nb[t0 - 1] && keys(t0 - 1).first == nk &&
+                               reuses(t0 - 1))
+                            --t0;
+                        rows_h<HD>(R, t0, t, h, nk, S, bm, bl, ba);
+                    } else {
+                        reduce<HD>(R, t, h, nk, S, bm + t * G, bl + t * G, ba + t * G * HD, 1, HD);
                     }
+                    for (int64_t u = t; u >= t0; --u)
+                        for (int64_t a = 0; a < G; ++a) {
+                            const int64_t i = (u * n_h + h * G + a) * max_ns + sb;
+                            merge_into<HD>(m[i], l[i], acc + i * HD, bm[u * G + a], bl[u * G + a],
+                                           ba + (u * G + a) * HD);
+                        }
+                    t = t0 - 1;
                 }
             }
         }
