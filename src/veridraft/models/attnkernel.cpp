@@ -787,6 +787,7 @@ at::Tensor rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rows", &rows, "attention of query rows over cached keys, row-invariant",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lo"), py::arg("hi"), py::arg("ext"),
-          py::arg("scale"), py::arg("softcap"));
+          py::arg("scale"), py::arg("softcap"),
+          py::call_guard<py::gil_scoped_release>());  // as torch's own operators: no GIL held
 }
 #endif
