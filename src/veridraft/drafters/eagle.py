@@ -529,6 +529,24 @@ def load_head(folder: str | Path) -> EagleHead:
     return head.eval()
 
 
+def check_vllm_loadable(folder: str | Path) -> None:
+    """Refuse, in one line, a head vLLM's and SGLang's eagle3 loaders cannot load (a gated or
+    deeper variant); an EAGLE-3 head or an unreadable folder passes (the caller reports the
+    latter)."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    var = cfg.get("veridraft_variant")
+    if VARIANT_ARCH in cfg.get("architectures", []) or var:
+        var = var or {}
+        raise VeridraftError(
+            f"eagle: the head at {folder} is veridraft's variant (fusion "
+            f"{var.get('fusion', '?')}, {var.get('num_layers', '?')} layers), which vLLM's and "
+            "SGLang's eagle3 loaders cannot load; train an EAGLE-3 head (--fusion fc --layers 1)"
+        )
+
+
 def find_head(model_dir: Path | None, spec: str | None) -> Path | None:
     """The head folder: `spec` as a path, or as a name under model_dir/heads/ (with or without
     the eagle- prefix); None: the newest heads/eagle-* folder, or None when there is none."""

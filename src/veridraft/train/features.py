@@ -42,7 +42,16 @@ GEN_BATCH = 8
 # the dev questions `veridraft bench --limit N` picks for any N up to this are never trained on
 # (they are what the benchmark measures): 21 of 40 per Spec-Bench group, 22 of the 80 MT-Bench
 HELD_OUT_LIMIT = 8
-MT_BENCH = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
+MT_BENCH = {
+    "writing",
+    "roleplay",
+    "reasoning",
+    "math",
+    "coding",
+    "extraction",
+    "stem",
+    "humanities",
+}
 # novel passages as prompts: about this many characters each, at most this many per chapter
 PASSAGE_CHARS = 1200
 PASSAGES_PER_CHAPTER = 2
