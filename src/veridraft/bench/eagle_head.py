@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     if folder is None or not (folder / "config.json").is_file():
         raise SystemExit(f"no head for {args.model}; train one with `veridraft train head`")
     head = load_head(folder)
+    if head.config.variant:  # PlainDrafter is EAGLE-3's one fc layer
+        raise SystemExit(f"{folder.name} is a gated or deeper head; time it with --heads")
     print(f"head {folder.name} of {args.model}; {cpu_name()}, {os.cpu_count()} CPUs")
     print(f"context {args.context}, median of {args.repeats} interleaved rounds")
     print("ms per head call (a round's propose() / its head calls); before: PlainDrafter")
