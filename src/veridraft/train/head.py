@@ -156,19 +156,23 @@ def ttt(
                 out = out + w * dv.repeat_interleave(rep, 2)
             resid = head.layer_finish(li, resid, out)
         hidden = resid
-        logq = F.log_softmax(head.logits(hidden), -1)  # [B, T, Vd]
         lab_p = torch.zeros_like(p)
         lab_i = torch.zeros_like(d_ids)
         valid = torch.zeros_like(ok)
         lab_p[:, : t - sh] = p[:, sh:]
         lab_i[:, : t - sh] = d_ids[:, sh:].clamp_min(0)
         valid[:, : t - sh] = ok[:, sh:]
-        ce = -(lab_p * logq.gather(-1, lab_i)).sum(-1)
+        # the draft-vocabulary logits only where the loss counts: a chat sample's prompt rows
+        # (most of its rows) need keys, not logits, and the logits are the costliest matmul
+        logq = F.log_softmax(head.logits(hidden[valid]), -1)  # [N, Vd]
+        ce = -(lab_p[valid] * logq.gather(-1, lab_i[valid])).sum(-1)
         n = valid.sum().clamp_min(1)
-        total = total + (STEP_DECAY**i) * (ce * valid).sum() / n
+        total = total + (STEP_DECAY**i) * ce.sum() / n
         top = torch.zeros_like(top1)
         top[:, : t - sh] = top1[:, sh:]
-        corrects.append((logq.argmax(-1) == top) & valid)
+        correct = torch.zeros_like(valid)
+        correct[valid] = logq.argmax(-1) == top[valid]
+        corrects.append(correct)
         valids.append(valid)
     return total, torch.stack(corrects), torch.stack(valids)
 
