@@ -158,3 +158,71 @@ def test_train_head_command_writes_a_head_eagle_drafts_with(
         model.net, prompt, max_new_tokens=24, sampling=g, generator=torch.Generator(), drafter=d
     )
     assert got == ref and st.drafted > 0
+
+
+def test_chat_corpora_leave_out_every_question_the_benchmark_measures_on():
+    """`veridraft bench --limit N` (N <= HELD_OUT_LIMIT) measures on questions no chat corpus
+    trains on; the corpora still use the rest of the dev file."""
+    from veridraft.bench.questions import load_questions, select
+
+    qs = load_questions(features.spec_bench_dev_path())
+    assert features.HELD_OUT_LIMIT >= 8  # the documented promise
+    measured = set()
+    for n in range(1, features.HELD_OUT_LIMIT + 1):
+        measured |= {q.turns[0] for q in select(qs, limit=n)}
+    dev = features.find_corpus("spec-bench-dev")
+    mix = features.find_corpus("chat-mix")
+    for c in (dev, mix):
+        assert not measured & set(c.items), c.name
+    assert len(dev.items) + len(measured) == len(qs)  # everything else is used
+    assert set(dev.items) <= set(mix.items)
+    held = {str(r["turns"][0]) for r, h in features.dev_questions() if h}
+    assert held == measured
+
+
+def test_spread_is_the_benchmarks():
+    from veridraft.bench.questions import spread
+
+    for items in (1, 5, 40, 80):
+        for n in range(1, 12):
+            assert features._spread(items, n) == spread(items, n)
+
+
+def test_novel_prompts_are_passages_behind_an_instruction():
+    novels = features.find_corpus("novels")
+    assert novels.kind == "chat" and len(novels.items) > 200
+    assert all(p.split("\n\n", 1)[0] in features.NOVEL_TASKS for p in novels.items)
+    assert len({p.split("\n\n", 1)[0] for p in novels.items}) == len(features.NOVEL_TASKS)
+    mix = features.find_corpus("chat-mix")
+    assert set(novels.items) <= set(mix.items)
+    # interleaved: a --max-tokens cut keeps both kinds
+    first = mix.items[:10]
+    assert any(p in novels.items for p in first) and any(p not in novels.items for p in first)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_answers_generated_together_are_the_answers_alone(tiny_smollm2_dir, precision):
+    from veridraft.loader import load
+
+    model = load(tiny_smollm2_dir(f"tiny-chat-{precision}", layers=2), precision)
+    prompts = ["Tell me about the sea.", "Continue: It was a dark night", "Why?", "Summarise x"]
+    alone = [features._chat_ids(model, p, 24) for p in prompts]
+    together = features.chat_answers(model, prompts, 24)
+    assert together == alone
+    assert all(len(ids) > n for ids, n in together)  # each has an answer
+
+
+def test_chat_features_in_groups_equal_one_at_a_time(tmp_path, monkeypatch, tiny_smollm2_dir):
+    from veridraft.loader import load
+
+    model = load(tiny_smollm2_dir("tiny-chat-groups", layers=4), "fp32")
+    jl = tmp_path / "p.jsonl"
+    jl.write_text("\n".join(json.dumps(f"Question number {i}?") for i in range(5)) + "\n")
+    corpus = features.find_corpus(str(jl))
+    a, _ = _run(model, corpus, monkeypatch, tmp_path / "a", answer_tokens=12, gen_batch=1)
+    b, _ = _run(model, corpus, monkeypatch, tmp_path / "b", answer_tokens=12, gen_batch=3)
+    sa, sb = features.load_samples(a), features.load_samples(b)
+    assert len(sa) == len(sb) == 5
+    for x, y in zip(sa, sb):
+        assert torch.equal(x.ids, y.ids) and torch.equal(x.mask, y.mask)
+        assert torch.equal(x.aux, y.aux)

@@ -204,13 +204,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=300, help="positions before the draft")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument(
+        "--heads",
+        default=None,
+        help="comma-separated head folders or names: time the drafter on each of them "
+        "(e.g. an EAGLE-3 head against gated or deeper ones), interleaved",
+    )
     args = ap.parse_args(argv)
     from ..models.catalog import model_dir
+
+    if args.heads:
+        return compare_heads(model_dir(args.model), args)
 
     folder = find_head(model_dir(args.model), args.head)
     if folder is None or not (folder / "config.json").is_file():
         raise SystemExit(f"no head for {args.model}; train one with `veridraft train head`")
     head = load_head(folder)
+    if head.config.variant:  # PlainDrafter is EAGLE-3's one fc layer
+        raise SystemExit(f"{folder.name} is a gated or deeper head; time it with --heads")
     print(f"head {folder.name} of {args.model}; {cpu_name()}, {os.cpu_count()} CPUs")
     print(f"context {args.context}, median of {args.repeats} interleaved rounds")
     print("ms per head call (a round's propose() / its head calls); before: PlainDrafter")
@@ -233,6 +244,35 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {name:<8} ({n} calls)  before {a:6.2f}  after {b:6.2f}  before/after "
                 f"{a / b:4.2f}x  | weights=bf16 {c:6.2f}  before/bf16 {a / c:4.2f}x"
             )
+    return 0
+
+
+def compare_heads(base, args) -> int:
+    """ms per head call of the drafter on several heads (chain and tree), interleaved."""
+    heads = {}
+    for spec in args.heads.split(","):
+        folder = find_head(base, spec.strip())
+        if folder is None or not (folder / "config.json").is_file():
+            raise SystemExit(
+                f"no head {spec!r} under {base}; train one with `veridraft train head`"
+            )
+        heads[folder.name] = load_head(folder)
+    print(f"{cpu_name()}, {os.cpu_count()} CPUs; context {args.context}, median of "
+          f"{args.repeats} interleaved rounds; ms per head call")  # fmt: skip
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        drafters = {
+            (name, v): EagleDrafter(h, **params)
+            for name, h in heads.items()
+            for v, params in VARIANTS.items()
+        }
+        load = os.getloadavg()[0]
+        ms = measure(drafters, args.context, args.repeats)
+        print(f"threads {threads} (load average {load:.2f} before):")
+        for name, h in heads.items():
+            c = h.config
+            cells = "  ".join(f"{v} {ms[name, v] / drafters[name, v].k:6.2f}" for v in VARIANTS)
+            print(f"  {name:<28} fusion {c.fusion:<5} layers {c.num_layers}  {cells}")
     return 0
 
 

@@ -29,6 +29,15 @@ children as point masses (verify.verify_tree).
 Checkpoint: EAGLE-3's Hugging Face folder as vLLM and SGLang load it (`LlamaForCausalLMEagle3`:
 config.json with `draft_vocab_size` and `eagle_config.eagle_aux_hidden_state_layer_ids`;
 model.safetensors with fc, midlayer.*, norm, lm_head, d2t, t2d).
+
+Variants (Dovetail's, for a CPU verifier): `num_layers` > 1 stacks plain decoder layers
+(`layers.{i}.*`, input and residual the previous layer's output) after the first, and
+`fusion="gated"` replaces the first layer's [RMSNorm(e); RMSNorm(f)] input with Dynamic Gating
+Fusion (`gate.*`): h1 = f W1, h2 = SiLU(RMSNorm(e) W2), z = sigmoid([h1; h2] Wz),
+x = z * h1 + (1 - z) * h2, and the first layer is then a plain decoder layer over x. f is the
+fused target features (`fc`) on real rows and the head's previous output on drafted rows, as in
+EAGLE-3. Such a head is saved under its own architecture name (VARIANT_ARCH), which vLLM's and
+SGLang's eagle3 loaders do not load.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ from ..spec import Param
 from .params import as_choice, as_int
 
 ARCH = "LlamaForCausalLMEagle3"
+VARIANT_ARCH = "VeridraftEagle3Variant"  # deeper or gated heads: only veridraft runs them
+FUSIONS = ("fc", "gated")
 HEADS_DIR = "heads"
 PREFIX = "eagle-"
 
@@ -79,6 +90,13 @@ class HeadConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
     meta: dict = field(default_factory=dict)  # how it was trained (veridraft's own key)
+    fusion: str = "fc"  # "fc": EAGLE-3's [e; f] input; "gated": Dovetail's gating fusion
+    num_layers: int = 1  # decoder layers (Dovetail: deeper drafts for a CPU verifier)
+
+    @property
+    def variant(self) -> bool:
+        """A head EAGLE-3's loaders (vLLM, SGLang) cannot run."""
+        return self.fusion != "fc" or self.num_layers != 1
 
     @property
     def capture_layers(self) -> tuple[int, ...]:
@@ -86,15 +104,15 @@ class HeadConfig:
         return tuple(i - 1 for i in self.aux_ids)
 
     def to_hf(self) -> dict:
-        return {
-            "architectures": [ARCH],
+        out = {
+            "architectures": [VARIANT_ARCH if self.variant else ARCH],
             "model_type": "llama",
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "num_hidden_layers": 1,
+            "num_hidden_layers": self.num_layers,
             "vocab_size": self.vocab_size,
             "draft_vocab_size": self.draft_vocab_size,
             "target_hidden_size": self.target_hidden_size,
@@ -111,10 +129,19 @@ class HeadConfig:
             },
             "veridraft": self.meta,
         }
+        if self.variant:
+            out["veridraft_variant"] = {
+                "fusion": self.fusion,
+                "num_layers": self.num_layers,
+                "loadable_by": "veridraft only: vLLM's and SGLang's eagle3 loaders cannot load "
+                "it (they build one EAGLE-3 layer with fc fusion)",
+            }
+        return out
 
     @classmethod
     def from_hf(cls, cfg: dict, where: str) -> HeadConfig:
-        if ARCH not in cfg.get("architectures", []):
+        archs = cfg.get("architectures", [])
+        if ARCH not in archs and VARIANT_ARCH not in archs:
             raise VeridraftError(
                 f"{where} is not an EAGLE-3 head (architectures {cfg.get('architectures')}, "
                 f"expected {ARCH}); pass head= an EAGLE-3 folder"
@@ -123,6 +150,12 @@ class HeadConfig:
             h = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
             aux = cfg.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids")
+            var = cfg.get("veridraft_variant") or {}
+            fusion = str(var.get("fusion", "fc"))
+            if fusion not in FUSIONS:
+                raise VeridraftError(
+                    f"{where}: fusion {fusion!r} is not one this version runs ({', '.join(FUSIONS)})"
+                )
             return cls(
                 hidden_size=h,
                 intermediate_size=int(cfg["intermediate_size"]),
@@ -137,6 +170,8 @@ class HeadConfig:
                 rope_theta=float(cfg.get("rope_theta", 10000.0)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 meta=dict(cfg.get("veridraft") or {}),
+                fusion=fusion,
+                num_layers=int(var.get("num_layers", cfg.get("num_hidden_layers", 1))),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise VeridraftError(
@@ -155,9 +190,10 @@ class RMSNorm(nn.Module):
 
 
 class _Attn(nn.Module):
-    def __init__(self, c: HeadConfig) -> None:
+    def __init__(self, c: HeadConfig, fused: bool = True) -> None:
         super().__init__()
-        d2 = 2 * c.hidden_size  # the normed embedding and the normed feature, side by side
+        # EAGLE-3's first layer reads the normed embedding and the normed feature side by side
+        d2 = 2 * c.hidden_size if fused else c.hidden_size
         self.q_proj = nn.Linear(d2, c.num_attention_heads * c.head_dim, bias=False)
         self.k_proj = nn.Linear(d2, c.num_key_value_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(d2, c.num_key_value_heads * c.head_dim, bias=False)
@@ -176,13 +212,34 @@ class _MLP(nn.Module):
 
 
 class _MidLayer(nn.Module):
-    def __init__(self, c: HeadConfig) -> None:
+    """fused: EAGLE-3's layer over [RMSNorm(e); RMSNorm(f)]; else a plain decoder layer."""
+
+    def __init__(self, c: HeadConfig, fused: bool = True) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)  # the embedding's
-        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)  # the fused feature's
-        self.self_attn = _Attn(c)
+        if fused:
+            self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)  # the fused feature's
+        self.self_attn = _Attn(c, fused)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = _MLP(c)
+
+
+class _Gate(nn.Module):
+    """Dynamic Gating Fusion of the feature f and the token embedding e (Dovetail)."""
+
+    def __init__(self, c: HeadConfig) -> None:
+        super().__init__()
+        d = c.hidden_size
+        self.w1 = nn.Linear(d, d, bias=False)
+        self.emb_norm = RMSNorm(d, c.rms_norm_eps)
+        self.w2 = nn.Linear(d, d, bias=False)
+        self.wz = nn.Linear(2 * d, d, bias=False)
+
+    def forward(self, f: Tensor, e: Tensor) -> Tensor:
+        h1 = self.w1(f)
+        h2 = F.silu(self.w2(self.emb_norm(e)))
+        z = torch.sigmoid(self.wz(torch.cat((h1, h2), -1)))
+        return z * h1 + (1 - z) * h2
 
 
 class EagleHead(nn.Module):
@@ -193,8 +250,18 @@ class EagleHead(nn.Module):
     def __init__(self, c: HeadConfig) -> None:
         super().__init__()
         self.config = c
+        if c.fusion not in FUSIONS or c.num_layers < 1:
+            raise VeridraftError(
+                f"head: fusion {c.fusion!r} and {c.num_layers} layers; fusion is one of "
+                f"{', '.join(FUSIONS)} and layers >= 1"
+            )
         self.fc = nn.Linear(len(c.aux_ids) * c.target_hidden_size, c.hidden_size, bias=False)
-        self.midlayer = _MidLayer(c)
+        gated = c.fusion == "gated"
+        if gated:
+            self.gate = _Gate(c)
+        self.midlayer = _MidLayer(c, fused=not gated)
+        # the deeper layers: plain decoder layers (their names start at 1, after midlayer)
+        self.layers = nn.ModuleList(_MidLayer(c, fused=False) for _ in range(c.num_layers - 1))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
@@ -216,22 +283,44 @@ class EagleHead(nn.Module):
         a, b = x.chunk(2, -1)
         return x * cos + torch.cat((-b, a), -1) * sin
 
-    def qkv(self, hidden: Tensor, emb: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q [.., T, heads, hd], k, v [.., T, kv_heads, hd] of rows with input hidden state
+    def layer(self, i: int) -> _MidLayer:
+        return self.midlayer if i == 0 else self.layers[i - 1]
+
+    def start(self, hidden: Tensor, emb: Tensor) -> tuple[Tensor, Tensor]:
+        """(the first layer's normed input, its residual) for rows with input hidden state
         `hidden` (fused features, or the head's previous output) and token embedding `emb`."""
-        c, m = self.config, self.midlayer
-        x = torch.cat((m.input_layernorm(emb), m.hidden_norm(hidden)), -1)
+        m = self.midlayer
+        if self.config.fusion == "gated":
+            x = self.gate(hidden, emb)
+            return m.input_layernorm(x), x
+        return torch.cat((m.input_layernorm(emb), m.hidden_norm(hidden)), -1), hidden
+
+    def layer_qkv(self, i: int, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [.., T, heads, hd], k, v [.., T, kv_heads, hd] of layer i from its normed input."""
+        c, a = self.config, self.layer(i).self_attn
         sh = x.shape[:-1]
-        q = m.self_attn.q_proj(x).view(*sh, c.num_attention_heads, c.head_dim)
-        k = m.self_attn.k_proj(x).view(*sh, c.num_key_value_heads, c.head_dim)
-        v = m.self_attn.v_proj(x).view(*sh, c.num_key_value_heads, c.head_dim)
+        q = a.q_proj(x).view(*sh, c.num_attention_heads, c.head_dim)
+        k = a.k_proj(x).view(*sh, c.num_key_value_heads, c.head_dim)
+        v = a.v_proj(x).view(*sh, c.num_key_value_heads, c.head_dim)
         return self.rope(q, pos), self.rope(k, pos), v
 
-    def finish(self, hidden: Tensor, attn: Tensor) -> Tensor:
-        """The layer's output hidden state from its input and the attention [.., T, heads, hd]."""
-        m = self.midlayer
-        h = hidden + m.self_attn.o_proj(attn.flatten(-2))
+    def layer_finish(self, i: int, resid: Tensor, attn: Tensor) -> Tensor:
+        """Layer i's output from its residual and its attention [.., T, heads, hd]."""
+        m = self.layer(i)
+        h = resid + m.self_attn.o_proj(attn.flatten(-2))
         return h + m.mlp(m.post_attention_layernorm(h))
+
+    def norm_in(self, i: int, h: Tensor) -> Tensor:
+        """A deeper layer's normed input from the previous layer's output."""
+        return self.layer(i).input_layernorm(h)
+
+    def qkv(self, hidden: Tensor, emb: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The first layer's q, k, v (`start` then `layer_qkv`)."""
+        return self.layer_qkv(0, self.start(hidden, emb)[0], pos)
+
+    def finish(self, hidden: Tensor, attn: Tensor) -> Tensor:
+        """A one-layer fc head's output from its input and the attention [.., T, heads, hd]."""
+        return self.layer_finish(0, hidden, attn)
 
     def logits(self, h: Tensor) -> Tensor:
         """Draft-vocabulary logits of output hidden states."""
@@ -284,30 +373,44 @@ class HeadRunner:
       grouped-query attention multiplies each KV head's keys by its group of query heads as one
       matrix (no repeated KV);
     - RoPE reads cos/sin tables (the sign of rotate-half folded into sin).
+
+    A deeper head (num_layers > 1) has a cache per layer; a gated head fuses with its gate's
+    three matmuls first (w1 and the SiLU branch's w2 are separate inputs, so two calls and wz).
     """
 
     def __init__(self, head: EagleHead, bf16: bool) -> None:
-        c, m = head.config, head.midlayer
-        a, mlp = m.self_attn, m.mlp
+        c = head.config
         self.config, self.bf16 = c, bf16
         self.group = c.num_attention_heads // c.num_key_value_heads
         self.scale = math.sqrt(c.head_dim)
         self.fc = _Dense(head.fc.weight, bf16)
-        self.qkv = _Dense(torch.cat((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)), bf16)
-        self.o = _Dense(a.o_proj.weight, bf16)
-        self.gate_up = _Dense(torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)), bf16)
-        self.down = _Dense(mlp.down_proj.weight, bf16)
+        self.head = head
+        self.gated = c.fusion == "gated"
+        if self.gated:
+            g = head.gate
+            self.w1, self.w2, self.wz = (_Dense(w.weight, bf16) for w in (g.w1, g.w2, g.wz))
+            self.emb_norm = g.emb_norm
+        self.qkv, self.o, self.gate_up, self.down = [], [], [], []
+        for i in range(c.num_layers):
+            a, mlp = head.layer(i).self_attn, head.layer(i).mlp
+            self.qkv.append(
+                _Dense(torch.cat((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)), bf16)
+            )
+            self.o.append(_Dense(a.o_proj.weight, bf16))
+            self.gate_up.append(_Dense(torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)), bf16))
+            self.down.append(_Dense(mlp.down_proj.weight, bf16))
         self.lm_head = _Dense(head.lm_head.weight, bf16)
         # the head's own norms: the same rounding as EagleHead (F.rms_norm's fused op differs
         # in the last bit, which can flip a near tie)
-        self.norms = {
-            "emb": m.input_layernorm,
-            "hidden": m.hidden_norm,
-            "post": m.post_attention_layernorm,
-            "final": head.norm,
-        }
+        m = head.midlayer
+        self.norms = {"post": m.post_attention_layernorm, "final": head.norm}
+        self.norms["emb"] = m.input_layernorm
+        if not self.gated:
+            self.norms["hidden"] = m.hidden_norm
         self.inv_freq = head.inv_freq
         self.k = self.v = self.cos = self.sin = None
+        self.ks: list[Tensor] = []
+        self.vs: list[Tensor] = []
 
     @property
     def rows(self) -> int:
@@ -318,8 +421,10 @@ class HeadRunner:
         if self.rows >= rows:
             return
         c = self.config
-        self.k = torch.empty(c.num_key_value_heads, rows, c.head_dim)
-        self.v = torch.empty_like(self.k)
+        shape = (c.num_key_value_heads, rows, c.head_dim)
+        self.ks = [torch.empty(shape) for _ in range(c.num_layers)]
+        self.vs = [torch.empty(shape) for _ in range(c.num_layers)]
+        self.k, self.v = self.ks[0], self.vs[0]
         f = torch.arange(rows, dtype=torch.float32)[:, None] * self.inv_freq
         emb = torch.cat((f, f), -1)  # EagleHead.rope's angles, bit for bit
         half = c.head_dim // 2
@@ -337,27 +442,44 @@ class HeadRunner:
         [R, D] at head positions `pos` (R of them, or one shared by all rows). Their keys and
         values go to cache rows at .. at + R - 1; they attend to rows 0 .. free - 1 and, of the
         rows free .. at + R - 1, where mask [R, at + R - free] is True (None: all of them)."""
+        if self.gated:
+            h1 = self.w1(hidden)
+            h2 = F.silu(self.w2(self.emb_norm(emb)))
+            z = torch.sigmoid(self.wz(torch.cat((h1, h2), -1)))
+            resid = z * h1 + (1 - z) * h2
+            x = self._norm(resid, "emb")
+        else:
+            resid = hidden
+            x = torch.cat((self._norm(emb, "emb"), self._norm(hidden, "hidden")), -1)
+        h = self._layer(0, x, resid, at, pos, free, mask)
+        for i in range(1, self.config.num_layers):
+            h = self._layer(i, self.head.layer(i).input_layernorm(h), h, at, pos, free, mask)
+        return h
+
+    def _layer(
+        self, i: int, x: Tensor, resid: Tensor, at: int, pos, free: int, mask: Tensor | None
+    ) -> Tensor:
         c = self.config
-        r, heads, kv = hidden.shape[0], c.num_attention_heads, c.num_key_value_heads
+        r, heads, kv = x.shape[0], c.num_attention_heads, c.num_key_value_heads
         hd, g = c.head_dim, self.group
-        x = torch.cat((self._norm(emb, "emb"), self._norm(hidden, "hidden")), -1)
-        y = self.qkv(x)
+        kc, vc = self.ks[i], self.vs[i]
+        y = self.qkv[i](x)
         qk = y[:, : (heads + kv) * hd].view(r, heads + kv, hd)
         qk = qk * self.cos[pos, None] + qk.roll(hd // 2, -1) * self.sin[pos, None]
         end = at + r
-        self.k[:, at:end] = qk[:, heads:].transpose(0, 1)
-        self.v[:, at:end] = y[:, (heads + kv) * hd :].view(r, kv, hd).transpose(0, 1)
+        kc[:, at:end] = qk[:, heads:].transpose(0, 1)
+        vc[:, at:end] = y[:, (heads + kv) * hd :].view(r, kv, hd).transpose(0, 1)
         # query head h reads KV head h // g (repeat_interleave's grouping)
         q = qk[:, :heads].reshape(r, kv, g, hd).permute(1, 2, 0, 3).reshape(kv, g * r, hd)
-        s = torch.matmul(q, self.k[:, :end].transpose(1, 2)).div_(self.scale)  # [kv, g * r, end]
+        s = torch.matmul(q, kc[:, :end].transpose(1, 2)).div_(self.scale)  # [kv, g * r, end]
         if mask is not None:
             s.view(kv, g, r, end)[..., free:].masked_fill_(~mask, float("-inf"))
-        o = torch.matmul(torch.softmax(s, -1), self.v[:, :end])  # [kv, g * r, hd]
+        o = torch.matmul(torch.softmax(s, -1), vc[:, :end])  # [kv, g * r, hd]
         o = o.view(kv, g, r, hd).permute(2, 0, 1, 3).reshape(r, heads * hd)
-        h = hidden + self.o(o)
-        gu = self.gate_up(self._norm(h, "post"))
+        h = resid + self.o[i](o)
+        gu = self.gate_up[i](self.head.layer(i).post_attention_layernorm(h))
         gate, up = gu.chunk(2, -1)
-        return h + self.down(F.silu(gate) * up)
+        return h + self.down[i](F.silu(gate) * up)
 
     def logits(self, h: Tensor) -> Tensor:
         return self.lm_head(self._norm(h, "final"))
@@ -405,6 +527,24 @@ def load_head(folder: str | Path) -> EagleHead:
     head.t2d = head.t2d.bool()
     head.requires_grad_(False)
     return head.eval()
+
+
+def check_vllm_loadable(folder: str | Path) -> None:
+    """Refuse, in one line, a head vLLM's and SGLang's eagle3 loaders cannot load (a gated or
+    deeper variant); an EAGLE-3 head or an unreadable folder passes (the caller reports the
+    latter)."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    var = cfg.get("veridraft_variant")
+    if VARIANT_ARCH in cfg.get("architectures", []) or var:
+        var = var or {}
+        raise VeridraftError(
+            f"eagle: the head at {folder} is veridraft's variant (fusion "
+            f"{var.get('fusion', '?')}, {var.get('num_layers', '?')} layers), which vLLM's and "
+            "SGLang's eagle3 loaders cannot load; train an EAGLE-3 head (--fusion fc --layers 1)"
+        )
 
 
 def find_head(model_dir: Path | None, spec: str | None) -> Path | None:

@@ -31,7 +31,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         "--corpus",
         default=None,
         help="stdlib (this Python's standard library), spec-bench-dev (the shipped dev "
-        "questions, answered by the model), a folder of .py files or a JSONL of prompts "
+        "questions the benchmark does not measure on, answered by the model), novels (passages "
+        "of the shipped novels to continue, summarise or describe, answered by the model), "
+        "chat-mix (the two interleaved), a folder of .py files or a JSONL of prompts "
         "(default: stdlib for a code model, spec-bench-dev otherwise)",
     )
     h.add_argument("--max-tokens", type=int, default=200_000, help="feature tokens (200000)")
@@ -56,7 +58,24 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="keep the target's own output rows as the head's (fewer weights to learn)",
     )
-    h.add_argument("--name", default=None, help="head name (default: the corpus name)")
+    h.add_argument(
+        "--fusion",
+        choices=("fc", "gated"),
+        default="fc",
+        help="how the head joins the target's features and the token embedding: fc (EAGLE-3, "
+        "loadable by vLLM/SGLang) or gated (Dovetail's gating fusion; veridraft only)",
+    )
+    h.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        help="decoder layers of the head (1: EAGLE-3; more: a deeper draft, veridraft only)",
+    )
+    h.add_argument(
+        "--name",
+        default=None,
+        help="head name (default: the corpus name, plus -gated / -Nl for a variant)",
+    )
     h.add_argument("--out", default=None, help="head folder (default: <model>/heads/eagle-NAME)")
     h.add_argument("--no-progress", action="store_true", help="no progress bar")
     h.set_defaults(func=run_train_head)
@@ -76,7 +95,8 @@ def run_train_head(args: argparse.Namespace) -> int:
     from . import features
     from .trainer import TrainConfig, train
 
-    for flag in ("max_tokens", "epochs", "steps", "draft_vocab", "batch", "answer_tokens"):
+    flags = ("max_tokens", "epochs", "steps", "draft_vocab", "batch", "answer_tokens", "layers")
+    for flag in flags:
         if getattr(args, flag) < 1:
             raise VeridraftError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.minutes is not None and args.minutes <= 0:
@@ -85,7 +105,10 @@ def run_train_head(args: argparse.Namespace) -> int:
     corpus = features.find_corpus(args.corpus or _default_corpus(model))
     aux_ids = default_aux_ids(model.net.config.n_layers)
     layers = tuple(i - 1 for i in aux_ids)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.name or corpus.name)
+    variant = ("-gated" if args.fusion == "gated" else "") + (
+        f"-{args.layers}l" if args.layers != 1 else ""
+    )
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.name or corpus.name + variant)
     out = Path(args.out) if args.out else model.path / HEADS_DIR / (PREFIX + name)
     print(
         f"model {model.name} ({model.precision}), corpus {corpus.name} ({corpus.kind}, "
@@ -113,6 +136,8 @@ def run_train_head(args: argparse.Namespace) -> int:
         bf16=args.bf16 == "on"
         or (args.bf16 == "auto" and bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())),
         freeze_lm_head=args.freeze_lm_head,
+        fusion=args.fusion,
+        layers=args.layers,
     )
     meta = {
         "target": model.name,

@@ -36,6 +36,30 @@ FILE_WINDOWS = 4
 SHARD_TOKENS = 8192  # tokens per shard at most...
 SHARD_SECONDS = 60.0  # ...and seconds: what a stopped run may lose (answers come slowly)
 CHUNK = 256  # rows per target forward (bounds the [rows, vocab] logits)
+# answers generated together (generate_batch, each bitwise its answer alone): on smollm2-135m
+# q4a8, 2 busy cores, 8 answers at once gave about 2x the tokens/s of one at a time
+GEN_BATCH = 8
+# the dev questions `veridraft bench --limit N` picks for any N up to this are never trained on
+# (they are what the benchmark measures): 21 of 40 per Spec-Bench group, 22 of the 80 MT-Bench
+HELD_OUT_LIMIT = 8
+MT_BENCH = {
+    "writing",
+    "roleplay",
+    "reasoning",
+    "math",
+    "coding",
+    "extraction",
+    "stem",
+    "humanities",
+}
+# novel passages as prompts: about this many characters each, at most this many per chapter
+PASSAGE_CHARS = 1200
+PASSAGES_PER_CHAPTER = 2
+NOVEL_TASKS = (
+    "Continue the story from where this passage ends:",
+    "Summarise this passage in a few sentences:",
+    "Who are the characters in this passage, and what does each want?",
+)
 SHARD = re.compile(r"^shard-(\d+)-(\d+)-(\d+)\.pt$")
 
 
@@ -76,6 +100,69 @@ def _py_files(root: Path, skip_tests: bool) -> list[Path]:
     return out
 
 
+def _spread(n_items: int, n: int) -> list[int]:
+    # the benchmark's even pick of n of n_items (bench/questions.py `spread`; the tests check
+    # that the two agree, since train may not import bench)
+    if n >= n_items:
+        return list(range(n_items))
+    return [(i * n_items) // n for i in range(n)]
+
+
+def dev_questions(path: Path | None = None) -> list[tuple[dict, bool]]:
+    """The Spec-Bench dev rows, each with whether the benchmark may measure on it (held out):
+    picked by `veridraft bench --limit N` for some N <= HELD_OUT_LIMIT."""
+    path = path or spec_bench_dev_path()
+    if not path.is_file():
+        raise VeridraftError(f"{path} is missing; reinstall veridraft or pass --corpus FILE")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        cat = r["category"]
+        groups.setdefault("mt_bench" if cat in MT_BENCH else cat, []).append(i)
+    held: set[int] = set()
+    for idx in groups.values():
+        for n in range(1, HELD_OUT_LIMIT + 1):
+            held.update(idx[j] for j in _spread(len(idx), n))
+    return [(r, i in held) for i, r in enumerate(rows)]
+
+
+def dev_prompts() -> list[str]:
+    """The first turns of the dev questions the benchmark never measures on."""
+    return [str(r["turns"][0]) for r, held in dev_questions() if not held]
+
+
+def novel_prompts() -> list[str]:
+    """Passages of the novels shipped with veridraft, each behind an instruction (continue,
+    summarise, name the characters, in turn): chat prompts in plain English prose."""
+    from ..data.books import SHIPPED, read_lines
+
+    if not SHIPPED.is_file():
+        raise VeridraftError(f"{SHIPPED} is missing; reinstall veridraft or pass --corpus FILE")
+    out = []
+    for line in read_lines(SHIPPED):
+        if not line.strip():
+            continue
+        for ch in json.loads(line)["chapters"]:
+            paras = [p.strip() for p in ch["text"].split("\n\n") if p.strip()]
+            taken, cur = 0, ""
+            for para in paras:
+                cur = f"{cur}\n\n{para}" if cur else para
+                if len(cur) >= PASSAGE_CHARS:
+                    task = NOVEL_TASKS[len(out) % len(NOVEL_TASKS)]
+                    out.append(f"{task}\n\n{cur}")
+                    taken, cur = taken + 1, ""
+                    if taken == PASSAGES_PER_CHAPTER:
+                        break
+    return out
+
+
+def _interleave(a: list, b: list) -> list:
+    out = []
+    for i in range(max(len(a), len(b))):
+        out += a[i : i + 1] + b[i : i + 1]
+    return out
+
+
 def _prompts_jsonl(path: Path) -> list[str]:
     out = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -98,21 +185,27 @@ def _prompts_jsonl(path: Path) -> list[str]:
     return out
 
 
+CHAT_CORPORA = ("spec-bench-dev", "novels", "chat-mix")
+
+
 def find_corpus(spec: str) -> Corpus:
     """`stdlib` (this interpreter's standard library, tests left out), `spec-bench-dev` (the
-    shipped dev questions, answered by the target), a folder of .py files or a JSONL of
-    prompts."""
+    shipped dev questions the benchmark does not measure on, answered by the target), `novels`
+    (passages of the shipped novels behind an instruction, answered by the target), `chat-mix`
+    (the two interleaved), a folder of .py files or a JSONL of prompts."""
     if spec == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
         files = _py_files(root, skip_tests=True)
         ver = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
         return Corpus("stdlib", "code", files, _digest([f"stdlib {ver}", str(len(files))]))
-    if spec == "spec-bench-dev":
-        path = spec_bench_dev_path()
-        if not path.is_file():
-            raise VeridraftError(f"{path} is missing; reinstall veridraft or pass --corpus FILE")
-        prompts = _prompts_jsonl(path)
-        return Corpus("spec-bench-dev", "chat", prompts, _digest(prompts))
+    if spec in CHAT_CORPORA:
+        if spec == "spec-bench-dev":
+            prompts = dev_prompts()
+        elif spec == "novels":
+            prompts = novel_prompts()
+        else:
+            prompts = _interleave(dev_prompts(), novel_prompts())
+        return Corpus(spec, "chat", prompts, _digest(prompts))
     path = Path(spec).expanduser()
     if path.is_dir():
         files = _py_files(path, skip_tests=False)
@@ -126,8 +219,8 @@ def find_corpus(spec: str) -> Corpus:
             raise VeridraftError(f"--corpus {spec}: no prompts in it")
         return Corpus(path.stem, "chat", prompts, _digest(prompts))
     raise VeridraftError(
-        f"--corpus {spec!r} is neither stdlib, spec-bench-dev, a folder of .py files nor a "
-        "JSONL of prompts"
+        f"--corpus {spec!r} is neither stdlib, spec-bench-dev, novels, chat-mix, a folder of .py "
+        "files nor a JSONL of prompts"
     )
 
 
@@ -161,17 +254,21 @@ def target_features(net, ids: list[int], layers: tuple[int, ...], mask: list[boo
     )
 
 
-def _chat_ids(model, prompt: str, answer_tokens: int) -> tuple[list[int], int]:
-    """The prompt in the chat template and the target's greedy answer (plain decoding)."""
-    from ..decode import decode
-    from ..sampling import SamplingParams
-
+def _chat_prompt(model, prompt: str, answer_tokens: int) -> list[int]:
     tok = model.tokenizer
     if getattr(tok, "has_chat_template", False):
         pids = tok.encode_chat([{"role": "user", "content": prompt}])
     else:
         pids = tok.encode(prompt)
-    pids = pids[-(model.context_length - answer_tokens - 1) :]
+    return pids[-(model.context_length - answer_tokens - 1) :]
+
+
+def _chat_ids(model, prompt: str, answer_tokens: int) -> tuple[list[int], int]:
+    """The prompt in the chat template and the target's greedy answer (plain decoding)."""
+    from ..decode import decode
+    from ..sampling import SamplingParams
+
+    pids = _chat_prompt(model, prompt, answer_tokens)
     eos = set(model.net.config.eos_token_ids or [])
     new, _ = decode(
         model.net,
@@ -184,12 +281,28 @@ def _chat_ids(model, prompt: str, answer_tokens: int) -> tuple[list[int], int]:
     return pids + new, len(pids)
 
 
+def chat_answers(model, prompts: list[str], answer_tokens: int) -> list[tuple[list[int], int]]:
+    """`_chat_ids` of several prompts at once: the answers are generated together
+    (`generate_batch`), each bitwise what plain decoding gives it alone."""
+    from ..generate import generate_batch
+
+    pids = [_chat_prompt(model, p, answer_tokens) for p in prompts]
+    eos = list(model.net.config.eos_token_ids or [])
+    out = generate_batch(
+        model, pids, max_new_tokens=answer_tokens, eos_ids=eos, max_num_seqs=len(pids)
+    )
+    return [(p + new, len(p)) for p, (new, _) in zip(pids, out)]
+
+
+def _chat_sample(ids: list[int], p: int):
+    # position s predicts ids[s + 1]: the answer's tokens are predicted from p - 1 on
+    return ids, [s >= p - 1 and s < len(ids) - 1 for s in range(len(ids))]
+
+
 def _samples(model, corpus: Corpus, item, answer_tokens: int, seq_len: int):
     """(ids, loss mask) pairs of one corpus item."""
     if corpus.kind == "chat":
-        ids, p = _chat_ids(model, item, answer_tokens)
-        # position s predicts ids[s + 1]: the answer's tokens are predicted from p - 1 on
-        yield ids, [s >= p - 1 and s < len(ids) - 1 for s in range(len(ids))]
+        yield _chat_sample(*_chat_ids(model, item, answer_tokens))
         return
     try:
         text = Path(item).read_text(encoding="utf-8")
@@ -248,9 +361,11 @@ def compute(
     seq_len: int = SEQ_LEN,
     log=print,
     progress: bool = True,
+    gen_batch: int = GEN_BATCH,
 ) -> tuple[Path, float]:
     """Compute (or continue computing) the corpus's features; returns (folder, seconds spent
-    now). Stops after the item that reaches max_tokens."""
+    now). Stops after the item (chat: the group of gen_batch items answered together) that
+    reaches max_tokens."""
     from tqdm import tqdm
 
     folder = feature_dir(model, corpus, layers, answer_tokens)
@@ -298,20 +413,23 @@ def compute(
 
     end = next_item  # the first item not yet in pending or a shard
     last = time.perf_counter()
+    step = max(1, gen_batch) if corpus.kind == "chat" else 1
     try:
-        for i in range(next_item, len(corpus.items)):
+        for i in range(next_item, len(corpus.items), step):
             if limit and have >= limit:
                 break
-            got = [
-                target_features(model.net, ids, layers, mask).__dict__
-                for ids, mask in _samples(model, corpus, corpus.items[i], answer_tokens, seq_len)
-            ]
+            if corpus.kind == "chat":
+                items = corpus.items[i : i + step]
+                pairs = [_chat_sample(*a) for a in chat_answers(model, items, answer_tokens)]
+            else:
+                pairs = list(_samples(model, corpus, corpus.items[i], answer_tokens, seq_len))
+            got = [target_features(model.net, ids, layers, mask).__dict__ for ids, mask in pairs]
             n_item = sum(int(d["ids"].numel()) for d in got)
-            pending.extend(got)  # whole items only: a stop inside one loses just that item
-            end = i + 1
+            pending.extend(got)  # whole items only: a stop inside one loses just that group
+            end = min(i + step, len(corpus.items))
             have += n_item
             pend_tokens += n_item
-            bar.update(min(n_item, limit - bar.n) if limit else 1)
+            bar.update(min(n_item, limit - bar.n) if limit else end - i)
             bar.set_postfix(tokens=have)
             if pend_tokens >= SHARD_TOKENS or time.perf_counter() - last > SHARD_SECONDS:
                 flush(end)

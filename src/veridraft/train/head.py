@@ -42,6 +42,8 @@ def new_head(
     intermediate_size: int | None = None,
     seed: int = 0,
     meta: dict | None = None,
+    fusion: str = "fc",
+    num_layers: int = 1,
 ) -> EagleHead:
     """A randomly initialised head for `net` over the sorted target ids `draft_ids`; its
     lm_head starts from the target's own output rows when they are reachable (a head that
@@ -63,6 +65,8 @@ def new_head(
         rope_theta=float(t.rope_theta),
         max_position_embeddings=int(t.max_position_embeddings),
         meta=dict(meta or {}),
+        fusion=fusion,
+        num_layers=int(num_layers),
     )
     torch.manual_seed(seed)
     head = EagleHead(cfg)
@@ -112,49 +116,63 @@ def ttt(
     ok = mask & (top1 >= 0)
 
     causal = torch.ones(t, t, dtype=torch.bool).tril()
-    k0 = v0 = None
-    diag_k: list[Tensor] = []
-    diag_v: list[Tensor] = []
+    n_layers = c.num_layers
+    # per layer: step 0's keys and values (the real rows), and one row per later step
+    k0: list[Tensor] = []
+    v0: list[Tensor] = []
+    diag_k: list[list[Tensor]] = [[] for _ in range(n_layers)]
+    diag_v: list[list[Tensor]] = [[] for _ in range(n_layers)]
     total = aux.new_zeros(())
     corrects, valids = [], []
     pos = torch.arange(t)
+    rep = c.num_attention_heads // c.num_key_value_heads
     for i in range(steps):
         sh = 1 + i
         e = torch.zeros_like(emb)
         e[:, : t - sh] = emb[:, sh:]
-        q, k, v = head.qkv(hidden, e, pos + i)
-        rep = c.num_attention_heads // c.num_key_value_heads
-        if i == 0:
-            k0, v0 = k, v
-        else:
-            diag_k.append(k)
-            diag_v.append(v)
-        kr = k0.repeat_interleave(rep, 2)
-        vr = v0.repeat_interleave(rep, 2)
-        s = torch.einsum("bthd,bshd->bhts", q, kr) / math.sqrt(c.head_dim)
-        s = s.masked_fill(~causal, float("-inf"))
-        extra = [(q * dk.repeat_interleave(rep, 2)).sum(-1) for dk in diag_k]  # [B, T, H]
-        if extra:
-            d = torch.stack(extra, -1).permute(0, 2, 1, 3) / math.sqrt(c.head_dim)
-            s = torch.cat((s, d), -1)
-        a = torch.softmax(s, -1)
-        out = torch.einsum("bhts,bshd->bthd", a[..., :t], vr)
-        for j, dv in enumerate(diag_v):
-            out = out + a[..., t + j].permute(0, 2, 1)[..., None] * dv.repeat_interleave(rep, 2)
-        hidden = head.finish(hidden, out)
-        logq = F.log_softmax(head.logits(hidden), -1)  # [B, T, Vd]
+        x, resid = head.start(hidden, e)
+        for li in range(n_layers):
+            if li > 0:
+                x, resid = head.norm_in(li, resid), resid
+            q, k, v = head.layer_qkv(li, x, pos + i)
+            if i == 0:
+                k0.append(k)
+                v0.append(v)
+            else:
+                diag_k[li].append(k)
+                diag_v[li].append(v)
+            kr = k0[li].repeat_interleave(rep, 2)
+            vr = v0[li].repeat_interleave(rep, 2)
+            s = torch.einsum("bthd,bshd->bhts", q, kr) / math.sqrt(c.head_dim)
+            s = s.masked_fill(~causal, float("-inf"))
+            extra = [(q * dk.repeat_interleave(rep, 2)).sum(-1) for dk in diag_k[li]]
+            if extra:  # [B, T, H] per earlier step
+                d = torch.stack(extra, -1).permute(0, 2, 1, 3) / math.sqrt(c.head_dim)
+                s = torch.cat((s, d), -1)
+            a = torch.softmax(s, -1)
+            out = torch.einsum("bhts,bshd->bthd", a[..., :t], vr)
+            for j, dv in enumerate(diag_v[li]):
+                w = a[..., t + j].permute(0, 2, 1)[..., None]
+                out = out + w * dv.repeat_interleave(rep, 2)
+            resid = head.layer_finish(li, resid, out)
+        hidden = resid
         lab_p = torch.zeros_like(p)
         lab_i = torch.zeros_like(d_ids)
         valid = torch.zeros_like(ok)
         lab_p[:, : t - sh] = p[:, sh:]
         lab_i[:, : t - sh] = d_ids[:, sh:].clamp_min(0)
         valid[:, : t - sh] = ok[:, sh:]
-        ce = -(lab_p * logq.gather(-1, lab_i)).sum(-1)
+        # the draft-vocabulary logits only where the loss counts: a chat sample's prompt rows
+        # (most of its rows) need keys, not logits, and the logits are the costliest matmul
+        logq = F.log_softmax(head.logits(hidden[valid]), -1)  # [N, Vd]
+        ce = -(lab_p[valid] * logq.gather(-1, lab_i[valid])).sum(-1)
         n = valid.sum().clamp_min(1)
-        total = total + (STEP_DECAY**i) * (ce * valid).sum() / n
+        total = total + (STEP_DECAY**i) * ce.sum() / n
         top = torch.zeros_like(top1)
         top[:, : t - sh] = top1[:, sh:]
-        corrects.append((logq.argmax(-1) == top) & valid)
+        correct = torch.zeros_like(valid)
+        correct[valid] = logq.argmax(-1) == top[valid]
+        corrects.append(correct)
         valids.append(valid)
     return total, torch.stack(corrects), torch.stack(valids)
 

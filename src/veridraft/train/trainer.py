@@ -37,6 +37,8 @@ class TrainConfig:
     # a CPU with AVX512-BF16 (measured, AMD EPYC Zen 4), much slower on one without
     bf16: bool = False
     freeze_lm_head: bool = False  # keep the target's own output rows (less to learn)
+    fusion: str = "fc"  # "gated": Dovetail's gating fusion of the feature and the embedding
+    layers: int = 1  # decoder layers of the head
 
 
 @dataclass
@@ -157,6 +159,8 @@ def train(
             intermediate_size=cfg.intermediate_size,
             seed=cfg.seed,
             meta=meta,
+            fusion=cfg.fusion,
+            num_layers=cfg.layers,
         )
     head.train()
     head.requires_grad_(True)
