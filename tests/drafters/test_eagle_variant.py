@@ -197,6 +197,21 @@ def test_vllm_refuses_a_variant_in_one_line(tiny):
     check_vllm_loadable(base / "nonexistent")  # the caller reports a missing head
 
 
+def test_print_vllm_config_refuses_a_variant_head(tiny, tmp_path):
+    """`veridraft serve --print-vllm-config` goes through speculative_config: a variant head
+    is refused there in one line, an EAGLE-3 head gets its eagle3 config."""
+    from veridraft.serve.vllm import speculative_config
+
+    net, base, _ = tiny
+    fusion, layers = VARIANTS[0]
+    with pytest.raises(VeridraftError, match="cannot load"):
+        speculative_config(f"eagle:head={base / f'{fusion}{layers}'}")
+    head = new_head(net, torch.arange(8), aux_ids=default_aux_ids(net.config.n_layers))
+    save_head(head, tmp_path / "plain")
+    cfg, _ = speculative_config(f"eagle:head={tmp_path / 'plain'}")
+    assert cfg["method"] == "eagle3" and cfg["model"] == str((tmp_path / "plain").resolve())
+
+
 def test_eagle3_head_passes_the_vllm_check(tmp_path, tiny):
     net, _, _ = tiny
     head = new_head(net, torch.arange(8), aux_ids=default_aux_ids(net.config.n_layers))

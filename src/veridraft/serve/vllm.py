@@ -91,7 +91,7 @@ def _model_folder(model: str) -> Path | None:
 
 def _eagle(arg: str | None, params: dict[str, str], model: str | None) -> tuple[dict, list]:
     from ..defaults import DEFAULT_MODEL
-    from ..drafters.eagle import find_head, head_spec, train_hint
+    from ..drafters.eagle import check_vllm_loadable, find_head, head_spec, train_hint
 
     p = _canonical("eagle", params)
     model = model or DEFAULT_MODEL
@@ -101,6 +101,7 @@ def _eagle(arg: str | None, params: dict[str, str], model: str | None) -> tuple[
             f"eagle: no trained head for {model}; train one with `{train_hint(model)}` or pass "
             "eagle:head=PATH"
         )
+    check_vllm_loadable(folder)  # a variant head (gated fusion, deeper) has no vLLM loader
     notes = []
     if p.get("mode", "tree") == "tree":
         notes.append(
