@@ -90,18 +90,12 @@ class PlainDrafter(EagleDrafter):
         return out, head.logits(out)
 
     def _chain(self, ctx: DecodeContext, k: int) -> Draft:
-        sampled = not ctx.sampling.greedy
         self._dk, self._dv = [], []
-        h, logits = self._h, self._logits[0]
-        tokens: list[int] = []
-        qs: list[Tensor] = []
-        for i in range(k):
-            tok = self._next_token(logits, ctx, qs)
-            tokens.append(tok)
-            if i + 1 < k:
-                out, lg = self._rows(h, [tok], i + 1, [list(range(i))])
-                h, logits = out, lg[0]
-        return Draft(tokens=tokens, q=torch.stack(qs) if sampled else None)
+        return super()._chain(ctx, k)
+
+    def _chain_step(self, h: Tensor, tok: int, i: int) -> tuple[Tensor, Tensor]:
+        out, lg = self._rows(h, [tok], i + 1, [list(range(i))])
+        return out, lg[0]
 
     def _tree(self, ctx: DecodeContext, max_tokens: int) -> Draft:
         self._dk, self._dv = [], []

@@ -11,26 +11,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.spec_bench import group_of, spread
 from ..errors import VeridraftError
 
-MT_BENCH_CATEGORIES = (
-    "writing",
-    "roleplay",
-    "reasoning",
-    "math",
-    "coding",
-    "extraction",
-    "stem",
-    "humanities",
-)
 # Spec-Bench task groups, in report order; `overall` pools every question.
 SPEC_BENCH_GROUPS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 OVERALL = "overall"
-
-
-def group_of(category: str) -> str:
-    """Spec-Bench task group of a category label (unknown labels are their own group)."""
-    return "mt_bench" if category in MT_BENCH_CATEGORIES else category
 
 
 @dataclass
@@ -111,13 +97,6 @@ def groups_in(questions: list[Question]) -> list[str]:
             present.append(q.group)
     known = [g for g in SPEC_BENCH_GROUPS if g in present]
     return known + [g for g in present if g not in SPEC_BENCH_GROUPS]
-
-
-def spread(n_items: int, n: int) -> list[int]:
-    """n indices spread evenly over range(n_items), first one included."""
-    if n >= n_items:
-        return list(range(n_items))
-    return [(i * n_items) // n for i in range(n)]
 
 
 def select(

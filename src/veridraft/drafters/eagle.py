@@ -773,17 +773,22 @@ class EagleDrafter:
 
     def _chain(self, ctx: DecodeContext, k: int) -> Draft:
         sampled = not ctx.sampling.greedy
-        run, lo = self.runner, self._len
         h, logits = self._h, self._logits[0]
         tokens: list[int] = []
         qs: list[Tensor] = []
         for i in range(k):
             tok = self._next_token(logits, ctx, qs)
             tokens.append(tok)
-            if i + 1 < k:  # drafted row i sits at head position lo + i and sees every row
-                h = run.layer(h, self._embed([tok]), lo + i, slice(lo + i, lo + i + 1), lo, None)
-                logits = run.logits(h)[0]
+            if i + 1 < k:
+                h, logits = self._chain_step(h, tok, i)
         return Draft(tokens=tokens, q=torch.stack(qs) if sampled else None)
+
+    def _chain_step(self, h: Tensor, tok: int, i: int) -> tuple[Tensor, Tensor]:
+        """The head over drafted row i (at head position lo + i, seeing every row before it):
+        its hidden state and its draft-vocabulary logits."""
+        run, lo = self.runner, self._len
+        h = run.layer(h, self._embed([tok]), lo + i, slice(lo + i, lo + i + 1), lo, None)
+        return h, run.logits(h)[0]
 
     def _tree(self, ctx: DecodeContext, max_tokens: int) -> Draft:
         """EAGLE-2's dynamic tree: each level expands the `topk` most likely nodes by their

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ..data.spec_bench import group_of
+from ..data.spec_bench import spread as _spread  # the benchmark's own pick
 from ..errors import VeridraftError
 from ..models.base import Capture
 
@@ -42,16 +44,6 @@ GEN_BATCH = 8
 # the dev questions `veridraft bench --limit N` picks for any N up to this are never trained on
 # (they are what the benchmark measures): 21 of 40 per Spec-Bench group, 22 of the 80 MT-Bench
 HELD_OUT_LIMIT = 8
-MT_BENCH = {
-    "writing",
-    "roleplay",
-    "reasoning",
-    "math",
-    "coding",
-    "extraction",
-    "stem",
-    "humanities",
-}
 # novel passages as prompts: about this many characters each, at most this many per chapter
 PASSAGE_CHARS = 1200
 PASSAGES_PER_CHAPTER = 2
@@ -100,14 +92,6 @@ def _py_files(root: Path, skip_tests: bool) -> list[Path]:
     return out
 
 
-def _spread(n_items: int, n: int) -> list[int]:
-    # the benchmark's even pick of n of n_items (bench/questions.py `spread`; the tests check
-    # that the two agree, since train may not import bench)
-    if n >= n_items:
-        return list(range(n_items))
-    return [(i * n_items) // n for i in range(n)]
-
-
 def dev_questions(path: Path | None = None) -> list[tuple[dict, bool]]:
     """The Spec-Bench dev rows, each with whether the benchmark may measure on it (held out):
     picked by `veridraft bench --limit N` for some N <= HELD_OUT_LIMIT."""
@@ -118,7 +102,7 @@ def dev_questions(path: Path | None = None) -> list[tuple[dict, bool]]:
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         cat = r["category"]
-        groups.setdefault("mt_bench" if cat in MT_BENCH else cat, []).append(i)
+        groups.setdefault(group_of(cat), []).append(i)
     held: set[int] = set()
     for idx in groups.values():
         for n in range(1, HELD_OUT_LIMIT + 1):
