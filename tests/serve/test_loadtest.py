@@ -427,3 +427,21 @@ def test_a_row_over_two_halves_is_total_tokens_over_total_time():
     assert row["itl_p99_s"] == pytest.approx(0.03)
     assert row["peak_rss_mb"] == 120.0
     assert (row["server"], row["draft"], row["clients"]) == ("veridraft", "ngram", 2)
+
+
+def test_groups_pick_the_prompts_and_an_unknown_group_is_a_one_line_error():
+    from veridraft.bench.questions import default_questions_path, load_questions
+
+    by_text = {q.turns[0]: q.group for q in load_questions(default_questions_path())}
+    short = loadtest._prompts(8, ["mt_bench", "qa"])
+    assert len(short) > 8
+    assert {by_text[p[0]["content"]] for p in short} == {"mt_bench", "qa"}
+    # without groups, every group is in (the figures in the docs were taken so)
+    assert len({by_text[p[0]["content"]] for p in loadtest._prompts(8)}) == 6
+    p = argparse.ArgumentParser()
+    loadtest.add_arguments(p)
+    args = p.parse_args(["--groups", "mt_bench, qa"])
+    loadtest._check(args)
+    assert args.groups == ["mt_bench", "qa"]
+    with pytest.raises(VeridraftError, match="unknown task group.*poetry"):
+        loadtest._check(p.parse_args(["--groups", "poetry"]))

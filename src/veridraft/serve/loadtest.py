@@ -113,10 +113,14 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
 
 
-def _prompts(n: int) -> list[list[dict]]:
-    from ..bench.questions import default_questions_path, load_questions, select
+def _prompts(n: int, groups: list[str] | None = None) -> list[list[dict]]:
+    """More than n first turns of the Spec-Bench dev questions, picked evenly across the task
+    groups (all, or `groups`)."""
+    from ..bench.questions import default_questions_path, groups_in, load_questions, select
 
-    qs = select(load_questions(default_questions_path()), limit=max(1, n // 6 + 1))
+    qs = load_questions(default_questions_path())
+    k = len(groups) if groups else len(groups_in(qs))
+    qs = select(qs, groups=groups, limit=n // k + 1)
     return [[{"role": "user", "content": q.turns[0]}] for q in qs]
 
 
@@ -538,6 +542,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the llama-server binary (default: $VERIDRAFT_HOME/bin/llama-server, which "
         "`make setup-llama-server` builds)",
     )
+    p.add_argument(
+        "--groups",
+        default=None,
+        help="Spec-Bench task groups the prompts come from, comma-separated (default: all; "
+        "mt_bench,math_reasoning,qa have short prompts, summarization and rag long ones)",
+    )
     p.add_argument("--requests", type=int, default=0, help="per level (default: max(8, clients))")
     p.add_argument("--time-limit", type=float, default=900.0, help="seconds for the whole run")
 
@@ -571,6 +581,12 @@ def _check(args) -> None:
         raise VeridraftError("--base-url names one server: give one --peer with it")
     if args.max_num_seqs < 1 or args.ctx_per_slot < 1:
         raise VeridraftError("--max-num-seqs and --ctx-per-slot must be at least 1")
+    groups = getattr(args, "groups", None)
+    if isinstance(groups, str):
+        from ..bench.questions import default_questions_path, load_questions, select
+
+        args.groups = [g.strip() for g in groups.split(",") if g.strip()] or None
+        select(load_questions(default_questions_path()), groups=args.groups, limit=1)
 
 
 def start_servers(args, drafts: list[str]) -> list[Server]:
@@ -598,7 +614,7 @@ def run_loadtest(args) -> int:
     servers = start_servers(args, drafts)
     rows: list[dict] = []
     try:
-        prompts = _prompts(max(args.concurrency) * 2)
+        prompts = _prompts(max(args.concurrency) * 2, getattr(args, "groups", None))
         clients = {}
         for s in servers:
             if s.error:
