@@ -12,7 +12,8 @@ The features cost no extra forward: the drafter asks the verification forward (c
 and the prompt's forwards for those three layers (`verify_capture`, `prompt_capture` in
 veridraft.draft) and keeps the rows of the accepted path.
 
-Spec: ``eagle[:head=PATH][:k=N,topk=K,nodes=N,mode=chain|tree,weights=fp32|bf16]``.
+Spec: ``eagle[:head=PATH][:k=N,topk=K,nodes=N,mode=chain|tree,weights=fp32|bf16,window=W,
+sink=S]``.
 `head`: a head folder, or a name under ``<model folder>/heads/`` (default: the newest
 ``heads/eagle-*`` there). `mode=tree` (default) grows a token tree best-first by path
 probability, `k` levels deep, the `topk` best nodes of a level expanded by their `topk` best
@@ -20,7 +21,12 @@ children (EAGLE-2's dynamic tree); the number of nodes verified is `CostModel.be
 their path probabilities when the machine has a cost profile, else `nodes`. `mode=chain` drafts
 `k` tokens. `weights=bf16` runs the head's matmuls in bfloat16: a draft step reads half the
 bytes, but the rounding changes a few drafts (near ties), so the default is float32, which
-drafts the tokens EagleHead's own layer predicts (HeadRunner).
+drafts the tokens EagleHead's own layer predicts (HeadRunner). `window=W` (LongSpec's
+constant-size draft): every row attends to the head's first `sink` rows (default 4) and its last
+W rows only, so the head's cache and step cost stop growing with the context; the default is
+the window the head was trained for (config.json's LONG_KEY), else full attention. A row's RoPE
+position is its head position (the target position of head row 0 plus its row, as without a
+window), not its cache row: the cache drops old rows by moving the last ones down.
 
 Lossless: greedy drafts are argmaxes (point masses); under sampling a chain samples each token
 from the head's distribution and reports it as q, and a tree proposes its distinct top-k
