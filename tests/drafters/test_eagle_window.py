@@ -113,13 +113,14 @@ def band(n: int, window: int | None, sink: int) -> torch.Tensor:
     return m
 
 
-def test_window_attends_to_exactly_the_sink_and_the_last_rows(monkeypatch):
+@pytest.mark.parametrize("w, s", [(6, 3), (5, 0)])
+def test_window_attends_to_exactly_the_sink_and_the_last_rows(monkeypatch, w, s):
     """The control: after chunked catch-up and compactions, the last real row's output (and a
     drafted row's) equals the head run plainly over all rows at their target positions with
     a mask that keeps the sink and the last `window` rows, and differs from full attention."""
     monkeypatch.setattr(eagle, "CATCH_UP_ROWS", 5)
     head = small_head()
-    n, w, s = 37, 6, 3
+    n = 37
     d = EagleDrafter(head, mode="chain", k=3, window=w, sink=s)
     ctx, feats = fed(d, n)
     assert d._dropped > 0 and d._len <= s + 2 * w
@@ -350,3 +351,56 @@ def test_training_with_a_window_and_anchor_offset_lowers_the_loss(tiny, tmp_path
         net, LONG, max_new_tokens=30, sampling=GREEDY, generator=torch.Generator(), drafter=d
     )
     assert out == ref
+
+
+def test_windowed_gated_two_layer_head_stays_exact(tiny, tmp_path):
+    """Every layer of a deeper head sees the same rows; output stays plain decoding's."""
+    net, _ = tiny
+    aux = default_aux_ids(net.config.n_layers)
+    head = new_head(
+        net, torch.arange(16), aux_ids=aux, seed=3, fusion="gated", num_layers=2, window=3, sink=1
+    )
+    save_head(head, tmp_path / "g")
+    ref, _ = decode(net, LONG, max_new_tokens=32, sampling=GREEDY, generator=torch.Generator())
+    for mode in ("chain", "tree"):
+        d = make_drafter(f"eagle:head={tmp_path / 'g'},mode={mode},k=3,topk=2,nodes=5", net)
+        out, stats = decode(
+            net, LONG, max_new_tokens=32, sampling=GREEDY, generator=torch.Generator(), drafter=d
+        )
+        assert out == ref and stats.drafted > 0 and d._dropped > 0, mode
+
+
+@pytest.mark.parametrize("window", [4, None])
+def test_training_sees_the_rows_drafting_sees(tiny, monkeypatch, window):
+    """Step 0 of the training-time test (banded mask) computes, at every position, what the
+    drafter computes for its last real row after catch-up, compactions and chunks included."""
+    from veridraft.train.trainer import _batch
+
+    net, _ = tiny
+    monkeypatch.setattr(eagle, "CATCH_UP_ROWS", 6)
+    sample = own_text(net, 1, 40, seed=5)[0]
+    aux = default_aux_ids(net.config.n_layers)
+    head = new_head(net, torch.arange(16), aux_ids=aux, seed=4, window=window, sink=2)
+    seen: list[torch.Tensor] = []
+    real_logits = head.logits
+    monkeypatch.setattr(head, "logits", lambda h: seen.append(h) or real_logits(h))
+    with torch.no_grad():
+        ttt(head, *_batch(net, [sample]), 1, target_to_draft(head))
+    step0 = seen[0]  # the rows whose next token counts: positions 0 .. T - 2
+    ids = sample.ids.tolist()
+    for n in (9, 23, len(ids) - 2):
+        d = EagleDrafter(head, mode="chain", k=2)
+        ctx = DecodeContext(
+            ids=ids[: n + 1],
+            prompt_len=n + 1,
+            target=net,
+            cache=SimpleNamespace(max_len=len(ids) + 8),
+            sampling=GREEDY,
+            generator=torch.Generator(),
+        )
+        d.prefill(ctx)
+        d._start, d._pending = 0, [sample.aux[:n].float()]
+        with torch.inference_mode():
+            d._catch_up(ctx.ids)
+        torch.testing.assert_close(d._h[0], step0[n - 1], atol=1e-4, rtol=1e-4)
+    assert (window is not None) == (d._dropped > 0)
