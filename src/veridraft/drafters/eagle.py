@@ -916,8 +916,9 @@ class EagleDrafter:
         return Draft(tokens=tokens, q=torch.stack(qs) if sampled else None)
 
     def _chain_step(self, h: Tensor, tok: int, i: int) -> tuple[Tensor, Tensor]:
-        """The head over drafted row i (at head position lo + i, seeing every row before it):
-        its hidden state and its draft-vocabulary logits."""
+        """The head over drafted row i (cache row lo + i, seeing the real rows the last one
+        sees and the drafted rows before it): its hidden state and its draft-vocabulary
+        logits."""
         run, lo = self.runner, self._len
         p = lo + self._dropped + i
         h = run.layer(h, self._embed([tok]), lo + i, slice(p, p + 1), lo, None, self._hide())
