@@ -6,6 +6,10 @@ as the drafter first did); `after` is the drafter; `weights=bf16` is its opt-in 
 matmuls. All run interleaved (every one sees the same load) after warm-up, at 1 and 2 threads;
 figures are medians over the rounds, divided by the round's head calls.
 
+`--contexts 1024,4096,8192,16384 --window 512` instead times the drafter with full attention
+against a sliding window (LongSpec's constant-size draft) at each context, interleaved, and
+says how many cache rows each keeps.
+
 The target is not loaded: the captured features and the token embeddings are random rows of
 the target's width. A draft's cost does not depend on the numbers: a chain runs k - 1 head
 steps and a tree k - 1 levels of `topk` rows whatever the head predicts.
@@ -165,7 +169,9 @@ class FakeDecode:
             prompt_capture=_capture(self.layers, context - 1, self.dim, self.g),
         )
         drafter.prefill(self.ctx)
+        t = time.perf_counter()
         drafter.propose(self.ctx, 16)  # the prompt's rows
+        self.prompt_s = time.perf_counter() - t
 
     def step(self) -> float:
         ids = self.ctx.ids
@@ -177,10 +183,13 @@ class FakeDecode:
         return time.perf_counter() - t
 
 
-def measure(drafters: dict, context: int = 300, repeats: int = 40, warm: int = 3) -> dict:
+def measure(
+    drafters: dict, context: int = 300, repeats: int = 40, warm: int = 3, runs: dict | None = None
+) -> dict:
     """{name: median ms of a round's propose()} for drafters built on the same head, run
-    interleaved (the order reverses every repeat)."""
-    runs = {k: FakeDecode(d, context, repeats + warm) for k, d in drafters.items()}
+    interleaved (the order reverses every repeat). `runs` gets each drafter's FakeDecode."""
+    runs = {} if runs is None else runs
+    runs.update({k: FakeDecode(d, context, repeats + warm) for k, d in drafters.items()})
     times: dict[str, list[float]] = {k: [] for k in runs}
     names = list(runs)
     for r in range(repeats + warm):
@@ -204,11 +213,20 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated head folders or names: time the drafter on each of them "
         "(e.g. an EAGLE-3 head against gated or deeper ones), interleaved",
     )
+    ap.add_argument(
+        "--contexts",
+        default=None,
+        help="comma-separated contexts (e.g. 1024,4096,8192,16384): time full attention "
+        "against --window at each, interleaved",
+    )
+    ap.add_argument("--window", type=int, default=512, help="the window of --contexts (512)")
     args = ap.parse_args(argv)
     from ..models.catalog import model_dir
 
     if args.heads:
         return compare_heads(model_dir(args.model), args)
+    if args.contexts:
+        return compare_windows(model_dir(args.model), args)
 
     folder = find_head(model_dir(args.model), args.head)
     if folder is None or not (folder / "config.json").is_file():
@@ -267,6 +285,42 @@ def compare_heads(base, args) -> int:
             c = h.config
             cells = "  ".join(f"{v} {ms[name, v] / drafters[name, v].k:6.2f}" for v in VARIANTS)
             print(f"  {name:<28} fusion {c.fusion:<5} layers {c.num_layers}  {cells}")
+    return 0
+
+
+def compare_windows(base, args) -> int:
+    """ms per head call with full attention and with a window at several contexts (chain of 3
+    and the default tree, interleaved at each context), the cache rows each keeps, and the
+    prompt's catch-up (one run each, so a rough figure)."""
+    folder = find_head(base, args.head)
+    if folder is None or not (folder / "config.json").is_file():
+        raise SystemExit(f"no head under {base}; train one with `veridraft train head`")
+    head = load_head(folder)
+    w = args.window
+    print(f"head {folder.name}; {cpu_name()}, {os.cpu_count()} CPUs; median of {args.repeats} "
+          f"interleaved rounds; ms per head call; window={w} (sink 4) against full attention")  # fmt: skip
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for context in (int(c) for c in args.contexts.split(",")):
+            drafters = {
+                (v, a): EagleDrafter(head, window=win, **params)
+                for v, params in VARIANTS.items()
+                for a, win in (("full", "full"), ("window", w))
+            }
+            load = os.getloadavg()[0]
+            runs: dict = {}
+            ms = measure(drafters, context, args.repeats, runs=runs)
+            for v in VARIANTS:
+                n = drafters[v, "full"].k
+                f, x = ms[v, "full"] / n, ms[v, "window"] / n
+                rows = [drafters[v, a].runner.rows for a in ("full", "window")]
+                prompt = [runs[v, a].prompt_s for a in ("full", "window")]
+                print(
+                    f"  threads {threads} context {context:>6} {v:<8} full {f:7.2f}  window "
+                    f"{x:7.2f}  full/window {f / x:5.2f}x  | cache rows {rows[0]} / {rows[1]}  "
+                    f"prompt catch-up {prompt[0]:6.1f} s / {prompt[1]:6.1f} s  (load {load:.2f})"
+                )
+            del drafters, runs
     return 0
 
 

@@ -12,7 +12,8 @@ The features cost no extra forward: the drafter asks the verification forward (c
 and the prompt's forwards for those three layers (`verify_capture`, `prompt_capture` in
 veridraft.draft) and keeps the rows of the accepted path.
 
-Spec: ``eagle[:head=PATH][:k=N,topk=K,nodes=N,mode=chain|tree,weights=fp32|bf16]``.
+Spec: ``eagle[:head=PATH][:k=N,topk=K,nodes=N,mode=chain|tree,weights=fp32|bf16,window=W,
+sink=S]``.
 `head`: a head folder, or a name under ``<model folder>/heads/`` (default: the newest
 ``heads/eagle-*`` there). `mode=tree` (default) grows a token tree best-first by path
 probability, `k` levels deep, the `topk` best nodes of a level expanded by their `topk` best
@@ -20,7 +21,12 @@ children (EAGLE-2's dynamic tree); the number of nodes verified is `CostModel.be
 their path probabilities when the machine has a cost profile, else `nodes`. `mode=chain` drafts
 `k` tokens. `weights=bf16` runs the head's matmuls in bfloat16: a draft step reads half the
 bytes, but the rounding changes a few drafts (near ties), so the default is float32, which
-drafts the tokens EagleHead's own layer predicts (HeadRunner).
+drafts the tokens EagleHead's own layer predicts (HeadRunner). `window=W` (LongSpec's
+constant-size draft): every row attends to the head's first `sink` rows (default 4) and its last
+W rows only, so the head's cache and step cost stop growing with the context; the default is
+the window the head was trained for (config.json's LONG_KEY), else full attention. A row's RoPE
+position is its head position (the target position of head row 0 plus its row, as without a
+window), not its cache row: the cache drops old rows by moving the last ones down.
 
 Lossless: greedy drafts are argmaxes (point masses); under sampling a chain samples each token
 from the head's distribution and reports it as q, and a tree proposes its distinct top-k
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,6 +70,9 @@ VARIANT_ARCH = "VeridraftEagle3Variant"  # deeper or gated heads: only veridraft
 FUSIONS = ("fc", "gated")
 HEADS_DIR = "heads"
 PREFIX = "eagle-"
+LONG_KEY = "veridraft_long_context"  # config.json: the window a head was trained for
+DEFAULT_SINK = 4  # LongSpec's attention sink: the first rows every row keeps seeing
+CATCH_UP_ROWS = 256  # real rows per head call when catching up (a long prompt's memory bound)
 
 
 def train_hint(model_name: str) -> str:
@@ -92,6 +102,12 @@ class HeadConfig:
     meta: dict = field(default_factory=dict)  # how it was trained (veridraft's own key)
     fusion: str = "fc"  # "fc": EAGLE-3's [e; f] input; "gated": Dovetail's gating fusion
     num_layers: int = 1  # decoder layers (Dovetail: deeper drafts for a CPU verifier)
+    # LongSpec's constant-size draft: attention over the first `sink` rows and the last
+    # `window` rows only (None: all earlier rows); `anchor_offset`: the largest random shift of
+    # the positions after the sink in training (how the head learnt large position numbers)
+    window: int | None = None
+    sink: int = DEFAULT_SINK
+    anchor_offset: int = 0
 
     @property
     def variant(self) -> bool:
@@ -129,6 +145,13 @@ class HeadConfig:
             },
             "veridraft": self.meta,
         }
+        if self.window is not None or self.anchor_offset:
+            # veridraft's own key: an EAGLE-3 loader ignores it (and attends to every row)
+            out[LONG_KEY] = {
+                "window": self.window,
+                "sink": self.sink,
+                "anchor_offset": self.anchor_offset,
+            }
         if self.variant:
             out["veridraft_variant"] = {
                 "fusion": self.fusion,
@@ -172,11 +195,27 @@ class HeadConfig:
                 meta=dict(cfg.get("veridraft") or {}),
                 fusion=fusion,
                 num_layers=int(var.get("num_layers", cfg.get("num_hidden_layers", 1))),
+                **_long_context(cfg.get(LONG_KEY), where),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise VeridraftError(
                 f"{where}: config.json lacks or mangles {e}; re-save the head"
             ) from None
+
+
+def _long_context(d: dict | None, where: str) -> dict:
+    """HeadConfig's window/sink/anchor_offset from config.json's LONG_KEY (absent: a head
+    trained with full attention)."""
+    if not d:
+        return {}
+    window = None if d.get("window") is None else int(d["window"])
+    sink, offset = int(d.get("sink", DEFAULT_SINK)), int(d.get("anchor_offset", 0))
+    if (window is not None and window < 1) or sink < 0 or offset < 0:
+        raise VeridraftError(
+            f"{where}: {LONG_KEY} has window {window}, sink {sink}, anchor_offset {offset}; "
+            "window must be >= 1, sink and anchor_offset >= 0: re-save the head"
+        )
+    return {"window": window, "sink": sink, "anchor_offset": offset}
 
 
 class RMSNorm(nn.Module):
@@ -255,6 +294,11 @@ class EagleHead(nn.Module):
                 f"head: fusion {c.fusion!r} and {c.num_layers} layers; fusion is one of "
                 f"{', '.join(FUSIONS)} and layers >= 1"
             )
+        if (c.window is not None and c.window < 1) or c.sink < 0 or c.anchor_offset < 0:
+            raise VeridraftError(
+                f"head: window {c.window}, sink {c.sink}, anchor offset {c.anchor_offset}; the "
+                "window is >= 1 (or None: full attention), sink and anchor offset >= 0"
+            )
         self.fc = nn.Linear(len(c.aux_ids) * c.target_hidden_size, c.hidden_size, bias=False)
         gated = c.fusion == "gated"
         if gated:
@@ -276,10 +320,11 @@ class EagleHead(nn.Module):
         return torch.arange(self.config.draft_vocab_size) + self.d2t
 
     def rope(self, x: Tensor, pos: Tensor) -> Tensor:
-        """Llama's rotary embedding (rotate-half layout) of x [..., T, heads, hd] at pos [T]."""
-        f = pos.to(torch.float32)[:, None] * self.inv_freq
+        """Llama's rotary embedding (rotate-half layout) of x [..., T, heads, hd] at pos [T]
+        (or [B, T]: a position per sample and row, as anchor-offset training shifts them)."""
+        f = pos.to(torch.float32)[..., None] * self.inv_freq
         emb = torch.cat((f, f), -1)
-        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+        cos, sin = emb.cos()[..., None, :], emb.sin()[..., None, :]
         a, b = x.chunk(2, -1)
         return x * cos + torch.cat((-b, a), -1) * sin
 
@@ -416,16 +461,20 @@ class HeadRunner:
     def rows(self) -> int:
         return 0 if self.k is None else self.k.shape[1]
 
-    def reserve(self, rows: int) -> None:
-        """Room for `rows` cache rows and RoPE positions 0 .. rows - 1."""
-        if self.rows >= rows:
-            return
+    def reserve(self, rows: int, positions: int | None = None) -> None:
+        """Room for `rows` cache rows and RoPE positions 0 .. positions - 1 (default: rows).
+        A windowed drafter keeps fewer rows than positions: a row's position is its target
+        position, not its row (keys are cached after RoPE, so a moved row keeps it)."""
+        positions = rows if positions is None else positions
         c = self.config
-        shape = (c.num_key_value_heads, rows, c.head_dim)
-        self.ks = [torch.empty(shape) for _ in range(c.num_layers)]
-        self.vs = [torch.empty(shape) for _ in range(c.num_layers)]
-        self.k, self.v = self.ks[0], self.vs[0]
-        f = torch.arange(rows, dtype=torch.float32)[:, None] * self.inv_freq
+        if self.rows < rows:
+            shape = (c.num_key_value_heads, rows, c.head_dim)
+            self.ks = [torch.empty(shape) for _ in range(c.num_layers)]
+            self.vs = [torch.empty(shape) for _ in range(c.num_layers)]
+            self.k, self.v = self.ks[0], self.vs[0]
+        if self.cos is not None and self.cos.shape[0] >= positions:
+            return
+        f = torch.arange(positions, dtype=torch.float32)[:, None] * self.inv_freq
         emb = torch.cat((f, f), -1)  # EagleHead.rope's angles, bit for bit
         half = c.head_dim // 2
         sin = emb.sin()
@@ -435,13 +484,27 @@ class HeadRunner:
     def _norm(self, x: Tensor, which: str) -> Tensor:
         return self.norms[which](x)
 
+    def move(self, src: int, dst: int, n: int) -> None:
+        """Cache rows src .. src + n - 1 to dst .. (dst < src; a window's compaction)."""
+        for kc, vc in zip(self.ks, self.vs):
+            kc[:, dst : dst + n] = kc[:, src : src + n].clone()
+            vc[:, dst : dst + n] = vc[:, src : src + n].clone()
+
     def layer(
-        self, hidden: Tensor, emb: Tensor, at: int, pos: slice, free: int, mask: Tensor | None
+        self,
+        hidden: Tensor,
+        emb: Tensor,
+        at: int,
+        pos: slice,
+        free: int,
+        mask: Tensor | None,
+        hide: tuple[int, int] | None = None,
     ) -> Tensor:
         """Output hidden states [R, D] of R rows with inputs `hidden` and token embeddings `emb`
         [R, D] at head positions `pos` (R of them, or one shared by all rows). Their keys and
         values go to cache rows at .. at + R - 1; they attend to rows 0 .. free - 1 and, of the
-        rows free .. at + R - 1, where mask [R, at + R - free] is True (None: all of them)."""
+        rows free .. at + R - 1, where mask [R, at + R - free] is True (None: all of them);
+        `hide` (a, b): rows a .. b - 1 are seen by none (those left of a sliding window)."""
         if self.gated:
             h1 = self.w1(hidden)
             h2 = F.silu(self.w2(self.emb_norm(emb)))
@@ -451,13 +514,22 @@ class HeadRunner:
         else:
             resid = hidden
             x = torch.cat((self._norm(emb, "emb"), self._norm(hidden, "hidden")), -1)
-        h = self._layer(0, x, resid, at, pos, free, mask)
+        h = self._layer(0, x, resid, at, pos, free, mask, hide)
         for i in range(1, self.config.num_layers):
-            h = self._layer(i, self.head.layer(i).input_layernorm(h), h, at, pos, free, mask)
+            norm = self.head.layer(i).input_layernorm(h)
+            h = self._layer(i, norm, h, at, pos, free, mask, hide)
         return h
 
     def _layer(
-        self, i: int, x: Tensor, resid: Tensor, at: int, pos, free: int, mask: Tensor | None
+        self,
+        i: int,
+        x: Tensor,
+        resid: Tensor,
+        at: int,
+        pos,
+        free: int,
+        mask: Tensor | None,
+        hide: tuple[int, int] | None,
     ) -> Tensor:
         c = self.config
         r, heads, kv = x.shape[0], c.num_attention_heads, c.num_key_value_heads
@@ -474,6 +546,8 @@ class HeadRunner:
         s = torch.matmul(q, kc[:, :end].transpose(1, 2)).div_(self.scale)  # [kv, g * r, end]
         if mask is not None:
             s.view(kv, g, r, end)[..., free:].masked_fill_(~mask, float("-inf"))
+        if hide is not None:
+            s[..., hide[0] : hide[1]] = float("-inf")
         o = torch.matmul(torch.softmax(s, -1), vc[:, :end])  # [kv, g * r, hd]
         o = o.view(kv, g, r, hd).permute(2, 0, 1, 3).reshape(r, heads * hd)
         h = resid + self.o[i](o)
@@ -612,7 +686,10 @@ class EagleDrafter:
 
     name = "eagle"
     takes_arg = None  # optional: eagle:head=PATH (or eagle:PATH) before the parameters
-    usage = "eagle[:head=PATH][:k=N,topk=K,nodes=N,mode=chain|tree,weights=fp32|bf16]"
+    usage = (
+        "eagle[:head=PATH][:k=N,topk=K,nodes=N,mode=chain|tree,weights=fp32|bf16,"
+        "window=W|full,sink=S]"
+    )
     description = (
         "EAGLE-3 draft head: one decoder layer over the target's own hidden states "
         "(`veridraft train head` makes one)"
@@ -629,6 +706,15 @@ class EagleDrafter:
             "the head's matmul weights: bf16 steps faster but changes a few drafts",
             WEIGHTS_CHOICES,
         ),
+        "window": Param(
+            str,
+            None,
+            "attend to the first `sink` and the last W real rows only (constant memory and step "
+            "cost); full: every row (default: the window the head was trained for, else full)",
+        ),
+        "sink": Param(
+            int, None, "rows at the start every row keeps seeing (default: the head's, 4)"
+        ),
     }
     aliases = {"num_tokens": "k", "depth": "k", "path": "head"}
 
@@ -641,10 +727,14 @@ class EagleDrafter:
         nodes: int | None = None,
         mode: str = "tree",
         weights: str = "fp32",
+        window: int | str | None = None,
+        sink: int | None = None,
         cost=None,
     ) -> None:
         m = "eagle"
         self.head = head
+        self.window = _window(window, head.config)
+        self.sink = head.config.sink if sink is None else as_int(m, "sink", sink, lo=0)
         self.k = as_int(m, "k", k, lo=1, hi=64)
         self.topk = as_int(m, "topk", topk, lo=1, hi=64)
         self.nodes = None if nodes is None else as_int(m, "nodes", nodes, lo=1)
@@ -658,6 +748,10 @@ class EagleDrafter:
         self._ctx: DecodeContext | None = None
         self._len = 0  # real rows in the runner's cache
         self._start = 0  # target position of head row 0
+        # rows dropped from a window's cache: real row r >= sink is at head position
+        # r + _dropped (RoPE positions are head positions; full attention: always 0)
+        self._dropped = 0
+        self._real = 0  # real rows the runner's cache has room for
         self._pending: list[Tensor] = []  # target features of positions not yet run [n, 3D]
         self._h: Tensor | None = None  # the last real row's output hidden state [1, D]
         self._logits: Tensor | None = None  # [1, draft vocab]
@@ -684,7 +778,7 @@ class EagleDrafter:
     def __repr__(self) -> str:
         return (
             f"EagleDrafter(k={self.k}, topk={self.topk}, nodes={self.nodes}, mode={self.mode!r}, "
-            f"weights={self.weights!r})"
+            f"weights={self.weights!r}, window={self.window}, sink={self.sink})"
         )
 
     # -- the captures --
@@ -706,9 +800,16 @@ class EagleDrafter:
 
     def prefill(self, ctx: DecodeContext) -> None:
         self._ctx, self._net = ctx, ctx.target
-        # the real rows, then a round's drafted rows: a chain's k, a tree's topk per level
-        self.runner.reserve(ctx.cache.max_len + 1 + self.k * self.topk)
-        self._len, self._h, self._logits = 0, None, None
+        # the real rows, then a round's drafted rows: a chain's k, a tree's topk per level;
+        # a window keeps sink + 2 x window real rows at most (+ a catch-up call's), but its
+        # positions run to the end of the context
+        drafted = self.k * self.topk
+        positions = ctx.cache.max_len + 1 + drafted
+        self._real = positions - drafted
+        if self.window is not None:
+            self._real = min(self._real, self.sink + 2 * self.window + CATCH_UP_ROWS)
+        self.runner.reserve(self._real + drafted, positions)
+        self._len, self._dropped, self._h, self._logits = 0, 0, None, None
         feats = self._features(ctx.prompt_capture, None)
         # without the prompt's features (prefilled earlier) the head starts at the first
         # verified position: it drafts from less context, verification is unchanged
@@ -718,7 +819,7 @@ class EagleDrafter:
     def update(self, rnd: Round) -> None:
         feats = self._features(rnd.capture, [0, *(1 + i for i in rnd.path)])
         if feats is None:  # a round without features: start over from the next one
-            self._len, self._pending, self._h = 0, [], None
+            self._len, self._dropped, self._pending, self._h = 0, 0, [], None
             self._start = len(rnd.ids) - 1
             return
         self._pending.append(feats)
@@ -740,24 +841,55 @@ class EagleDrafter:
         return self._net.embed(torch.tensor(ids, dtype=torch.long)).float()
 
     def _catch_up(self, ids: list[int]) -> None:
-        """Run the pending target features through the head into its cache (real rows)."""
+        """Run the pending target features through the head into its cache (real rows), at
+        most CATCH_UP_ROWS a call: a long prompt's scores stay [kv, group x 256, cache rows]."""
         if not self._pending:
             return
         feats = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
         self._pending = []
-        a = self._start + self._len  # target position of the first pending row
+        a = self._start + self._dropped + self._len  # target position of the first pending row
         n = feats.shape[0]
-        lo = self._len
-        if a + n > len(ids) - 1 or lo + n > self.runner.rows - self.k * self.topk:
+        if a + n > len(ids) - 1:
             raise VeridraftError("eagle: captured features ran ahead of the committed ids")
-        run = self.runner
+        for c in range(0, n, CATCH_UP_ROWS):
+            self._real_rows(feats[c : c + CATCH_UP_ROWS], ids, a + c)
+        self._logits = self.runner.logits(self._h)
+
+    def _real_rows(self, feats: Tensor, ids: list[int], a: int) -> None:
+        """The head over real rows at target positions a .. into its cache: each row sees the
+        earlier real rows (a window: the sink and the last `window` rows) and itself."""
+        self._compact()
+        run, lo, n = self.runner, self._len, feats.shape[0]
+        if lo + n > self._real:
+            raise VeridraftError("eagle: captured features ran ahead of the committed ids")
         hidden = run.fc(feats.float())
         emb = self._embed(ids[a + 1 : a + n + 1])
-        causal = None if n == 1 else torch.ones(n, n, dtype=torch.bool).tril()
-        out = run.layer(hidden, emb, lo, slice(lo, lo + n), lo, causal)
+        pos = slice(lo + self._dropped, lo + self._dropped + n)
+        if self.window is None:
+            causal = None if n == 1 else torch.ones(n, n, dtype=torch.bool).tril()
+            out = run.layer(hidden, emb, lo, pos, lo, causal)
+        else:
+            out = run.layer(hidden, emb, lo, pos, *_band(lo, n, self.window, self.sink))
         self._len += n
         self._h = out[-1:]
-        self._logits = run.logits(self._h)
+
+    def _compact(self) -> None:
+        """A window's cache reaching sink + 2 x window rows keeps the sink and the last
+        `window` rows (all any later row sees), moved down: one move per `window` rows."""
+        w, s = self.window, self.sink
+        if w is None or self._len < s + 2 * w:
+            return
+        src = self._len - w
+        self.runner.move(src, s, w)
+        self._dropped += src - s
+        self._len = s + w
+
+    def _hide(self) -> tuple[int, int] | None:
+        """The real rows a round's drafted rows do not see: those between the sink and the last
+        `window` real rows (as the last real row sees them)."""
+        if self.window is None or self._len - self.window <= self.sink:
+            return None
+        return self.sink, self._len - self.window
 
     def _next_token(self, logits: Tensor, ctx: DecodeContext, qs: list[Tensor]) -> int:
         """A chain's next token from the head's draft-vocabulary logits: the argmax (greedy), or
@@ -784,10 +916,12 @@ class EagleDrafter:
         return Draft(tokens=tokens, q=torch.stack(qs) if sampled else None)
 
     def _chain_step(self, h: Tensor, tok: int, i: int) -> tuple[Tensor, Tensor]:
-        """The head over drafted row i (at head position lo + i, seeing every row before it):
-        its hidden state and its draft-vocabulary logits."""
+        """The head over drafted row i (cache row lo + i, seeing the real rows the last one
+        sees and the drafted rows before it): its hidden state and its draft-vocabulary
+        logits."""
         run, lo = self.runner, self._len
-        h = run.layer(h, self._embed([tok]), lo + i, slice(lo + i, lo + i + 1), lo, None)
+        p = lo + self._dropped + i
+        h = run.layer(h, self._embed([tok]), lo + i, slice(p, p + 1), lo, None, self._hide())
         return h, run.logits(h)[0]
 
     def _tree(self, ctx: DecodeContext, max_tokens: int) -> Draft:
@@ -801,6 +935,7 @@ class EagleDrafter:
         front, hid, lg = [-1], self._h, self._logits
         row_of: dict[int, int] = {}  # node -> its drafted row (0 = the first after lo)
         anc = torch.zeros(levels * topk, levels * topk, dtype=torch.bool)  # row sees row
+        hide, at = self._hide(), lo + self._dropped  # at: the head position of row lo
         for depth in range(1, levels + 1):
             top = torch.log_softmax(lg, -1).topk(min(topk, lg.shape[-1]), -1)
             children: list[int] = []
@@ -822,7 +957,7 @@ class EagleDrafter:
             for r, j in enumerate(best):
                 row_of[j] = first + r
             end = first + len(best)
-            pos = slice(lo + depth - 1, lo + depth)
+            pos = slice(at + depth - 1, at + depth)
             hid = run.layer(
                 hid.index_select(0, take),
                 self._embed([nodes[j].token for j in best]),
@@ -830,6 +965,7 @@ class EagleDrafter:
                 pos,
                 lo,
                 anc[first:end, :end],
+                hide,
             )
             lg = run.logits(hid)
             front = best
@@ -864,6 +1000,35 @@ class EagleDrafter:
 
 
 DEFAULT_NODES = 12  # tree size without a cost profile: small trees suit a CPU verifier
+
+
+def _window(value, c: HeadConfig) -> int | None:
+    """The drafter's window: an int >= 1, "full"/"none" (every row), None: the head's own."""
+    if value is None:
+        return c.window
+    if isinstance(value, str) and value.strip().lower() in ("full", "none"):
+        w = None
+    else:
+        w = as_int("eagle", "window", value, lo=1)
+    if c.window is not None and w != c.window:
+        # allowed (output stays exact: the target verifies), but the head learnt another span
+        warnings.warn(
+            f"eagle: the head was trained for window={c.window}, drafting with window={w}: its "
+            "attention sees other rows than in training, so it may accept less",
+            stacklevel=4,
+        )
+    return w
+
+
+def _band(lo: int, n: int, window: int, sink: int) -> tuple[int, Tensor, tuple[int, int] | None]:
+    """HeadRunner.layer's (free, mask, hide) for real rows lo .. lo + n - 1 under a window:
+    row j sees rows r < sink and j - window < r <= j."""
+    left = max(0, lo - window + 1)  # the first row past the sink that row lo still sees
+    free = min(lo, max(sink, left))
+    j = torch.arange(lo, lo + n)[:, None]
+    c = torch.arange(free, lo + n)[None]
+    mask = (c <= j) & ((c > j - window) | (c < sink))
+    return free, mask, ((sink, free) if free > sink else None)
 
 
 def head_summary(head: EagleHead) -> dict:

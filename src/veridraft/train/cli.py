@@ -72,9 +72,25 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         help="decoder layers of the head (1: EAGLE-3; more: a deeper draft, veridraft only)",
     )
     h.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="LongSpec's constant-size draft: the head attends to the first --sink and the last "
+        "W positions only (drafting then keeps that many rows); default: every position",
+    )
+    h.add_argument("--sink", type=int, default=4, help="positions at the start every row sees (4)")
+    h.add_argument(
+        "--anchor-offset",
+        type=int,
+        default=0,
+        help="shift each sample's positions after the sink by a random 0..N, so the head sees "
+        "the position numbers of a long context on short samples (LongSpec; default 0)",
+    )
+    h.add_argument(
         "--name",
         default=None,
-        help="head name (default: the corpus name, plus -gated / -Nl for a variant)",
+        help="head name (default: the corpus name, plus -gated / -Nl for a variant, -wW for a "
+        "window)",
     )
     h.add_argument("--out", default=None, help="head folder (default: <model>/heads/eagle-NAME)")
     h.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -101,12 +117,18 @@ def run_train_head(args: argparse.Namespace) -> int:
             raise VeridraftError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.minutes is not None and args.minutes <= 0:
         raise VeridraftError("--minutes must be > 0")
+    if args.window is not None and args.window < 1:
+        raise VeridraftError(f"--window {args.window}: give a window >= 1 (or leave it out)")
+    if args.sink < 0 or args.anchor_offset < 0:
+        raise VeridraftError("--sink and --anchor-offset must be >= 0")
     model = load(args.model, args.precision)
     corpus = features.find_corpus(args.corpus or _default_corpus(model))
     aux_ids = default_aux_ids(model.net.config.n_layers)
     layers = tuple(i - 1 for i in aux_ids)
-    variant = ("-gated" if args.fusion == "gated" else "") + (
-        f"-{args.layers}l" if args.layers != 1 else ""
+    variant = (
+        ("-gated" if args.fusion == "gated" else "")
+        + (f"-{args.layers}l" if args.layers != 1 else "")
+        + (f"-w{args.window}" if args.window is not None else "")
     )
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.name or corpus.name + variant)
     out = Path(args.out) if args.out else model.path / HEADS_DIR / (PREFIX + name)
@@ -138,6 +160,9 @@ def run_train_head(args: argparse.Namespace) -> int:
         freeze_lm_head=args.freeze_lm_head,
         fusion=args.fusion,
         layers=args.layers,
+        window=args.window,
+        sink=args.sink,
+        anchor_offset=args.anchor_offset,
     )
     meta = {
         "target": model.name,

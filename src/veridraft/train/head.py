@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..drafters.eagle import (
+    DEFAULT_SINK,
     EagleHead,
     HeadConfig,
     default_aux_ids,
@@ -29,7 +30,16 @@ from ..drafters.eagle import (
     save_head,
 )
 
-__all__ = ["EagleHead", "HeadConfig", "find_head", "load_head", "new_head", "save_head", "ttt"]
+__all__ = [
+    "DEFAULT_SINK",
+    "EagleHead",
+    "HeadConfig",
+    "find_head",
+    "load_head",
+    "new_head",
+    "save_head",
+    "ttt",
+]
 
 STEP_DECAY = 0.8  # EAGLE-3's per-step loss weight
 
@@ -44,6 +54,9 @@ def new_head(
     meta: dict | None = None,
     fusion: str = "fc",
     num_layers: int = 1,
+    window: int | None = None,
+    sink: int = DEFAULT_SINK,
+    anchor_offset: int = 0,
 ) -> EagleHead:
     """A randomly initialised head for `net` over the sorted target ids `draft_ids`; its
     lm_head starts from the target's own output rows when they are reachable (a head that
@@ -67,6 +80,9 @@ def new_head(
         meta=dict(meta or {}),
         fusion=fusion,
         num_layers=int(num_layers),
+        window=window,
+        sink=int(sink),
+        anchor_offset=int(anchor_offset),
     )
     torch.manual_seed(seed)
     head = EagleHead(cfg)
@@ -97,10 +113,16 @@ def ttt(
     mask: Tensor,
     steps: int,
     t2d: Tensor,
+    offsets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-time test over a batch. aux [B, T, 3D] target features; emb [B, T, D] the
     embeddings of the ids at each position; top_ids/top_p [B, T, K] the target's next-token
     top-k at each position; mask [B, T] positions whose next token counts (padding False).
+
+    A head with a window (LongSpec) attends to step 0's keys in a band: position t sees
+    positions s <= t with s > t - window or s < sink. offsets [B] (anchor offset): each sample's
+    positions after the sink are shifted by its offset, so a short sample carries the large
+    position numbers of a long context.
 
     Returns (loss, correct [steps, B, T], valid [steps, B, T]): correct = the head's top-1 is
     the target's top-1 at that step and position (the drafted token would be accepted)."""
@@ -116,6 +138,9 @@ def ttt(
     ok = mask & (top1 >= 0)
 
     causal = torch.ones(t, t, dtype=torch.bool).tril()
+    if c.window is not None:
+        r = torch.arange(t)
+        causal &= (r[None] > r[:, None] - c.window) | (r[None] < c.sink)
     n_layers = c.num_layers
     # per layer: step 0's keys and values (the real rows), and one row per later step
     k0: list[Tensor] = []
@@ -125,6 +150,8 @@ def ttt(
     total = aux.new_zeros(())
     corrects, valids = [], []
     pos = torch.arange(t)
+    if offsets is not None:  # [B, T]: the sink keeps 0 .. sink - 1
+        pos = pos + (pos >= c.sink) * offsets.long()[:, None]
     rep = c.num_attention_heads // c.num_key_value_heads
     for i in range(steps):
         sh = 1 + i

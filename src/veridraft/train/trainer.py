@@ -18,7 +18,7 @@ import torch
 
 from ..errors import VeridraftError
 from .features import Sample
-from .head import EagleHead, acceptance, new_head, target_to_draft, ttt
+from .head import DEFAULT_SINK, EagleHead, acceptance, new_head, target_to_draft, ttt
 
 
 @dataclass
@@ -39,6 +39,11 @@ class TrainConfig:
     freeze_lm_head: bool = False  # keep the target's own output rows (less to learn)
     fusion: str = "fc"  # "gated": Dovetail's gating fusion of the feature and the embedding
     layers: int = 1  # decoder layers of the head
+    # LongSpec: step 0 attends to the sink and the last `window` positions (None: all), and
+    # each sample's positions after the sink shift by a random 0 .. anchor_offset
+    window: int | None = None
+    sink: int = DEFAULT_SINK
+    anchor_offset: int = 0
 
 
 @dataclass
@@ -161,6 +166,9 @@ def train(
             meta=meta,
             fusion=cfg.fusion,
             num_layers=cfg.layers,
+            window=cfg.window,
+            sink=cfg.sink,
+            anchor_offset=cfg.anchor_offset,
         )
     head.train()
     head.requires_grad_(True)
@@ -222,8 +230,9 @@ def train(
         for bi in range(first, per_epoch):
             part = [train_s[j] for j in order[bi * cfg.batch : (bi + 1) * cfg.batch]]
             aux, emb, ti, tp, m = _batch(net, part)
+            offsets = _offsets(cfg, len(part), rep.steps)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss, _, _ = ttt(head, aux, emb, ti, tp, m, cfg.steps, t2d)
+                loss, _, _ = ttt(head, aux, emb, ti, tp, m, cfg.steps, t2d, offsets)
             lr = cfg.lr * min(1.0, (rep.steps + 1) / warm)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -262,6 +271,15 @@ def train(
     head.eval()
     head.requires_grad_(False)
     return head, rep
+
+
+def _offsets(cfg: TrainConfig, n: int, step: int) -> torch.Tensor | None:
+    """The batch's anchor offsets, drawn from the step number (a continued run draws the
+    same ones as a run never stopped)."""
+    if not cfg.anchor_offset:
+        return None
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return torch.randint(0, cfg.anchor_offset + 1, (n,), generator=g)
 
 
 def _tokens(samples: list[Sample]) -> int:
