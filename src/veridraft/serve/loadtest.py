@@ -5,8 +5,8 @@
 
 (also `python -m veridraft.serve.loadtest`) starts each server under test on a free loopback
 port (or uses --base-url), then for each client count, server and drafter sends a fixed number of
-streaming chat requests (Spec-Bench dev questions, first turns, greedy) from that many client
-threads, and prints the aggregate tokens/s of all clients, time to first token and inter-token
+streaming chat requests (Spec-Bench dev questions, first turns, greedy; --groups picks the task
+groups) from that many client threads, and prints the aggregate tokens/s of all clients, time to first token and inter-token
 latency (the gap between streamed chunks, as the client sees it: with speculation one chunk may
 carry several tokens), p50 and p99, and the server process's peak resident memory. For
 veridraft it also reads the engine's own clock from /metrics (`veridraft:engine_busy_seconds`):
