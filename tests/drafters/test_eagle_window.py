@@ -404,3 +404,18 @@ def test_training_sees_the_rows_drafting_sees(tiny, monkeypatch, window):
             d._catch_up(ctx.ids)
         torch.testing.assert_close(d._h[0], step0[n - 1], atol=1e-4, rtol=1e-4)
     assert (window is not None) == (d._dropped > 0)
+
+
+def test_print_vllm_config_says_vllm_runs_a_windowed_head_with_full_attention(tiny):
+    from veridraft.serve.vllm import speculative_config
+
+    _, base = tiny
+    cfg, notes = speculative_config(f"eagle:head={base / 'w4'}:mode=chain")
+    assert cfg["method"] == "eagle3"  # EAGLE-3's tensors: vLLM loads it
+    assert any("window of 4" in n and "full attention" in n for n in notes)
+    _, notes = speculative_config(f"eagle:head={base / 'random'}:mode=chain,window=16")
+    assert any("window of 16" in n for n in notes)
+    _, notes = speculative_config(f"eagle:head={base / 'random'}:mode=chain")
+    assert not any("window" in n for n in notes)
+    _, notes = speculative_config(f"eagle:head={base / 'w4'}:mode=chain,window=full")
+    assert not any("window" in n for n in notes)

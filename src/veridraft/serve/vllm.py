@@ -108,9 +108,28 @@ def _eagle(arg: str | None, params: dict[str, str], model: str | None) -> tuple[
             "veridraft's eagle drafts a token tree by default; vLLM's eagle3 drafts a chain "
             "unless speculative_token_tree is set"
         )
+    window = p.get("window") or _trained_window(folder)
+    if window is not None and str(window) != "full":
+        notes.append(
+            f"veridraft's eagle attends over a window of {window} of the head's rows; vLLM's "
+            "eagle3 runs the same head with full attention over every position"
+        )
     k = _int("eagle", "k", str(p.get("k", _EAGLE_DEFAULT_K)))
     cfg = {"method": "eagle3", "model": str(folder.resolve()), "num_speculative_tokens": k}
     return cfg, notes
+
+
+def _trained_window(folder: Path) -> int | None:
+    """The window a head was trained for (config.json's LONG_KEY), None for full attention."""
+    import json
+
+    from ..drafters.eagle import LONG_KEY
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (cfg.get(LONG_KEY) or {}).get("window")
 
 
 def speculative_config(spec: str, model: str | None = None) -> tuple[dict, list[str]]:
