@@ -7,25 +7,16 @@ import re
 
 import pytest
 import torch
+from drafting_helpers import small_head_config
 
 from veridraft.bench import eagle_head
-from veridraft.drafters.eagle import EagleHead, HeadConfig, save_head
+from veridraft.drafters.eagle import EagleHead, save_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_compare_windows_reports_a_bounded_cache(tmp_path, capsys):
-    c = HeadConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=40,
-        draft_vocab_size=24,
-        target_hidden_size=32,
-        aux_ids=(1, 2, 3),
-    )
+    c = small_head_config()
     torch.manual_seed(0)
     save_head(EagleHead(c), tmp_path / "heads" / "eagle-tiny")
     args = argparse.Namespace(head=None, window=16, contexts="40,400", repeats=2, threads="1")

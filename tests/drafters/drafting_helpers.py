@@ -174,3 +174,22 @@ def prompt_ids(model, question: dict, max_tokens: int = 300) -> list[int]:
     if tok.has_chat_template:
         return tok.encode_chat([{"role": "user", "content": text}])
     return tok.encode(text)
+
+
+def small_head_config(**kw):
+    """An EAGLE-3 head config of a few thousand parameters (4 query heads over 2 KV heads of 8,
+    a 24-id draft vocabulary over 40 ids): the head tests' shared shape."""
+    from veridraft.drafters.eagle import HeadConfig
+
+    return HeadConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=40,
+        draft_vocab_size=24,
+        target_hidden_size=32,
+        aux_ids=(1, 2, 3),
+        **kw,
+    )

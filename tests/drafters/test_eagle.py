@@ -17,6 +17,7 @@ from drafting_helpers import (
     count_trees,
     exact_joint,
     sample_first,
+    small_head_config,
     tiny_llama,
 )
 from safetensors.torch import load_file
@@ -29,7 +30,6 @@ from veridraft.drafters import make_drafter
 from veridraft.drafters.eagle import (
     EagleDrafter,
     EagleHead,
-    HeadConfig,
     HeadRunner,
     default_aux_ids,
     load_head,
@@ -138,17 +138,7 @@ def test_runner_computes_the_heads_layer():
     """HeadRunner (stacked weights, in-place head-major cache, grouped attention without
     repeated KV, RoPE tables) is EagleHead's layer: the prompt's rows causally, then a tree
     level whose rows each see the real rows, their drafted ancestors and themselves."""
-    c = HeadConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=40,
-        draft_vocab_size=24,
-        target_hidden_size=32,
-        aux_ids=(1, 2, 3),
-    )
+    c = small_head_config()
     torch.manual_seed(0)
     head = EagleHead(c)
     with torch.no_grad():

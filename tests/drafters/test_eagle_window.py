@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from drafting_helpers import PROMPT, SAMPLING, tiny_llama
+from drafting_helpers import PROMPT, SAMPLING, small_head_config, tiny_llama
 
 from veridraft.bench.eagle_head import FakeTarget, attend
 from veridraft.decode import decode
@@ -56,18 +56,7 @@ def tiny(tmp_path_factory):
 
 
 def small_head(**kw) -> EagleHead:
-    c = HeadConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=40,
-        draft_vocab_size=24,
-        target_hidden_size=32,
-        aux_ids=(1, 2, 3),
-        **kw,
-    )
+    c = small_head_config(**kw)
     torch.manual_seed(0)
     head = EagleHead(c)
     with torch.no_grad():
