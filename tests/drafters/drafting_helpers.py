@@ -178,10 +178,10 @@ def prompt_ids(model, question: dict, max_tokens: int = 300) -> list[int]:
 
 def small_head_config(**kw):
     """An EAGLE-3 head config of a few thousand parameters (4 query heads over 2 KV heads of 8,
-    a 24-id draft vocabulary over 40 ids): the head tests' shared shape."""
+    a 24-id draft vocabulary over 40 ids by default): the head tests' shared shape."""
     from veridraft.drafters.eagle import HeadConfig
 
-    return HeadConfig(
+    shape = dict(
         hidden_size=32,
         intermediate_size=48,
         num_attention_heads=4,
@@ -191,5 +191,31 @@ def small_head_config(**kw):
         draft_vocab_size=24,
         target_hidden_size=32,
         aux_ids=(1, 2, 3),
-        **kw,
     )
+    return HeadConfig(**{**shape, **kw})
+
+
+class Shadow:
+    """A drafter that decodes with `main` while `ref` gets the same calls (prefill, update,
+    propose) and drafts from the same state: counts the rounds, those whose drafts differ and
+    those that drafted a tree."""
+
+    def __init__(self, main, ref) -> None:
+        self.main, self.ref = main, ref
+        self.prompt_capture, self.verify_capture = main.prompt_capture, main.verify_capture
+        self.rounds = self.differ = self.branched = 0
+
+    def prefill(self, ctx) -> None:
+        self.main.prefill(ctx)
+        self.ref.prefill(ctx)
+
+    def update(self, rnd) -> None:
+        self.main.update(rnd)
+        self.ref.update(rnd)
+
+    def propose(self, ctx, max_tokens: int):
+        d, r = self.main.propose(ctx, max_tokens), self.ref.propose(ctx, max_tokens)
+        self.rounds += 1
+        self.differ += (d.tokens, d.parents) != (r.tokens, r.parents)
+        self.branched += d.parents is not None
+        return d

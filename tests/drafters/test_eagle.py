@@ -13,6 +13,7 @@ from drafting_helpers import (
     PROMPT,
     REJECT_P,
     SAMPLING,
+    Shadow,
     chi2_pvalue,
     count_trees,
     exact_joint,
@@ -184,39 +185,14 @@ def test_bf16_runner_rounds_only(tiny):
     assert not torch.equal(outs[1], outs[0])
 
 
-class _Shadow:
-    """Decodes with `main` while `ref` gets the same calls (prefill, update, propose) and
-    drafts from the same state: counts the rounds and those whose drafts differ."""
-
-    def __init__(self, main: EagleDrafter, ref: EagleDrafter) -> None:
-        self.main, self.ref = main, ref
-        self.prompt_capture, self.verify_capture = main.prompt_capture, main.verify_capture
-        self.rounds = self.differ = self.branched = 0
-
-    def prefill(self, ctx) -> None:
-        self.main.prefill(ctx)
-        self.ref.prefill(ctx)
-
-    def update(self, rnd) -> None:
-        self.main.update(rnd)
-        self.ref.update(rnd)
-
-    def propose(self, ctx, max_tokens: int) -> Draft:
-        d, r = self.main.propose(ctx, max_tokens), self.ref.propose(ctx, max_tokens)
-        self.rounds += 1
-        self.differ += (d.tokens, d.parents) != (r.tokens, r.parents)
-        self.branched += d.parents is not None
-        return d
-
-
 SHADOWED = {
     "chain": {"mode": "chain", "k": 4},
     "tree": {"mode": "tree", "k": 4, "topk": 3, "nodes": 10},
 }
 
 
-def _shadow(net, head, params) -> _Shadow:
-    sh = _Shadow(EagleDrafter(head, **params), PlainDrafter(head, **params))
+def _shadow(net, head, params) -> Shadow:
+    sh = Shadow(EagleDrafter(head, **params), PlainDrafter(head, **params))
     for start in (0, 4, 8):  # three prompts: rounds at many cache lengths
         prompt = PROMPT[start:] + PROMPT[:start]
         decode(

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from drafting_helpers import PROMPT, SAMPLING, tiny_llama
+from drafting_helpers import PROMPT, SAMPLING, small_head_config, tiny_llama
 
 from veridraft.decode import decode
 from veridraft.drafters import make_drafter
@@ -36,18 +36,8 @@ VARIANTS = [("gated", 1), ("gated", 2), ("fc", 2)]
 
 
 def _config(fusion: str, layers: int) -> HeadConfig:
-    return HeadConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=100,
-        draft_vocab_size=50,
-        target_hidden_size=32,
-        aux_ids=(1, 2, 3),
-        fusion=fusion,
-        num_layers=layers,
+    return small_head_config(
+        intermediate_size=64, vocab_size=100, draft_vocab_size=50, fusion=fusion, num_layers=layers
     )
 
 

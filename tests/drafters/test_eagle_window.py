@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from drafting_helpers import PROMPT, SAMPLING, small_head_config, tiny_llama
+from drafting_helpers import PROMPT, SAMPLING, Shadow, small_head_config, tiny_llama
 
 from veridraft.bench.eagle_head import FakeTarget, attend
 from veridraft.decode import decode
@@ -148,29 +148,6 @@ def test_chunked_catch_up_equals_one_call(monkeypatch, window):
     torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-5, rtol=1e-5)
 
 
-class _Pair:
-    """Decodes with `main`; `ref` gets the same calls: counts rounds whose drafts differ."""
-
-    def __init__(self, main, ref) -> None:
-        self.main, self.ref = main, ref
-        self.prompt_capture, self.verify_capture = main.prompt_capture, main.verify_capture
-        self.rounds = self.differ = 0
-
-    def prefill(self, ctx) -> None:
-        self.main.prefill(ctx)
-        self.ref.prefill(ctx)
-
-    def update(self, rnd) -> None:
-        self.main.update(rnd)
-        self.ref.update(rnd)
-
-    def propose(self, ctx, max_tokens: int):
-        a, b = self.main.propose(ctx, max_tokens), self.ref.propose(ctx, max_tokens)
-        self.rounds += 1
-        self.differ += (a.tokens, a.parents) != (b.tokens, b.parents)
-        return a
-
-
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_default_window_is_full_attention_draft_for_draft(tiny, monkeypatch, mode):
     """A head trained without a window drafts as before: every round's draft equals the
@@ -184,7 +161,7 @@ def test_default_window_is_full_attention_draft_for_draft(tiny, monkeypatch, mod
     monkeypatch.setattr(eagle, "CATCH_UP_ROWS", 8)
     others = (EagleDrafter(head, **params), EagleDrafter(head, window=4, sink=2, **params))
     for other, same in zip(others, (True, False)):
-        pair = _Pair(other, plain)
+        pair = Shadow(other, plain)
         gen = torch.Generator()
         decode(net, LONG, max_new_tokens=40, sampling=GREEDY, generator=gen, drafter=pair)
         assert pair.rounds >= 10

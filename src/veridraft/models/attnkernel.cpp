@@ -85,6 +85,20 @@ struct Rows {
     float scale, softcap;
 };
 
+// 16 scores to dst: scaled, soft-capped (Gemma's tanh cap; the same arithmetic in both cache
+// types' paths), -inf where the key is not live (masked, or past the row's keys).
+inline void store_scores(float* dst, __m512 x, __mmask16 live, const Rows& R) {
+    x = _mm512_mul_ps(x, _mm512_set1_ps(R.scale));
+    if (R.softcap > 0) {
+        alignas(64) float tmp[16];
+        _mm512_store_ps(tmp, x);
+        for (int e = 0; e < 16; ++e) tmp[e] = std::tanh(tmp[e] / R.softcap) * R.softcap;
+        x = _mm512_load_ps(tmp);
+    }
+    const __m512 neg = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    _mm512_store_ps(dst, _mm512_mask_blend_ps(live, neg, x));
+}
+
 // Lane i of the result = the sum of d[i]'s lanes (a fixed tree: the same for every call).
 inline __m512 hsum16(const __m512 d[16]) {
     __m512 a[8], b[4], c[2];
@@ -195,14 +209,7 @@ void heads(const Rows& R, int64_t t, int64_t h, int64_t a0, int64_t nk, Scratch<
             __mmask16 live = 0;
             for (int e = 0; e < 16; ++e)  // keys past nk belong to a longer row's fill
                 if (j + e < nk && S.live[j + e]) live |= static_cast<__mmask16>(1u << e);
-            __m512 x = _mm512_mul_ps(hsum16(d), _mm512_set1_ps(R.scale));
-            if (R.softcap > 0) {
-                alignas(64) float tmp[16];
-                _mm512_store_ps(tmp, x);
-                for (int e = 0; e < 16; ++e) tmp[e] = std::tanh(tmp[e] / R.softcap) * R.softcap;
-                x = _mm512_load_ps(tmp);
-            }
-            _mm512_store_ps(S.s + a * BLOCK + j, _mm512_mask_blend_ps(live, _mm512_set1_ps(NEG), x));
+            store_scores(S.s + a * BLOCK + j, hsum16(d), live, R);
         }
     }
     // weights e^(s - max), exactly zero where masked
@@ -453,14 +460,7 @@ void queries_h(const Rows& R, int nq, const Query* qs, int64_t nk, ScratchH<HD>&
         const __mmask16 live = S.live16[j / 16] &
                                (j + 16 <= nk ? __mmask16(0xFFFF)
                                              : static_cast<__mmask16>((1u << (nk - j)) - 1));
-        x = _mm512_mul_ps(x, _mm512_set1_ps(R.scale));
-        if (R.softcap > 0) {
-            alignas(64) float tmp[16];
-            _mm512_store_ps(tmp, x);
-            for (int e = 0; e < 16; ++e) tmp[e] = std::tanh(tmp[e] / R.softcap) * R.softcap;
-            x = _mm512_load_ps(tmp);
-        }
-        _mm512_store_ps(S.s + q * BLOCK + j, _mm512_mask_blend_ps(live, _mm512_set1_ps(NEG), x));
+        store_scores(S.s + q * BLOCK + j, x, live, R);
     };
     // scores, 64 keys at a time (their transposed keys stay in L1 for every query)
     for (int64_t j0 = 0; j0 < nk16; j0 += 64) {
