@@ -210,6 +210,46 @@ def test_planner_turns_drafts_down_with_load(tiny_q4a8):
     assert planner.caps(seqs(2), [False, True])[0] == 16
 
 
+@needs_kernels
+def test_a_draft_model_the_planner_gives_no_rows_never_runs(tiny_q4a8):
+    """Under a load where drafts never pay, requests drafting with a draft model get plain
+    decoding's ids, and the draft model runs no forward at all: its pass over the prompt waits
+    for a first draft that never comes."""
+    from veridraft.drafters import ModelDrafter
+    from veridraft.drafters.model import truncate_layers
+
+    small = truncate_layers(tiny_q4a8, 1)
+    rows = []
+
+    class Counted:
+        def __getattr__(self, name):
+            return getattr(small, name)
+
+        def __call__(self, x, cache, **kw):
+            rows.append(int(x.shape[0]))
+            return small(x, cache, **kw)
+
+    prompts, lens = _prompts(96), [40, 12, 9, 14]
+    want = _alone(tiny_q4a8, prompts, lens)
+    never = type("C", (_Flat,), {"forward": lambda self, t, c=None, tree=False: t})()
+
+    def served(planner):
+        b = Batcher(tiny_q4a8, max_num_seqs=4, planner=planner)
+        # a long plain request first, so that no drafted one ever runs alone (a lone sequence
+        # drafts as it would outside a batch)
+        es = [b.add(Request(prompts[0], lens[0]))] + [
+            b.add(Request(p, m, drafter=ModelDrafter(Counted(), label="m", mode="fixed")))
+            for p, m in zip(prompts[1:], lens[1:])
+        ]
+        return [ids for ids, _ in run_all(b, es)]
+
+    assert served(DraftPlanner(never)) == want
+    assert rows == []
+    # the control: a planner that lets the drafts through runs the draft model
+    assert served(DraftPlanner(_Flat())) == want
+    assert rows and max(rows) > 1  # a prompt's pass, then draft steps
+
+
 def test_batched_refused_where_rows_are_not_invariant(tiny_fp32):
     with pytest.raises(VeridraftError, match="not row-invariant"):
         Batcher(tiny_fp32, batched=True)

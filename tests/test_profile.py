@@ -101,3 +101,35 @@ def test_the_report_prints_the_bounds_and_reads_profiles_without_them():
     before = CostModel.from_json(old)  # a profile stored before the bounds were measured
     assert before.bytes_bound_ms == {} and before.forward_ms == cost.forward_ms
     assert "bounds, ms" not in report(before)
+
+
+def test_the_report_prints_the_instruction_peak_and_the_floor_it_sets():
+    from veridraft.costmodel import CostModel
+    from veridraft.profile import report
+
+    cost = CostModel(
+        model="m",
+        precision="q4a8",
+        machine="x",
+        threads=2,
+        forward_ms={100: {1: 10.0, 16: 40.0}},
+        bytes_bound_ms={100: {1: 9.0, 16: 9.5}},
+        compute_bound_ms={100: {1: 2.0, 16: 32.0}},
+        bandwidth_GBps=30.0,
+        matmul_GMACs=100.0,
+        peak_instruction="vpdpbusd",
+        peak_GMACs=400.0,
+    )
+    text = report(cost)
+    assert "vpdpbusd's peak here: 400 G" in text and "reaches 25% of it" in text
+    # T=1: the bytes (9 ms) bound it; T=16: 32 ms at the kernel's rate is 8 ms at the peak,
+    # under the 9.5 ms of bytes
+    floor = next(line for line in text.splitlines() if line.startswith("floor"))
+    assert "9 (x0.90)" in floor and "10 (x0.95)" in floor
+    cost.compute_bound_ms = {100: {1: 2.0, 16: 80.0}}  # now the arithmetic sets T=16's floor
+    floor = next(line for line in report(cost).splitlines() if line.startswith("floor"))
+    assert "20 (x2.00)" in floor
+    back = CostModel.from_json(cost.to_json())
+    assert back.peak_instruction == "vpdpbusd" and back.peak_GMACs == 400.0
+    cost.peak_GMACs = 0.0  # not measured (an older profile): no peak lines
+    assert "peak here" not in report(cost)

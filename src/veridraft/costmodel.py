@@ -76,6 +76,9 @@ class CostModel:
     compute_bound_ms: dict[int, dict[int, float]] = field(default_factory=dict)
     bandwidth_GBps: float = 0.0  # copy bandwidth, best of several
     matmul_GMACs: float = 0.0  # the matmul kernel's in-cache multiply-adds per second, / 1e9
+    # the peak of the vector instruction those matmuls multiply with (models/peak.py), / 1e9
+    peak_instruction: str = ""
+    peak_GMACs: float = 0.0
     cpu: str = ""
     torch: str = ""
     command: str = ""

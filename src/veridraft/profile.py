@@ -5,7 +5,8 @@
 Times a target forward over T = 1, 2, 4, 8, 16, 32 new tokens at a short (100) and a long (1000)
 context (interleaved over T, after warm-up; medians), next to what this machine bounds each at:
 the bytes it reads at the measured copy bandwidth and its weight matmuls' multiply-adds at the
-model's own matmul kernel's in-cache rate; one step of each drafter - the drafter's own
+model's own matmul kernel's in-cache rate, and the floor that the peak of the instruction those
+matmuls multiply with sets (models/peak.py); one step of each drafter - the drafter's own
 `propose` for one token, so its draft head (the subset head by default) and bookkeeping count:
 ngram lookup, the default layerskip drafter, a model drafter on the target's first layers.
 Universal drafting has no stored figure (its cost is its draft model's, unknown here):
@@ -227,6 +228,21 @@ def matmul_rate(net, rows: int = 64, outputs: int = 512, calls: int = 20, repeat
     return rows * n * lin.in_features * calls / best
 
 
+def instruction_peak(precision: str) -> tuple[str | None, float]:
+    """The instruction the precision's matmuls multiply with here, and its measured peak in G
+    multiply-adds/s on the current threads (0.0 where it cannot be measured)."""
+    from .models import peak
+
+    name = peak.instruction_for(precision)
+    if name is None:
+        return None, 0.0
+    try:
+        return name, peak.peak_gmacs(name)
+    except Exception as e:  # no compiler: the profile goes on without this line
+        print(f"veridraft: {name}'s peak not measured ({e})", file=sys.stderr)
+        return name, 0.0
+
+
 def bounds_ms(net, ts, contexts, bandwidth: float, rate: float | None):
     """{context: {T: (bytes-bound ms, compute-bound ms or None)}}: the weights and the cache's
     keys and values read once, at `bandwidth` bytes/s; T rows of the weight matmuls'
@@ -252,6 +268,7 @@ def measure(model, repeats: int = 7, contexts=CONTEXTS, ts=TS, command: str = ""
     threads = torch.get_num_threads()
     fwd = forward_costs(net, ts, contexts, repeats)
     bandwidth, rate = stable_bandwidth(), matmul_rate(net)
+    instruction, peak = instruction_peak(model.precision)
     bounds = bounds_ms(net, ts, fwd, bandwidth, rate)
     trees = forward_costs(net, ts, contexts[:1], repeats, tree=True)
     drafts = draft_costs(model, context=min(fwd), repeats=repeats)
@@ -270,6 +287,8 @@ def measure(model, repeats: int = 7, contexts=CONTEXTS, ts=TS, command: str = ""
         },
         bandwidth_GBps=bandwidth / 1e9,
         matmul_GMACs=(rate or 0.0) / 1e9,
+        peak_instruction=instruction or "",
+        peak_GMACs=peak,
         cpu=f"{cpu} ({threads} threads)",
         torch=torch.__version__,
         command=command,
@@ -433,6 +452,8 @@ def report(cost: CostModel) -> str:
                 cell = f"{b:.0f}/{'-' if k is None else f'{k:.0f}'} {100 * top / row[t]:.0f}%"
                 cells += f"{cell:>16}"
             lines.append(f"{c:>7} {cells}")
+    if cost.peak_GMACs and cost.compute_bound_ms:
+        lines += peak_lines(cost, ts)
     short = min(cost.forward_ms)
     lines += ["", f"draft step, ms (fraction of a one-token target forward at context {short}):"]
     drafters = [d for d in ("ngram", "layerskip", "model") if d in cost.draft_ms]
@@ -460,6 +481,32 @@ def report(cost: CostModel) -> str:
         be = [cost.break_even_alpha(k, dc) for k in (2, 4, 8)]
         lines.append(f"  {d:<10} " + "  ".join("never" if b is None else f"{b:.2f}" for b in be))
     return "\n".join(lines)
+
+
+def peak_lines(cost: CostModel, ts: list[int]) -> list[str]:
+    """What the instruction's peak allows: the matmul kernel's in-cache rate as a share of it,
+    and per T the larger of the bytes bound and T rows of multiply-adds at the peak, over the
+    measured one-token forward (the floor no kernel of this arithmetic goes below)."""
+    c = min(cost.compute_bound_ms)
+    share = cost.matmul_GMACs / cost.peak_GMACs
+    lines = [
+        "",
+        f"{cost.peak_instruction}'s peak here: {cost.peak_GMACs:.0f} G multiply-adds/s (a loop "
+        f"of independent instructions on the same threads); the matmul kernel in cache reaches "
+        f"{100 * share:.0f}% of it. At that peak (context {c}), ms and x the measured T=1:",
+        "        " + "".join(f"{'T=' + str(t):>16}" for t in ts),
+    ]
+    one = cost.forward_ms[c][ts[0]]
+    cells = ""
+    for t in ts:
+        b = cost.bytes_bound_ms.get(c, {}).get(t)
+        k = cost.compute_bound_ms.get(c, {}).get(t)
+        if b is None or k is None:
+            cells += f"{'-':>16}"
+            continue
+        floor = max(b, k * share)
+        cells += f"{f'{floor:.0f} (x{floor / one:.2f})':>16}"
+    return lines + ["floor   " + cells]
 
 
 # ---- docs/performance/: python -m veridraft.profile [--models ...] [--precisions ...] ----

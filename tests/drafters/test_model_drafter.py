@@ -271,3 +271,45 @@ def test_auto_draft_vocab(net):
     assert resolve_draft_vocab("model", "100", big) == 100
     with pytest.raises(VeridraftError, match="draft_vocab must be an integer >= 0"):
         resolve_draft_vocab("model", "lots", big)
+
+
+class _Counted:
+    """A draft net that counts the rows of each forward."""
+
+    def __init__(self, net):
+        self.net, self.rows = net, []
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def __call__(self, x, cache, **kw):
+        self.rows.append(int(x.shape[0]))
+        return self.net(x, cache, **kw)
+
+
+def test_the_prompt_pass_waits_for_the_first_draft(net):
+    from veridraft.decode import DecodeContext
+
+    small = truncate_layers(net, 2)
+    counted = _Counted(small)
+    d = ModelDrafter(counted, label="model:first-2", mode="fixed")
+    ids = [*PROMPT, 8]  # the prompt and the first token
+    ctx = DecodeContext(
+        ids=ids,
+        prompt_len=len(PROMPT),
+        target=net,
+        cache=net.new_cache(32),
+        sampling=GREEDY,
+        generator=torch.Generator().manual_seed(0),
+        max_new_tokens=10,
+    )
+    d.prefill(ctx)
+    assert counted.rows == []  # prefill runs nothing
+    assert d.propose(ctx, 0).tokens == [] and counted.rows == []  # nor does a cap of 0
+    ids.extend([3, 3])  # two rounds committed without drafts
+    drafted = d.propose(ctx, 3).tokens
+    # the prompt's pass (every id before the last), then one row per draft step
+    assert counted.rows == [len(ids) - 1, 1, 1, 1]
+    # the drafts are the draft model's own greedy continuation of the ids
+    alone, _ = decode(small, ids, max_new_tokens=3, sampling=GREEDY, generator=None)
+    assert drafted == alone

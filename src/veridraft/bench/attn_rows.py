@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..home import home
 from ..models import attnkernel, kernels
+from ..models.peak import peak_gmacs
 
 # name: (query heads, kv heads, head_dim, rows, context, rows' start); start None: a chain of
 # rows ending at the context (a verification forward); else prompt rows from `start`
@@ -31,52 +31,11 @@ SHAPES = {
     "smollm2-135m": [(9, 3, 64, 8, 8192, None), (9, 3, 64, 64, 8192, 8192 - 64)],
 }
 
-PEAK_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-// independent vdpbf16ps chains, register operands only: the instruction's throughput
-double run(int64_t iters) {
-    std::vector<float> sink(64 * 16);
-    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-            __m512 a[12];
-            for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_ps(float(i + t));
-            __m512bh x = (__m512bh)_mm512_set1_epi32(0x3f803f80 + int(t));
-            __m512bh y = (__m512bh)_mm512_set1_epi32(0x3f803f81);
-            for (int64_t n = 0; n < iters; ++n)
-                for (int i = 0; i < 12; ++i) a[i] = _mm512_dpbf16_ps(a[i], x, y);
-            for (int i = 0; i < 12; ++i) _mm512_storeu_ps(&sink[(t % 64) * 16], a[i]);
-        }
-    });
-    return sink[0];
-}
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("run", &run); }
-"""
-
 
 def clock():
     """The timer: on one thread that thread's CPU time (the kernel runs on the calling thread
     then, so time the machine's other work takes from it is not counted), else wall time."""
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-
-
-def peak_gmacs(repeats: int = 5) -> float:
-    """vdpbf16ps' throughput on the current threads, G multiply-adds/s (best of the repeats)."""
-    src = home() / "kernels" / "bench-bf16-peak.cpp"
-    src.parent.mkdir(parents=True, exist_ok=True)
-    if not src.is_file() or src.read_text() != PEAK_SOURCE:
-        src.write_text(PEAK_SOURCE)
-    mod = kernels.build("bf16peak", src, kernels.FLAGS, "a vdpbf16ps throughput loop")
-    iters = 2_000_000
-    mod.run(iters // 10)
-    best = float("inf")
-    now = clock()
-    for _ in range(repeats):
-        t = now()
-        mod.run(iters)
-        best = min(best, now() - t)
-    return torch.get_num_threads() * iters * 12 * 32 / best / 1e9
 
 
 def case(n_h, n_kv, hd, rows, ctx, start, layers, seed=0):
@@ -152,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = None
     if a.reference is not None:
         ref = kernels.build("attnref", a.reference, kernels.FLAGS, "the reference attention kernel")
-    peak = peak_gmacs()
+    peak = peak_gmacs("vdpbf16ps")
     print(
         f"{kernels.cpu_name()}, {a.threads} threads; vdpbf16ps peak {peak:.0f} G multiply-adds/s; "
         f"bfloat16 cache; ms per call (one layer), median of {a.repeats}; "

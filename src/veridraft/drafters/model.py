@@ -4,6 +4,8 @@ The draft model keeps its own KV cache. Invariant: after `update`, the draft cac
 keys/values of a prefix of the committed ids; `propose` runs the ids it has not seen yet (the last
 committed token, plus the last accepted draft token when every draft token was accepted), then
 drafts one token per forward. Rejected draft positions are dropped with an O(1) `truncate`.
+Its pass over the prompt runs at the first `propose` that asks for tokens, not in `prefill`: in a
+batch whose planner gives a request no draft rows the draft model never runs for it.
 
 Drafting is greedy (q = None, verified as a point mass) under greedy decoding or with
 `draft_sampling=False`; otherwise tokens are sampled from `probs(draft_logits, sampling)` and
@@ -276,6 +278,7 @@ class ModelDrafter:
         self._drafted: list[int] = []
         self.cache = None
         self._cached_ids: list[int] = []
+        self._pending = False  # the prompt's pass is still to run (prefill defers it)
 
     @classmethod
     def from_spec(
@@ -315,10 +318,16 @@ class ModelDrafter:
         if self._head is not None:
             self._head.reset()
             self._head.observe(ctx.ids)
-        prompt = ctx.ids[:-1]
-        if prompt:
-            self.net(torch.tensor(prompt, dtype=torch.long), self.cache, num_logits=1)
-            self._cached_ids = list(prompt)
+        # The draft model's pass over the prompt waits for the first draft (propose): a request
+        # that a batch's scheduler never gives draft rows never pays it, and its first token is
+        # not held back by it. Run then, it is the same forward as here.
+        self._pending = True
+
+    def _prompt_pass(self, ids: list[int]) -> None:
+        self._pending = False
+        if len(ids) > 1:
+            self.net(torch.tensor(ids[:-1], dtype=torch.long), self.cache, num_logits=1)
+            self._cached_ids = list(ids[:-1])
 
     @torch.inference_mode()
     def propose(self, ctx: DecodeContext, max_tokens: int) -> Draft:
@@ -331,6 +340,8 @@ class ModelDrafter:
         self._round_conf, self._drafted = [], []
         if k <= 0:
             return Draft(tokens=[])
+        if self._pending:
+            self._prompt_pass(ctx.ids)
         ids = ctx.ids
         n = self.cache.length
         if n >= len(ids) or (n and self._cached_ids[n - 1] != ids[n - 1]):
