@@ -465,6 +465,12 @@ def test_planner_prices_a_newcomers_drafter_by_its_kinds_measured_cost():
     # the control: a kind never measured drafts (nothing says it costs anything)
     other = SimpleNamespace(drafter=object(), max_draft=4, stats=Stats(method="ngram"))
     assert planner.caps([other, other], [True, True]) == [4, 4]
+    # alone: a kind measured to lose stops drafting too; one never measured drafts as asked
+    assert planner.caps([seq(0, 0.0)], [True]) == [0]
+    assert planner.caps([other], [True]) == [4]
+    cheap = DraftPlanner(Flat())
+    cheap.retire(seq(40, 0.04))  # 1 ms per drafted token, half of them accepted: drafting pays
+    assert cheap.caps([seq(0, 0.0)], [True])[0] > 0
 
 
 def test_planner_without_a_profile_learns_from_the_batchs_steps():

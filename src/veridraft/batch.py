@@ -235,7 +235,8 @@ class DraftPlanner:
     sequence waits for. Candidates: k = 0 for all (so speculation never makes a step slower by
     the cost model's account), one k for all, and rows handed out one at a time to the sequence
     whose next draft token pays most (by its own acceptance rate); as the batch grows the caps
-    fall to 0 by themselves. A sequence running alone keeps its own cap, as decode() would.
+    fall to 0 by themselves. A sequence running alone keeps its own cap, as decode() would,
+    until its drafter's kind has a measured cost from sequences that have ended here.
 
     cost: a costmodel.CostModel (forward(T) ms and draft_cost per drafter, from `veridraft
     profile`); None: the batch's own measured forwards (MeasuredCost), and until those suffice
@@ -277,9 +278,16 @@ class DraftPlanner:
     def caps(self, seqs: list[Seq], adaptive: list[bool], context: int | None = None) -> list[int]:
         fixed = [s.max_draft if s.drafter is not None else 0 for s in seqs]
         cost = self.cost if self.cost is not None else self.measured
-        # a lone sequence waits for no one: it drafts as decode() would alone (the measured
-        # fit, noisy on a busy machine, must not switch off the drafting a request asked for)
-        if len(seqs) <= 1 or (cost is self.measured and self.measured.fit is None):
+        if cost is self.measured and self.measured.fit is None:
+            return fixed
+        # A lone sequence waits for no one: it drafts as decode() would alone, until sequences
+        # of its drafter's kind have run to the end here. From then on its kind's measured cost
+        # (every draft step and every draft model's pass over a prompt, per drafted token) is
+        # known, and a drafter that costs more than it saves stops drafting alone too. One
+        # noisy round cannot switch drafting off: the cost is pooled over whole requests.
+        if len(seqs) <= 1 and not any(
+            s.drafter is not None and s.stats.method in self.history for s in seqs
+        ):
             return fixed
         free = [i for i, s in enumerate(seqs) if s.drafter is not None and adaptive[i]]
         if not free:

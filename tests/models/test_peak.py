@@ -7,12 +7,16 @@ from veridraft.models import kernels, peak
 
 
 def test_each_precision_names_its_matmul_instruction():
-    assert peak.instruction_for("q4a8", "avx512bf16") == "vpdpbusd"
-    assert peak.instruction_for("q4", "avx512bf16") == "vdpbf16ps"
-    assert peak.instruction_for("bf16", "avx512bf16") == "vdpbf16ps"
-    assert peak.instruction_for("fp32", "avx512bf16") == "vfmadd231ps"
-    assert peak.instruction_for("q4", "avx2") == "vfmadd231ps-ymm"
-    assert peak.instruction_for("q4a8", None) is None or kernels.isa() is not None
+    zen4, xeon = {"avx512_bf16"}, {"avx512_bf16", "amx_bf16", "amx_int8"}
+    assert peak.instruction_for("q4a8", "avx512bf16", zen4) == "vpdpbusd"
+    assert peak.instruction_for("q4", "avx512bf16", zen4) == "vdpbf16ps"
+    assert peak.instruction_for("bf16", "avx512bf16", zen4) == "vdpbf16ps"
+    assert peak.instruction_for("fp32", "avx512bf16", zen4) == "vfmadd231ps"
+    assert peak.instruction_for("q4", "avx2", set()) == "vfmadd231ps-ymm"
+    # veridraft's own kernels use no AMX tiles; torch's bfloat16 matmuls may, and no vector
+    # instruction's peak bounds those
+    assert peak.instruction_for("q4a8", "avx512bf16", xeon) == "vpdpbusd"
+    assert peak.instruction_for("bf16", "avx512bf16", xeon) is None
 
 
 def test_an_unknown_instruction_is_a_clear_error():

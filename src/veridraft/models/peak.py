@@ -93,19 +93,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{ m.def("run", &run); }}
 """
 
 
-def instruction_for(precision: str, isa: str | None = None) -> str | None:
+def instruction_for(
+    precision: str, isa: str | None = None, flags: set[str] | None = None
+) -> str | None:
     """The instruction a precision's weight matmuls multiply with on this CPU (None: neither
-    build of the kernels runs here)."""
+    build of the kernels runs here, or torch's matmuls may run on AMX tiles, which these loops
+    do not measure: a vector instruction's peak would be no floor for them)."""
     isa = kernels.isa() if isa is None else isa
+    flags = kernels.cpu_flags() if flags is None else flags
     if isa is None:
         return None
     if isa != "avx512bf16":
         return "vfmadd231ps-ymm"
-    if precision == "q4a8":
+    if precision == "q4a8":  # veridraft's own kernel: vpdpbusd on every AVX512-BF16 CPU
         return "vpdpbusd"
-    if precision in ("q4", "bf16"):
+    if precision == "q4":
         return "vdpbf16ps"
-    return "vfmadd231ps"
+    if "amx_bf16" in flags:  # oneDNN's bfloat16 (and float32 by down-conversion) matmuls
+        return None
+    return "vdpbf16ps" if precision == "bf16" else "vfmadd231ps"
 
 
 def peak_gmacs(name: str, repeats: int = 5, iters: int = 2_000_000) -> float:
