@@ -313,3 +313,33 @@ def test_the_prompt_pass_waits_for_the_first_draft(net):
     # the drafts are the draft model's own greedy continuation of the ids
     alone, _ = decode(small, ids, max_new_tokens=3, sampling=GREEDY, generator=None)
     assert drafted == alone
+
+
+def test_the_vocabulary_comparison_runs_once_per_pair_of_tokenizers(net):
+    """Reading two whole vocabularies costs a quarter of a second on Qwen's: a server that makes
+    a drafter per request compares each pair of tokenizers once, and a mismatch stays refused."""
+    from types import SimpleNamespace
+
+    reads = []
+
+    class Tok:  # a tokenizer as veridraft's wrapper holds one: .backend.get_vocab()
+        def __init__(self, vocab):
+            self.backend = SimpleNamespace(get_vocab=lambda with_added_tokens=True: self.read())
+            self.vocab = vocab
+
+        def read(self):
+            reads.append(1)
+            return dict(self.vocab)
+
+    tok = Tok
+
+    target = Named("t", net, tok({"a": 0, "b": 1}))
+    same = Named("s", net, tok({"a": 0, "b": 1}))
+    other = Named("o", net, tok({"a": 0, "c": 1}))
+    for _ in range(3):
+        check_same_vocab(target, same, "s")
+    assert len(reads) == 2  # both vocabularies, once
+    for _ in range(2):
+        with pytest.raises(VeridraftError, match="does not share the tokenizer"):
+            check_same_vocab(target, other, "o")
+    assert len(reads) == 4

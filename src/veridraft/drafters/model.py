@@ -46,6 +46,7 @@ It changes which tokens are proposed, never what is accepted.
 from __future__ import annotations
 
 import re
+import weakref
 
 import numpy as np
 import torch
@@ -109,6 +110,27 @@ def vocab_of(tokenizer) -> dict | None:
     return backend.get_vocab(with_added_tokens=True)
 
 
+# Comparing two tokenizers reads both whole vocabularies into dicts (about 0.25 s for Qwen's
+# 151,665 ids, holding the GIL): a server making a drafter per request would stall every other
+# request that long. The answer is kept per pair of tokenizer objects.
+_SAME_VOCAB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _same_vocab(t_tok, d_tok) -> bool | None:
+    """Whether two tokenizers have the same vocabulary (None: one of them cannot say)."""
+    try:
+        known = _SAME_VOCAB.setdefault(t_tok, weakref.WeakKeyDictionary())
+        if d_tok in known:
+            return known[d_tok]
+    except TypeError:  # not weakly referenceable: compare every time
+        known = None
+    a, b = vocab_of(t_tok), vocab_of(d_tok)
+    same = None if a is None or b is None else a == b
+    if known is not None:
+        known[d_tok] = same
+    return same
+
+
 def check_same_vocab(target, draft, draft_name: str) -> None:
     """Refuse a draft model whose tokenizer differs from the target's."""
     t_net, d_net = net_of(target), net_of(draft)
@@ -116,9 +138,7 @@ def check_same_vocab(target, draft, draft_name: str) -> None:
     t_v, d_v = t_net.config.vocab_size, d_net.config.vocab_size
     same = None
     if t_tok is not None and d_tok is not None and t_tok is not d_tok:
-        a, b = vocab_of(t_tok), vocab_of(d_tok)
-        if a is not None and b is not None:
-            same = a == b
+        same = _same_vocab(t_tok, d_tok)
     if same is None:
         same = t_v == d_v
     if not same:
