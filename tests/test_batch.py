@@ -471,6 +471,16 @@ def test_planner_prices_a_newcomers_drafter_by_its_kinds_measured_cost():
     cheap = DraftPlanner(Flat())
     cheap.retire(seq(40, 0.04))  # 1 ms per drafted token, half of them accepted: drafting pays
     assert cheap.caps([seq(0, 0.0)], [True])[0] > 0
+    # a kind whose drafts were all accepted starts a newcomer from that, not from the prior:
+    # at 5 ms per drafted token and a forward of 10 ms, a draft pays only if mostly accepted
+    good = DraftPlanner(Flat())
+    kept = seq(40, 0.2)
+    kept.stats.accepted = 40
+    good.retire(kept)
+    assert good.caps([seq(0, 0.0)], [True])[0] > 0
+    bad = DraftPlanner(Flat())
+    bad.retire(seq(40, 0.2))  # the same cost, half accepted: no drafts
+    assert bad.caps([seq(0, 0.0)], [True]) == [0]
 
 
 def test_planner_without_a_profile_learns_from_the_batchs_steps():

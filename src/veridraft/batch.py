@@ -247,20 +247,22 @@ class DraftPlanner:
     def __init__(self, cost=None, prior_alpha: float = 0.5) -> None:
         self.cost, self.prior = cost, prior_alpha
         self.measured = MeasuredCost()
-        # seconds and drafted tokens per drafter name, of sequences that have left: a new
-        # request's drafter is priced by its kind's past before it has drafted itself
+        # seconds, drafted and accepted tokens per drafter name, of sequences that have left: a
+        # new request's drafter is priced by its kind's past before it has drafted itself, and
+        # its acceptance starts from its kind's
         self.history: dict[str, list[float]] = {}
 
     def retire(self, s: Seq) -> None:
-        """Keep what a leaving sequence's drafter cost."""
+        """Keep what a leaving sequence's drafter cost and how much of its drafts was accepted."""
         if s.drafter is not None and s.stats.drafted:
-            h = self.history.setdefault(s.stats.method, [0.0, 0])
+            h = self.history.setdefault(s.stats.method, [0.0, 0, 0])
             h[0] += s.stats.draft_s
             h[1] += s.stats.drafted
+            h[2] += s.stats.accepted
 
     def _draft_ms(self, seqs: list[Seq]) -> dict[str, float]:
         """ms per drafted token of each drafter kind: its running and past sequences pooled."""
-        pool = {name: list(h) for name, h in self.history.items()}
+        pool = {name: h[:2] for name, h in self.history.items()}
         for s in seqs:
             if s.drafter is not None and s.stats.drafted:
                 h = pool.setdefault(s.stats.method, [0.0, 0])
@@ -272,8 +274,12 @@ class DraftPlanner:
         self.measured.observe(rows, ms)
 
     def alpha(self, s: Seq) -> float:
-        # a Beta-like prior: a sequence that has drafted little keeps near the prior
-        return (s.stats.accepted + 2 * self.prior) / (s.stats.drafted + 2)
+        # a Beta-like prior: a sequence that has drafted little keeps near the prior, its
+        # drafter kind's measured acceptance once sequences of that kind have ended here (a
+        # fixed prior would switch off a draft model that pays before it could show it)
+        h = self.history.get(s.stats.method)
+        prior = h[2] / h[1] if h and h[1] else self.prior
+        return (s.stats.accepted + 2 * prior) / (s.stats.drafted + 2)
 
     def caps(self, seqs: list[Seq], adaptive: list[bool], context: int | None = None) -> list[int]:
         fixed = [s.max_draft if s.drafter is not None else 0 for s in seqs]
