@@ -235,8 +235,7 @@ class DraftPlanner:
     sequence waits for. Candidates: k = 0 for all (so speculation never makes a step slower by
     the cost model's account), one k for all, and rows handed out one at a time to the sequence
     whose next draft token pays most (by its own acceptance rate); as the batch grows the caps
-    fall to 0 by themselves. A sequence running alone keeps its own cap, as decode() would,
-    until its drafter's kind has a measured cost from sequences that have ended here.
+    fall to 0 by themselves. A sequence running alone keeps its own cap, as decode() would.
 
     cost: a costmodel.CostModel (forward(T) ms and draft_cost per drafter, from `veridraft
     profile`); None: the batch's own measured forwards (MeasuredCost), and until those suffice
@@ -247,22 +246,20 @@ class DraftPlanner:
     def __init__(self, cost=None, prior_alpha: float = 0.5) -> None:
         self.cost, self.prior = cost, prior_alpha
         self.measured = MeasuredCost()
-        # seconds, drafted and accepted tokens per drafter name, of sequences that have left: a
-        # new request's drafter is priced by its kind's past before it has drafted itself, and
-        # its acceptance starts from its kind's
+        # seconds and drafted tokens per drafter name, of sequences that have left: a new
+        # request's drafter is priced by its kind's past before it has drafted itself
         self.history: dict[str, list[float]] = {}
 
     def retire(self, s: Seq) -> None:
-        """Keep what a leaving sequence's drafter cost and how much of its drafts was accepted."""
+        """Keep what a leaving sequence's drafter cost."""
         if s.drafter is not None and s.stats.drafted:
-            h = self.history.setdefault(s.stats.method, [0.0, 0, 0])
+            h = self.history.setdefault(s.stats.method, [0.0, 0])
             h[0] += s.stats.draft_s
             h[1] += s.stats.drafted
-            h[2] += s.stats.accepted
 
     def _draft_ms(self, seqs: list[Seq]) -> dict[str, float]:
         """ms per drafted token of each drafter kind: its running and past sequences pooled."""
-        pool = {name: h[:2] for name, h in self.history.items()}
+        pool = {name: list(h) for name, h in self.history.items()}
         for s in seqs:
             if s.drafter is not None and s.stats.drafted:
                 h = pool.setdefault(s.stats.method, [0.0, 0])
@@ -274,26 +271,15 @@ class DraftPlanner:
         self.measured.observe(rows, ms)
 
     def alpha(self, s: Seq) -> float:
-        # a Beta-like prior: a sequence that has drafted little keeps near the prior, its
-        # drafter kind's measured acceptance once sequences of that kind have ended here (a
-        # fixed prior would switch off a draft model that pays before it could show it)
-        h = self.history.get(s.stats.method)
-        prior = h[2] / h[1] if h and h[1] else self.prior
-        return (s.stats.accepted + 2 * prior) / (s.stats.drafted + 2)
+        # a Beta-like prior: a sequence that has drafted little keeps near the prior
+        return (s.stats.accepted + 2 * self.prior) / (s.stats.drafted + 2)
 
     def caps(self, seqs: list[Seq], adaptive: list[bool], context: int | None = None) -> list[int]:
         fixed = [s.max_draft if s.drafter is not None else 0 for s in seqs]
         cost = self.cost if self.cost is not None else self.measured
-        if cost is self.measured and self.measured.fit is None:
-            return fixed
-        # A lone sequence waits for no one: it drafts as decode() would alone, until sequences
-        # of its drafter's kind have run to the end here. From then on its kind's measured cost
-        # (every draft step and every draft model's pass over a prompt, per drafted token) is
-        # known, and a drafter that costs more than it saves stops drafting alone too. One
-        # noisy round cannot switch drafting off: the cost is pooled over whole requests.
-        if len(seqs) <= 1 and not any(
-            s.drafter is not None and s.stats.method in self.history for s in seqs
-        ):
+        # a lone sequence waits for no one: it drafts as decode() would alone (the measured
+        # fit, noisy on a busy machine, must not switch off the drafting a request asked for)
+        if len(seqs) <= 1 or (cost is self.measured and self.measured.fit is None):
             return fixed
         free = [i for i, s in enumerate(seqs) if s.drafter is not None and adaptive[i]]
         if not free:
