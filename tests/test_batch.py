@@ -215,19 +215,13 @@ def test_a_draft_model_the_planner_gives_no_rows_never_runs(tiny_q4a8):
     """Under a load where drafts never pay, requests drafting with a draft model get plain
     decoding's ids, and the draft model runs no forward at all: its pass over the prompt waits
     for a first draft that never comes."""
+    from drafting_helpers import CountedNet
+
     from veridraft.drafters import ModelDrafter
     from veridraft.drafters.model import truncate_layers
 
-    small = truncate_layers(tiny_q4a8, 1)
-    rows = []
-
-    class Counted:
-        def __getattr__(self, name):
-            return getattr(small, name)
-
-        def __call__(self, x, cache, **kw):
-            rows.append(int(x.shape[0]))
-            return small(x, cache, **kw)
+    counted = CountedNet(truncate_layers(tiny_q4a8, 1))
+    rows = counted.rows
 
     prompts, lens = _prompts(96), [40, 12, 9, 14]
     want = _alone(tiny_q4a8, prompts, lens)
@@ -238,7 +232,7 @@ def test_a_draft_model_the_planner_gives_no_rows_never_runs(tiny_q4a8):
         # a long plain request first, so that no drafted one ever runs alone (a lone sequence
         # drafts as it would outside a batch)
         es = [b.add(Request(prompts[0], lens[0]))] + [
-            b.add(Request(p, m, drafter=ModelDrafter(Counted(), label="m", mode="fixed")))
+            b.add(Request(p, m, drafter=ModelDrafter(counted, label="m", mode="fixed")))
             for p, m in zip(prompts[1:], lens[1:])
         ]
         return [ids for ids, _ in run_all(b, es)]

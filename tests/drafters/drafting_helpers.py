@@ -219,3 +219,17 @@ class Shadow:
         self.differ += (d.tokens, d.parents) != (r.tokens, r.parents)
         self.branched += d.parents is not None
         return d
+
+
+class CountedNet:
+    """A network that records the rows of each forward it runs (a draft model's, say)."""
+
+    def __init__(self, net):
+        self.net, self.rows = net, []
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def __call__(self, x, cache, **kw):
+        self.rows.append(int(x.shape[0]))
+        return self.net(x, cache, **kw)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from drafting_helpers import tiny_llama
+from drafting_helpers import CountedNet, tiny_llama
 
 from veridraft.decode import decode
 from veridraft.drafters import ModelDrafter, make_drafter
@@ -273,25 +273,11 @@ def test_auto_draft_vocab(net):
         resolve_draft_vocab("model", "lots", big)
 
 
-class _Counted:
-    """A draft net that counts the rows of each forward."""
-
-    def __init__(self, net):
-        self.net, self.rows = net, []
-
-    def __getattr__(self, name):
-        return getattr(self.net, name)
-
-    def __call__(self, x, cache, **kw):
-        self.rows.append(int(x.shape[0]))
-        return self.net(x, cache, **kw)
-
-
 def test_the_prompt_pass_waits_for_the_first_draft(net):
     from veridraft.decode import DecodeContext
 
     small = truncate_layers(net, 2)
-    counted = _Counted(small)
+    counted = CountedNet(small)
     d = ModelDrafter(counted, label="model:first-2", mode="fixed")
     ids = [*PROMPT, 8]  # the prompt and the first token
     ctx = DecodeContext(
@@ -331,11 +317,9 @@ def test_the_vocabulary_comparison_runs_once_per_pair_of_tokenizers(net):
             reads.append(1)
             return dict(self.vocab)
 
-    tok = Tok
-
-    target = Named("t", net, tok({"a": 0, "b": 1}))
-    same = Named("s", net, tok({"a": 0, "b": 1}))
-    other = Named("o", net, tok({"a": 0, "c": 1}))
+    target = Named("t", net, Tok({"a": 0, "b": 1}))
+    same = Named("s", net, Tok({"a": 0, "b": 1}))
+    other = Named("o", net, Tok({"a": 0, "c": 1}))
     for _ in range(3):
         check_same_vocab(target, same, "s")
     assert len(reads) == 2  # both vocabularies, once

@@ -119,7 +119,9 @@ _SAME_VOCAB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _same_vocab(t_tok, d_tok) -> bool | None:
     """Whether two tokenizers have the same vocabulary (None: one of them cannot say)."""
     try:
-        known = _SAME_VOCAB.setdefault(t_tok, weakref.WeakKeyDictionary())
+        known = _SAME_VOCAB.get(t_tok)
+        if known is None:
+            known = _SAME_VOCAB[t_tok] = weakref.WeakKeyDictionary()
         if d_tok in known:
             return known[d_tok]
     except TypeError:  # not weakly referenceable: compare every time
@@ -340,7 +342,7 @@ class ModelDrafter:
             self._head.observe(ctx.ids)
         # The draft model's pass over the prompt waits for the first draft (propose): a request
         # that a batch's scheduler never gives draft rows never pays it, and its first token is
-        # not held back by it. Run then, it is the same forward as here.
+        # not held back by it. It is one forward over every id before the last, whenever it runs.
         self._pending = True
 
     def _prompt_pass(self, ids: list[int]) -> None:
