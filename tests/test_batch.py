@@ -470,7 +470,7 @@ def test_planner_without_a_profile_learns_from_the_batchs_steps():
 
     def seq():
         st = Stats(drafted=10, accepted=6)
-        return SimpleNamespace(drafter=object(), max_draft=8, stats=st)
+        return SimpleNamespace(drafter=object(), max_draft=8, stats=st, new=[])
 
     seqs = [seq() for _ in range(4)]
     planner = DraftPlanner(None)
@@ -483,7 +483,8 @@ def test_planner_without_a_profile_learns_from_the_batchs_steps():
         steep.observe(4 + i % 5, 10.0 * (4 + i % 5))
     assert steep.caps(seqs, [True] * 4) == [0] * 4
     assert steep.caps(seqs, [False, True, True, True])[0] == 8  # a sampled request keeps its own
-    # a lone request waits for no one: it drafts as it would alone, whatever the fit says
+    # a lone request waits for no one: it drafts as it would alone, whatever the fit says,
+    # until its own rounds have been measured
     assert steep.caps(seqs[:1], [True]) == [8]
 
 
@@ -518,3 +519,93 @@ def test_planner_prices_wide_steps_by_the_measured_curve_not_a_line():
         rows = (4, 8, 12, 16)[i % 4]
         planner.observe(rows, ms(rows))
     assert planner.caps(seqs, [True] * 4) == [1] * 4
+
+
+def _lone_rounds(planner, seq, rounds, tokens, ms, draft_ms):
+    """Run `rounds` lone rounds through the planner: each emits `tokens`, its forward takes
+    `ms` and its drafting `draft_ms`; return the caps it was given."""
+    caps = []
+    for _ in range(rounds):
+        k = planner.caps([seq], [True], 100)[0]
+        caps.append(k)
+        seq.new.extend([0] * (tokens if k else 1))
+        seq.stats.draft_s += draft_ms / 1000 if k else 0.0
+        planner.observe(1 + k, ms if k else 10.0)
+    return caps
+
+
+def test_a_lone_sequence_whose_drafts_lose_stops_drafting():
+    """Alone, a sequence drafts its own length until its measured rounds show drafting slower
+    than one-token steps: then it stops, and its stats say why with both rates. The control:
+    rounds that beat one-token steps keep drafting, however low the acceptance per drafted
+    token (a token tree's)."""
+    from types import SimpleNamespace
+
+    from veridraft.stats import Stats
+
+    class Flat:
+        def forward(self, t, context=None, tree=False):
+            return 10.0  # one-token steps: 100 tokens/s
+
+        def draft_cost(self, key, context=None):
+            return None
+
+    def seq(drafted, accepted):
+        st = Stats(drafted=drafted, accepted=accepted, method="model:x")
+        return SimpleNamespace(drafter=object(), max_draft=4, stats=st, new=[])
+
+    # 2 tokens per round in 15 ms forward + 10 ms drafting: 80 tokens/s, below 100
+    planner, losing = DraftPlanner(Flat()), seq(40, 30)
+    n = DraftPlanner.SOLO_SKIP + DraftPlanner.SOLO_ROUNDS
+    caps = _lone_rounds(planner, losing, n + 3, tokens=2, ms=15.0, draft_ms=10.0)
+    assert caps[:n] == [4] * n and caps[n:] == [0, 0, 0], caps
+    assert "drafting switched off" in losing.stats.notes[0]
+    assert "80.0 tokens/s" in losing.stats.notes[0] and "100.0" in losing.stats.notes[0]
+    # the control: 4 tokens per round in 16 ms + 4 ms (200 tokens/s) with a tree's low
+    # acceptance per drafted node (10%) keeps its drafts
+    winning = seq(400, 40)
+    assert _lone_rounds(planner, winning, n + 3, tokens=4, ms=16.0, draft_ms=4.0) == [4] * (n + 3)
+    assert winning.stats.notes == []
+    # the first drafting round (a draft model's pass over the prompt) is not held against it
+    slow_start = seq(0, 0)
+    planner.caps([slow_start], [True], 100)
+    slow_start.new.extend([0] * 4)
+    slow_start.stats.draft_s += 5.0
+    planner.observe(5, 16.0)
+    assert _lone_rounds(planner, slow_start, n, tokens=4, ms=16.0, draft_ms=4.0) == [4] * n
+    # a sampled request (not adaptive) keeps its own draft length whatever its rounds give
+    fixed = seq(40, 30)
+    planner.solo[id(fixed)] = [n, n, 1000.0, 1, False]
+    assert planner.caps([fixed], [False], 100) == [4]
+    planner.retire(losing)
+    assert id(losing) not in planner.solo
+
+
+@needs_kernels
+def test_a_lone_request_served_by_a_losing_draft_model_switches_it_off(tiny_q4a8):
+    """Served alone with a draft model whose rounds lose to one-token steps (by a cost model
+    whose steps cost nearly nothing), a request stops drafting after the planner's measured
+    rounds and still gets plain decoding's ids; with steps that cost a lot (the control) it
+    drafts to the end."""
+    from veridraft.drafters import ModelDrafter
+    from veridraft.drafters.model import truncate_layers
+
+    small = truncate_layers(tiny_q4a8, 1)
+    prompt, n_new = _prompts(96)[2], 40
+    want = _alone(tiny_q4a8, [prompt], [n_new])[0]
+
+    def served(step_ms):
+        cost = type("C", (_Flat,), {"forward": lambda self, t, c=None, tree=False: step_ms})()
+        b = Batcher(tiny_q4a8, max_num_seqs=2, planner=DraftPlanner(cost))
+        e = b.add(Request(prompt, n_new, drafter=ModelDrafter(small, label="m"), max_draft=2))
+        ((ids, stats),) = run_all(b, [e])
+        return ids, e.draft_lens, stats
+
+    ids, lens, stats = served(1e-6)
+    assert ids == want
+    n = DraftPlanner.SOLO_SKIP + DraftPlanner.SOLO_ROUNDS
+    assert lens[n:] and set(lens[n:]) == {0}, lens
+    assert any("drafting switched off" in note for note in stats.notes)
+    ids, lens, stats = served(1e6)
+    assert ids == want and 0 not in lens[:-1], lens
+    assert not any("switched off" in note for note in stats.notes)

@@ -241,7 +241,18 @@ class DraftPlanner:
     profile`); None: the batch's own measured forwards (MeasuredCost), and until those suffice
     each request's own max_draft. A drafter's step cost without a profile entry is the
     measured draft time per drafted token of its kind, pooled over the running and the past
-    sequences that used it (a newcomer's first drafts are not priced as free)."""
+    sequences that used it (a newcomer's first drafts are not priced as free).
+
+    A lone sequence is judged by its own rounds instead of the acceptance model (which prices a
+    token tree's drafts by their acceptance per node, far below what a tree gains per round):
+    once `SOLO_ROUNDS` of its drafting rounds have run alone (its first not counted: a draft
+    model's pass over the prompt), it stops drafting if those rounds gave fewer tokens per
+    second, drafting included, than one-token steps would (the cost model's forward(1), less
+    `SOLO_MARGIN`), and its Stats note says so with both rates."""
+
+    SOLO_ROUNDS = 8
+    SOLO_SKIP = 1
+    SOLO_MARGIN = 0.05
 
     def __init__(self, cost=None, prior_alpha: float = 0.5) -> None:
         self.cost, self.prior = cost, prior_alpha
@@ -249,9 +260,16 @@ class DraftPlanner:
         # seconds and drafted tokens per drafter name, of sequences that have left: a new
         # request's drafter is priced by its kind's past before it has drafted itself
         self.history: dict[str, list[float]] = {}
+        # per lone sequence (by id, until it retires): [drafting rounds seen, rounds counted,
+        # ms, tokens, switched off]; and the lone drafting round in flight (seq, ids, draft s)
+        self.solo: dict[int, list] = {}
+        self._pending: tuple[Seq, int, float] | None = None
 
     def retire(self, s: Seq) -> None:
         """Keep what a leaving sequence's drafter cost."""
+        self.solo.pop(id(s), None)
+        if self._pending is not None and self._pending[0] is s:
+            self._pending = None
         if s.drafter is not None and s.stats.drafted:
             h = self.history.setdefault(s.stats.method, [0.0, 0])
             h[0] += s.stats.draft_s
@@ -269,16 +287,52 @@ class DraftPlanner:
 
     def observe(self, rows: int, ms: float) -> None:
         self.measured.observe(rows, ms)
+        p, self._pending = self._pending, None
+        if p is None or rows < 2:  # not a lone round, or its drafter proposed nothing
+            return
+        s, n0, d0 = p
+        rec = self.solo.setdefault(id(s), [0, 0, 0.0, 0, False])
+        rec[0] += 1
+        if rec[0] > self.SOLO_SKIP:
+            rec[1] += 1
+            rec[2] += ms + 1000 * (s.stats.draft_s - d0)
+            rec[3] += len(s.new) - n0
+
+    def _solo_loses(self, s: Seq, cost, context: int | None) -> bool:
+        """Whether a lone sequence's measured drafting rounds lose to one-token steps (and it
+        stops drafting: once switched off, it stays off)."""
+        rec = self.solo.get(id(s))
+        if rec is None or rec[4]:
+            return rec is not None
+        if rec[1] < self.SOLO_ROUNDS or (cost is self.measured and self.measured.fit is None):
+            return False
+        plain = 1000.0 / cost.forward(1, context)  # tokens/s of one-token steps
+        drafting = 1000.0 * rec[3] / rec[2]
+        if drafting >= plain * (1 - self.SOLO_MARGIN):
+            return False
+        rec[4] = True
+        s.stats.notes.append(
+            f"drafting switched off: {rec[1]} rounds alone gave {drafting:.1f} tokens/s, "
+            f"drafting included, against {plain:.1f} for one-token steps (cost model)"
+        )
+        return True
 
     def alpha(self, s: Seq) -> float:
         # a Beta-like prior: a sequence that has drafted little keeps near the prior
         return (s.stats.accepted + 2 * self.prior) / (s.stats.drafted + 2)
 
     def caps(self, seqs: list[Seq], adaptive: list[bool], context: int | None = None) -> list[int]:
+        self._pending = None  # a round that ran no forward left nothing to count
         fixed = [s.max_draft if s.drafter is not None else 0 for s in seqs]
         cost = self.cost if self.cost is not None else self.measured
-        # a lone sequence waits for no one: it drafts as decode() would alone (the measured
-        # fit, noisy on a busy machine, must not switch off the drafting a request asked for)
+        # a lone sequence waits for no one: it drafts as decode() would alone, until its own
+        # rounds show drafting losing (the measured fit, noisy on a busy machine, must not
+        # switch off the drafting a request asked for before it has a fit at all)
+        if len(seqs) == 1 and fixed[0] and adaptive[0]:
+            if self._solo_loses(seqs[0], cost, context):
+                return [0]
+            self._pending = (seqs[0], len(seqs[0].new), seqs[0].stats.draft_s)
+            return fixed
         if len(seqs) <= 1 or (cost is self.measured and self.measured.fit is None):
             return fixed
         free = [i for i, s in enumerate(seqs) if s.drafter is not None and adaptive[i]]
