@@ -573,6 +573,15 @@ def test_a_lone_sequence_whose_drafts_lose_stops_drafting():
     slow_start.stats.draft_s += 5.0
     planner.observe(5, 16.0)
     assert _lone_rounds(planner, slow_start, n, tokens=4, ms=16.0, draft_ms=4.0) == [4] * n
+    # one-token steps the batch has run itself (the machine's pace now) outweigh the profile:
+    # a profile whose steps cost 1 s would let the same losing rounds draft on
+    slow_profile = type("C", (Flat,), {"forward": lambda self, t, c=None, tree=False: 1000.0})
+    planner = DraftPlanner(slow_profile())
+    assert _lone_rounds(planner, seq(40, 30), n + 1, tokens=2, ms=15.0, draft_ms=10.0)[n] == 4
+    planner = DraftPlanner(slow_profile())
+    for _ in range(3):
+        planner.observe(1, 10.0)
+    assert _lone_rounds(planner, seq(40, 30), n + 1, tokens=2, ms=15.0, draft_ms=10.0)[n] == 0
     # a sampled request (not adaptive) keeps its own draft length whatever its rounds give
     fixed = seq(40, 30)
     planner.solo[id(fixed)] = [n, n, 1000.0, 1, False]

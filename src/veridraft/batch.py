@@ -248,7 +248,8 @@ class DraftPlanner:
     once `SOLO_ROUNDS` of its drafting rounds have run alone (its first not counted: a draft
     model's pass over the prompt), it stops drafting if those rounds gave fewer tokens per
     second, drafting included, than one-token steps would (the cost model's forward(1), less
-    `SOLO_MARGIN`), and its Stats note says so with both rates."""
+    `SOLO_MARGIN`; the batch's own recent one-token steps where it has run three, else the
+    cost model's forward(1)), and its Stats note says so with both rates."""
 
     SOLO_ROUNDS = 8
     SOLO_SKIP = 1
@@ -306,14 +307,18 @@ class DraftPlanner:
             return rec is not None
         if rec[1] < self.SOLO_ROUNDS or (cost is self.measured and self.measured.fit is None):
             return False
-        plain = 1000.0 / cost.forward(1, context)  # tokens/s of one-token steps
+        # tokens/s of one-token steps: the batch's own recent ones where it has run some (on
+        # this machine's load right now), else the cost model's
+        ones = [ms for rows, ms in self.measured.samples[-64:] if rows == 1]
+        step = statistics.median(ones) if len(ones) >= 3 else cost.forward(1, context)
+        plain = 1000.0 / step
         drafting = 1000.0 * rec[3] / rec[2]
         if drafting >= plain * (1 - self.SOLO_MARGIN):
             return False
         rec[4] = True
         s.stats.notes.append(
             f"drafting switched off: {rec[1]} rounds alone gave {drafting:.1f} tokens/s, "
-            f"drafting included, against {plain:.1f} for one-token steps (cost model)"
+            f"drafting included, against {plain:.1f} for one-token steps"
         )
         return True
 

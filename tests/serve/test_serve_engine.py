@@ -4,6 +4,9 @@ and running jobs, the queue limit, errors, and shutdown."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -175,3 +178,56 @@ def test_shutdown_cancels_waiting_and_then_running():
     # cut by the server, not by its client: the last event says so
     assert ev_run[-1] == ("cancelled", "shutdown") and running.outcome == "abort"
     assert took < 5
+
+
+def test_in_passing_thread_returns_raises_and_ends():
+    from veridraft.serve.engine import in_passing_thread
+
+    seen = []
+    assert in_passing_thread(lambda: seen.append(threading.current_thread()) or 7) == 7
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+    with pytest.raises(KeyError, match="gone"):
+        in_passing_thread(lambda: {}["gone"])
+
+
+_TEAM_SCRIPT = """
+import os, threading, torch
+from veridraft.serve.engine import in_passing_thread
+torch.set_num_threads(2)
+x = torch.randn(512, 512)
+work = lambda: [torch.mm(x, x) for _ in range(20)]
+count = lambda: len(os.listdir("/proc/self/task"))
+before = count()
+in_passing_thread(work)
+passed = count()
+done, leave = threading.Event(), threading.Event()
+def stay():
+    work()
+    done.set()
+    leave.wait()
+t = threading.Thread(target=stay)
+t.start()
+done.wait()
+staying = count()
+leave.set()
+t.join()
+print(before, passed, staying)
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2,
+    reason="counts the process's OS threads in /proc; needs two cores for a team of two",
+)
+def test_a_passing_threads_parallel_team_leaves_with_it():
+    """Why the server loads its model in a passing thread: the OpenMP workers of a thread's
+    parallel torch operations live as long as that thread. The control: a thread that stays
+    alive after the same operation keeps its worker, and the process has one more OS thread.
+    (In a fresh process: this one's other threads come and go with the other tests.)"""
+    out = subprocess.run(
+        [sys.executable, "-c", _TEAM_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, passed, staying = map(int, out.stdout.split()[-3:])
+    assert passed == before  # the passing thread's worker went with it
+    assert staying >= before + 2  # the staying thread and its team's worker

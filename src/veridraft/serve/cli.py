@@ -132,14 +132,20 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..generate import generate
     from ..loader import load
     from .app import ServerConfig, create_app
+    from .engine import in_passing_thread
 
     if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load(args.model, precision=args.precision)
-    if args.draft not in ("auto", "none"):
-        make_drafter(args.draft, model)  # a bad --draft fails here, not on the first request
-    # One short generation so the first client does not pay for lazy initialisation.
-    generate(model, "Hello", max_new_tokens=2, draft=args.draft)
+        torch.set_num_threads(args.threads)  # a process-wide count: the engine thread's too
+
+    def prepare():
+        model = load(args.model, precision=args.precision)
+        if args.draft not in ("auto", "none"):
+            make_drafter(args.draft, model)  # a bad --draft fails here, not on the first request
+        # One short generation so the first client does not pay for lazy initialisation.
+        generate(model, "Hello", max_new_tokens=2, draft=args.draft)
+        return model
+
+    model = in_passing_thread(prepare)
     names = tuple(dict.fromkeys(n for n in (args.served_model_name, model.name, args.model) if n))
     config = ServerConfig(
         model_names=names,
