@@ -584,7 +584,7 @@ def test_a_lone_sequence_whose_drafts_lose_stops_drafting():
     assert _lone_rounds(planner, seq(40, 30), n + 1, tokens=2, ms=15.0, draft_ms=10.0)[n] == 0
     # a sampled request (not adaptive) keeps its own draft length whatever its rounds give
     fixed = seq(40, 30)
-    planner.solo[id(fixed)] = [n, n, 1000.0, 1, False]
+    planner.solo[id(fixed)] = batch.Solo(seen=n + 1, rounds=n, ms=1000.0, tokens=1)
     assert planner.caps([fixed], [False], 100) == [4]
     planner.retire(losing)
     assert id(losing) not in planner.solo

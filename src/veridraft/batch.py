@@ -229,6 +229,17 @@ class MeasuredCost:
         return None  # measured per sequence (DraftPlanner)
 
 
+@dataclass
+class Solo:
+    """A sequence's drafting rounds alone, as the planner counts them."""
+
+    seen: int = 0  # drafting rounds run alone
+    rounds: int = 0  # of those, counted (the first SOLO_SKIP are not)
+    ms: float = 0.0  # their forwards, verification and drafting
+    tokens: int = 0  # ids they emitted
+    off: bool = False  # drafting switched off for good
+
+
 class DraftPlanner:
     """Draft tokens per sequence for this step: the caps that maximise the batch's expected
     tokens per second, where a draft token is one more row of a forward that every running
@@ -247,9 +258,9 @@ class DraftPlanner:
     token tree's drafts by their acceptance per node, far below what a tree gains per round):
     once `SOLO_ROUNDS` of its drafting rounds have run alone (its first not counted: a draft
     model's pass over the prompt), it stops drafting if those rounds gave fewer tokens per
-    second, drafting included, than one-token steps would (the cost model's forward(1), less
-    `SOLO_MARGIN`; the batch's own recent one-token steps where it has run three, else the
-    cost model's forward(1)), and its Stats note says so with both rates."""
+    second, drafting included, than one-token steps would, less `SOLO_MARGIN` (the batch's own
+    recent one-token steps where it has run three, else the cost model's forward(1)); its
+    Stats note says so with both rates."""
 
     SOLO_ROUNDS = 8
     SOLO_SKIP = 1
@@ -261,9 +272,9 @@ class DraftPlanner:
         # seconds and drafted tokens per drafter name, of sequences that have left: a new
         # request's drafter is priced by its kind's past before it has drafted itself
         self.history: dict[str, list[float]] = {}
-        # per lone sequence (by id, until it retires): [drafting rounds seen, rounds counted,
-        # ms, tokens, switched off]; and the lone drafting round in flight (seq, ids, draft s)
-        self.solo: dict[int, list] = {}
+        # per sequence that has drafted alone (by id, until it retires), and the lone drafting
+        # round in flight: (its sequence, ids emitted and draft seconds before it)
+        self.solo: dict[int, Solo] = {}
         self._pending: tuple[Seq, int, float] | None = None
 
     def retire(self, s: Seq) -> None:
@@ -292,32 +303,32 @@ class DraftPlanner:
         if p is None or rows < 2:  # not a lone round, or its drafter proposed nothing
             return
         s, n0, d0 = p
-        rec = self.solo.setdefault(id(s), [0, 0, 0.0, 0, False])
-        rec[0] += 1
-        if rec[0] > self.SOLO_SKIP:
-            rec[1] += 1
-            rec[2] += ms + 1000 * (s.stats.draft_s - d0)
-            rec[3] += len(s.new) - n0
+        rec = self.solo.setdefault(id(s), Solo())
+        rec.seen += 1
+        if rec.seen > self.SOLO_SKIP:
+            rec.rounds += 1
+            rec.ms += ms + 1000 * (s.stats.draft_s - d0)
+            rec.tokens += len(s.new) - n0
 
     def _solo_loses(self, s: Seq, cost, context: int | None) -> bool:
         """Whether a lone sequence's measured drafting rounds lose to one-token steps (and it
         stops drafting: once switched off, it stays off)."""
         rec = self.solo.get(id(s))
-        if rec is None or rec[4]:
+        if rec is None or rec.off:
             return rec is not None
-        if rec[1] < self.SOLO_ROUNDS or (cost is self.measured and self.measured.fit is None):
+        if rec.rounds < self.SOLO_ROUNDS or (cost is self.measured and self.measured.fit is None):
             return False
         # tokens/s of one-token steps: the batch's own recent ones where it has run some (on
         # this machine's load right now), else the cost model's
         ones = [ms for rows, ms in self.measured.samples[-64:] if rows == 1]
         step = statistics.median(ones) if len(ones) >= 3 else cost.forward(1, context)
         plain = 1000.0 / step
-        drafting = 1000.0 * rec[3] / rec[2]
+        drafting = 1000.0 * rec.tokens / rec.ms
         if drafting >= plain * (1 - self.SOLO_MARGIN):
             return False
-        rec[4] = True
+        rec.off = True
         s.stats.notes.append(
-            f"drafting switched off: {rec[1]} rounds alone gave {drafting:.1f} tokens/s, "
+            f"drafting switched off: {rec.rounds} rounds alone gave {drafting:.1f} tokens/s, "
             f"drafting included, against {plain:.1f} for one-token steps"
         )
         return True

@@ -191,7 +191,7 @@ def test_in_passing_thread_returns_raises_and_ends():
 
 
 _TEAM_SCRIPT = """
-import os, threading, torch
+import os, threading, time, torch
 from veridraft.serve.engine import in_passing_thread
 torch.set_num_threads(2)
 x = torch.randn(512, 512)
@@ -199,7 +199,11 @@ work = lambda: [torch.mm(x, x) for _ in range(20)]
 count = lambda: len(os.listdir("/proc/self/task"))
 before = count()
 in_passing_thread(work)
-passed = count()
+for _ in range(200):  # the OS thread and its team end just after join() returns
+    passed = count()
+    if passed <= before:
+        break
+    time.sleep(0.01)
 done, leave = threading.Event(), threading.Event()
 def stay():
     work()

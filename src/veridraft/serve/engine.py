@@ -94,7 +94,8 @@ def in_passing_thread(fn: Callable[[], Any]) -> Any:
         except BaseException as e:  # re-raised on the caller's thread
             out["error"] = e
 
-    t = threading.Thread(target=run, name="veridraft-start")
+    # a daemon: Ctrl-C during a long load interrupts join() and the process exits, load or not
+    t = threading.Thread(target=run, name="veridraft-start", daemon=True)
     t.start()
     t.join()
     if "error" in out:
