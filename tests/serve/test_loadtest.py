@@ -399,6 +399,13 @@ def test_drafters_run_in_abba_order_and_each_row_sums_both_halves(tmp_path, caps
     ]
     units = ["none", "ngram", "suffix"]
     assert seen == [d for d in units + units[::-1] for _ in range(2)]
+    # one warm-up per drafter before any timed request (a draft model loads at its first use)
+    warm = [
+        n["request"]["veridraft"]["draft"] or "none"
+        for n in notes
+        if "request" in n and n["request"]["max_tokens"] == 8
+    ]
+    assert warm == units
     assert seen != _sequential(units, 4)  # the control: the old order would fail the check
     rows = [ln.split(" | ") for ln in out.splitlines() if ln.startswith("| veridraft")]
     assert [r[1] for r in rows] == units  # the table keeps the first half's order

@@ -624,8 +624,10 @@ def run_loadtest(args) -> int:
                     base_url=s.base, api_key=args.api_key, max_retries=0, timeout=600
                 )
                 model = client.models.list().data[0].id
-                extra = request_extra(s.name, s.draft or drafts[0])
-                _one(client, model, prompts[0], 8, extra)  # warm-up, not counted
+                # warm-ups, not counted: one per drafter the server serves (veridraft loads a
+                # request's draft model at its first use, which no timed row should pay for)
+                for d in [s.draft] if s.draft else drafts:
+                    _one(client, model, prompts[0], 8, request_extra(s.name, d))
                 clients[id(s)] = (client, model)
             except Exception as e:  # this server's rows fail; the others run
                 s.error = f"{type(e).__name__}: {e}".splitlines()[0][:200]
