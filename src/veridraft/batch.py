@@ -280,8 +280,6 @@ class DraftPlanner:
     def retire(self, s: Seq) -> None:
         """Keep what a leaving sequence's drafter cost."""
         self.solo.pop(id(s), None)
-        if self._pending is not None and self._pending[0] is s:
-            self._pending = None
         if s.drafter is not None and s.stats.drafted:
             h = self.history.setdefault(s.stats.method, [0.0, 0])
             h[0] += s.stats.draft_s
@@ -314,8 +312,10 @@ class DraftPlanner:
         """Whether a lone sequence's measured drafting rounds lose to one-token steps (and it
         stops drafting: once switched off, it stays off)."""
         rec = self.solo.get(id(s))
-        if rec is None or rec.off:
-            return rec is not None
+        if rec is None:
+            return False
+        if rec.off:
+            return True
         if rec.rounds < self.SOLO_ROUNDS or (cost is self.measured and self.measured.fit is None):
             return False
         # tokens/s of one-token steps: the batch's own recent ones where it has run some (on

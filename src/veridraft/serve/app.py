@@ -92,11 +92,9 @@ class Served:
 
 
 def create_app(model, config: ServerConfig) -> FastAPI:
-    """An app serving `model` (a `veridraft.LoadedModel`). Its engine runs every forward on
-    a thread of its own: load the model in a thread that ends before this call
-    (`veridraft.serve.engine.in_passing_thread(lambda: veridraft.load(...))`, as `veridraft
-    serve` does), or the loading thread's OpenMP team stays beside the engine's and every step
-    pays its workers' wake-ups (three times the step of a small model on 2 cores)."""
+    """An app serving `model` (a `veridraft.LoadedModel`). Its engine runs every forward on a
+    thread of its own: load the model in a thread that ends before this call, as `veridraft
+    serve` does (`veridraft.serve.engine.in_passing_thread`, whose docstring says why)."""
     srv = Served(model, config, Metrics(config.model_names[0]))
     srv.engine = Engine(
         config.max_queue,
